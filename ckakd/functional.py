@@ -1,0 +1,316 @@
+"""Public CKA-family functions: validation, flattening, reductions, composition.
+
+Heavy lifting goes through the ops in ``ckakd.ops`` (one dispatch point each); this module only turns
+their statistics into HSIC / CKA values and losses.
+
+Shapes: ``centered_gram``, ``hsic`` and ``cka`` take (n, d) or batched (b, n, d) features with the n
+samples as rows. The losses (``cka_loss``, ``rcka_loss``, ``mmd_loss``) take features of any rank and
+flatten them to (n, -1) as the RCKA seed does ((B, C, H, W) -> (B, C·H·W)); lists of feature pairs
+are summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ckakd import _checks
+from ckakd.ops import _backend
+from ckakd.ops.alignment import MODES, alignment_stats
+from ckakd.ops.gram import centered_gram as _centered_gram_op
+from ckakd.ops.patch import REDUCTIONS, patch_alignment_stats, problem_shape
+
+__all__ = [
+    "centered_gram",
+    "hsic",
+    "cka",
+    "cka_loss",
+    "patch_cka",
+    "patch_cka_loss",
+    "rcka_loss",
+    "mmd_loss",
+]
+
+FeaturePairs = Tensor | Sequence[Tensor]
+_BATCHED_SHAPE = "(n, d) or batched (b, n, d)"
+_FLATTEN_HINT = "the losses (cka_loss, rcka_loss) flatten feature maps (B, C, H, W) to (B, C·H·W)"
+# Largest patch count the fused Triton patch kernel handles; larger problems use the torch path.
+MAX_FUSED_PATCHES = 128
+
+
+def _batched_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Validate x, y as (n, d) / (b, n, d) and return them as (b, n, d) plus whether they were batched."""
+    _checks.check_float_tensor("x", x)
+    _checks.check_float_tensor("y", y)
+    _checks.check_same_device(x=x, y=y)
+    _checks.check_rank("x", x, (2, 3), _BATCHED_SHAPE, _FLATTEN_HINT)
+    _checks.check_rank("y", y, (2, 3), _BATCHED_SHAPE, _FLATTEN_HINT)
+    if x.dim() != y.dim():
+        raise ValueError(f"x and y must both be (n, d) or both (b, n, d), got {tuple(x.shape)} and {tuple(y.shape)}")
+    batched = x.dim() == 3
+    if not batched:
+        x, y = x.unsqueeze(0), y.unsqueeze(0)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same batch size b, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(
+            "x and y must have the same number of samples n (rows), "
+            f"got {tuple(x.shape if batched else x.shape[1:])} and {tuple(y.shape if batched else y.shape[1:])}"
+        )
+    return x, y, batched
+
+
+def _stats(x: Tensor, y: Tensor, mode: str, backend: str) -> Tensor:
+    backend = _backend.resolve(backend, x)
+    return alignment_stats(x, y, mode, backend)[0]
+
+
+def _cka_from_stats(stats: Tensor) -> Tensor:
+    """s = [⟨K,L⟩, ⟨K,K⟩, ⟨L,L⟩] (..., 3) -> ⟨K,L⟩ / (‖K‖‖L‖), 0 where a Gram vanishes.
+
+    Computed in float64 (cheap scalars; products of large traces overflow fp32). The guarded branches
+    keep the gradient finite (zero) for constant features.
+    """
+    s = stats.double()
+    kl, kk, ll = s[..., 0], s[..., 1], s[..., 2]
+    ok = ~((kk <= 0) | (ll <= 0))  # NaN compares False, so NaN inputs propagate
+    one = torch.ones_like(kk)
+    value = kl / (torch.sqrt(torch.where(ok, kk, one)) * torch.sqrt(torch.where(ok, ll, one)))
+    return torch.where(ok, value, torch.zeros_like(value))
+
+
+def _out_dtype(*tensors: Tensor) -> torch.dtype:
+    return _checks.accumulation_dtype(*tensors)
+
+
+def centered_gram(x: Tensor, *, backend: str = "auto") -> Tensor:
+    """Centered linear Gram H X Xᵀ H, computed as Xc Xcᵀ with the features centered first.
+
+    x: (n, d) -> (n, n) or (b, n, d) -> (b, n, n); fp32 result for fp16/bf16/fp32 input (fp64 for fp64).
+    """
+    _checks.check_float_tensor("x", x)
+    _checks.check_rank("x", x, (2, 3), _BATCHED_SHAPE, "flatten feature maps to (n, -1) first")
+    batched = x.dim() == 3
+    xb = x if batched else x.unsqueeze(0)
+    k = _centered_gram_op(xb, _backend.resolve(backend, x))[0]
+    return k if batched else k[0]
+
+
+def hsic(x: Tensor, y: Tensor, *, mode: str = "biased", backend: str = "auto") -> Tensor:
+    """HSIC with linear kernels between x (n, dx) and y (n, dy); batched inputs (b, n, d) give (b,).
+
+    biased:   tr(K H L H) / (n-1)²                         (n >= 2)
+    unbiased: Song et al.'s unbiased estimator, ⟨U(K), U(L)⟩ / (n(n-3))   (n >= 4)
+    """
+    _checks.check_mode(mode, ("biased", "unbiased"))
+    xb, yb, batched = _batched_pair(x, y)
+    n = xb.shape[1]
+    _checks.check_min_samples("x", x, n, mode)
+    stats = _stats(xb, yb, "centered" if mode == "biased" else "debiased", backend)
+    scale = (n - 1) ** 2 if mode == "biased" else n * (n - 3)
+    value = (stats[:, 0].double() / scale).to(_out_dtype(x, y))
+    return value if batched else value[0]
+
+
+def cka(x: Tensor, y: Tensor, *, mode: str = "centered", backend: str = "auto") -> Tensor:
+    """Linear CKA similarity in [0, 1] between x (n, dx) and y (n, dy); (b, n, d) inputs give (b,).
+
+    mode: "centered" (the paper's CKA, default), "debiased" (U-centered, Kornblith's unbiased form, may be
+    slightly negative, n >= 4) or "uncentered" (plain kernel alignment, the RCKA authors' code).
+    Differentiable in both arguments. Constant features give 0 with a zero gradient.
+    backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch" or "triton".
+    """
+    _checks.check_mode(mode, MODES)
+    xb, yb, batched = _batched_pair(x, y)
+    _checks.check_min_samples("x", x, xb.shape[1], mode)
+    value = _cka_from_stats(_stats(xb, yb, mode, backend)).to(_out_dtype(x, y))
+    return value if batched else value[0]
+
+
+def _flatten_pair(i: int, s: Tensor, t: Tensor, names: tuple[str, str]) -> tuple[Tensor, Tensor]:
+    suffix = f"[{i}]" if i >= 0 else ""
+    ns, nt = names[0] + suffix, names[1] + suffix
+    _checks.check_float_tensor(ns, s)
+    _checks.check_float_tensor(nt, t)
+    _checks.check_same_device(**{ns: s, nt: t})
+    if s.dim() < 2 or t.dim() < 2:
+        raise ValueError(
+            f"{ns} and {nt} must have a batch dimension and at least one feature dimension, "
+            f"got {tuple(s.shape)} and {tuple(t.shape)}"
+        )
+    if s.shape[0] != t.shape[0]:
+        raise ValueError(f"{ns} and {nt} must have the same batch size, got {tuple(s.shape)} and {tuple(t.shape)}")
+    return s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
+
+
+def _pairs(feats_s: FeaturePairs, feats_t: FeaturePairs, names: tuple[str, str]):
+    pairs = _checks.as_pairs(names[0], feats_s, names[1], feats_t)
+    single = isinstance(feats_s, Tensor)
+    return [_flatten_pair(-1 if single else i, s, t, names) for i, (s, t) in enumerate(pairs)]
+
+
+def cka_loss(
+    x: FeaturePairs, y: FeaturePairs, *, mode: str = "centered", backend: str = "auto"
+) -> Tensor:
+    """1 - CKA between features flattened to (n, -1); a list of (x_i, y_i) pairs gives Σ_i (1 - CKA_i).
+
+    x: student features, y: teacher features (any rank, same batch size n).
+    """
+    _checks.check_mode(mode, MODES)
+    total = None
+    for xs, ys in _pairs(x, y, ("x", "y")):
+        _checks.check_min_samples("x", xs, xs.shape[0], mode)
+        term = 1.0 - cka(xs, ys, mode=mode, backend=backend)
+        total = term if total is None else total + term
+    return total
+
+
+def _resize_to_patches(f: Tensor, name: str, ph: int, pw: int) -> Tensor:
+    h, w = f.shape[-2:]
+    if h < ph or w < pw:
+        raise ValueError(f"patch_size ({ph}, {pw}) is larger than the feature map {name} of shape {tuple(f.shape)}")
+    th, tw = max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw)
+    if (th, tw) == (h, w):
+        return f
+    return F.interpolate(f, size=(th, tw), mode="bilinear", align_corners=False)
+
+
+def _patch_size(patch_size) -> tuple[int, int]:
+    ps = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    if len(ps) != 2 or not all(isinstance(p, int) and p >= 1 for p in ps):
+        raise ValueError(f"patch_size must be an int or a pair of positive ints, got {patch_size!r}")
+    return ps
+
+
+def patch_cka(
+    f_s: Tensor,
+    f_t: Tensor,
+    *,
+    patch_size: int | tuple[int, int] = (16, 16),
+    reduce: str = "channel",
+    mode: str = "centered",
+    backend: str = "auto",
+) -> Tensor:
+    """Per-problem CKA values (G,) of one feature level (B, C, H, W) cut into patches (PCKA, seed §3.4).
+
+    The maps are bilinearly resized to the nearest multiple of the patch size; patches are the samples.
+    reduce: "channel" (G = C, the seed's choice), "batch" (G = B) or "spatial" (G = ph·pw).
+    """
+    ph, pw = _patch_size(patch_size)
+    _checks.check_mode(mode, MODES)
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {', '.join(map(repr, REDUCTIONS))} here; got {reduce!r}")
+    _checks.check_float_tensor("f_s", f_s)
+    _checks.check_float_tensor("f_t", f_t)
+    _checks.check_same_device(f_s=f_s, f_t=f_t)
+    _checks.check_rank("f_s", f_s, (4,), "(B, C, H, W)")
+    _checks.check_rank("f_t", f_t, (4,), "(B, C, H, W)")
+    if f_s.shape != f_t.shape:
+        raise ValueError(
+            f"f_s and f_t must have the same shape (B, C, H, W) (project the student first), "
+            f"got {tuple(f_s.shape)} and {tuple(f_t.shape)}"
+        )
+    f_s, f_t = _resize_to_patches(f_s, "f_s", ph, pw), _resize_to_patches(f_t, "f_t", ph, pw)
+    g, p, _ = problem_shape(tuple(f_s.shape), ph, pw, reduce)
+    _checks.check_min_samples("f_s", f_s, p, mode, what=f"patches of size {(ph, pw)}")
+    resolved = _backend.resolve(backend, f_s)
+    if resolved == "triton" and p > MAX_FUSED_PATCHES:
+        resolved = "torch"  # the fused kernel keeps a P×P Gram per problem in registers
+    stats = patch_alignment_stats(f_s, f_t, ph, pw, reduce, mode, resolved)[0]
+    return _cka_from_stats(stats).to(_out_dtype(f_s, f_t))
+
+
+_MIX_ORDER = ("batch", "spatial", "channel")
+
+
+def patch_cka_loss(
+    f_s: FeaturePairs,
+    f_t: FeaturePairs,
+    *,
+    patch_size: int | tuple[int, int] = (16, 16),
+    reduce: str = "channel",
+    mode: str = "centered",
+    backend: str = "auto",
+) -> Tensor:
+    """PCKA loss: mean over problems of (1 - CKA), summed over feature levels (lists of (B, C, H, W)).
+
+    reduce="mix" (seed Table 5): level 0 averages over the batch, level 1 over space, later levels over
+    channels.
+    """
+    if reduce not in REDUCTIONS + ("mix",):
+        raise ValueError(f"reduce must be one of 'channel', 'batch', 'spatial', 'mix'; got {reduce!r}")
+    pairs = _checks.as_pairs("f_s", f_s, "f_t", f_t)
+    total = None
+    for level, (s, t) in enumerate(pairs):
+        r = _MIX_ORDER[min(level, 2)] if reduce == "mix" else reduce
+        values = patch_cka(s, t, patch_size=patch_size, reduce=r, mode=mode, backend=backend)
+        term = 1.0 - values.mean()
+        total = term if total is None else total + term
+    return total
+
+
+def rcka_loss(
+    feats_s: FeaturePairs,
+    feats_t: FeaturePairs,
+    logits_s: Tensor,
+    logits_t: Tensor,
+    *,
+    alpha: float = 5.0,
+    beta: float = 5.0,
+    mode: str = "centered",
+    backend: str = "auto",
+    return_parts: bool = False,
+) -> Tensor | dict[str, Tensor]:
+    """RCKA distillation loss (seed Eq. 4-8, without the CE term).
+
+    alpha·Σ_levels (1 - CKA(F_s, F_t)) + beta·[(1 - CKA(z_s, z_t)) + (1 - CKA(z_sᵀ, z_tᵀ))]
+    feats_*: (B, ...) tensors or lists of them (flattened to (B, -1)); logits_*: (B, K).
+    The inter-class term treats the K classes as samples (K >= 2 needed; same K for both nets).
+    Defaults alpha = beta = 5 (the seed's ImageNet setting). ``return_parts`` gives a dict with
+    "fcka", "intra_lcka", "inter_lcka" (unweighted) and "loss".
+    """
+    _checks.check_float_tensor("logits_s", logits_s)
+    _checks.check_float_tensor("logits_t", logits_t)
+    _checks.check_rank("logits_s", logits_s, (2,), "(B, K)")
+    _checks.check_rank("logits_t", logits_t, (2,), "(B, K)")
+    if logits_s.shape != logits_t.shape:
+        raise ValueError(
+            f"logits_s and logits_t must have the same shape (B, K), got {tuple(logits_s.shape)} and "
+            f"{tuple(logits_t.shape)}"
+        )
+    fcka = None
+    for xs, ys in _pairs(feats_s, feats_t, ("feats_s", "feats_t")):
+        _checks.check_min_samples("feats_s", xs, xs.shape[0], mode)
+        term = 1.0 - cka(xs, ys, mode=mode, backend=backend)
+        fcka = term if fcka is None else fcka + term
+    intra = 1.0 - cka(logits_s, logits_t, mode=mode, backend=backend)
+    inter = 1.0 - cka(logits_s.T, logits_t.T, mode=mode, backend=backend)
+    loss = alpha * fcka + beta * (intra + inter)
+    if return_parts:
+        return {"loss": loss, "fcka": fcka, "intra_lcka": intra, "inter_lcka": inter}
+    return loss
+
+
+def mmd_loss(x: FeaturePairs, y: FeaturePairs, *, backend: str = "auto") -> Tensor:
+    """The MMD (Jensen-bound) term of the RCKA seed's Theorem 2, the seed's "MMD" baseline.
+
+    N²·(E_ij⟨x̂_i, x̂_j⟩ - E_ij⟨ŷ_i, ŷ_j⟩)² with rows scaled as in its Appendix C.2,
+    x̂ = x / sqrt(‖XᵀX‖_F); uncentered (for centered features both expectations vanish). It is a lower
+    bound of Σ_ij(⟨x̂_i,x̂_j⟩ - ⟨ŷ_i,ŷ_j⟩)² = 2·(1 - uncentered CKA). Features flattened to (N, -1);
+    lists of pairs are summed.
+    """
+    total = None
+    for xs, ys in _pairs(x, y, ("x", "y")):
+        n = xs.shape[0]
+        stats = _stats(xs.unsqueeze(0), ys.unsqueeze(0), "uncentered", backend)[0].double()
+        sum_x = xs.sum(0, dtype=_checks.accumulation_dtype(xs)).double()
+        sum_y = ys.sum(0, dtype=_checks.accumulation_dtype(ys)).double()
+        # E_ij<x̂_i, x̂_j> = ‖Σ_i x_i‖² / (N² ‖X Xᵀ‖_F)
+        mean_kx = sum_x.square().sum() / (n**2 * torch.sqrt(stats[1].clamp_min(torch.finfo(torch.float64).tiny)))
+        mean_ky = sum_y.square().sum() / (n**2 * torch.sqrt(stats[2].clamp_min(torch.finfo(torch.float64).tiny)))
+        term = (n**2 * (mean_kx - mean_ky).square()).to(_out_dtype(xs, ys))
+        total = term if total is None else total + term
+    return total

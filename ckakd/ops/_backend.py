@@ -1,0 +1,95 @@
+"""Backend selection: one place decides which implementation an op runs.
+
+``auto`` picks Triton for CUDA tensors when Triton imports, otherwise the pure-torch path. A forced
+``backend="triton"`` on CPU tensors is allowed only under the Triton interpreter (``TRITON_INTERPRET=1``),
+which is how the kernels are tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    active: bool
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.name:<7} {'active' if self.active else 'inactive'}: {self.detail}"
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_import() -> tuple[bool, str]:
+    try:
+        import triton
+
+        import ckakd.kernels  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken triton install
+        return False, f"cannot import triton / ckakd.kernels ({type(exc).__name__}: {exc})"
+    return True, f"triton {triton.__version__}"
+
+
+def triton_status() -> BackendStatus:
+    ok, detail = _triton_import()
+    if not ok:
+        return BackendStatus("triton", False, detail)
+    if torch.cuda.is_available():
+        return BackendStatus("triton", True, f"{detail} on {torch.cuda.get_device_name()} (CUDA tensors)")
+    if interpreter_enabled():
+        return BackendStatus("triton", True, f"{detail} under the CPU interpreter (TRITON_INTERPRET=1)")
+    return BackendStatus("triton", False, f"{detail} installed, but no CUDA device (and TRITON_INTERPRET unset)")
+
+
+def extension_status() -> tuple[BackendStatus, BackendStatus]:
+    try:
+        from ckakd import _C  # noqa: F401
+    except Exception as exc:
+        why = f"ckakd._C is not built ({type(exc).__name__}: {exc})"
+        return BackendStatus("cpp", False, why), BackendStatus("cuda", False, why)
+    cpp = BackendStatus("cpp", True, "ckakd._C loaded")
+    has_cuda = bool(getattr(_C, "has_cuda", lambda: False)())
+    if not has_cuda:
+        return cpp, BackendStatus("cuda", False, "ckakd._C was built without CUDA")
+    if not torch.cuda.is_available():
+        return cpp, BackendStatus("cuda", False, "ckakd._C has CUDA code but no CUDA device is visible")
+    return cpp, BackendStatus("cuda", True, "ckakd._C with CUDA kernels")
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Which backends are active on this machine and, for inactive ones, why not."""
+    torch_status = BackendStatus(
+        "torch", True, f"torch {torch.__version__} (always available; used for CPU tensors by 'auto')"
+    )
+    cpp, cuda = extension_status()
+    return {"torch": torch_status, "triton": triton_status(), "cpp": cpp, "cuda": cuda}
+
+
+def resolve(backend: str, *tensors: torch.Tensor) -> str:
+    """Turn ``backend`` ('auto' | 'torch' | 'triton') into the concrete backend for these tensors."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))} for this op; got {backend!r}")
+    on_cuda = tensors[0].device.type == "cuda"
+    if backend == "auto":
+        return "triton" if on_cuda and _triton_import()[0] else "torch"
+    if backend == "triton":
+        ok, detail = _triton_import()
+        if not ok:
+            raise RuntimeError(f"backend='triton' requested but {detail}")
+        if not on_cuda and not interpreter_enabled():
+            raise ValueError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU "
+                f"interpreter); got tensors on {tensors[0].device}"
+            )
+    return backend

@@ -1,0 +1,75 @@
+"""Build script for ckakd.
+
+The Triton kernels live in the top-level ``kernels/`` folder and are installed as ``ckakd.kernels``.
+The C++/CUDA extension (``ckakd._C``) is built from ``csrc/`` when sources are present: a
+``CUDAExtension`` when torch has CUDA and ``CUDA_HOME`` is found (or ``FORCE_CUDA=1``), otherwise a
+``CppExtension``. Install with ``pip install --no-build-isolation -e .`` so the torch already on the
+machine is used (a bare ``torch`` requirement would pull the newest CUDA build).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def extension_modules() -> tuple[list, dict]:
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    if not cpp_sources or os.environ.get("CKAKD_NO_EXTENSION") == "1":
+        return [], {}
+    from torch.utils import cpp_extension
+
+    want_cuda = os.environ.get("FORCE_CUDA") == "1" or (
+        cpp_extension.CUDA_HOME is not None and _torch_has_cuda()
+    )
+    extra_cxx = ["-O3", "-fopenmp"]
+    if want_cuda and cuda_sources:
+        ext = cpp_extension.CUDAExtension(
+            "ckakd._C",
+            cpp_sources + cuda_sources,
+            extra_compile_args={"cxx": extra_cxx, "nvcc": ["-O3"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "ckakd._C", cpp_sources, extra_compile_args={"cxx": extra_cxx}, extra_link_args=["-fopenmp"]
+        )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+def _torch_has_cuda() -> bool:
+    import torch
+
+    return torch.version.cuda is not None
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    name="ckakd",
+    version="0.1.0",
+    description="Fast, exact knowledge-distillation losses built on centered kernel alignment and optimal transport",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(HERE, "README.md"))
+    else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["ckakd", "ckakd.ops", "ckakd.kernels"],
+    package_dir={"ckakd": "ckakd", "ckakd.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    # torch is deliberately not pinned here beyond a floor: an unpinned or newer requirement would make
+    # pip replace the torch a user already has (GPU users have their own build).
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "test": ["pytest", "pytest-benchmark", "expecttest", "scikit-learn", "triton>=3.6", "ruff"],
+        "demo": ["scikit-learn", "matplotlib", "tqdm"],
+    },
+    entry_points={"console_scripts": ["ckakd-demo=ckakd.demo:main"]},
+)
