@@ -1,0 +1,17 @@
+"""The README's drop-in example runs as written."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+
+def test_readme_python_example_runs():
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["student"][0].weight.grad is not None
+    assert namespace["teacher"][0].weight.grad is None
+    assert 0.0 <= namespace["pcka"].item() <= 10.0
