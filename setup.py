@@ -24,9 +24,7 @@ def extension_modules() -> tuple[list, dict]:
         return [], {}
     from torch.utils import cpp_extension
 
-    want_cuda = os.environ.get("FORCE_CUDA") == "1" or (
-        cpp_extension.CUDA_HOME is not None and _torch_has_cuda()
-    )
+    want_cuda = os.environ.get("FORCE_CUDA") == "1" or (cpp_extension.CUDA_HOME is not None and _torch_has_cuda())
     extra_cxx = ["-O3", "-fopenmp"]
     if want_cuda and cuda_sources:
         ext = cpp_extension.CUDAExtension(

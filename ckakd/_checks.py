@@ -31,9 +31,7 @@ def check_same_device(**tensors: Tensor) -> None:
 
 def check_same_size(name_a: str, a: Tensor, name_b: str, b: Tensor, dims: Sequence[int], what: str) -> None:
     if any(a.shape[d] != b.shape[d] for d in dims):
-        raise ValueError(
-            f"{name_a} and {name_b} must have the same {what}, got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
+        raise ValueError(f"{name_a} and {name_b} must have the same {what}, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 MIN_SAMPLES = {"centered": 2, "debiased": 4, "uncentered": 1, "biased": 2, "unbiased": 4}
@@ -47,9 +45,7 @@ def check_mode(mode: str, allowed: Sequence[str]) -> None:
 def check_min_samples(name: str, t: Tensor, n: int, mode: str, what: str = "samples (rows)") -> None:
     need = MIN_SAMPLES[mode]
     if n < need:
-        raise ValueError(
-            f"mode={mode!r} needs at least {need} {what}; {name} has shape {tuple(t.shape)} ({n} {what})"
-        )
+        raise ValueError(f"mode={mode!r} needs at least {need} {what}; {name} has shape {tuple(t.shape)} ({n} {what})")
 
 
 def as_pairs(name_s: str, feats_s, name_t: str, feats_t) -> list[tuple[Tensor, Tensor]]:

@@ -2,7 +2,8 @@
 
 Trains a teacher CNN, then two students with the same seeds — cross-entropy only, and CE + RCKA
 (``ckakd.rcka_loss``: feature CKA + intra/inter-class logit CKA) — and reports student accuracy,
-teacher–student CKA of the last feature maps and of the logits, and the time spent in the ckakd losses. Finishes in well under a minute on 2 CPU cores.
+teacher–student CKA of the last feature maps and of the logits, and the time spent in the ckakd
+losses. Takes about a minute on 2 CPU cores.
 
     python -m ckakd.demo [--epochs 12] [--seeds 3] [--out ckakd_outputs/demo]
 """
@@ -43,8 +44,12 @@ class SmallCNN(nn.Module):
     def __init__(self, width: int, num_classes: int = 10) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
             nn.MaxPool2d(2),
         )
         self.head = nn.Linear(width * 16, num_classes)
@@ -72,8 +77,15 @@ def _batches(n: int, batch_size: int, gen: torch.Generator):
 
 
 def train(
-    model: nn.Module, data, *, epochs: int, seed: int, teacher: nn.Module | None = None, alpha: float = 1.0,
-    beta: float = 1.0, batch_size: int = 64,
+    model: nn.Module,
+    data,
+    *,
+    epochs: int,
+    seed: int,
+    teacher: nn.Module | None = None,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    batch_size: int = 64,
 ) -> tuple[float, float]:
     """SGD training; with a teacher, adds ckakd.rcka_loss. Returns (train seconds, seconds in the CKA loss)."""
     x_train, y_train = data[0], data[1]
@@ -147,8 +159,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(seed)
             student = SmallCNN(args.student_width)
             secs, loss_secs = train(
-                student, data, epochs=args.epochs, seed=seed, teacher=teacher if method == "rcka" else None,
-                alpha=args.alpha, beta=args.beta,
+                student,
+                data,
+                epochs=args.epochs,
+                seed=seed,
+                teacher=teacher if method == "rcka" else None,
+                alpha=args.alpha,
+                beta=args.beta,
             )
             metrics = evaluate(student, teacher, data[2], data[3])
             results.append(RunResult(method, seed, train_seconds=secs, loss_seconds=loss_secs, **metrics))
@@ -165,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             return sum(getattr(r, attr) for r in rows) / len(rows)
 
         std = acc.std().item() if len(rows) > 1 else 0.0
-        summary[method] = {"top1_mean": acc.mean().item(), "top1_std": std, **{
-            k: mean(k) for k in ("feature_cka", "logit_cka", "train_seconds", "loss_seconds")
-        }}
+        summary[method] = {
+            "top1_mean": acc.mean().item(),
+            "top1_std": std,
+            **{k: mean(k) for k in ("feature_cka", "logit_cka", "train_seconds", "loss_seconds")},
+        }
         s = summary[method]
         print(
             f"| {method} | {s['top1_mean']:.4f} ± {s['top1_std']:.4f} | {s['feature_cka']:.3f} | "
@@ -176,8 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump({"args": vars(args), "teacher_accuracy": t_acc, "summary": summary,
-                   "runs": [r.__dict__ for r in results]}, fh, indent=2)
+        json.dump(
+            {
+                "args": vars(args),
+                "teacher_accuracy": t_acc,
+                "summary": summary,
+                "runs": [r.__dict__ for r in results],
+            },
+            fh,
+            indent=2,
+        )
     print(f"\nresults written to {os.path.abspath(path)}")
     return 0
 

@@ -152,9 +152,7 @@ def _pairs(feats_s: FeaturePairs, feats_t: FeaturePairs, names: tuple[str, str])
     return [_flatten_pair(-1 if single else i, s, t, names) for i, (s, t) in enumerate(pairs)]
 
 
-def cka_loss(
-    x: FeaturePairs, y: FeaturePairs, *, mode: str = "centered", backend: str = "auto"
-) -> Tensor:
+def cka_loss(x: FeaturePairs, y: FeaturePairs, *, mode: str = "centered", backend: str = "auto") -> Tensor:
     """1 - CKA between features flattened to (n, -1); a list of (x_i, y_i) pairs gives Σ_i (1 - CKA_i).
 
     x: student features, y: teacher features (any rank, same batch size n).

@@ -51,15 +51,19 @@ class PatchCKALoss(nn.Module):
 class RCKALoss(nn.Module):
     """RCKA: alpha·FCKA + beta·(intra-LCKA + inter-LCKA); add your CE separately. See ``ckakd.rcka_loss``."""
 
-    def __init__(
-        self, alpha: float = 5.0, beta: float = 5.0, *, mode: str = "centered", backend: str = "auto"
-    ) -> None:
+    def __init__(self, alpha: float = 5.0, beta: float = 5.0, *, mode: str = "centered", backend: str = "auto") -> None:
         super().__init__()
         self.alpha, self.beta, self.mode, self.backend = alpha, beta, mode, backend
 
     def forward(self, feats_s, feats_t, logits_s: Tensor, logits_t: Tensor) -> Tensor:
         return F_.rcka_loss(
-            feats_s, feats_t, logits_s, logits_t, alpha=self.alpha, beta=self.beta, mode=self.mode,
+            feats_s,
+            feats_t,
+            logits_s,
+            logits_t,
+            alpha=self.alpha,
+            beta=self.beta,
+            mode=self.mode,
             backend=self.backend,
         )
 

@@ -197,11 +197,16 @@ def test_rcka_loss(backend_device):
     args = (feats_s, feats_t, zs, zt)
     out, grads, _ = _grads(
         lambda a, b, c, d, e, f: ckakd.rcka_loss([a, b], [c, d], e, f, alpha=2.0, beta=3.0, backend=backend),
-        *feats_s, *feats_t, zs, zt, weight=0.5,
+        *feats_s,
+        *feats_t,
+        zs,
+        zt,
+        weight=0.5,
     )
     ref, rgrads, _ = _grads(
         lambda a, b, c, d, e, f: R.rcka_loss([a, b], [c, d], e, f, alpha=2.0, beta=3.0),
-        *[t.double().cpu() for t in (*feats_s, *feats_t, zs, zt)], weight=0.5,
+        *[t.double().cpu() for t in (*feats_s, *feats_t, zs, zt)],
+        weight=0.5,
     )
     _close(out, ref, torch.float32)
     for g, r in zip(grads, rgrads, strict=True):
@@ -314,20 +319,48 @@ def test_torch_compile_fullgraph():
     "call, error, match",
     [
         (lambda: ckakd.cka(torch.randn(5), torch.randn(5)), ValueError, r"x must have shape.*\(5,\)"),
-        (lambda: ckakd.cka(torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)), ValueError, r"cka_loss.*flatten"),
-        (lambda: ckakd.cka(torch.randn(5, 3), torch.randn(6, 3)), ValueError, r"same number of samples.*\(5, 3\).*\(6, 3\)"),
+        (
+            lambda: ckakd.cka(torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)),
+            ValueError,
+            r"cka_loss.*flatten",
+        ),
+        (
+            lambda: ckakd.cka(torch.randn(5, 3), torch.randn(6, 3)),
+            ValueError,
+            r"same number of samples.*\(5, 3\).*\(6, 3\)",
+        ),
         (lambda: ckakd.cka(torch.randn(2, 5, 3), torch.randn(3, 5, 3)), ValueError, r"batch size"),
         (lambda: ckakd.cka(torch.randn(5, 3), torch.randn(5, 3, 1)), ValueError, r"both be \(n, d\)"),
-        (lambda: ckakd.cka(torch.ones(5, 3, dtype=torch.long), torch.randn(5, 3)), TypeError, r"x must have a floating-point dtype"),
+        (
+            lambda: ckakd.cka(torch.ones(5, 3, dtype=torch.long), torch.randn(5, 3)),
+            TypeError,
+            r"x must have a floating-point dtype",
+        ),
         (lambda: ckakd.cka([1.0], torch.randn(5, 3)), TypeError, r"x must be a torch.Tensor"),
         (lambda: ckakd.cka(torch.randn(1, 3), torch.randn(1, 3)), ValueError, r"at least 2.*\(1, 3\)"),
         (lambda: ckakd.cka(torch.randn(3, 3), torch.randn(3, 3), mode="debiased"), ValueError, r"at least 4"),
-        (lambda: ckakd.cka(torch.randn(3, 3), torch.randn(3, 3), mode="linear"), ValueError, r"mode must be one of"),
-        (lambda: ckakd.hsic(torch.randn(3, 3), torch.randn(3, 3), mode="unbiased"), ValueError, r"at least 4"),
-        (lambda: ckakd.cka(torch.randn(3, 3), torch.randn(3, 3), backend="cuda"), ValueError, r"backend must be"),
+        (
+            lambda: ckakd.cka(torch.randn(3, 3), torch.randn(3, 3), mode="linear"),
+            ValueError,
+            r"mode must be one of",
+        ),
+        (
+            lambda: ckakd.hsic(torch.randn(3, 3), torch.randn(3, 3), mode="unbiased"),
+            ValueError,
+            r"at least 4",
+        ),
+        (
+            lambda: ckakd.cka(torch.randn(3, 3), torch.randn(3, 3), backend="cuda"),
+            ValueError,
+            r"backend must be",
+        ),
         (lambda: ckakd.centered_gram(torch.randn(3)), ValueError, r"x must have shape"),
         (lambda: ckakd.cka_loss(torch.randn(4, 3, 2), torch.randn(5, 3, 2)), ValueError, r"same batch size"),
-        (lambda: ckakd.cka_loss([torch.randn(4, 3)], [torch.randn(4, 3)] * 2), ValueError, r"has 1 tensors but"),
+        (
+            lambda: ckakd.cka_loss([torch.randn(4, 3)], [torch.randn(4, 3)] * 2),
+            ValueError,
+            r"has 1 tensors but",
+        ),
         (lambda: ckakd.cka_loss(torch.randn(4, 3), [torch.randn(4, 3)]), TypeError, r"both be tensors"),
         (lambda: ckakd.cka_loss(torch.randn(4), torch.randn(4)), ValueError, r"feature dimension"),
         (

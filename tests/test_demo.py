@@ -11,8 +11,23 @@ def test_demo_runs(tmp_path, capsys):
     pytest.importorskip("sklearn")
     from ckakd import demo
 
-    assert demo.main(["--epochs", "1", "--seeds", "1", "--teacher-width", "8", "--student-width", "4",
-                      "--out", str(tmp_path)]) == 0
+    assert (
+        demo.main(
+            [
+                "--epochs",
+                "1",
+                "--seeds",
+                "1",
+                "--teacher-width",
+                "8",
+                "--student-width",
+                "4",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| rcka |" in out and "| ce |" in out
     results = json.loads((tmp_path / "results.json").read_text())

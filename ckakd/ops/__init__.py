@@ -5,4 +5,11 @@ from ckakd.ops.alignment import alignment_stats
 from ckakd.ops.gram import centered_gram
 from ckakd.ops.patch import patch_alignment_stats
 
-__all__ = ["BackendStatus", "alignment_stats", "backends", "centered_gram", "patch_alignment_stats", "resolve"]
+__all__ = [
+    "BackendStatus",
+    "alignment_stats",
+    "backends",
+    "centered_gram",
+    "patch_alignment_stats",
+    "resolve",
+]

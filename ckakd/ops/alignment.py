@@ -37,9 +37,7 @@ def _acc(x: Tensor, y: Tensor) -> torch.dtype:
 
 
 @torch.library.custom_op("ckakd::alignment_stats", mutates_args=())
-def alignment_stats(
-    x: Tensor, y: Tensor, mode: str, backend: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def alignment_stats(x: Tensor, y: Tensor, mode: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x (b, n, dx), y (b, n, dy) -> (stats (b, 3), K̃, L̃, mean_x (b, dx), mean_y (b, dy)).
 
     K̃, L̃ are the (b, n, n) Grams; in the feature-space form K̃ = [XcᵀXc; YcᵀXc] (b, dx + dy, dx)
@@ -73,9 +71,7 @@ def _feature_stats(x: Tensor, y: Tensor, center: bool, acc: torch.dtype):
     kx = torch.bmm(xc.transpose(1, 2), xc)
     cross = torch.bmm(yc.transpose(1, 2), xc)
     ly = torch.bmm(yc.transpose(1, 2), yc)
-    stats = torch.stack(
-        [cross.square().sum((1, 2)), kx.square().sum((1, 2)), ly.square().sum((1, 2))], dim=1
-    )
+    stats = torch.stack([cross.square().sum((1, 2)), kx.square().sum((1, 2)), ly.square().sum((1, 2))], dim=1)
     return stats, torch.cat([kx, cross], dim=1), ly, mean_x, mean_y
 
 
@@ -93,8 +89,17 @@ def _(x, y, mode, backend):
 
 @torch.library.custom_op("ckakd::alignment_stats_backward", mutates_args=())
 def alignment_stats_backward(
-    grad: Tensor, x: Tensor, y: Tensor, k: Tensor, l: Tensor, mean_x: Tensor, mean_y: Tensor, mode: str,
-    backend: str, need_x: bool, need_y: bool,
+    grad: Tensor,
+    x: Tensor,
+    y: Tensor,
+    k: Tensor,
+    l: Tensor,
+    mean_x: Tensor,
+    mean_y: Tensor,
+    mode: str,
+    backend: str,
+    need_x: bool,
+    need_y: bool,
 ) -> tuple[Tensor, Tensor]:
     """grad (b, 3) = ∂loss/∂stats -> (∂loss/∂x, ∂loss/∂y) with the saved K̃, L̃ and means.
 
@@ -149,9 +154,7 @@ def _backward(ctx, grad_stats, *unused):
     if grad_stats is None:
         return None, None, None, None
     need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gx, gy = alignment_stats_backward(
-        grad_stats, x, y, k, l, mean_x, mean_y, ctx.mode, ctx.backend, need_x, need_y
-    )
+    gx, gy = alignment_stats_backward(grad_stats, x, y, k, l, mean_x, mean_y, ctx.mode, ctx.backend, need_x, need_y)
     return (gx if need_x else None), (gy if need_y else None), None, None
 
 

@@ -96,8 +96,18 @@ def _(f_s, f_t, ph, pw, reduce, mode, backend):
 
 @torch.library.custom_op("ckakd::patch_alignment_stats_backward", mutates_args=())
 def patch_alignment_stats_backward(
-    grad: Tensor, f_s: Tensor, f_t: Tensor, k_s: Tensor, k_t: Tensor, ph: int, pw: int, reduce: str,
-    mode: str, backend: str, need_s: bool, need_t: bool,
+    grad: Tensor,
+    f_s: Tensor,
+    f_t: Tensor,
+    k_s: Tensor,
+    k_t: Tensor,
+    ph: int,
+    pw: int,
+    reduce: str,
+    mode: str,
+    backend: str,
+    need_s: bool,
+    need_t: bool,
 ) -> tuple[Tensor, Tensor]:
     """∂loss/∂stats (G, 3) -> gradients for f_s, f_t (an unneeded one comes back empty, uncomputed)."""
     center = mode != "uncentered"
