@@ -37,12 +37,14 @@ def gram(x: Tensor, center: bool, backend: str) -> tuple[Tensor, Tensor]:
     acc = _acc(x)
     b, n, d = x.shape
     mean = x.mean(dim=1, dtype=acc) if center else x.new_zeros((b, d), dtype=acc)
-    k = x.new_zeros((b, n, n), dtype=acc)
+    k = None
     for sl in _chunks(b, n, d):
         xc = x[..., sl].to(acc)
         if center:
             xc = xc - mean[:, None, sl]
-        k.baddbmm_(xc, xc.transpose(1, 2))
+        k = torch.bmm(xc, xc.transpose(1, 2)) if k is None else k.baddbmm_(xc, xc.transpose(1, 2))
+    if k is None:  # d == 0
+        k = x.new_zeros((b, n, n), dtype=acc)
     return k, mean
 
 
@@ -54,14 +56,14 @@ def gram_apply(m: Tensor, x: Tensor, mean: Tensor, center: bool, backend: str) -
         return kernels.gram_backward(m.float().contiguous(), x, mean.float().contiguous(), center)
     acc = _acc(x)
     b, n, d = x.shape
-    out = torch.empty_like(x)
     m = m.to(acc)
+    parts = []
     for sl in _chunks(b, n, d):
         xc = x[..., sl].to(acc)
         if center:
             xc = xc - mean[:, None, sl].to(acc)
-        out[..., sl] = torch.bmm(m, xc).to(x.dtype)
-    return out
+        parts.append(torch.bmm(m, xc).to(x.dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def frobenius_dots(k: Tensor, l: Tensor, backend: str) -> Tensor:

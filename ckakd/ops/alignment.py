@@ -131,14 +131,15 @@ def alignment_stats_backward(
         # rounding of an fp32 column mean (features with a large offset), which would otherwise shift
         # every row of the gradient by the same error.
         m_x, m_y = _gram.double_center(m_x), _gram.double_center(m_y)
-    gx = _gram.gram_apply(m_x, x, mean_x, center, backend) if need_x else x.new_empty(0)
-    gy = _gram.gram_apply(m_y, y, mean_y, center, backend) if need_y else y.new_empty(0)
+    gx = _gram.gram_apply(m_x, x, mean_x, center, backend).contiguous() if need_x else x.new_empty(0)
+    gy = _gram.gram_apply(m_y, y, mean_y, center, backend).contiguous() if need_y else y.new_empty(0)
     return gx, gy
 
 
 @alignment_stats_backward.register_fake
 def _(grad, x, y, k, l, mean_x, mean_y, mode, backend, need_x, need_y):
-    return (torch.empty_like(x) if need_x else x.new_empty(0)), (torch.empty_like(y) if need_y else y.new_empty(0))
+    # gradients come back contiguous whatever the input strides (e.g. transposed logits)
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0)), (y.new_empty(y.shape) if need_y else y.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

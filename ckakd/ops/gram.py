@@ -36,7 +36,7 @@ def centered_gram_backward(grad: Tensor, x: Tensor, mean: Tensor, backend: str) 
 
 @centered_gram_backward.register_fake
 def _(grad, x, mean, backend):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _setup_context(ctx, inputs, output):
