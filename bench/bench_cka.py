@@ -1,0 +1,98 @@
+"""Benchmark of ``1 - ckakd.cka(x, y)``: student x (n, dx) requires grad, teacher y (n, dy) does not.
+
+Providers: ``ckakd`` (backend "auto": Triton on CUDA, torch on CPU), ``ckakd-torch`` (CUDA only: the
+pure-torch path), ``reference`` (``ckakd.reference.cka`` in the input dtype: explicit H·K·H products)
+and ``reference-compile`` (``torch.compile`` of that same function).
+
+Cost model for the floor (dense GEMM flops; when d < n the feature-space form is cheaper and used):
+forward  2·n²·(dx + dy) flops, reads x and y once;
+backward 2·n²·dx flops, reads x and writes grad_x; full = forward + backward.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import common
+import torch
+from common import Dims, OpBench, Provider, Target
+from torch import Tensor
+
+import ckakd
+from ckakd import reference
+
+SHAPES: dict[str, Dims] = {
+    "n256-d16k": (256, 16384, 16384),
+    "n128-d4k": (128, 4096, 4096),
+    "n64-d64k": (64, 65536, 65536),
+    "n64-d802k": (64, 256 * 56 * 56, 256 * 56 * 56),  # a ResNet-50 stage-1 map (256, 56, 56) per sample
+    "n4096-d512": (4096, 512, 512),
+}
+PRESETS: dict[str, tuple[str, ...]] = {
+    "cpu": ("n256-d16k", "n128-d4k", "n64-d64k"),
+    "gpu": ("n256-d16k", "n64-d802k", "n4096-d512"),
+    "quick-cpu": ("n128-d4k",),
+    "quick-gpu": ("n256-d16k",),
+}
+TARGETS = (
+    Target("cpu", "n256-d16k", "full", 2.0, "reference"),
+    Target("cuda", "n256-d16k", "full", 2.0),
+    Target("cuda", "n256-d16k", "full", 2.0, "reference-compile"),
+    Target("cuda", "n64-d802k", "full", 2.0),
+    Target("cuda", "n64-d802k", "full", 2.0, "reference-compile"),
+)
+
+
+def make_inputs(dims: Dims, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    n, dx, dy = dims
+    x, y = common.latent_features(n, (dx, dy), device, dtype)
+    return x.requires_grad_(), y
+
+
+def cost(dims: Dims, mode: str, esize: int) -> tuple[float, float]:
+    n, dx, dy = dims
+    fwd = (min(2 * n * n * (dx + dy), 2 * n * (dx * dx + dx * dy + dy * dy)), n * (dx + dy) * esize)
+    bwd = (min(2 * n * n * dx, 2 * n * dx * (dx + dy)), 2 * n * dx * esize)
+    if mode == "forward":
+        return fwd
+    if mode == "backward":
+        return bwd
+    return fwd[0] + bwd[0], fwd[1] + bwd[1]
+
+
+def ckakd_loss(x: Tensor, y: Tensor) -> Tensor:
+    return 1.0 - ckakd.cka(x, y)
+
+
+def ckakd_torch_loss(x: Tensor, y: Tensor) -> Tensor:
+    return 1.0 - ckakd.cka(x, y, backend="torch")
+
+
+def reference_loss(x: Tensor, y: Tensor) -> Tensor:
+    return 1.0 - reference.cka(x, y, dtype=x.dtype)
+
+
+def providers(device: torch.device) -> list[Provider]:
+    out = [Provider("ckakd", ckakd_loss)]
+    if device.type == "cuda":
+        out.append(Provider("ckakd-torch", ckakd_torch_loss))
+    out += [
+        Provider("reference", reference_loss),
+        Provider("reference-compile", common.compiled(reference_loss)),
+    ]
+    return out
+
+
+BENCH = OpBench(
+    op="cka",
+    shapes=SHAPES,
+    presets=PRESETS,
+    make_inputs=make_inputs,
+    cost=cost,
+    providers=providers,
+    baseline="reference",
+    targets=TARGETS,
+)
+
+if __name__ == "__main__":
+    sys.exit(common.main([BENCH], description=__doc__.splitlines()[0]))

@@ -1,0 +1,774 @@
+"""Shared benchmark harness: timing, peak memory, roofline floor, correctness check, CSV + markdown output.
+
+A benchmark is an :class:`OpBench`: named shapes, presets of shape names, an input factory, a cost model
+(flops and bytes per mode) and a list of providers (callables returning a scalar loss). :func:`main`
+runs any number of them with the shared command line and writes one CSV.
+
+Modes (DESIGN §6):
+
+* ``forward``  — the loss only, with the inputs requiring grad (the autograd graph is built, as in
+  training; ``torch.no_grad`` would time a different program);
+* ``backward`` — only ``loss.backward(retain_graph=True)`` of a loss computed once beforehand;
+* ``full``     — forward + backward.
+
+Every provider's loss value and gradients are checked against the bench's baseline provider once per
+shape before anything is timed (that first call is also the warm-up and absorbs ``torch.compile``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+MODES = ("forward", "backward", "full")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BASE_PROVIDER = "ckakd"
+QUANTILES = (0.5, 0.2, 0.8)
+# Value / gradient agreement required before a provider is timed (relative; absolute floor = rtol·1e-3).
+CHECK_RTOL = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+Dims = tuple[int, ...]
+Inputs = tuple[Tensor, ...]
+LossFn = Callable[..., Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmark description
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One implementation of an op: ``fn(*inputs)`` returns the scalar loss."""
+
+    name: str
+    fn: LossFn
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal from the issue: ckakd ≥ ``factor``× faster than ``versus``, or within ``factor``× the floor."""
+
+    device: str  # "cpu" | "cuda"
+    shape: str
+    mode: str
+    factor: float
+    versus: str | None = None  # a provider name; None means "time / floor ≤ factor"
+
+    def describe(self) -> str:
+        what = f"≥ {self.factor:g}× faster than {self.versus}" if self.versus else f"≤ {self.factor:g}× floor"
+        return f"{self.shape} {self.mode}: ckakd {what}"
+
+
+@dataclass(frozen=True)
+class OpBench:
+    """An op to benchmark: shapes, presets, inputs, cost model, providers and the checking baseline."""
+
+    op: str
+    shapes: dict[str, Dims]
+    presets: dict[str, tuple[str, ...]]  # "cpu", "gpu", "quick-cpu", "quick-gpu", ...
+    make_inputs: Callable[[Dims, torch.device, torch.dtype], Inputs]
+    cost: Callable[[Dims, str, int], tuple[float, float]]  # (dims, mode, element size) -> (flops, bytes)
+    providers: Callable[[torch.device], list[Provider]]
+    baseline: str  # provider whose value and gradients every other provider must match
+    targets: tuple[Target, ...] = ()
+    self_test: Callable[[], None] | None = None
+
+
+@dataclass
+class Config:
+    device: torch.device
+    dtype: torch.dtype
+    quick: bool
+    shapes: tuple[str, ...] | None
+    providers: tuple[str, ...] | None
+    modes: tuple[str, ...]
+    out: Path
+    verbose: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class Row:
+    op: str
+    provider: str
+    mode: str
+    shape: str
+    dtype: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mem_mb: float
+    floor_ms: float
+    time_over_floor: float
+    device: str
+    torch: str
+    triton: str
+    timestamp: str
+    notes: str = ""
+
+
+CSV_COLUMNS = tuple(f.name for f in fields(Row))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers for the bench modules
+# ---------------------------------------------------------------------------------------------------
+
+
+def compiled(fn: LossFn) -> LossFn:
+    """``torch.compile`` of ``fn`` (static shapes; compile time is excluded by the warm-up call).
+
+    AOTAutograd "donates" saved buffers to the compiled backward, which then refuses
+    ``retain_graph=True`` — needed by the backward mode — so donation is switched off.
+    """
+    with contextlib.suppress(Exception):
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
+    return torch.compile(fn, dynamic=False)
+
+
+def latent_features(
+    n: int,
+    dims: Sequence[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    shared: float = 1.0,
+    rank: int = 16,
+    seed: int = 0,
+) -> list[Tensor]:
+    """Features (n, d_i) = z·W_i + own latent + noise with a shared rank-``rank`` latent z.
+
+    Gives Grams that are not dominated by their diagonal, so CKA sits well inside (0, 1) and the
+    check compares meaningful values.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)
+
+    z = randn(n, rank)
+    out = []
+    for d in dims:
+        own = randn(n, rank)
+        x = (shared * z + own) @ randn(rank, d) / rank**0.5 + randn(n, d)
+        out.append(x.to(dtype))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing, memory, ceilings
+# ---------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> tuple[float, float, float]:
+    """(median, p20, p80) of ``fn`` in milliseconds.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs). CPU: ``perf_counter``
+    after a warm-up, at least ``min_runs`` runs and ``min_s`` seconds in total, at most ``max_runs``.
+    """
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        warmup, rep = (5, 20) if quick else (25, 100)
+        q = do_bench(fn, warmup=warmup, rep=rep, quantiles=list(QUANTILES))
+        return float(q[0]), float(q[1]), float(q[2])
+    min_runs, min_s, max_runs, warm_s = (3, 0.1, 30, 0.05) if quick else (5, 1.0, 200, 0.3)
+    start = time.perf_counter()
+    fn()  # warm-up: at least once, more while it is cheap
+    while time.perf_counter() - start < warm_s:
+        fn()
+    times: list[float] = []
+    total = 0.0
+    while (len(times) < min_runs or total < min_s) and len(times) < max_runs:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        total += dt
+    q = np.quantile(np.asarray(times) * 1e3, QUANTILES)
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def peak_mem_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory allocated during one call of ``fn`` above what was held before it, in MiB.
+
+    CUDA only: torch has no allocator peak counter for CPU tensors, so CPU rows report NaN (empty in
+    the CSV and tables).
+    """
+    if device.type != "cuda":
+        return math.nan
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del out
+    return peak / 2**20
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """Keep CUDA fp32 matmuls in IEEE fp32 (TF32 off, torch's default) inside the block.
+
+    Our kernels compute in IEEE fp32, so the matmul ceiling and the torch providers must too. Only the
+    legacy flag is touched (mixing it with ``fp32_precision`` raises on some torch versions).
+    """
+    matmul = torch.backends.cuda.matmul
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prev = bool(matmul.allow_tf32)
+        if prev:
+            matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if prev:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                matmul.allow_tf32 = True
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """Measured machine ceilings for the floor: copy bandwidth (read + write) and matmul rate."""
+
+    bandwidth: float  # bytes / s
+    flops: float  # flop / s in the bench dtype
+
+    def describe(self) -> str:
+        bw, rate = self.bandwidth / 1e9, self.flops / 1e12
+        return f"copy bandwidth {bw:.1f} GB/s (read + write), matmul {rate:.3g} TFLOP/s"
+
+
+_CEILINGS: dict[tuple[str, torch.dtype], Ceilings] = {}
+
+
+def ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
+    """Measure (once per process) copy bandwidth and matmul rate on ``device`` for ``dtype``.
+
+    CPU: a 256 MiB fp32 copy and a 2048² matmul. CUDA: a 1 GiB copy and an 8192² matmul, fp32 with
+    TF32 disabled.
+    """
+    key = (str(device), dtype)
+    if key not in _CEILINGS:
+        _CEILINGS[key] = Ceilings(_copy_bandwidth(device), _matmul_rate(device, dtype))
+    return _CEILINGS[key]
+
+
+def _best_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Best-case time for a ceiling: CUDA do_bench median; CPU the fastest of ≥ 10 runs (≥ 1 s, ≤ 100).
+
+    A ceiling is what the machine can do, so on a shared CPU the least-disturbed run is the estimate.
+    """
+    if device.type == "cuda":
+        return time_ms(fn, device, quick=False)[0]
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 10 or (time.perf_counter() - start < 1.0 and len(times) < 100):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e3
+
+
+def _copy_bandwidth(device: torch.device) -> float:
+    numel = (1 << 28) if device.type == "cuda" else (1 << 26)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = _best_ms(lambda: dst.copy_(src), device)
+    return 2 * numel * src.element_size() / (copy_ms * 1e-3)
+
+
+def _matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    cuda = device.type == "cuda"
+    size = 8192 if cuda else 2048
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    with ieee_fp32_matmul() if cuda else contextlib.nullcontext():
+        mm_ms = _best_ms(lambda: torch.mm(a, b), device)
+    return 2 * size**3 / (mm_ms * 1e-3)
+
+
+def floor_ms(flops: float, nbytes: float, ceil: Ceilings) -> float:
+    """Roofline floor: the larger of bytes ÷ bandwidth and flops ÷ matmul rate, in ms."""
+    return max(nbytes / ceil.bandwidth, flops / ceil.flops) * 1e3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running one bench
+# ---------------------------------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"cpu {model} ({torch.get_num_threads()} threads)"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except Exception:  # not installed or broken: the torch path still runs
+        return ""
+    return triton.__version__
+
+
+def preset_key(device: torch.device, quick: bool) -> str:
+    return ("quick-" if quick else "") + ("gpu" if device.type == "cuda" else "cpu")
+
+
+def select_shapes(bench: OpBench, cfg: Config) -> list[str]:
+    """Shape names to run: the device's default preset, or the ``--shapes`` presets / names it knows."""
+    requested = cfg.shapes or (preset_key(cfg.device, cfg.quick),)
+    names: list[str] = []
+    for item in requested:
+        if item == "all":
+            found = tuple(bench.shapes)
+        else:
+            found = bench.presets.get(item, (item,) if item in bench.shapes else ())
+        names += [n for n in found if n not in names]
+    return names
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _clear_grads(tensors: Sequence[Tensor]) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def _value_and_grads(fn: LossFn, inputs: Inputs, wrt: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    _clear_grads(wrt)
+    loss = fn(*inputs)
+    loss.backward()
+    value = loss.detach().double()
+    grads = [t.grad.detach().double() if t.grad is not None else torch.zeros_like(t, dtype=torch.float64) for t in wrt]
+    _clear_grads(wrt)
+    return value, grads
+
+
+def _check(value: Tensor, grads: list[Tensor], ref_value: Tensor, ref_grads: list[Tensor], rtol: float) -> None:
+    """Loss value within rtol (atol = rtol·1e-3) and each gradient within rtol in relative norm."""
+    torch.testing.assert_close(value, ref_value, rtol=rtol, atol=rtol * 1e-3)
+    for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True)):
+        err = ((g - r).norm() / r.norm().clamp_min(1e-30)).item()
+        if not err <= rtol:
+            raise AssertionError(f"gradient {i}: relative error {err:.2e} > {rtol:g}")
+
+
+def _mode_fn(mode: str, fn: LossFn, inputs: Inputs, wrt: Sequence[Tensor]) -> Callable[[], object]:
+    if mode == "forward":
+        return lambda: fn(*inputs)
+    if mode == "backward":
+        loss = fn(*inputs)
+
+        def backward() -> Tensor:
+            _clear_grads(wrt)
+            loss.backward(retain_graph=True)
+            return loss
+
+        return backward
+
+    def full() -> Tensor:
+        _clear_grads(wrt)
+        out = fn(*inputs)
+        out.backward()
+        return out
+
+    return full
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_bench(bench: OpBench, cfg: Config, ceil: Ceilings, meta: dict[str, str]) -> tuple[list[Row], list[str]]:
+    """Run every selected (shape, provider, mode) of ``bench``; returns the rows and check failures."""
+    dev, dtype = cfg.device, cfg.dtype
+    dtype_name = str(dtype).removeprefix("torch.")
+    esize = torch.empty((), dtype=dtype).element_size()
+    all_providers = bench.providers(dev)
+    by_name = {p.name: p for p in all_providers}
+    timed = [p for p in all_providers if cfg.providers is None or p.name in cfg.providers]
+    rows: list[Row] = []
+    failures: list[str] = []
+    if bench.self_test is not None and timed:
+        bench.self_test()
+    for shape_name in select_shapes(bench, cfg):
+        dims = bench.shapes[shape_name]
+        shape = "x".join(map(str, dims))
+
+        def row(
+            p: Provider,
+            mode: str,
+            t: tuple[float, float, float],
+            mem: float,
+            notes: str,
+            dims: Dims = dims,
+            shape: str = shape,
+        ) -> Row:
+            flops, nbytes = bench.cost(dims, mode, esize)
+            fl = floor_ms(flops, nbytes, ceil)
+            return Row(bench.op, p.name, mode, shape, dtype_name, *t, mem, fl, t[0] / fl, notes=notes, **meta)
+
+        nan3 = (math.nan, math.nan, math.nan)
+        try:
+            inputs = bench.make_inputs(dims, dev, dtype)
+        except Exception as exc:  # e.g. out of memory for a preset too large for this device
+            rows += [row(p, m, nan3, math.nan, "inputs: " + _short(exc)) for p in timed for m in cfg.modes]
+            continue
+        wrt = [t for t in inputs if t.requires_grad]
+        rtol = CHECK_RTOL.get(dtype, 5e-2)
+        try:
+            ref = _value_and_grads(by_name[bench.baseline].fn, inputs, wrt)
+        except Exception as exc:
+            ref = None
+            _log(f"[{bench.op} {shape}] baseline {bench.baseline} failed, providers unchecked: {_short(exc)}")
+        for p in timed:
+            notes = [p.note] if p.note else []
+            try:
+                if p.name != bench.baseline:
+                    value, grads = _value_and_grads(p.fn, inputs, wrt)  # also the warm-up / compile call
+                    if ref is None:
+                        notes.append("unchecked (baseline failed)")
+                    else:
+                        _check(value, grads, *ref, rtol)
+                        notes.append(f"loss {value.item():.6g} (baseline {ref[0].item():.6g})")
+                elif ref is not None:
+                    notes.append(f"loss {ref[0].item():.6g}")
+            except AssertionError as exc:
+                failures.append(f"{bench.op} {shape} {p.name}: {_short(exc, 300)}")
+                _log(f"[{bench.op} {shape}] CHECK FAILED {p.name}: {_short(exc, 300)}")
+                rows += [row(p, m, nan3, math.nan, "CHECK FAILED: " + _short(exc)) for m in cfg.modes]
+                continue
+            except Exception as exc:  # compile failure, OOM, ...: record it, keep going
+                _log(f"[{bench.op} {shape}] {p.name} failed: {_short(exc, 300)}")
+                if cfg.verbose:
+                    traceback.print_exc()
+                rows += [row(p, m, nan3, math.nan, _short(exc)) for m in cfg.modes]
+                continue
+            for mode in cfg.modes:
+                try:
+                    fn = _mode_fn(mode, p.fn, inputs, wrt)
+                    t = time_ms(fn, dev, cfg.quick)
+                    _clear_grads(wrt)  # so that the measured call allocates its gradient afresh
+                    mem = peak_mem_mb(fn, dev)
+                    r = row(p, mode, t, mem, "; ".join(notes))
+                    del fn
+                except Exception as exc:
+                    r = row(p, mode, nan3, math.nan, _short(exc))
+                _clear_grads(wrt)
+                rows.append(r)
+                _log(
+                    f"[{bench.op} {shape}] {p.name:<18} {mode:<8} {r.median_ms:10.3f} ms"
+                    f"  floor {r.floor_ms:8.3f} ms  x{r.time_over_floor:.2f}"
+                )
+        del inputs, wrt, ref
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, failures
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------
+
+
+def _fmt(v: float, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if abs(v) >= 10**digits:
+        return f"{v:.0f}"
+    return f"{v:.{digits}g}"
+
+
+def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def _order(rows: Sequence[Row]) -> list[Row]:
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    providers = list(dict.fromkeys(r.provider for r in rows))
+    return sorted(rows, key=lambda r: (shapes.index(r.shape), MODES.index(r.mode), providers.index(r.provider)))
+
+
+def results_table(rows: Sequence[Row]) -> str:
+    header = [
+        "provider",
+        "mode",
+        "shape",
+        "median ms",
+        "p20",
+        "p80",
+        "peak MB",
+        "floor ms",
+        "×floor",
+        "notes",
+    ]
+    body = [
+        [
+            r.provider,
+            r.mode,
+            r.shape,
+            _fmt(r.median_ms),
+            _fmt(r.p20_ms),
+            _fmt(r.p80_ms),
+            _fmt(r.peak_mem_mb),
+            _fmt(r.floor_ms),
+            _fmt(r.time_over_floor),
+            r.notes,
+        ]
+        for r in _order(rows)
+    ]
+    return _table(header, body)
+
+
+def ratios(rows: Sequence[Row]) -> dict[tuple[str, str, str], dict[str, float]]:
+    """(op, shape, mode) -> {provider: median / ckakd median} for rows measured in this run."""
+    out: dict[tuple[str, str, str], dict[str, float]] = {}
+    for r in rows:
+        out.setdefault((r.op, r.shape, r.mode), {})[r.provider] = r.median_ms
+    for key, medians in out.items():
+        base = medians.get(BASE_PROVIDER, math.nan)
+        out[key] = {p: m / base for p, m in medians.items()}
+    return out
+
+
+def ratios_table(rows: Sequence[Row]) -> str:
+    providers = [p for p in dict.fromkeys(r.provider for r in rows) if p != BASE_PROVIDER]
+    base = {(r.shape, r.mode): r.median_ms for r in rows if r.provider == BASE_PROVIDER}
+    body = []
+    for (_, shape, mode), rel in ratios(_order(rows)).items():
+        body.append(
+            [shape, mode, _fmt(base.get((shape, mode), math.nan))] + [_fmt(rel.get(p, math.nan)) for p in providers]
+        )
+    return _table(["shape", "mode", "ckakd ms"] + [f"{p} / ckakd" for p in providers], body)
+
+
+def targets_table(benches: Sequence[OpBench], rows: Sequence[Row], device: torch.device) -> str:
+    rel = ratios(rows)
+    floor = {(r.op, r.shape, r.mode): r.time_over_floor for r in rows if r.provider == BASE_PROVIDER}
+    body = []
+    for bench in benches:
+        for t in bench.targets:
+            if t.device != device.type:
+                continue
+            shape = "x".join(map(str, bench.shapes[t.shape]))
+            key = (bench.op, shape, t.mode)
+            if t.versus is None:
+                got = floor.get(key, math.nan)
+                ok = got <= t.factor
+            else:
+                got = rel.get(key, {}).get(t.versus, math.nan)
+                ok = got >= t.factor
+            status = "not run" if math.isnan(got) else ("met" if ok else "MISSED")
+            body.append([bench.op, t.describe(), _fmt(got), status])
+    return _table(["op", "target", "measured", "status"], body) if body else ""
+
+
+def report(
+    benches: Sequence[OpBench],
+    rows: Sequence[Row],
+    cfg: Config,
+    ceil: Ceilings,
+    meta: dict[str, str],
+    load: tuple[float, float] | None = None,
+) -> str:
+    parts = [
+        f"## ckakd benchmarks — {meta['device']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton'] or '-'}, "
+        f"dtype {str(cfg.dtype).removeprefix('torch.')}, "
+        f"{meta['timestamp']}{' (quick)' if cfg.quick else ''}. Ceilings: {ceil.describe()}.",
+        "Times in ms (median, p20, p80); ×floor = median / floor; ratios > 1 mean slower than ckakd.",
+    ]
+    if cfg.device.type != "cuda":
+        parts.append("Peak memory is only measured on CUDA (empty on CPU).")
+    if load is not None:
+        parts.append(
+            f"1-min load average at start / end: {load[0]:.2f} / {load[1]:.2f} "
+            f"on {os.cpu_count()} cores (other processes on the cores inflate and scatter CPU times)."
+        )
+    for bench in benches:
+        op_rows = [r for r in rows if r.op == bench.op]
+        if not op_rows:
+            continue
+        parts += [
+            "",
+            f"### {bench.op}",
+            "",
+            results_table(op_rows),
+            "",
+            f"#### {bench.op}: ratios to ckakd",
+            "",
+            ratios_table(op_rows),
+        ]
+    targets = targets_table(benches, rows, cfg.device)
+    if targets:
+        parts += ["", "### Targets", "", targets]
+    return "\n".join(parts) + "\n"
+
+
+def write_csv(path: Path, rows: Sequence[Row], append: bool = False) -> None:
+    new = not (append and path.exists())
+    with path.open("a" if append else "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+
+
+def _csv_list(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    ap.add_argument("--quick", action="store_true", help="few small shapes, few repeats (minutes on 2 CPU cores)")
+    ap.add_argument(
+        "--shapes",
+        type=_csv_list,
+        default=None,
+        help="comma-separated presets (cpu, gpu, quick-cpu, quick-gpu, all) or shape names",
+    )
+    ap.add_argument("--providers", type=_csv_list, default=None, help="comma-separated provider names to time")
+    ap.add_argument("--modes", type=_csv_list, default=MODES, help="comma-separated: forward,backward,full")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "out",
+        help="output directory for the CSV and markdown (default bench/out/)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="CPU only: torch.set_num_threads (default: torch's choice)"
+    )
+    ap.add_argument("--list", action="store_true", help="list shapes, presets and providers, then exit")
+    ap.add_argument("-v", action="store_true", help="print tracebacks of provider failures")
+    return ap
+
+
+def config(args: argparse.Namespace) -> Config:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    return Config(
+        torch.device(args.device),
+        DTYPES[args.dtype],
+        args.quick,
+        args.shapes,
+        args.providers,
+        tuple(args.modes),
+        args.out,
+        args.v,
+        args.threads,
+    )
+
+
+def _loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return math.nan
+
+
+def _listing(benches: Sequence[OpBench], device: torch.device) -> str:
+    lines = []
+    for b in benches:
+        lines.append(f"{b.op}: providers {', '.join(p.name for p in b.providers(device))} (baseline {b.baseline})")
+        for name, dims in b.shapes.items():
+            lines.append(f"  {name:<22} {'x'.join(map(str, dims))}")
+        for name, shapes in b.presets.items():
+            lines.append(f"  preset {name:<15} {', '.join(shapes)}")
+    return "\n".join(lines)
+
+
+def main(benches: Sequence[OpBench], argv: Sequence[str] | None = None, description: str = "") -> int:
+    """Parse the shared command line, run ``benches``, write CSV + markdown, print the tables."""
+    args = parser(description or "ckakd benchmarks").parse_args(argv)
+    cfg = config(args)
+    if args.list:
+        print(_listing(benches, cfg.device))
+        return 0
+    unknown = [s for s in cfg.shapes or () if not any(s == "all" or s in b.presets or s in b.shapes for b in benches)]
+    if unknown:
+        raise SystemExit(f"unknown shape or preset name(s): {', '.join(unknown)} (see --list)")
+    if cfg.threads and cfg.device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    now = datetime.now(timezone.utc)
+    load_start = _loadavg()
+    meta = {
+        "device": device_name(cfg.device),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "timestamp": now.isoformat(timespec="seconds"),
+    }
+    rows: list[Row] = []
+    failures: list[str] = []
+    with ieee_fp32_matmul() if cfg.device.type == "cuda" else contextlib.nullcontext():
+        _log(f"measuring ceilings on {meta['device']} ...")
+        ceil = ceilings(cfg.device, cfg.dtype)
+        _log(ceil.describe())
+        for bench in benches:
+            r, f = run_bench(bench, cfg, ceil, meta)
+            rows += r
+            failures += f
+    load = None if cfg.device.type == "cuda" else (load_start, _loadavg())
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{cfg.device.type}-{now.strftime('%Y%m%d-%H%M%S')}"
+    text = report(benches, rows, cfg, ceil, meta, load)
+    write_csv(cfg.out / f"{stem}.csv", rows)
+    write_csv(cfg.out / "history.csv", rows, append=True)
+    (cfg.out / f"{stem}.md").write_text(text)
+    print(text)
+    _log(f"wrote {cfg.out / (stem + '.csv')}, {cfg.out / (stem + '.md')} (rows also appended to history.csv)")
+    if failures:
+        _log("CHECK FAILURES (these providers were not timed):\n  " + "\n  ".join(failures))
+        return 1
+    return 0
