@@ -5,7 +5,7 @@ Trains a teacher CNN, then two students with the same seeds — cross-entropy on
 teacher–student CKA of the last feature maps and of the logits, and the time spent in the ckakd
 losses. Takes about a minute on 2 CPU cores.
 
-    python -m ckakd.demo [--epochs 12] [--seeds 3] [--out ckakd_outputs/demo]
+    python -m ckakd.demo [--epochs 20] [--seeds 5] [--out ckakd_outputs/demo]
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ def evaluate(model: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--teacher-width", type=int, default=24)
     parser.add_argument("--student-width", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=1.0, help="RCKA feature-CKA weight")
