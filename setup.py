@@ -32,6 +32,7 @@ def extension_modules() -> tuple[list, dict]:
             cpp_sources + cuda_sources,
             extra_compile_args={"cxx": extra_cxx, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
+            define_macros=[("WITH_CUDA", None)],  # ckakd._C.has_cuda() reports it
         )
     else:
         ext = cpp_extension.CppExtension(

@@ -1,4 +1,4 @@
-"""Run every ckakd benchmark (cka, centered_gram, patch_cka) with the shared flags; one CSV, all tables.
+"""Run every ckakd benchmark (cka, centered_gram, patch_cka, sinkhorn) with the shared flags; one CSV, all tables.
 
 python bench/run_all.py --quick              # minutes on 2 CPU cores
 python bench/run_all.py --device cpu         # the CPU presets
@@ -13,9 +13,10 @@ import sys
 import bench_centered_gram
 import bench_cka
 import bench_patch_cka
+import bench_sinkhorn
 import common
 
-BENCHES = {b.op: b for b in (bench_cka.BENCH, bench_centered_gram.BENCH, bench_patch_cka.BENCH)}
+BENCHES = {b.op: b for b in (bench_cka.BENCH, bench_centered_gram.BENCH, bench_patch_cka.BENCH, bench_sinkhorn.BENCH)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ckakd import functional as F_
+from ckakd.wasserstein import wkd_feature_loss
+from ckakd.wkd import wkd_logit_loss
 
-__all__ = ["CKALoss", "PatchCKALoss", "RCKALoss", "MMDLoss"]
+__all__ = ["CKALoss", "PatchCKALoss", "RCKALoss", "MMDLoss", "WKDLogitLoss", "WKDFeatureLoss"]
 
 
 class CKALoss(nn.Module):
@@ -80,3 +82,84 @@ class MMDLoss(nn.Module):
 
     def forward(self, x, y) -> Tensor:
         return self.weight * F_.mmd_loss(x, y, backend=self.backend)
+
+
+class WKDLogitLoss(nn.Module):
+    """WKD-L: loss_t + gamma · WD over the class cost (a buffer, so it follows ``.to(device)``).
+
+    ``forward(logits_s, logits_t, target=None)``; with ``target`` the target class is separated (WKD's
+    default). See ``ckakd.wkd_logit_loss``. Public-code settings: CIFAR-100 T=8, gamma=600; ImageNet T=2,
+    gamma=30; eps=0.05, 10 iterations.
+    """
+
+    cost: Tensor
+
+    def __init__(
+        self,
+        cost: Tensor,
+        *,
+        temperature: float = 2.0,
+        gamma: float = 1.0,
+        eps: float = 0.05,
+        iters: int = 10,
+        tol: float | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.register_buffer("cost", cost.detach().clone())
+        self.temperature, self.gamma, self.eps, self.iters, self.tol, self.backend = (
+            temperature,
+            gamma,
+            eps,
+            iters,
+            tol,
+            backend,
+        )
+
+    def forward(self, logits_s: Tensor, logits_t: Tensor, target: Tensor | None = None) -> Tensor:
+        return wkd_logit_loss(
+            logits_s,
+            logits_t,
+            self.cost,
+            temperature=self.temperature,
+            eps=self.eps,
+            iters=self.iters,
+            target=target,
+            gamma=self.gamma,
+            tol=self.tol,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"classes={self.cost.shape[0]}, temperature={self.temperature}, gamma={self.gamma}, eps={self.eps}, "
+            f"iters={self.iters}"
+        )
+
+
+class WKDFeatureLoss(nn.Module):
+    """WKD-F: weight · WD between per-channel Gaussians of student and teacher feature cells.
+
+    See ``ckakd.wkd_feature_loss``. Public-code settings: CIFAR weight 0.08, mean_weight 4, grid 1;
+    ImageNet weight 0.02, mean_weight 2, grid 4 (student projected to the teacher's channels first).
+    """
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        grid: int | tuple[int, int] = 1,
+        mean_weight: float = 2.0,
+        cov: str = "diag",
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.weight, self.grid, self.mean_weight, self.cov, self.eps = weight, grid, mean_weight, cov, eps
+
+    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return self.weight * wkd_feature_loss(
+            f_s, f_t, grid=self.grid, mean_weight=self.mean_weight, cov=self.cov, eps=self.eps
+        )
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, grid={self.grid}, mean_weight={self.mean_weight}, cov={self.cov!r}"

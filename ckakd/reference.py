@@ -11,6 +11,8 @@ loss-level functions (``fcka``, ``rcka_loss``).
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +33,9 @@ __all__ = [
     "rcka_loss",
     "mmd_loss",
     "alignment_gap",
+    "sinkhorn_fixed",
+    "wkd_logit_loss_reduced",
+    "entropic_ot",
 ]
 
 
@@ -264,3 +269,227 @@ def alignment_gap(x: Tensor, y: Tensor, *, dtype: torch.dtype | None = None) -> 
     x = _as(x, dtype).reshape(x.shape[0], -1)
     y = _as(y, dtype).reshape(y.shape[0], -1)
     return ((_normalized_gram(x) - _normalized_gram(y)) ** 2).sum()
+
+
+# --------------------------------------------------------------------------------------------- WKD (seed 001)
+
+__all__ += [
+    "sqrtm_psd",
+    "gaussian_wasserstein",
+    "adaptive_bounds",
+    "wkd_feature_loss",
+    "interrelation",
+    "cost_from_interrelation",
+]
+
+
+def sqrtm_psd(a: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
+    """Principal square root V diag(sqrt(max(λ, 0))) Vᵀ of a symmetric PSD (n, n) matrix."""
+    a = _as(a, dtype)
+    w, v = torch.linalg.eigh((a + a.T) / 2)
+    return v @ torch.diag(w.clamp_min(0).sqrt()) @ v.T
+
+
+def gaussian_wasserstein(
+    mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor, *, dtype: torch.dtype | None = None
+) -> Tensor:
+    """W₂² between one pair of Gaussians: mu (d,), cov (d,) variances or (d, d) matrices.
+
+    ‖μ1 - μ2‖² + tr(Σ1 + Σ2 - 2 (Σ1^½ Σ2 Σ1^½)^½), with diagonal covariances written as matrices.
+    """
+    mu1, cov1, mu2, cov2 = (_as(t, dtype) for t in (mu1, cov1, mu2, cov2))
+    cov1 = torch.diag(cov1) if cov1.dim() == 1 else cov1
+    cov2 = torch.diag(cov2) if cov2.dim() == 1 else cov2
+    s1 = sqrtm_psd(cov1, dtype=cov1.dtype)
+    cross = sqrtm_psd(s1 @ cov2 @ s1, dtype=cov1.dtype)
+    return ((mu1 - mu2) ** 2).sum() + torch.trace(cov1 + cov2 - 2 * cross)
+
+
+def adaptive_bounds(size: int, grid: int) -> list[tuple[int, int]]:
+    """Windows of adaptive average pooling: cell i spans [floor(i·size/grid), ceil((i+1)·size/grid))."""
+    return [(math.floor(i * size / grid), math.ceil((i + 1) * size / grid)) for i in range(grid)]
+
+
+def wkd_feature_loss(
+    f_s: Tensor,
+    f_t: Tensor,
+    *,
+    grid: int = 1,
+    mean_weight: float = 2.0,
+    cov: str = "diag",
+    eps: float = 1e-5,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """WKD-F with explicit loops over samples, cells and channels (f: (B, C, H, W)).
+
+    Per (sample, cell): μ_c = mean, var_c = unbiased variance (+ eps), loss term
+    mean_weight·‖μs - μt‖² + Σ_c (sqrt(var_s) - sqrt(var_t))²  (diag) or
+    mean_weight·‖μs - μt‖² + tr(Σs + Σt - 2 (Σs^½ Σt Σs^½)^½)   (full, Σ = XcXcᵀ/(n-1) + eps·I);
+    averaged over samples and cells.
+    """
+    f_s, f_t = _as(f_s, dtype), _as(f_t, dtype)
+    b, c, h, w = f_s.shape
+    terms = []
+    for bi in range(b):
+        for r0, r1 in adaptive_bounds(h, grid):
+            for c0, c1 in adaptive_bounds(w, grid):
+                xs = f_s[bi, :, r0:r1, c0:c1].reshape(c, -1)
+                xt = f_t[bi, :, r0:r1, c0:c1].reshape(c, -1)
+                n = xs.shape[1]
+                mu_s = torch.stack([xs[ci].sum() / n for ci in range(c)])
+                mu_t = torch.stack([xt[ci].sum() / n for ci in range(c)])
+                mean_term = ((mu_s - mu_t) ** 2).sum()
+                if cov == "diag":
+                    var_s = torch.stack([((xs[ci] - mu_s[ci]) ** 2).sum() / (n - 1) for ci in range(c)]) + eps
+                    var_t = torch.stack([((xt[ci] - mu_t[ci]) ** 2).sum() / (n - 1) for ci in range(c)]) + eps
+                    cov_term = ((var_s.sqrt() - var_t.sqrt()) ** 2).sum()
+                else:
+                    eye = torch.eye(c, dtype=xs.dtype)
+                    ds, dt = xs - mu_s[:, None], xt - mu_t[:, None]
+                    sig_s = ds @ ds.T / (n - 1) + eps * eye
+                    sig_t = dt @ dt.T / (n - 1) + eps * eye
+                    root = sqrtm_psd(sig_s, dtype=xs.dtype)
+                    cov_term = torch.trace(sig_s + sig_t - 2 * sqrtm_psd(root @ sig_t @ root, dtype=xs.dtype))
+                terms.append(mean_weight * mean_term + cov_term)
+    return torch.stack(terms).mean()
+
+
+def _pair_alignment(k: Tensor, l: Tensor) -> Tensor:
+    """⟨HKH, HLH⟩ / (‖HKH‖ ‖HLH‖) with an explicit centering matrix; 0 when a Gram vanishes."""
+    h = centering_matrix(k.shape[0], dtype=k.dtype, device=k.device)
+    kc, lc = h @ k @ h, h @ l @ h
+    denom = torch.linalg.matrix_norm(kc) * torch.linalg.matrix_norm(lc)
+    return (kc * lc).sum() / denom if denom > 0 else torch.zeros((), dtype=k.dtype)
+
+
+def _rbf_gram(x: Tensor) -> Tensor:
+    b = x.shape[0]
+    d2 = torch.stack([torch.stack([((x[i] - x[j]) ** 2).sum() for j in range(b)]) for i in range(b)])
+    nonzero = sorted(d2[i, j].item() for i in range(b) for j in range(i + 1, b) if d2[i, j] > 0)
+    sigma2 = statistics.median(nonzero) if nonzero else 1.0
+    return torch.exp(-d2 / (2 * sigma2))
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    denom = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
+    return (a * b).sum() / denom if denom > 0 else torch.zeros((), dtype=a.dtype)
+
+
+def interrelation(
+    class_features: Tensor, *, kernel: str = "cka", degree: int = 2, dtype: torch.dtype | None = None
+) -> Tensor:
+    """IR (C, C) with a Python loop over class pairs; unit diagonal.
+
+    cka: ``cka(X_i, X_j)`` on the (b, d) class matrices. poly: Gram (x·y/d + 1)^degree; rbf: Gram
+    exp(-‖x - y‖²/(2σ²)), σ² = median of the class's nonzero pairwise squared distances; both compared by
+    the alignment of their H K H Grams. centroid: cosine of class means. cosine: cosine of rows of (C, d).
+    """
+    x = _as(class_features, dtype)
+    c = x.shape[0]
+    if kernel in ("poly", "rbf"):
+        if kernel == "poly":
+            grams = [(xi @ xi.T / xi.shape[1] + 1) ** degree for xi in x]
+        else:
+            grams = [_rbf_gram(xi) for xi in x]
+    out = torch.empty(c, c, dtype=x.dtype)
+    for i in range(c):
+        for j in range(c):
+            if i == j:
+                out[i, j] = 1.0
+            elif kernel == "cka":
+                out[i, j] = cka(x[i], x[j], dtype=x.dtype)
+            elif kernel in ("poly", "rbf"):
+                out[i, j] = _pair_alignment(grams[i], grams[j])
+            elif kernel == "centroid":
+                out[i, j] = _cosine(x[i].mean(0), x[j].mean(0))
+            elif kernel == "cosine":
+                out[i, j] = _cosine(x[i], x[j])
+            else:
+                raise ValueError(f"unknown kernel {kernel!r}")
+    return out
+
+
+def cost_from_interrelation(ir: Tensor, *, sharpen: float = 1.0, dtype: torch.dtype | None = None) -> Tensor:
+    """Element by element: D_ij = 1 - IR_ij (0 on the diagonal), cost = max(1 - exp(-sharpen·D), 0) + 1e-8."""
+    ir = _as(ir, dtype)
+    c = ir.shape[0]
+    out = torch.empty_like(ir)
+    for i in range(c):
+        for j in range(c):
+            d = 0.0 if i == j else 1.0 - ir[i, j].item()
+            out[i, j] = max(1.0 - math.exp(-sharpen * d), 0.0) + 1e-8
+    return out
+
+
+# ------------------------------------------------------------------------------------ optimal transport
+
+
+def sinkhorn_fixed(
+    p: Tensor, q: Tensor, cost: Tensor, *, eps: float = 0.05, iters: int = 10, u0: Tensor | None = None
+) -> Tensor:
+    """WKD's fixed-iteration Sinkhorn, written plainly (batched (B, C) histograms, explicit B×C×C plan).
+
+    u₀ = 1/C; for each iteration v = q / (Kᵀu + 1e-8), u = p / (K v + 1e-8); returns Σ_ij P_ij C_ij (B,).
+    Differentiable by autograd through the iterations.
+    """
+    k = torch.exp(-cost / eps)
+    u = torch.full_like(p, 1.0 / p.shape[1]) if u0 is None else u0
+    v = None
+    for _ in range(iters):
+        v = q / (torch.einsum("bi,ij->bj", u, k) + 1e-8)
+        u = p / (torch.einsum("ij,bj->bi", k, v) + 1e-8)
+    plan = u[:, :, None] * k[None] * v[:, None, :]
+    return (plan * cost[None]).sum(dim=(1, 2))
+
+
+def wkd_logit_loss_reduced(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    target: Tensor,
+    cost: Tensor,
+    *,
+    temperature: float,
+    gamma: float,
+    eps: float = 0.05,
+    iters: int = 10,
+) -> Tensor:
+    """WKD-L with target separation as the public code formulates it: per-sample (C−1)×(C−1) costs.
+
+    loss_t = −mean softmax(z_t)[y]·log_softmax(z_s)[y]; the non-target logits of each sample are
+    softened at temperature T over C−1 classes and compared by Sinkhorn with that sample's reduced cost.
+    """
+    n, c = logits_s.shape
+    y = target.long()[:, None]
+    loss_t = -(torch.softmax(logits_t, 1).gather(1, y).detach() * torch.log_softmax(logits_s, 1).gather(1, y)).mean()
+    mask = torch.ones_like(logits_s, dtype=torch.bool).scatter_(1, y, False)
+    zs, zt = logits_s[mask].reshape(n, c - 1), logits_t[mask].reshape(n, c - 1)
+    pair = mask[:, :, None] & mask[:, None, :]
+    costs = cost.expand(n, c, c)[pair].reshape(n, c - 1, c - 1)
+    p, q = torch.softmax(zs / temperature, 1), torch.softmax(zt / temperature, 1)
+    k = torch.exp(-costs / eps)
+    u = torch.full_like(p, 1.0 / (c - 1))[:, :, None]
+    p, q = p[:, :, None], q[:, :, None]
+    v = None
+    for _ in range(iters):
+        v = q / (torch.bmm(k.transpose(1, 2), u) + 1e-8)
+        u = p / (torch.bmm(k, v) + 1e-8)
+    plan = u * k * v.transpose(1, 2)
+    return loss_t + gamma * (plan * costs).sum(dim=(1, 2)).mean()
+
+
+def entropic_ot(p: Tensor, q: Tensor, cost: Tensor, eps: float, *, max_iter: int = 100000) -> Tensor:
+    """min_P ⟨P, C⟩ + ε Σ P (log P − 1) over plans with marginals p, q (one pair, (C,)), float64.
+
+    Log-domain iterations with explicit log-sum-exps, run until the potentials stop changing.
+    """
+    p, q, cost = p.double(), q.double(), cost.double()
+    f, g = torch.zeros_like(p), torch.zeros_like(q)
+    for _ in range(max_iter):
+        f_new = eps * torch.log(p) - eps * torch.logsumexp((g[None, :] - cost) / eps, dim=1)
+        g_new = eps * torch.log(q) - eps * torch.logsumexp((f_new[:, None] - cost) / eps, dim=0)
+        done = (f_new - f).abs().max() < 1e-15 and (g_new - g).abs().max() < 1e-15
+        f, g = f_new, g_new
+        if done:
+            break
+    plan = torch.exp((f[:, None] + g[None, :] - cost) / eps)
+    return (plan * cost).sum() + eps * (plan * (torch.log(plan) - 1)).sum()

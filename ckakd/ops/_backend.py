@@ -53,18 +53,19 @@ def triton_status() -> BackendStatus:
 
 
 def extension_status() -> tuple[BackendStatus, BackendStatus]:
-    try:
-        from ckakd import _C  # noqa: F401
-    except Exception as exc:
-        why = f"ckakd._C is not built ({type(exc).__name__}: {exc})"
-        return BackendStatus("cpp", False, why), BackendStatus("cuda", False, why)
-    cpp = BackendStatus("cpp", True, "ckakd._C loaded")
-    has_cuda = bool(getattr(_C, "has_cuda", lambda: False)())
-    if not has_cuda:
-        return cpp, BackendStatus("cuda", False, "ckakd._C was built without CUDA")
+    """The C++ extension (batched Sinkhorn): prebuilt ``ckakd._C`` or a JIT build of ``csrc/`` (see ``_ext``)."""
+    from ckakd import _ext
+
+    ext = _ext.load()
+    loaded, detail = _ext.status(load_now=False)
+    if ext is None:
+        return BackendStatus("cpp", False, detail), BackendStatus("cuda", False, detail)
+    cpp = BackendStatus("cpp", True, detail)
+    if not ext.has_cuda():
+        return cpp, BackendStatus("cuda", False, "the extension was built without CUDA")
     if not torch.cuda.is_available():
-        return cpp, BackendStatus("cuda", False, "ckakd._C has CUDA code but no CUDA device is visible")
-    return cpp, BackendStatus("cuda", True, "ckakd._C with CUDA kernels")
+        return cpp, BackendStatus("cuda", False, "the extension has CUDA code but no CUDA device is visible")
+    return cpp, BackendStatus("cuda", True, f"{detail}, CUDA kernels")
 
 
 def backends() -> dict[str, BackendStatus]:

@@ -1,0 +1,121 @@
+"""Loader for the C++/CUDA extension (batched fixed-iteration Sinkhorn, ``torch.ops.ckakd.sinkhorn_fixed_*``).
+
+``load()`` returns the extension module, trying in order:
+
+1. the prebuilt ``ckakd._C`` (built by ``pip install --no-build-isolation -e .``);
+2. a JIT build of ``csrc/`` with ``torch.utils.cpp_extension.load`` (ninja, torch's default build folder;
+   CUDA sources too when torch has CUDA and ``CUDA_HOME`` is found). Skipped when ``CKAKD_NO_JIT=1`` or when
+   the sources are not next to the package (a non-editable install);
+3. ``None``: callers use the pure-torch Sinkhorn; one warning per process says so and why.
+
+The result is cached. ``status()`` tells what was loaded. After loading, shape-only fake kernels are registered
+for both ops, so they work under ``torch.compile`` / fake tensors (``torch.library.opcheck`` passes).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+import warnings
+from pathlib import Path
+
+import torch
+
+JIT_NAME = "ckakd_C_jit"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+_state: dict[str, object] = {"ok": False, "detail": "ckakd._ext.load() has not been called yet"}
+
+
+def _prebuilt() -> tuple[types.ModuleType | None, str]:
+    try:
+        from ckakd import _C
+    except Exception as exc:  # ImportError, or an ABI mismatch with the installed torch
+        return None, f"no prebuilt ckakd._C ({type(exc).__name__}: {exc})"
+    return _C, "prebuilt ckakd._C"
+
+
+def _jit() -> tuple[types.ModuleType | None, str]:
+    if os.environ.get("CKAKD_NO_JIT", "0") not in ("", "0"):
+        return None, "JIT build skipped (CKAKD_NO_JIT is set)"
+    cpp = sorted(CSRC.glob("*.cpp"))
+    if not cpp:
+        return None, f"JIT build skipped: no C++ sources in {CSRC} (not an editable install)"
+    try:
+        from torch.utils import cpp_extension
+
+        cu = sorted(CSRC.glob("*.cu"))
+        with_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+        sources = [str(s) for s in cpp + (cu if with_cuda else [])]
+        module = cpp_extension.load(
+            name=JIT_NAME,
+            sources=sources,
+            extra_cflags=["-O3", "-fopenmp"] + (["-DWITH_CUDA"] if with_cuda else []),
+            extra_cuda_cflags=["-O3"],
+            extra_ldflags=["-fopenmp"],
+            with_cuda=with_cuda,
+            verbose=False,
+        )
+    except Exception as exc:  # compiler missing, build error, ...
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return None, f"JIT build failed ({type(exc).__name__}: {first_line})"
+    return module, f"JIT-built {JIT_NAME} from {CSRC}" + (" (with CUDA)" if with_cuda else " (CPU only)")
+
+
+def _register_fakes() -> None:
+    """Shape-only kernels for fake tensors / meta / torch.compile."""
+
+    def forward_fake(p, q, K, KC, u0, iters):
+        B, C = p.shape
+        return (
+            p.new_empty((B,)),
+            p.new_empty((iters + 1, B, C)),
+            p.new_empty((iters, B, C)),
+            p.new_empty((iters, B, C)),
+            p.new_empty((iters, B, C)),
+        )
+
+    def backward_fake(grad_cost, p, q, K, KC, u_hist, v_hist, a_hist, b_hist):
+        return p.new_empty(p.shape), p.new_empty(p.shape)
+
+    for name, fake in (("sinkhorn_fixed_forward", forward_fake), ("sinkhorn_fixed_backward", backward_fake)):
+        try:
+            torch.library.register_fake(f"ckakd::{name}", fake)
+        except RuntimeError as exc:  # already registered (e.g. a second loader in the process): keep that one
+            if "already" not in str(exc):
+                raise
+
+
+@functools.cache
+def load() -> types.ModuleType | None:
+    """The extension module (prebuilt ``ckakd._C`` or JIT build), or ``None`` with one warning."""
+    module, why_prebuilt = _prebuilt()
+    if module is not None:
+        detail = why_prebuilt
+    else:
+        module, why_jit = _jit()
+        detail = f"{why_jit} ({why_prebuilt})" if module is not None else f"{why_prebuilt}; {why_jit}"
+    if module is None:
+        _state.update(ok=False, detail=detail)
+        warnings.warn(
+            f"ckakd: the C++/CUDA Sinkhorn extension is unavailable, the pure-torch Sinkhorn will be used: {detail}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    has_cuda = bool(getattr(module, "has_cuda", lambda: False)())
+    _register_fakes()
+    _state.update(ok=True, detail=f"{detail}, {'with' if has_cuda else 'without'} CUDA kernels")
+    return module
+
+
+def status(*, load_now: bool = True) -> tuple[bool, str]:
+    """(loaded, description): prebuilt / JIT / none and why.
+
+    Calls ``load()`` first (cached; it may JIT-compile once) unless ``load_now=False``, in which case a
+    process that has not loaded the extension yet gets ``(False, "... has not been called yet")``.
+    """
+    if load_now:
+        load()
+    return bool(_state["ok"]), str(_state["detail"])
