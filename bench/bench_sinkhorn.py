@@ -83,8 +83,20 @@ def torch_batched_loss(zs: Tensor, zt: Tensor, cost: Tensor) -> Tensor:
     return ((u @ (k * cost.float())) * v).sum(1).mean()
 
 
+# Per-sample (B, C, C) formulations get slow and large: on the CPU, skip them beyond this many elements
+# (B=256, C=1000 takes ~15 s per call; POT's autodiff keeps several B×C×C tensors per iteration).
+CPU_LIMITS = {"authors": 256 * 1000 * 1000, "pot": 64 * 100 * 100}
+
+
+def _guard(name: str, p: Tensor) -> None:
+    b, c = p.shape
+    if p.device.type == "cpu" and b * c * c > CPU_LIMITS[name]:
+        raise RuntimeError(f"skipped on the CPU: B·C² = {b * c * c:.2g} > {CPU_LIMITS[name]:.2g} elements")
+
+
 def authors_loss(zs: Tensor, zt: Tensor, cost: Tensor) -> Tensor:
     p, q = _probs(zs, zt)
+    _guard("authors", p)
     b, c = p.shape
     costs = (F.relu(cost.float()) + 0.0).repeat(b, 1, 1)  # per-sample cost copies, as the public code builds
     k = torch.exp(-costs / EPS)
@@ -103,6 +115,7 @@ def pot_loss(zs: Tensor, zt: Tensor, cost: Tensor) -> Tensor:
     from ot.batch import solve_batch
 
     p, q = _probs(zs, zt)
+    _guard("pot", p)
     b, c = p.shape
     res = solve_batch(cost.float().expand(b, c, c), reg=EPS, a=p, b=q, max_iter=ITERS, tol=0.0, grad="autodiff")
     return res.value_linear.mean()

@@ -217,11 +217,23 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> tupl
 def peak_mem_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Peak memory allocated during one call of ``fn`` above what was held before it, in MiB.
 
-    CUDA only: torch has no allocator peak counter for CPU tensors, so CPU rows report NaN (empty in
-    the CSV and tables).
+    CUDA: the allocator's peak. CPU: torch has no allocator peak counter for CPU tensors, so CPU rows
+    report the memory autograd keeps for the backward (distinct storages saved during the call, counted
+    with saved-tensor hooks) — the part that grows with the algorithm's state (e.g. B×C×C per-sample
+    costs vs O(T·B·C) histories); NaN in backward mode, where the graph already exists.
     """
     if device.type != "cuda":
-        return math.nan
+        storages: dict[int, int] = {}
+
+        def pack(t: Tensor) -> Tensor:
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        del out
+        return sum(storages.values()) / 2**20 if storages else math.nan
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -623,7 +635,7 @@ def report(
         "Times in ms (median, p20, p80); ×floor = median / floor; ratios > 1 mean slower than ckakd.",
     ]
     if cfg.device.type != "cuda":
-        parts.append("Peak memory is only measured on CUDA (empty on CPU).")
+        parts.append("CPU 'peak MB' = memory autograd saves for the backward (no CPU allocator peak in torch).")
     if load is not None:
         parts.append(
             f"1-min load average at start / end: {load[0]:.2f} / {load[1]:.2f} "

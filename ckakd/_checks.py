@@ -34,6 +34,20 @@ def check_same_size(name_a: str, a: Tensor, name_b: str, b: Tensor, dims: Sequen
         raise ValueError(f"{name_a} and {name_b} must have the same {what}, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
+def check_feature_map_pair(f_s: object, f_t: object) -> None:
+    """Student and teacher feature maps: float tensors of one shape (B, C, H, W) on one device."""
+    check_float_tensor("f_s", f_s)
+    check_float_tensor("f_t", f_t)
+    check_same_device(f_s=f_s, f_t=f_t)
+    check_rank("f_s", f_s, (4,), "(B, C, H, W)")
+    check_rank("f_t", f_t, (4,), "(B, C, H, W)")
+    if f_s.shape != f_t.shape:
+        raise ValueError(
+            f"f_s and f_t must have the same shape (B, C, H, W) (project the student first), "
+            f"got {tuple(f_s.shape)} and {tuple(f_t.shape)}"
+        )
+
+
 MIN_SAMPLES = {"centered": 2, "debiased": 4, "uncentered": 1, "biased": 2, "unbiased": 4}
 
 

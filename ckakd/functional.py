@@ -201,16 +201,7 @@ def patch_cka(
     _checks.check_mode(mode, MODES)
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {', '.join(map(repr, REDUCTIONS))} here; got {reduce!r}")
-    _checks.check_float_tensor("f_s", f_s)
-    _checks.check_float_tensor("f_t", f_t)
-    _checks.check_same_device(f_s=f_s, f_t=f_t)
-    _checks.check_rank("f_s", f_s, (4,), "(B, C, H, W)")
-    _checks.check_rank("f_t", f_t, (4,), "(B, C, H, W)")
-    if f_s.shape != f_t.shape:
-        raise ValueError(
-            f"f_s and f_t must have the same shape (B, C, H, W) (project the student first), "
-            f"got {tuple(f_s.shape)} and {tuple(f_t.shape)}"
-        )
+    _checks.check_feature_map_pair(f_s, f_t)
     f_s, f_t = _resize_to_patches(f_s, "f_s", ph, pw), _resize_to_patches(f_t, "f_t", ph, pw)
     g, p, _ = problem_shape(tuple(f_s.shape), ph, pw, reduce)
     _checks.check_min_samples("f_s", f_s, p, mode, what=f"patches of size {(ph, pw)}")

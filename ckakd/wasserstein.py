@@ -211,16 +211,7 @@ def wkd_feature_loss(
     (fp32, fp64 for fp64 inputs). The caller applies the loss weight γ_F; the WKD public code uses
     γ_F=0.08, mean_weight=4, grid=1 on CIFAR-100 and γ_F=0.02, mean_weight=2, grid=4 on ImageNet.
     """
-    _checks.check_float_tensor("f_s", f_s)
-    _checks.check_float_tensor("f_t", f_t)
-    _checks.check_same_device(f_s=f_s, f_t=f_t)
-    _checks.check_rank("f_s", f_s, (4,), "(B, C, H, W)")
-    _checks.check_rank("f_t", f_t, (4,), "(B, C, H, W)")
-    if f_s.shape != f_t.shape:
-        raise ValueError(
-            f"f_s and f_t must have the same shape (B, C, H, W) (project the student first), "
-            f"got {tuple(f_s.shape)} and {tuple(f_t.shape)}"
-        )
+    _checks.check_feature_map_pair(f_s, f_t)
     if cov not in COVARIANCES:
         raise ValueError(f"cov must be one of {', '.join(map(repr, COVARIANCES))}; got {cov!r}")
     if mean_weight < 0:
