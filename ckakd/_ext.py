@@ -1,4 +1,5 @@
-"""Loader for the C++/CUDA extension (batched fixed-iteration Sinkhorn, ``torch.ops.ckakd.sinkhorn_fixed_*``).
+"""Loader for the C++/CUDA extension (batched Sinkhorn: ``torch.ops.ckakd.sinkhorn_fixed_*``, fixed iterations,
+and ``torch.ops.ckakd.sinkhorn_converged_forward``, the log-domain converged mode).
 
 ``load()`` returns the extension module, trying in order:
 
@@ -9,7 +10,7 @@
 3. ``None``: callers use the pure-torch Sinkhorn; one warning per process says so and why.
 
 The result is cached. ``status()`` tells what was loaded. After loading, shape-only fake kernels are registered
-for both ops, so they work under ``torch.compile`` / fake tensors (``torch.library.opcheck`` passes).
+for all its ops, so they work under ``torch.compile`` / fake tensors (``torch.library.opcheck`` passes).
 """
 
 from __future__ import annotations
@@ -79,7 +80,15 @@ def _register_fakes() -> None:
     def backward_fake(grad_cost, p, q, K, KC, u_hist, v_hist, a_hist, b_hist):
         return p.new_empty(p.shape), p.new_empty(p.shape)
 
-    for name, fake in (("sinkhorn_fixed_forward", forward_fake), ("sinkhorn_fixed_backward", backward_fake)):
+    def converged_fake(p, q, cost, eps, tol, max_iter):
+        info = p.new_empty((2,), dtype=torch.float64)  # [iterations, marginal error]
+        return p.new_empty((p.shape[0],)), p.new_empty(p.shape), p.new_empty(p.shape), info
+
+    for name, fake in (
+        ("sinkhorn_fixed_forward", forward_fake),
+        ("sinkhorn_fixed_backward", backward_fake),
+        ("sinkhorn_converged_forward", converged_fake),
+    ):
         try:
             torch.library.register_fake(f"ckakd::{name}", fake)
         except RuntimeError as exc:  # already registered (e.g. a second loader in the process): keep that one

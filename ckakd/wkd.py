@@ -106,13 +106,15 @@ def _solve(p, q, cost, eps, iters, tol, max_iter, backend, u0=None) -> Tensor:
     """Validated inputs (B, C) -> (B,) transport costs. Computes in fp32 for half inputs (as WKD does)."""
     work = torch.float64 if torch.float64 in (p.dtype, q.dtype) else torch.float32
     p, q, c = p.to(work), q.to(work), cost.to(device=p.device, dtype=work)
+    resolved = sinkhorn_backend(backend, p.device)
     if tol is not None:
-        return sinkhorn_converged(p.contiguous(), q.contiguous(), c.contiguous(), float(eps), float(tol), max_iter)[0]
+        return sinkhorn_converged(
+            p.contiguous(), q.contiguous(), c.contiguous(), float(eps), float(tol), max_iter, resolved
+        )[0]
     K = torch.exp(-c / eps)
     KC = K * c
     if u0 is None:
         u0 = torch.full_like(p, 1.0 / p.shape[1])
-    resolved = sinkhorn_backend(backend, p.device)
     return sinkhorn_fixed(p.contiguous(), q.contiguous(), K, KC, u0.to(work).contiguous(), iters, resolved)[0]
 
 

@@ -19,6 +19,8 @@
 // Ops (schemas in sinkhorn.cpp, namespace `ckakd`):
 //   sinkhorn_fixed_forward(p, q, K, KC, u0, iters) -> (cost (B,), u_hist (T+1,B,C), v_hist, a_hist, b_hist (T,B,C))
 //   sinkhorn_fixed_backward(grad_cost, p, q, K, KC, u_hist, v_hist, a_hist, b_hist) -> (grad_p, grad_q)
+//   sinkhorn_converged_forward(p, q, cost, eps, tol, max_iter) -> (value, grad_p, grad_q, info)
+//     (sinkhorn_converged.cpp; schema there as a TORCH_LIBRARY_FRAGMENT)
 // Memory: O(T*B*C + C*C); never B*C*C.
 #pragma once
 

@@ -3,6 +3,8 @@ reduced costs, converged mode vs POT, oracles, gradients, bad input."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,44 +153,54 @@ def test_edge_cases(backend):
 # ------------------------------------------------------------------------------------------ converged
 
 
-def test_converged_matches_pot_sinkhorn2():
+@functools.cache
+def _pot_sinkhorn2(b: int, c: int, eps: float) -> tuple[float, ...]:
+    """POT's values for _histograms(b, c) / _random_cost(c), computed once for all backends."""
     ot = pytest.importorskip("ot")
+    p, q = _histograms(b, c)
+    cost = _random_cost(c).numpy()
+    return tuple(
+        float(ot.sinkhorn2(p[i].numpy(), q[i].numpy(), cost, eps, stopThr=1e-12, numItermax=100000)) for i in range(b)
+    )
+
+
+def test_converged_matches_pot_sinkhorn2(backend):
     p, q = _histograms(4, 12)
     cost = _random_cost(12)
     eps = 0.05
-    ours = ckakd.sinkhorn(p, q, cost, eps=eps, tol=1e-10, max_iter=5000)
+    pot = _pot_sinkhorn2(4, 12, eps)
+    ours = ckakd.sinkhorn(p, q, cost, eps=eps, tol=1e-10, max_iter=5000, backend=backend)
     for i in range(4):
-        pot = ot.sinkhorn2(p[i].numpy(), q[i].numpy(), cost.numpy(), eps, stopThr=1e-12, numItermax=100000)
-        assert ours[i].item() == pytest.approx(float(pot), rel=1e-6, abs=1e-9)
+        assert ours[i].item() == pytest.approx(pot[i], rel=1e-6, abs=1e-9)
 
 
-def test_converged_small_eps_matches_exact_lp():
+def test_converged_small_eps_matches_exact_lp(backend):
     ot = pytest.importorskip("ot")
     p, q = _histograms(3, 8)
     cost = _random_cost(8)
-    ours = ckakd.sinkhorn(p, q, cost, eps=1e-3, tol=1e-9, max_iter=20000)
+    ours = ckakd.sinkhorn(p, q, cost, eps=1e-3, tol=1e-9, max_iter=20000, backend=backend)
     for i in range(3):
         exact = ot.emd2(p[i].numpy(), q[i].numpy(), cost.numpy())
         assert ours[i].item() == pytest.approx(float(exact), abs=1e-2 * float(cost.max()))
 
 
-def test_flat_cost_oracle_total_variation():
+def test_flat_cost_oracle_total_variation(backend):
     """Flat off-diagonal cost c(1 - δ_ij): exact OT = c·TV(p, q)."""
     p, q = _histograms(5, 10)
     c = 0.8
     cost = c * (1 - torch.eye(10, dtype=torch.float64))
-    ours = ckakd.sinkhorn(p, q, cost, eps=2e-3, tol=1e-10, max_iter=50000)
+    ours = ckakd.sinkhorn(p, q, cost, eps=2e-3, tol=1e-10, max_iter=50000, backend=backend)
     tv = 0.5 * (p - q).abs().sum(1)
     torch.testing.assert_close(ours, c * tv, atol=5e-3 * c, rtol=0)
 
 
-def test_converged_envelope_gradient_matches_finite_differences():
+def test_converged_envelope_gradient_matches_finite_differences(backend):
     """∂/∂p of the entropic objective ⟨P, C⟩ − εH(P) at convergence is the (centered) potential f."""
     p, q = _histograms(1, 6)
     cost = _random_cost(6)
     eps = 0.2
     leaf = p.clone().requires_grad_(True)
-    ckakd.sinkhorn(leaf, q, cost, eps=eps, tol=1e-12, max_iter=20000).sum().backward()
+    ckakd.sinkhorn(leaf, q, cost, eps=eps, tol=1e-12, max_iter=20000, backend=backend).sum().backward()
     direction = torch.randn(1, 6, dtype=torch.float64)
     direction -= direction.mean()  # stay on the simplex
     h = 1e-6
@@ -198,6 +210,195 @@ def test_converged_envelope_gradient_matches_finite_differences():
 
     fd = (objective(p + h * direction) - objective(p - h * direction)) / (2 * h)
     assert (leaf.grad * direction).sum().item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-8)
+
+
+def _ext_or_skip():
+    from ckakd import _ext
+
+    if _ext.load() is None:
+        pytest.skip(f"extension not available: {_ext.status()[1]}")
+    return torch.ops.ckakd
+
+
+def _converged_problem(kind: str, b: int, c: int, dtype=torch.float64):
+    """(p, q, cost) for the ext-vs-torch comparisons. ``zero_mass``: one class per row without mass (target
+    separation); ``far_class``: that too, and class 3 (zero mass in rows 1, 2) at cost 2 from all others, so at
+    eps = 2e-3 its kernel row exp(-1000) underflows to 0 and the shifted product of its row is 0: the exact
+    log-sum-exp fallback must run."""
+    p, q = _histograms(b, c)
+    cost = _random_cost(c)
+    if kind in ("zero_mass", "far_class"):
+        gen = torch.Generator().manual_seed(11)
+        y = torch.randint(0, c, (b,), generator=gen)
+        if kind == "far_class":
+            y[1:3] = 3
+            cost[3, :] = 2.0
+            cost[:, 3] = 2.0
+            cost[3, 3] = 0.0
+        mask = torch.zeros(b, c, dtype=torch.bool)
+        mask[torch.arange(b), y] = True
+        p, q = p.masked_fill(mask, 0), q.masked_fill(mask, 0)
+        p, q = p / p.sum(1, keepdim=True), q / q.sum(1, keepdim=True)
+    return p.to(dtype), q.to(dtype), cost.to(dtype)
+
+
+CONVERGED_CASES = [  # kind, B, C, eps, max_iter
+    ("softmax", 3, 7, 0.05, 1000),
+    ("softmax", 8, 100, 0.05, 1000),
+    ("softmax", 4, 10, 2e-3, 300),
+    ("zero_mass", 5, 9, 0.05, 1000),
+    ("zero_mass", 6, 10, 2e-3, 300),
+    ("far_class", 6, 10, 2e-3, 300),
+    ("softmax", 1, 1, 0.1, 20),
+]
+
+
+def _fallback_rows(p, q, cost, eps, tol, max_iter) -> int:
+    """Runs the torch reference, counting the rows its exact log-sum-exp fallback recomputes."""
+    from ckakd.ops import sinkhorn as S
+
+    rows = 0
+    original = S._logsumexp_kernel
+
+    def counting(w, log_k, k, transpose):
+        nonlocal rows
+        shift = w.amax(dim=1, keepdim=True)
+        prod = torch.mm(torch.exp(w - shift), k.T if not transpose else k)
+        rows += int((~torch.isfinite(torch.log(prod) + shift).all(dim=1)).sum())
+        return original(w, log_k, k, transpose)
+
+    S._logsumexp_kernel = counting
+    try:
+        S.converged_potentials(p, q, cost, eps, tol, max_iter)
+    finally:
+        S._logsumexp_kernel = original
+    return rows
+
+
+@pytest.mark.parametrize(
+    "kind,B,C,eps,max_iter", CONVERGED_CASES, ids=[f"{k}-{b}x{c}-{e}" for k, b, c, e, _ in CONVERGED_CASES]
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_converged_ext_matches_torch(kind, B, C, eps, max_iter, dtype):
+    """The extension's converged op is the torch reference's algorithm: values, envelope gradients,
+    iteration count and marginal error agree to rounding (they are computed by the same ATen calls)."""
+    from ckakd.ops.sinkhorn import converged_potentials
+
+    ext = _ext_or_skip()
+    p, q, cost = _converged_problem(kind, B, C, dtype)
+    tol = 1e-10
+    w = torch.randn(B, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    run = {
+        name: _value_and_grads(
+            lambda a, b_, name=name: ckakd.sinkhorn(a, b_, cost, eps=eps, tol=tol, max_iter=max_iter, backend=name),
+            p,
+            q,
+            w,
+        )
+        for name in ("torch", "cpp")
+    }
+    for got, expected, what in zip(run["cpp"], run["torch"], ("value", "grad_p", "grad_q"), strict=True):
+        assert got.dtype == dtype and torch.isfinite(got).all(), what
+        scale = max(1.0, expected.abs().max().item())
+        atol = 1e-10 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(got, expected, atol=atol * scale, rtol=0, msg=what)
+    *_, it, err = converged_potentials(p, q, cost, eps, tol, max_iter)
+    info = ext.sinkhorn_converged_forward(p, q, cost, eps, tol, max_iter)[3]
+    assert info.dtype == torch.float64 and info.shape == (2,)
+    assert int(info[0]) == it and info[1].item() == pytest.approx(err, rel=1e-6, abs=1e-14)
+    if kind == "far_class":
+        assert _fallback_rows(p, q, cost, eps, tol, max_iter) > 0, "the exact log-sum-exp fallback did not run"
+        zero = p == 0
+        assert (run["cpp"][1][zero] == 0).all() and (run["cpp"][2][q == 0] == 0).all()
+
+
+def test_converged_ext_argument_checks():
+    ops = _ext_or_skip()
+    p, q, cost = _converged_problem("softmax", 3, 6)
+    fwd = ops.sinkhorn_converged_forward
+    with pytest.raises(RuntimeError, match="q must have the shape of p"):
+        fwd(p, q[:, :5], cost, 0.1, 1e-9, 10)
+    with pytest.raises(RuntimeError, match=r"cost must have shape \(C, C\)"):
+        fwd(p, q, cost[:5], 0.1, 1e-9, 10)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        fwd(p, q.float(), cost, 0.1, 1e-9, 10)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        fwd(p.half(), q.half(), cost.half(), 0.1, 1e-9, 10)
+    with pytest.raises(RuntimeError, match="eps must be finite and > 0"):
+        fwd(p, q, cost, 0.0, 1e-9, 10)
+    with pytest.raises(RuntimeError, match="tol must be > 0"):
+        fwd(p, q, cost, 0.1, 0.0, 10)
+    with pytest.raises(RuntimeError, match="max_iter must be >= 1"):
+        fwd(p, q, cost, 0.1, 1e-9, 0)
+    with pytest.raises(RuntimeError, match=r"p must have shape \(B, C\)"):
+        fwd(p[0], q[0], cost, 0.1, 1e-9, 10)
+    value, gp, gq, info = fwd(p[:0], q[:0], cost, 0.1, 1e-9, 10)
+    assert value.shape == (0,) and gp.shape == (0, 6) and gq.shape == (0, 6) and info.shape == (2,)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "far_class"])
+def test_opcheck_converged_ext_op(kind):
+    ops = _ext_or_skip()
+    p, q, cost = _converged_problem(kind, 4, 6)
+    eps = 2e-3 if kind == "far_class" else 0.1
+    torch.library.opcheck(ops.sinkhorn_converged_forward.default, (p, q, cost, eps, 1e-9, 30))
+
+
+def test_opcheck_converged_op(backend):
+    from ckakd.ops.sinkhorn import sinkhorn_converged
+
+    p, q, cost = _converged_problem("zero_mass", 3, 5)
+    torch.library.opcheck(sinkhorn_converged, (p.requires_grad_(), q.requires_grad_(), cost, 0.1, 1e-9, 50, backend))
+
+
+GPU_CONVERGED_CASES = [("softmax", 16, 100, 0.05), ("zero_mass", 8, 257, 0.05), ("far_class", 6, 10, 2e-3)]
+
+
+def _converged_cross_device(kind, B, C, eps, device, dtype=torch.float64):
+    """The ext op on ``device`` vs on the CPU (and vs the torch path on ``device``): converged values and
+    potentials agree to the accuracy the stopping rule gives (GEMM summation orders differ across devices)."""
+    ops = _ext_or_skip()
+    p, q, cost = _converged_problem(kind, B, C, dtype)
+    tol, max_iter = 1e-11, 20000 if kind != "far_class" else 300
+    cpu = ops.sinkhorn_converged_forward(p, q, cost, eps, tol, max_iter)
+    dev_in = [t.to(device) for t in (p, q, cost)]
+    dev = ops.sinkhorn_converged_forward(*dev_in, eps, tol, max_iter)
+    torch_dev = ckakd.sinkhorn(*dev_in[:2], dev_in[2], eps=eps, tol=tol, max_iter=max_iter, backend="torch")
+    for got, expected, what in zip(dev[:3], cpu[:3], ("value", "grad_p", "grad_q"), strict=True):
+        assert got.device.type == torch.device(device).type and got.dtype == dtype, what
+        scale = max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(got.cpu(), expected, atol=1e-7 * scale, rtol=0, msg=what)
+    torch.testing.assert_close(torch_dev.cpu(), cpu[0], atol=1e-7, rtol=0)
+    assert dev[3].device.type == torch.device(device).type and dev[3].dtype == torch.float64
+    assert abs(dev[3][0].item() - cpu[3][0].item()) <= (0 if kind == "far_class" else 20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kind,B,C,eps", GPU_CONVERGED_CASES, ids=[f"{k}-{b}x{c}" for k, b, c, _ in GPU_CONVERGED_CASES]
+)
+def test_converged_cuda_matches_cpu(kind, B, C, eps):
+    _converged_cross_device(kind, B, C, eps, "cuda")
+
+
+@pytest.mark.gpu
+def test_converged_cuda_autograd_and_opcheck():
+    p, q, cost = (t.cuda() for t in _converged_problem("zero_mass", 5, 40))
+    value, gp, gq = _value_and_grads(
+        lambda a, b_: ckakd.sinkhorn(a, b_, cost, eps=0.05, tol=1e-10, max_iter=5000),
+        p,
+        q,
+        torch.ones((), device="cuda"),
+    )
+    ref, rp, rq = _value_and_grads(
+        lambda a, b_: ckakd.sinkhorn(a, b_, cost.cpu(), eps=0.05, tol=1e-10, max_iter=5000, backend="torch"),
+        p.cpu(),
+        q.cpu(),
+        torch.ones((), dtype=torch.float64),
+    )
+    for got, expected in ((value, ref), (gp, rp), (gq, rq)):
+        torch.testing.assert_close(got.cpu(), expected, atol=1e-7, rtol=0)
+    torch.library.opcheck(_ext_or_skip().sinkhorn_converged_forward.default, (p, q, cost, 0.1, 1e-9, 30))
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -9,11 +9,13 @@ iterations using the stored u_t, v_t and denominators: O(T·B·C) state, never B
 extension (``cpp`` on CPU tensors, ``cuda`` on CUDA tensors; ``torch.ops.ckakd.sinkhorn_fixed_forward``)
 or ``torch`` (the same formulas with torch ops).
 
-``ckakd::sinkhorn_converged(p, q, cost, eps, tol, max_iter)`` — log-domain iterations until the column
+``ckakd::sinkhorn_converged(p, q, cost, eps, tol, max_iter, backend)`` — log-domain iterations until the column
 marginal error is below ``tol`` (stable for small ε; float64 internally). The value is ⟨P*, C⟩ (what
 POT's ``sinkhorn2`` returns); the gradient is the envelope (dual-potential) gradient: ∂/∂p = f − mean(f),
 ∂/∂q = g − mean(g) — exact for the entropic objective ⟨P, C⟩ − ε·H(P) at convergence, as POT does for
-``emd2``.
+``emd2``. Backends: ``torch`` (``converged_potentials`` below, the reference) or the C++ extension (``cpp`` /
+``cuda``; ``torch.ops.ckakd.sinkhorn_converged_forward``, the same algorithm with ATen ops, one implementation
+for CPU and CUDA tensors).
 """
 
 from __future__ import annotations
@@ -200,9 +202,12 @@ def _centered_potential(f: Tensor, mass: Tensor) -> Tensor:
 
 @torch.library.custom_op("ckakd::sinkhorn_converged", mutates_args=())
 def sinkhorn_converged(
-    p: Tensor, q: Tensor, cost: Tensor, eps: float, tol: float, max_iter: int
+    p: Tensor, q: Tensor, cost: Tensor, eps: float, tol: float, max_iter: int, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (value (B,), grad_p (B, C), grad_q (B, C)): ⟨P*, C⟩ and the centered dual potentials."""
+    if backend != "torch":
+        value, fp, gq, _ = _ext_ops().sinkhorn_converged_forward(p, q, cost, eps, tol, max_iter)
+        return value, fp, gq
     f, g, value, _, _ = converged_potentials(p, q, cost, eps, tol, max_iter)
     return (
         value.to(p.dtype),
@@ -212,7 +217,7 @@ def sinkhorn_converged(
 
 
 @sinkhorn_converged.register_fake
-def _(p, q, cost, eps, tol, max_iter):
+def _(p, q, cost, eps, tol, max_iter, backend):
     return p.new_empty((p.shape[0],)), torch.empty_like(p), torch.empty_like(q)
 
 
@@ -225,9 +230,9 @@ def _conv_setup(ctx, inputs, output):
 def _conv_backward(ctx, grad_value, *unused):
     fp, gq = ctx.saved_tensors
     if grad_value is None:
-        return (None,) * 6
+        return (None,) * 7
     g = grad_value[:, None]
-    return g * fp, g * gq, None, None, None, None
+    return g * fp, g * gq, None, None, None, None, None
 
 
 sinkhorn_converged.register_autograd(_conv_backward, setup_context=_conv_setup)
