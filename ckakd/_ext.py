@@ -75,9 +75,10 @@ def _register_fakes() -> None:
             p.new_empty((iters, B, C)),
             p.new_empty((iters, B, C)),
             p.new_empty((iters, B, C)),
+            p.new_empty((B, C)),  # w = v_T KC^T
         )
 
-    def backward_fake(grad_cost, p, q, K, KC, u_hist, v_hist, a_hist, b_hist):
+    def backward_fake(grad_cost, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w):
         return p.new_empty(p.shape), p.new_empty(p.shape)
 
     def converged_fake(p, q, cost, eps, tol, max_iter):

@@ -10,6 +10,8 @@ without its per-sample (C−1)×(C−1) cost copies: the target class gets zero 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -87,8 +89,62 @@ def _check_cost(cost: Tensor, num_classes: int, device: torch.device) -> None:
         raise ValueError(
             f"cost must be ({num_classes}, {num_classes}) to match C={num_classes}, got {tuple(cost.shape)}"
         )
+    if _COST_CACHE.validated(cost):
+        return
     if bool((cost < 0).any()) or not bool(torch.isfinite(cost).all()):
         raise ValueError(f"cost must be finite and nonnegative (cost of shape {tuple(cost.shape)})")
+    _COST_CACHE.mark_validated(cost)
+
+
+class _CostCache:
+    """Per-cost-tensor memo of its validation and of K = exp(-C/ε), K∘C.
+
+    The cost is usually one fixed matrix reused every step; checking it (a host sync) and exponentiating
+    it (C² work) once per (tensor, in-place version, ε, dtype) instead of per call matters for small
+    problems. Keyed by object identity with a weak reference, so a freed cost never matches a new one;
+    bypassed while tracing under ``torch.compile``.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int, dict]] = {}
+
+    def _entry(self, cost: Tensor) -> dict | None:
+        if torch.compiler.is_compiling():
+            return None
+        item = self._entries.get(id(cost))
+        if item is None or item[0]() is not cost or item[1] != cost._version:
+            if len(self._entries) > 64:  # drop dead or stale entries
+                self._entries = {k: v for k, v in self._entries.items() if v[0]() is not None}
+            try:
+                item = (weakref.ref(cost), cost._version, {})
+            except TypeError:
+                return None
+            self._entries[id(cost)] = item
+        return item[2]
+
+    def validated(self, cost: Tensor) -> bool:
+        entry = self._entry(cost)
+        return entry is not None and entry.get("valid", False)
+
+    def mark_validated(self, cost: Tensor) -> None:
+        entry = self._entry(cost)
+        if entry is not None:
+            entry["valid"] = True
+
+    def kernels(self, cost: Tensor, eps: float, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        entry = self._entry(cost)
+        key = ("kernels", float(eps), dtype, device)
+        if entry is not None and key in entry:
+            return entry[key]
+        c = cost.detach().to(device=device, dtype=dtype)
+        k = torch.exp(-c / eps)
+        result = (k, k * c)
+        if entry is not None:
+            entry[key] = result
+        return result
+
+
+_COST_CACHE = _CostCache()
 
 
 def _check_solver_args(eps: float, iters: int, tol: float | None, max_iter: int) -> None:
@@ -105,14 +161,14 @@ def _check_solver_args(eps: float, iters: int, tol: float | None, max_iter: int)
 def _solve(p, q, cost, eps, iters, tol, max_iter, backend, u0=None) -> Tensor:
     """Validated inputs (B, C) -> (B,) transport costs. Computes in fp32 for half inputs (as WKD does)."""
     work = torch.float64 if torch.float64 in (p.dtype, q.dtype) else torch.float32
-    p, q, c = p.to(work), q.to(work), cost.to(device=p.device, dtype=work)
+    p, q = p.to(work), q.to(work)
     resolved = sinkhorn_backend(backend, p.device)
     if tol is not None:
+        c = cost.detach().to(device=p.device, dtype=work)
         return sinkhorn_converged(
             p.contiguous(), q.contiguous(), c.contiguous(), float(eps), float(tol), max_iter, resolved
         )[0]
-    K = torch.exp(-c / eps)
-    KC = K * c
+    K, KC = _COST_CACHE.kernels(cost, eps, work, p.device)
     if u0 is None:
         u0 = torch.full_like(p, 1.0 / p.shape[1])
     return sinkhorn_fixed(p.contiguous(), q.contiguous(), K, KC, u0.to(work).contiguous(), iters, resolved)[0]

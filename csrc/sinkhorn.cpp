@@ -3,8 +3,9 @@
 //
 // CPU layout: each half-iteration is one (B x C)(C x C) product through at::mm_out (MKL / BLAS, written
 // straight into the history buffer), followed by one fused, OpenMP-parallel elementwise pass
-// (`a += delta; v = q / a`). The backward mirrors it: two GEMMs per iteration (at::mm_out / addmm_) and
-// two fused passes. Temporaries: one (B, C) buffer in the forward, three in the backward.
+// (`a += delta; v = q / a`); the final w = v_T KC^T is returned for the backward. The backward mirrors it:
+// two GEMMs per iteration (at::mm_out / addmm_) and two fused passes, plus vbar = u_T KC (ubar = g w reuses the
+// forward's w). Temporaries: three (B, C) buffers in the backward.
 
 #include "sinkhorn.h"
 
@@ -120,7 +121,8 @@ int64_t check_sinkhorn_forward_args(const at::Tensor& p, const at::Tensor& q, co
 
 int64_t check_sinkhorn_backward_args(const at::Tensor& grad_cost, const at::Tensor& p, const at::Tensor& q,
                                      const at::Tensor& K, const at::Tensor& KC, const at::Tensor& u_hist,
-                                     const at::Tensor& v_hist, const at::Tensor& a_hist, const at::Tensor& b_hist) {
+                                     const at::Tensor& v_hist, const at::Tensor& a_hist, const at::Tensor& b_hist,
+                                     const at::Tensor& w) {
   constexpr const char* op = "ckakd::sinkhorn_fixed_backward";
   TORCH_CHECK(p.dim() == 2, op, ": p must have shape (B, C); got ", p.sizes());
   TORCH_CHECK(p.size(1) >= 1, op, ": the number of classes C must be >= 1; got p of shape ", p.sizes());
@@ -140,10 +142,11 @@ int64_t check_sinkhorn_backward_args(const at::Tensor& grad_cost, const at::Tens
               "; got ", a_hist.sizes());
   TORCH_CHECK(b_hist.sizes() == v_hist.sizes(), op, ": b_hist must have the shape of v_hist ", v_hist.sizes(),
               "; got ", b_hist.sizes());
+  TORCH_CHECK(w.sizes() == p.sizes(), op, ": w must have the shape of p ", p.sizes(), "; got ", w.sizes());
   const auto dtype = p.scalar_type();
-  const at::Tensor* tensors[] = {&grad_cost, &p, &q, &K, &KC, &u_hist, &v_hist, &a_hist, &b_hist};
-  const char* names[] = {"grad_cost", "p", "q", "K", "KC", "u_hist", "v_hist", "a_hist", "b_hist"};
-  for (int i = 0; i < 9; ++i) {
+  const at::Tensor* tensors[] = {&grad_cost, &p, &q, &K, &KC, &u_hist, &v_hist, &a_hist, &b_hist, &w};
+  const char* names[] = {"grad_cost", "p", "q", "K", "KC", "u_hist", "v_hist", "a_hist", "b_hist", "w"};
+  for (int i = 0; i < 10; ++i) {
     check_float_dtype(op, names[i], *tensors[i], dtype);
     check_device(op, names[i], *tensors[i], p);
   }
@@ -165,10 +168,11 @@ SinkhornForwardResult sinkhorn_fixed_forward_cpu(const at::Tensor& p_, const at:
   at::Tensor v_hist = at::empty({T, B, C}, opts);
   at::Tensor a_hist = at::empty({T, B, C}, opts);
   at::Tensor b_hist = at::empty({T, B, C}, opts);
+  at::Tensor w = at::empty({B, C}, opts);
   u_hist.select(0, 0).copy_(u0_);
   if (n == 0) {
     cost.zero_();
-    return {cost, u_hist, v_hist, a_hist, b_hist};
+    return {cost, u_hist, v_hist, a_hist, b_hist, w};
   }
   const at::Tensor Kt = K.t();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "sinkhorn_fixed_forward_cpu", [&] {
@@ -182,8 +186,8 @@ SinkhornForwardResult sinkhorn_fixed_forward_cpu(const at::Tensor& p_, const at:
       at::mm_out(b, v, Kt);  // b_t = v_t K^T
       add_delta_divide_parallel(b.data_ptr<scalar_t>(), pp, u_next.data_ptr<scalar_t>(), n);
     }
-    // cost_b = sum_i u_T[b,i] (v_T KC^T)[b,i]
-    const at::Tensor w = at::mm(v_hist.select(0, T - 1), KC.t());
+    // w = v_T KC^T (returned: the backward's ubar = g w);  cost_b = sum_i u_T[b,i] w[b,i]
+    at::mm_out(w, v_hist.select(0, T - 1), KC.t());
     const scalar_t* wp = w.data_ptr<scalar_t>();
     const scalar_t* up = u_hist.select(0, T).data_ptr<scalar_t>();
     scalar_t* cp = cost.data_ptr<scalar_t>();
@@ -196,18 +200,20 @@ SinkhornForwardResult sinkhorn_fixed_forward_cpu(const at::Tensor& p_, const at:
       }
     });
   });
-  return {cost, u_hist, v_hist, a_hist, b_hist};
+  return {cost, u_hist, v_hist, a_hist, b_hist, w};
 }
 
 SinkhornBackwardResult sinkhorn_fixed_backward_cpu(const at::Tensor& grad_cost_, const at::Tensor& p_,
                                                    const at::Tensor& q_, const at::Tensor& K_, const at::Tensor& KC_,
                                                    const at::Tensor& u_hist_, const at::Tensor& v_hist_,
-                                                   const at::Tensor& a_hist_, const at::Tensor& b_hist_) {
-  const int64_t T = check_sinkhorn_backward_args(grad_cost_, p_, q_, K_, KC_, u_hist_, v_hist_, a_hist_, b_hist_);
+                                                   const at::Tensor& a_hist_, const at::Tensor& b_hist_,
+                                                   const at::Tensor& w_) {
+  const int64_t T =
+      check_sinkhorn_backward_args(grad_cost_, p_, q_, K_, KC_, u_hist_, v_hist_, a_hist_, b_hist_, w_);
   TORCH_CHECK(p_.device().is_cpu(), "ckakd::sinkhorn_fixed_backward (CPU kernel): got tensors on ", p_.device());
   const at::Tensor g = grad_cost_.contiguous(), K = K_.contiguous(), KC = KC_.contiguous();
   const at::Tensor u_hist = u_hist_.contiguous(), v_hist = v_hist_.contiguous();
-  const at::Tensor a_hist = a_hist_.contiguous(), b_hist = b_hist_.contiguous();
+  const at::Tensor a_hist = a_hist_.contiguous(), b_hist = b_hist_.contiguous(), w = w_.contiguous();
   const int64_t B = p_.size(0), C = p_.size(1), n = B * C;
   const auto opts = p_.options();
   at::Tensor grad_p = at::empty({B, C}, opts);
@@ -215,19 +221,20 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cpu(const at::Tensor& grad_cost_,
   if (n == 0) return {grad_p, grad_q};
   const at::Tensor Kt = K.t();
   AT_DISPATCH_FLOATING_TYPES(p_.scalar_type(), "sinkhorn_fixed_backward_cpu", [&] {
-    // d cost / d u_T = v_T KC^T,  d cost / d v_T = u_T KC, scaled per row by g
-    at::Tensor ubar = at::mm(v_hist.select(0, T - 1), KC.t());
+    // d cost / d u_T = w = v_T KC^T (from the forward),  d cost / d v_T = u_T KC, scaled per row by g
+    at::Tensor ubar = at::empty({B, C}, opts);
     at::Tensor vbar = at::mm(u_hist.select(0, T), KC);
     at::Tensor tmp = at::empty({B, C}, opts);
     {
       scalar_t* ub = ubar.data_ptr<scalar_t>();
       scalar_t* vb = vbar.data_ptr<scalar_t>();
+      const scalar_t* wp = w.data_ptr<scalar_t>();
       const scalar_t* gp = g.data_ptr<scalar_t>();
       at::parallel_for(0, B, row_grain(C), [=](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t s = gp[r];
           for (int64_t i = 0; i < C; ++i) {
-            ub[r * C + i] *= s;
+            ub[r * C + i] = s * wp[r * C + i];
             vb[r * C + i] *= s;
           }
         }
@@ -265,10 +272,10 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cpu(const at::Tensor& grad_cost_,
 TORCH_LIBRARY(ckakd, m) {
   m.def(
       "sinkhorn_fixed_forward(Tensor p, Tensor q, Tensor K, Tensor KC, Tensor u0, int iters) -> "
-      "(Tensor cost, Tensor u_hist, Tensor v_hist, Tensor a_hist, Tensor b_hist)");
+      "(Tensor cost, Tensor u_hist, Tensor v_hist, Tensor a_hist, Tensor b_hist, Tensor w)");
   m.def(
       "sinkhorn_fixed_backward(Tensor grad_cost, Tensor p, Tensor q, Tensor K, Tensor KC, Tensor u_hist, "
-      "Tensor v_hist, Tensor a_hist, Tensor b_hist) -> (Tensor grad_p, Tensor grad_q)");
+      "Tensor v_hist, Tensor a_hist, Tensor b_hist, Tensor w) -> (Tensor grad_p, Tensor grad_q)");
 }
 
 TORCH_LIBRARY_IMPL(ckakd, CPU, m) {

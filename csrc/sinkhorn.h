@@ -5,11 +5,11 @@
 //
 //   for t = 1..T:  a_t = u_{t-1} K + delta;   v_t = q / a_t
 //                  b_t = v_t K^T + delta;     u_t = p / b_t
-//   cost_b = sum_ij u_T[b,i] KC[i,j] v_T[b,j]
+//   w = v_T KC^T (B, C);   cost_b = sum_ij u_T[b,i] KC[i,j] v_T[b,j] = sum_i u_T[b,i] w[b,i]
 //
 // Reverse mode through the unrolled iterations, g = dL/dcost (B,):
 //
-//   ubar = g (v_T KC^T);  vbar = g (u_T KC)
+//   ubar = g w (w from the forward);  vbar = g (u_T KC)
 //   for t = T..1:  pbar += ubar / b_t;   bbar = -ubar u_t / b_t
 //                  vbar += bbar K
 //                  qbar += vbar / a_t;   abar = -vbar v_t / a_t
@@ -17,8 +17,10 @@
 //                  vbar  = 0
 //
 // Ops (schemas in sinkhorn.cpp, namespace `ckakd`):
-//   sinkhorn_fixed_forward(p, q, K, KC, u0, iters) -> (cost (B,), u_hist (T+1,B,C), v_hist, a_hist, b_hist (T,B,C))
-//   sinkhorn_fixed_backward(grad_cost, p, q, K, KC, u_hist, v_hist, a_hist, b_hist) -> (grad_p, grad_q)
+//   sinkhorn_fixed_forward(p, q, K, KC, u0, iters)
+//       -> (cost (B,), u_hist (T+1,B,C), v_hist, a_hist, b_hist (T,B,C), w (B,C))
+//   sinkhorn_fixed_backward(grad_cost, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w) -> (grad_p, grad_q)
+//   (w is returned by the forward so that the backward needs one (B x C)(C x C) product fewer.)
 //   sinkhorn_converged_forward(p, q, cost, eps, tol, max_iter) -> (value, grad_p, grad_q, info)
 //     (sinkhorn_converged.cpp; schema there as a TORCH_LIBRARY_FRAGMENT)
 // Memory: O(T*B*C + C*C); never B*C*C.
@@ -34,7 +36,7 @@ namespace ckakd {
 // Added to both Sinkhorn denominators (WKD's public code).
 constexpr double kSinkhornDelta = 1e-8;
 
-using SinkhornForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using SinkhornForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using SinkhornBackwardResult = std::tuple<at::Tensor, at::Tensor>;
 
 // Argument validation shared by the CPU and CUDA kernels (TORCH_CHECK with the offending shapes).
@@ -43,13 +45,15 @@ int64_t check_sinkhorn_forward_args(const at::Tensor& p, const at::Tensor& q, co
                                     const at::Tensor& KC, const at::Tensor& u0, int64_t iters);
 int64_t check_sinkhorn_backward_args(const at::Tensor& grad_cost, const at::Tensor& p, const at::Tensor& q,
                                      const at::Tensor& K, const at::Tensor& KC, const at::Tensor& u_hist,
-                                     const at::Tensor& v_hist, const at::Tensor& a_hist, const at::Tensor& b_hist);
+                                     const at::Tensor& v_hist, const at::Tensor& a_hist, const at::Tensor& b_hist,
+                                     const at::Tensor& w);
 
 SinkhornForwardResult sinkhorn_fixed_forward_cpu(const at::Tensor& p, const at::Tensor& q, const at::Tensor& K,
                                                  const at::Tensor& KC, const at::Tensor& u0, int64_t iters);
 SinkhornBackwardResult sinkhorn_fixed_backward_cpu(const at::Tensor& grad_cost, const at::Tensor& p,
                                                    const at::Tensor& q, const at::Tensor& K, const at::Tensor& KC,
                                                    const at::Tensor& u_hist, const at::Tensor& v_hist,
-                                                   const at::Tensor& a_hist, const at::Tensor& b_hist);
+                                                   const at::Tensor& a_hist, const at::Tensor& b_hist,
+                                                   const at::Tensor& w);
 
 }  // namespace ckakd

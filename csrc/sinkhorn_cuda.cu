@@ -4,11 +4,13 @@
 //  * fused (C <= 128, e.g. CIFAR's C = 100): the whole forward (all T iterations and the final cost) is ONE
 //    kernel launch, one block per sample, K staged in shared memory (row stride padded to an odd number of
 //    elements so both the row and the column dot products are free of bank conflicts); KC is loaded into the
-//    same buffer at the end. The backward is likewise one launch. Needs C * (C|1) * sizeof(T) bytes of shared
+//    same buffer at the end, and each sample writes its row of w = v_T KC^T. The backward is likewise one launch
+//    (it reads w instead of recomputing it). Needs C * (C|1) * sizeof(T) bytes of shared
 //    memory (64 KB fp32 / 132 KB fp64 at C = 128, 40 KB fp32 at C = 100); when the device's opt-in limit is
 //    smaller it falls back to the general path.
 //  * general: each half-iteration is a cuBLAS GEMM (at::mm_out on the current stream, written straight into
-//    the history buffer) followed by one fused elementwise kernel, exactly like the CPU implementation.
+//    the history buffer) followed by one fused elementwise kernel, exactly like the CPU implementation; w comes
+//    from one more GEMM and is returned, the backward only computes u_T KC.
 // Setting the environment variable CKAKD_SINKHORN_CUDA_GENERAL=1 forces the general path (tests, benchmarks).
 //
 // Only c10/cuda headers are used for streams, guards and error checks (c10::cuda::getCurrentCUDAStream is what
@@ -87,14 +89,14 @@ __global__ void row_dot_kernel(const T* __restrict__ x, const T* __restrict__ y,
   if (threadIdx.x == 0) out[blockIdx.x] = static_cast<T>(s);
 }
 
-// x[r, :] *= g[r];  y[r, :] *= g[r]
+// x[r, :] = g[r] * w[r, :];  y[r, :] *= g[r]
 template <typename T>
-__global__ void scale_rows_kernel(T* __restrict__ x, T* __restrict__ y, const T* __restrict__ g, int64_t n,
-                                  int64_t C) {
+__global__ void scale_rows_kernel(const T* __restrict__ w, T* __restrict__ x, T* __restrict__ y,
+                                  const T* __restrict__ g, int64_t n, int64_t C) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const T s = g[i / C];
-    x[i] *= s;
+    x[i] = s * w[i];
     y[i] *= s;
   }
 }
@@ -163,7 +165,8 @@ template <typename T>
 __global__ void fused_forward_kernel(const T* __restrict__ p, const T* __restrict__ q, const T* __restrict__ K,
                                      const T* __restrict__ KC, const T* __restrict__ u0, T* __restrict__ cost,
                                      T* __restrict__ u_hist, T* __restrict__ v_hist, T* __restrict__ a_hist,
-                                     T* __restrict__ b_hist, int64_t B, int C, int ld, int iters) {
+                                     T* __restrict__ b_hist, T* __restrict__ w, int64_t B, int C, int ld,
+                                     int iters) {
   using acc_t = at::acc_type<T, /*is_cuda=*/true>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sM = reinterpret_cast<T*>(smem_raw);
@@ -204,11 +207,15 @@ __global__ void fused_forward_kernel(const T* __restrict__ p, const T* __restric
     }
     __syncthreads();
   }
-  // cost = sum_i u[i] sum_j KC[i, j] v[j]; KC replaces K in shared memory (all reads of K are done)
+  // w[i] = sum_j KC[i, j] v[j];  cost = sum_i u[i] w[i]. KC replaces K in shared memory (all reads of K are done)
   load_matrix(sM, KC, ld, C);
   __syncthreads();
   acc_t s = 0;
-  if (active) s = static_cast<acc_t>(su[tid]) * static_cast<acc_t>(row_dot(sM, sv, ld, tid, C));
+  if (active) {
+    const T wi = row_dot(sM, sv, ld, tid, C);
+    w[row] = wi;
+    s = static_cast<acc_t>(su[tid]) * static_cast<acc_t>(wi);
+  }
   s = block_sum(s);
   if (tid == 0) cost[blockIdx.x] = static_cast<T>(s);
 }
@@ -217,8 +224,9 @@ template <typename T>
 __global__ void fused_backward_kernel(const T* __restrict__ grad_cost, const T* __restrict__ K,
                                       const T* __restrict__ KC, const T* __restrict__ u_hist,
                                       const T* __restrict__ v_hist, const T* __restrict__ a_hist,
-                                      const T* __restrict__ b_hist, T* __restrict__ grad_p, T* __restrict__ grad_q,
-                                      int64_t B, int C, int ld, int iters) {
+                                      const T* __restrict__ b_hist, const T* __restrict__ w,
+                                      T* __restrict__ grad_p, T* __restrict__ grad_q, int64_t B, int C, int ld,
+                                      int iters) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sM = reinterpret_cast<T*>(smem_raw);
   T* sx = sM + C * ld;
@@ -229,16 +237,13 @@ __global__ void fused_backward_kernel(const T* __restrict__ grad_cost, const T* 
   const int64_t row = static_cast<int64_t>(blockIdx.x) * C + tid;
   const T g = grad_cost[blockIdx.x];
 
-  // ubar = g (v_T KC^T), vbar_T = g (u_T KC)
+  // ubar = g w (w = v_T KC^T from the forward), vbar_T = g (u_T KC)
   load_matrix(sM, KC, ld, C);
-  if (active) {
-    sx[tid] = u_hist[iters * BC + row];
-    sy[tid] = v_hist[(iters - 1) * BC + row];
-  }
+  if (active) sx[tid] = u_hist[iters * BC + row];
   __syncthreads();
   T ubar = 0, vbar_T = 0;
   if (active) {
-    ubar = g * row_dot(sM, sy, ld, tid, C);
+    ubar = g * w[row];
     vbar_T = g * col_dot(sx, sM, ld, tid, C);
   }
   __syncthreads();
@@ -321,9 +326,10 @@ SinkhornForwardResult sinkhorn_fixed_forward_cuda(const at::Tensor& p_, const at
   at::Tensor v_hist = at::empty({T, B, C}, opts);
   at::Tensor a_hist = at::empty({T, B, C}, opts);
   at::Tensor b_hist = at::empty({T, B, C}, opts);
+  at::Tensor w = at::empty({B, C}, opts);
   if (n == 0) {
     cost.zero_();
-    return {cost, u_hist, v_hist, a_hist, b_hist};
+    return {cost, u_hist, v_hist, a_hist, b_hist, w};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "sinkhorn_fixed_forward_cuda", [&] {
@@ -333,8 +339,8 @@ SinkhornForwardResult sinkhorn_fixed_forward_cuda(const at::Tensor& p_, const at
       fused_forward_kernel<scalar_t><<<static_cast<unsigned int>(B), fused_threads(C), smem, stream>>>(
           p.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(), KC.data_ptr<scalar_t>(),
           u0.data_ptr<scalar_t>(), cost.data_ptr<scalar_t>(), u_hist.data_ptr<scalar_t>(),
-          v_hist.data_ptr<scalar_t>(), a_hist.data_ptr<scalar_t>(), b_hist.data_ptr<scalar_t>(), B,
-          static_cast<int>(C), static_cast<int>(C | 1), static_cast<int>(T));
+          v_hist.data_ptr<scalar_t>(), a_hist.data_ptr<scalar_t>(), b_hist.data_ptr<scalar_t>(),
+          w.data_ptr<scalar_t>(), B, static_cast<int>(C), static_cast<int>(C | 1), static_cast<int>(T));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -353,27 +359,28 @@ SinkhornForwardResult sinkhorn_fixed_forward_cuda(const at::Tensor& p_, const at
           b.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), u_next.data_ptr<scalar_t>(), n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    const at::Tensor w = at::mm(v_hist.select(0, T - 1), KC.t());
+    at::mm_out(w, v_hist.select(0, T - 1), KC.t());  // w = v_T KC^T (returned for the backward)
     row_dot_kernel<scalar_t><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
         u_hist.select(0, T).data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), cost.data_ptr<scalar_t>(), C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {cost, u_hist, v_hist, a_hist, b_hist};
+  return {cost, u_hist, v_hist, a_hist, b_hist, w};
 }
 
 SinkhornBackwardResult sinkhorn_fixed_backward_cuda(const at::Tensor& grad_cost_, const at::Tensor& p_,
                                                     const at::Tensor& q_, const at::Tensor& K_,
                                                     const at::Tensor& KC_, const at::Tensor& u_hist_,
                                                     const at::Tensor& v_hist_, const at::Tensor& a_hist_,
-                                                    const at::Tensor& b_hist_) {
-  const int64_t T = check_sinkhorn_backward_args(grad_cost_, p_, q_, K_, KC_, u_hist_, v_hist_, a_hist_, b_hist_);
+                                                    const at::Tensor& b_hist_, const at::Tensor& w_) {
+  const int64_t T =
+      check_sinkhorn_backward_args(grad_cost_, p_, q_, K_, KC_, u_hist_, v_hist_, a_hist_, b_hist_, w_);
   check_cuda("ckakd::sinkhorn_fixed_backward", p_);
   TORCH_CHECK(T <= INT32_MAX && p_.size(0) <= INT32_MAX, "ckakd::sinkhorn_fixed_backward: T (", T,
               ") and the batch size (", p_.size(0), ") must fit in 32 bits");
   const c10::cuda::CUDAGuard device_guard(p_.device());
   const at::Tensor g = grad_cost_.contiguous(), K = K_.contiguous(), KC = KC_.contiguous();
   const at::Tensor u_hist = u_hist_.contiguous(), v_hist = v_hist_.contiguous();
-  const at::Tensor a_hist = a_hist_.contiguous(), b_hist = b_hist_.contiguous();
+  const at::Tensor a_hist = a_hist_.contiguous(), b_hist = b_hist_.contiguous(), w = w_.contiguous();
   const int64_t B = p_.size(0), C = p_.size(1), n = B * C;
   const auto opts = p_.options();
   at::Tensor grad_p = at::empty({B, C}, opts);
@@ -387,17 +394,18 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cuda(const at::Tensor& grad_cost_
       fused_backward_kernel<scalar_t><<<static_cast<unsigned int>(B), fused_threads(C), smem, stream>>>(
           g.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(), KC.data_ptr<scalar_t>(), u_hist.data_ptr<scalar_t>(),
           v_hist.data_ptr<scalar_t>(), a_hist.data_ptr<scalar_t>(), b_hist.data_ptr<scalar_t>(),
-          grad_p.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(), B, static_cast<int>(C),
-          static_cast<int>(C | 1), static_cast<int>(T));
+          w.data_ptr<scalar_t>(), grad_p.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(), B,
+          static_cast<int>(C), static_cast<int>(C | 1), static_cast<int>(T));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    at::Tensor ubar = at::mm(v_hist.select(0, T - 1), KC.t());
+    // ubar = g w (w = v_T KC^T from the forward), vbar = g (u_T KC)
+    at::Tensor ubar = at::empty({B, C}, opts);
     at::Tensor vbar = at::mm(u_hist.select(0, T), KC);
     at::Tensor tmp = at::empty({B, C}, opts);
     const unsigned int blocks = blocks_for(n);
-    scale_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(ubar.data_ptr<scalar_t>(), vbar.data_ptr<scalar_t>(),
-                                                                 g.data_ptr<scalar_t>(), n, C);
+    scale_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        w.data_ptr<scalar_t>(), ubar.data_ptr<scalar_t>(), vbar.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), n, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor Kt = K.t();
     for (int64_t t = T; t >= 1; --t) {

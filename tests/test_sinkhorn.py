@@ -441,3 +441,21 @@ def test_wkd_logit_loss_bad_inputs():
         ckakd.wkd_logit_loss(zs, zt, cost, temperature=0.0)
     with pytest.raises(ValueError, match=r"cost must be \(5, 5\)"):
         ckakd.wkd_logit_loss(zs, zt, _random_cost(4, dtype=torch.float32))
+
+
+def test_cost_cache_follows_in_place_changes_and_eps():
+    """The per-cost memo of validation and K = exp(-C/ε) never serves a stale matrix."""
+    p, q = _histograms(2, 5)
+    cost = _random_cost(5)
+    first = ckakd.sinkhorn(p, q, cost, eps=0.1, backend="torch")
+    torch.testing.assert_close(first, R.sinkhorn_fixed(p, q, cost, eps=0.1, iters=10))
+    torch.testing.assert_close(
+        ckakd.sinkhorn(p, q, cost, eps=0.3, backend="torch"), R.sinkhorn_fixed(p, q, cost, eps=0.3, iters=10)
+    )
+    cost.mul_(2.0)  # in place: a new version of the same tensor
+    torch.testing.assert_close(
+        ckakd.sinkhorn(p, q, cost, eps=0.1, backend="torch"), R.sinkhorn_fixed(p, q, cost, eps=0.1, iters=10)
+    )
+    cost[0, 1] = -1.0
+    with pytest.raises(ValueError, match="finite and nonnegative"):
+        ckakd.sinkhorn(p, q, cost, eps=0.1, backend="torch")

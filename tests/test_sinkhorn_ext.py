@@ -39,7 +39,8 @@ def ops():
 
 
 def reference_forward(p, q, K, KC, u0, iters):
-    """Same iterations as the op, in the row-vector form; returns (cost, u_hist, v_hist, a_hist, b_hist)."""
+    """Same iterations as the op, in the row-vector form; returns (cost, u_hist, v_hist, a_hist, b_hist, w)
+    with w = v_T KC^T (the op returns it for its backward)."""
     u, us, vs, as_, bs = u0, [u0], [], [], []
     for _ in range(iters):
         a = u @ K + DELTA
@@ -51,7 +52,7 @@ def reference_forward(p, q, K, KC, u0, iters):
         as_.append(a)
         bs.append(b)
     cost = ((u @ KC) * v).sum(1)  # sum_ij u_i KC_ij v_j
-    return cost, torch.stack(us), torch.stack(vs), torch.stack(as_), torch.stack(bs)
+    return cost, torch.stack(us), torch.stack(vs), torch.stack(as_), torch.stack(bs), v @ KC.T
 
 
 def reference_grads(p, q, K, KC, u0, iters, grad_cost):
@@ -104,9 +105,13 @@ def check_against_reference(B, C, iters, eps, kind, dtype, device="cpu"):
     p, q, K, KC, u0, grad_cost = make_problem(B, C, eps, kind, dtype, device)
     out = ops().sinkhorn_fixed_forward(p, q, K, KC, u0, iters)
     ref = reference_forward(*(t.double().cpu() for t in (p, q, K, KC, u0)), iters)
-    for name, a, e in zip(("cost", "u_hist", "v_hist", "a_hist", "b_hist"), out, ref, strict=True):
+    for name, a, e in zip(("cost", "u_hist", "v_hist", "a_hist", "b_hist", "w"), out, ref, strict=True):
         assert a.dtype == dtype and a.device == p.device, name
         assert_close_scaled(a, e, dtype, name)
+    # w = v_T KC^T of the op's own v_T, and cost = sum_i u_T,i w_i
+    w_own = (out[2][-1].double() @ KC.double().T).cpu()
+    assert_close_scaled(out[5], w_own, dtype, "w vs v_T KC^T")
+    assert_close_scaled(out[0], (out[1][-1].double().cpu() * w_own).sum(1), dtype, "cost vs sum u_T w")
     gp, gq = ops().sinkhorn_fixed_backward(grad_cost, p, q, K, KC, *out[1:])
     rp, rq = reference_grads(*(t.cpu() for t in (p, q, K, KC, u0)), iters, grad_cost.cpu())
     assert gp.dtype == dtype and gq.dtype == dtype
@@ -132,18 +137,19 @@ def test_reference_is_wkd_loss():
     """The reference's cost is <P, cost> with the plan P = diag(u) K diag(v) of WKD's Sinkhorn."""
     p, q, K, KC, u0, _ = make_problem(3, 7, 0.1)
     cost_matrix = -0.1 * torch.log(K)
-    c, u_hist, v_hist, _, _ = reference_forward(p, q, K, KC, u0, 10)
+    c, u_hist, v_hist, _, _, w = reference_forward(p, q, K, KC, u0, 10)
+    torch.testing.assert_close(c, (u_hist[-1] * w).sum(1))
     plan = u_hist[-1][:, :, None] * K * v_hist[-1][:, None, :]
     torch.testing.assert_close(c, (plan * cost_matrix).sum((1, 2)))
 
 
 def test_zero_mass_classes_stay_zero():
     p, q, K, KC, u0, g = make_problem(5, 9, 0.05, "zero_mass")
-    cost, u_hist, v_hist, a_hist, b_hist = ops().sinkhorn_fixed_forward(p, q, K, KC, u0, 10)
+    cost, u_hist, v_hist, a_hist, b_hist, w = ops().sinkhorn_fixed_forward(p, q, K, KC, u0, 10)
     zero = p == 0
     assert (u_hist[:, zero] == 0).all() and (v_hist[:, zero] == 0).all()
-    grads = ops().sinkhorn_fixed_backward(g, p, q, K, KC, u_hist, v_hist, a_hist, b_hist)
-    for t in (cost, a_hist, b_hist, *grads):
+    grads = ops().sinkhorn_fixed_backward(g, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w)
+    for t in (cost, a_hist, b_hist, w, *grads):
         assert torch.isfinite(t).all()
 
 
@@ -167,7 +173,7 @@ def test_noncontiguous_and_expanded_inputs():
         torch.testing.assert_close(a, e, rtol=1e-13, atol=0)
     ge = ops().sinkhorn_fixed_backward(g, p, q, K, KC, *expected[1:])
     g_strided = torch.stack([g, -g], 1)[:, 0]
-    hists = [h.transpose(1, 2).contiguous().transpose(1, 2) for h in expected[1:]]
+    hists = [h.transpose(-1, -2).contiguous().transpose(-1, -2) for h in expected[1:]]
     gg = ops().sinkhorn_fixed_backward(g_strided, pt, q, Kt, KC, *hists)
     for a, e in zip(gg, ge, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-13, atol=0)
@@ -175,9 +181,9 @@ def test_noncontiguous_and_expanded_inputs():
 
 def test_empty_batch():
     p, q, K, KC, u0, g = make_problem(0, 5, 0.1)
-    cost, u_hist, v_hist, a_hist, b_hist = ops().sinkhorn_fixed_forward(p, q, K, KC, u0, 3)
-    assert cost.shape == (0,) and u_hist.shape == (4, 0, 5) and v_hist.shape == (3, 0, 5)
-    gp, gq = ops().sinkhorn_fixed_backward(g, p, q, K, KC, u_hist, v_hist, a_hist, b_hist)
+    cost, u_hist, v_hist, a_hist, b_hist, w = ops().sinkhorn_fixed_forward(p, q, K, KC, u0, 3)
+    assert cost.shape == (0,) and u_hist.shape == (4, 0, 5) and v_hist.shape == (3, 0, 5) and w.shape == (0, 5)
+    gp, gq = ops().sinkhorn_fixed_backward(g, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w)
     assert gp.shape == (0, 5) and gq.shape == (0, 5)
 
 
@@ -202,7 +208,9 @@ def test_argument_checks():
     with pytest.raises(RuntimeError, match=r"u_hist must have shape \(T \+ 1, B, C\)"):
         bwd(g, p, q, K, KC, out[1][:2], *out[2:])
     with pytest.raises(RuntimeError, match="a_hist must have the shape of v_hist"):
-        bwd(g, p, q, K, KC, out[1], out[2], out[3][:1], out[4])
+        bwd(g, p, q, K, KC, out[1], out[2], out[3][:1], *out[4:])
+    with pytest.raises(RuntimeError, match="w must have the shape of p"):
+        bwd(g, p, q, K, KC, *out[1:5], out[5][:2])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,11 +230,11 @@ def test_schemas():
     bwd = str(ops().sinkhorn_fixed_backward.default._schema)
     assert fwd == (
         "ckakd::sinkhorn_fixed_forward(Tensor p, Tensor q, Tensor K, Tensor KC, Tensor u0, int iters) -> "
-        "(Tensor cost, Tensor u_hist, Tensor v_hist, Tensor a_hist, Tensor b_hist)"
+        "(Tensor cost, Tensor u_hist, Tensor v_hist, Tensor a_hist, Tensor b_hist, Tensor w)"
     )
     assert bwd == (
         "ckakd::sinkhorn_fixed_backward(Tensor grad_cost, Tensor p, Tensor q, Tensor K, Tensor KC, Tensor u_hist, "
-        "Tensor v_hist, Tensor a_hist, Tensor b_hist) -> (Tensor grad_p, Tensor grad_q)"
+        "Tensor v_hist, Tensor a_hist, Tensor b_hist, Tensor w) -> (Tensor grad_p, Tensor grad_q)"
     )
 
 
@@ -336,7 +344,7 @@ def test_cuda_matches_cpu_extension(C):
     cpu = ops().sinkhorn_fixed_forward(p, q, K, KC, u0, 10)
     cuda_in = [t.cuda() for t in (p, q, K, KC, u0, g)]
     gpu = ops().sinkhorn_fixed_forward(*cuda_in[:5], 10)
-    for name, a, e in zip(("cost", "u_hist", "v_hist", "a_hist", "b_hist"), gpu, cpu, strict=True):
+    for name, a, e in zip(("cost", "u_hist", "v_hist", "a_hist", "b_hist", "w"), gpu, cpu, strict=True):
         assert_close_scaled(a, e, torch.float64, name)
     gc = ops().sinkhorn_fixed_backward(g, p, q, K, KC, *cpu[1:])
     gg = ops().sinkhorn_fixed_backward(cuda_in[5], *cuda_in[:4], *gpu[1:])

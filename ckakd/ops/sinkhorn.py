@@ -4,7 +4,8 @@ Two ops, each a ``torch.library`` custom op with a fake kernel and an autograd f
 
 ``ckakd::sinkhorn_fixed(p, q, K, KC, u0, iters, backend)`` — WKD's definition, fixed iterations in the
 linear domain (DESIGN §3): for t = 1..T, v = q / (Kᵀu + δ), u = p / (K v + δ), δ = 1e-8, from u₀; the
-value is ⟨P, C⟩ = uᵀ (K∘C) v per sample. The backward is exact reverse mode through the unrolled
+value is ⟨P, C⟩ = uᵀ (K∘C) v = Σᵢ uᵢ wᵢ per sample, w = (K∘C) v (a row-vector vᵀ(K∘C)ᵀ per sample, returned by
+the forward so that the backward's ∂/∂u = g·w costs no product). The backward is exact reverse mode through the unrolled
 iterations using the stored u_t, v_t and denominators: O(T·B·C) state, never B×C×C. Backends: the C++
 extension (``cpp`` on CPU tensors, ``cuda`` on CUDA tensors; ``torch.ops.ckakd.sinkhorn_fixed_forward``)
 or ``torch`` (the same formulas with torch ops).
@@ -32,7 +33,11 @@ DELTA = 1e-8
 
 
 def fixed_forward_torch(p: Tensor, q: Tensor, K: Tensor, KC: Tensor, u0: Tensor, iters: int):
-    """The WKD iterations in torch. Returns (cost (B,), u_hist (T+1,B,C), v_hist, a_hist, b_hist (T,B,C))."""
+    """The WKD iterations in torch.
+
+    Returns (cost (B,), u_hist (T+1,B,C), v_hist, a_hist, b_hist (T,B,C), w (B,C)) with w = v_T KCᵀ, so that
+    cost = Σᵢ u_T,i wᵢ and the backward's ū = g·w.
+    """
     B, C = p.shape
     u_hist = p.new_empty((iters + 1, B, C))
     v_hist, a_hist, b_hist = (p.new_empty((iters, B, C)) for _ in range(3))
@@ -44,15 +49,18 @@ def fixed_forward_torch(p: Tensor, q: Tensor, K: Tensor, KC: Tensor, u0: Tensor,
         b = torch.mm(v_hist[t], KT).add_(DELTA)  # (K v)ᵀ = vᵀ Kᵀ
         torch.div(p, b, out=u_hist[t + 1])
         a_hist[t], b_hist[t] = a, b
-    cost = (torch.mm(u_hist[iters], KC) * v_hist[iters - 1]).sum(1)
-    return cost, u_hist, v_hist, a_hist, b_hist
+    w = torch.mm(v_hist[iters - 1], KC.T)  # (KC v)ᵀ = vᵀ KCᵀ
+    cost = (u_hist[iters] * w).sum(1)
+    return cost, u_hist, v_hist, a_hist, b_hist, w
 
 
-def fixed_backward_torch(grad: Tensor, p: Tensor, q: Tensor, K: Tensor, KC: Tensor, u_hist, v_hist, a_hist, b_hist):
-    """Reverse mode through the unrolled iterations. grad (B,) -> (grad_p, grad_q) (B, C)."""
+def fixed_backward_torch(
+    grad: Tensor, p: Tensor, q: Tensor, K: Tensor, KC: Tensor, u_hist, v_hist, a_hist, b_hist, w: Tensor
+):
+    """Reverse mode through the unrolled iterations; w = v_T KCᵀ from the forward. grad (B,) -> (grad_p, grad_q)."""
     iters = v_hist.shape[0]
     g = grad[:, None]
-    u_bar = g * torch.mm(v_hist[-1], KC.T)
+    u_bar = g * w
     v_bar = g * torch.mm(u_hist[-1], KC)
     grad_p, grad_q = torch.zeros_like(p), torch.zeros_like(q)
     for t in range(iters - 1, -1, -1):
@@ -82,8 +90,8 @@ def _ext_ops():
 @torch.library.custom_op("ckakd::sinkhorn_fixed", mutates_args=())
 def sinkhorn_fixed(
     p: Tensor, q: Tensor, K: Tensor, KC: Tensor, u0: Tensor, iters: int, backend: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """p, q, u0 (B, C); K = exp(-C/ε), KC = K∘C (C, C) -> (cost (B,), u_hist, v_hist, a_hist, b_hist)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """p, q, u0 (B, C); K = exp(-C/ε), KC = K∘C (C, C) -> (cost (B,), u_hist, v_hist, a_hist, b_hist, w)."""
     if backend == "torch":
         return fixed_forward_torch(p, q, K, KC, u0, iters)
     return tuple(_ext_ops().sinkhorn_fixed_forward(p, q, K, KC, u0, iters))
@@ -93,7 +101,8 @@ def sinkhorn_fixed(
 def _(p, q, K, KC, u0, iters, backend):
     B, C = p.shape
     hist = p.new_empty((iters, B, C))
-    return p.new_empty((B,)), p.new_empty((iters + 1, B, C)), hist, torch.empty_like(hist), torch.empty_like(hist)
+    hists = (hist, torch.empty_like(hist), torch.empty_like(hist))
+    return p.new_empty((B,)), p.new_empty((iters + 1, B, C)), *hists, p.new_empty((B, C))
 
 
 @torch.library.custom_op("ckakd::sinkhorn_fixed_grad", mutates_args=())
@@ -107,32 +116,33 @@ def sinkhorn_fixed_grad(
     v_hist: Tensor,
     a_hist: Tensor,
     b_hist: Tensor,
+    w: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     if backend == "torch":
-        return fixed_backward_torch(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist)
-    gp, gq = _ext_ops().sinkhorn_fixed_backward(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist)
+        return fixed_backward_torch(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w)
+    gp, gq = _ext_ops().sinkhorn_fixed_backward(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w)
     return gp, gq
 
 
 @sinkhorn_fixed_grad.register_fake
-def _(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, backend):
+def _(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, backend):
     return torch.empty_like(p), torch.empty_like(q)
 
 
 def _fixed_setup(ctx, inputs, output):
     p, q, K, KC, u0, iters, backend = inputs
-    _, u_hist, v_hist, a_hist, b_hist = output
-    ctx.save_for_backward(p, q, K, KC, u_hist, v_hist, a_hist, b_hist)
+    _, u_hist, v_hist, a_hist, b_hist, w = output
+    ctx.save_for_backward(p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w)
     ctx.backend = backend
-    ctx.mark_non_differentiable(u_hist, v_hist, a_hist, b_hist)
+    ctx.mark_non_differentiable(u_hist, v_hist, a_hist, b_hist, w)
 
 
 def _fixed_backward(ctx, grad_cost, *unused):
     if grad_cost is None:
         return (None,) * 7
-    p, q, K, KC, u_hist, v_hist, a_hist, b_hist = ctx.saved_tensors
-    gp, gq = sinkhorn_fixed_grad(grad_cost.contiguous(), p, q, K, KC, u_hist, v_hist, a_hist, b_hist, ctx.backend)
+    p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w = ctx.saved_tensors
+    gp, gq = sinkhorn_fixed_grad(grad_cost.contiguous(), p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, ctx.backend)
     return gp, gq, None, None, None, None, None
 
 
