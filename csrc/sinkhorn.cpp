@@ -9,6 +9,8 @@
 
 #include "sinkhorn.h"
 
+#include <tuple>
+
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -154,6 +156,11 @@ int64_t check_sinkhorn_backward_args(const at::Tensor& grad_cost, const at::Tens
 }
 
 // ---------------------------------------------------------------------------------------------------------
+SinkhornForwardResult empty_forward_outputs(int64_t T, int64_t B, int64_t C, const at::TensorOptions& opts) {
+  return {at::empty({B}, opts),         at::empty({T + 1, B, C}, opts), at::empty({T, B, C}, opts),
+          at::empty({T, B, C}, opts),   at::empty({T, B, C}, opts),     at::empty({B, C}, opts)};
+}
+
 // CPU forward / backward
 
 SinkhornForwardResult sinkhorn_fixed_forward_cpu(const at::Tensor& p_, const at::Tensor& q_, const at::Tensor& K_,
@@ -163,12 +170,8 @@ SinkhornForwardResult sinkhorn_fixed_forward_cpu(const at::Tensor& p_, const at:
   const at::Tensor p = p_.contiguous(), q = q_.contiguous(), K = K_.contiguous(), KC = KC_.contiguous();
   const int64_t B = p.size(0), C = p.size(1), n = B * C;
   const auto opts = p.options();
-  at::Tensor cost = at::empty({B}, opts);
-  at::Tensor u_hist = at::empty({T + 1, B, C}, opts);
-  at::Tensor v_hist = at::empty({T, B, C}, opts);
-  at::Tensor a_hist = at::empty({T, B, C}, opts);
-  at::Tensor b_hist = at::empty({T, B, C}, opts);
-  at::Tensor w = at::empty({B, C}, opts);
+  at::Tensor cost, u_hist, v_hist, a_hist, b_hist, w;
+  std::tie(cost, u_hist, v_hist, a_hist, b_hist, w) = empty_forward_outputs(T, B, C, opts);
   u_hist.select(0, 0).copy_(u0_);
   if (n == 0) {
     cost.zero_();

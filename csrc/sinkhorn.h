@@ -39,6 +39,9 @@ constexpr double kSinkhornDelta = 1e-8;
 using SinkhornForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using SinkhornBackwardResult = std::tuple<at::Tensor, at::Tensor>;
 
+// The forward's outputs, allocated uninitialized: cost (B,), u_hist (T+1, B, C), v/a/b_hist (T, B, C), w (B, C).
+SinkhornForwardResult empty_forward_outputs(int64_t T, int64_t B, int64_t C, const at::TensorOptions& opts);
+
 // Argument validation shared by the CPU and CUDA kernels (TORCH_CHECK with the offending shapes).
 // Return the number of iterations T.
 int64_t check_sinkhorn_forward_args(const at::Tensor& p, const at::Tensor& q, const at::Tensor& K,

@@ -20,6 +20,8 @@
 
 #include "sinkhorn.h"
 
+#include <tuple>
+
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -321,12 +323,8 @@ SinkhornForwardResult sinkhorn_fixed_forward_cuda(const at::Tensor& p_, const at
   const at::Tensor u0 = u0_.contiguous();
   const int64_t B = p.size(0), C = p.size(1), n = B * C;
   const auto opts = p.options();
-  at::Tensor cost = at::empty({B}, opts);
-  at::Tensor u_hist = at::empty({T + 1, B, C}, opts);
-  at::Tensor v_hist = at::empty({T, B, C}, opts);
-  at::Tensor a_hist = at::empty({T, B, C}, opts);
-  at::Tensor b_hist = at::empty({T, B, C}, opts);
-  at::Tensor w = at::empty({B, C}, opts);
+  at::Tensor cost, u_hist, v_hist, a_hist, b_hist, w;
+  std::tie(cost, u_hist, v_hist, a_hist, b_hist, w) = empty_forward_outputs(T, B, C, opts);
   if (n == 0) {
     cost.zero_();
     return {cost, u_hist, v_hist, a_hist, b_hist, w};
