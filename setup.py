@@ -58,7 +58,7 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["ckakd", "ckakd.ops", "ckakd.kernels"],
+    packages=["ckakd", "ckakd.ops", "ckakd.train", "ckakd.train.models", "ckakd.kernels"],
     package_dir={"ckakd": "ckakd", "ckakd.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
