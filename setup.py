@@ -67,7 +67,7 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-benchmark", "expecttest", "scikit-learn", "pot", "triton>=3.6", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "expecttest", "scikit-learn", "pot", "pillow", "triton>=3.6", "ruff"],
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["ckakd-demo=ckakd.demo:main"]},
