@@ -73,14 +73,7 @@ def reference_loss(x: Tensor, y: Tensor) -> Tensor:
 
 
 def providers(device: torch.device) -> list[Provider]:
-    out = [Provider("ckakd", ckakd_loss)]
-    if device.type == "cuda":
-        out.append(Provider("ckakd-torch", ckakd_torch_loss))
-    out += [
-        Provider("reference", reference_loss),
-        Provider("reference-compile", common.compiled(reference_loss)),
-    ]
-    return out
+    return common.reference_providers(device, ckakd_loss, ckakd_torch_loss, reference_loss)
 
 
 BENCH = OpBench(

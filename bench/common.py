@@ -147,6 +147,16 @@ def compiled(fn: LossFn) -> LossFn:
     return torch.compile(fn, dynamic=False)
 
 
+def reference_providers(
+    device: torch.device, ckakd_fn: LossFn, ckakd_torch_fn: LossFn, reference_fn: LossFn
+) -> list[Provider]:
+    """ckakd (auto backend), ckakd-torch (CUDA only: the pure-torch path), the reference and its compile."""
+    out = [Provider("ckakd", ckakd_fn)]
+    if device.type == "cuda":
+        out.append(Provider("ckakd-torch", ckakd_torch_fn))
+    return out + [Provider("reference", reference_fn), Provider("reference-compile", compiled(reference_fn))]
+
+
 def latent_features(
     n: int,
     dims: Sequence[int],

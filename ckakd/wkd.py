@@ -17,40 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ckakd import _checks
+from ckakd.ops import _backend
 from ckakd.ops.sinkhorn import sinkhorn_converged, sinkhorn_fixed
 
-__all__ = ["sinkhorn", "wkd_logit_loss", "sinkhorn_backend"]
-
-SINKHORN_BACKENDS = ("auto", "torch", "cpp", "cuda")
-
-
-def sinkhorn_backend(backend: str, device: torch.device) -> str:
-    """Resolve 'auto' | 'torch' | 'cpp' | 'cuda' for tensors on ``device``."""
-    if backend not in SINKHORN_BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, SINKHORN_BACKENDS))}; got {backend!r}")
-    if backend == "torch":
-        return backend
-    from ckakd import _ext
-
-    ext = _ext.load()
-    on_cuda = device.type == "cuda"
-    if backend == "auto":
-        if ext is None:
-            return "torch"
-        if on_cuda:
-            return "cuda" if ext.has_cuda() else "torch"
-        return "cpp"
-    if ext is None:
-        raise RuntimeError(f"backend={backend!r} requested but {_ext.status()[1]}")
-    if backend == "cpp" and on_cuda:
-        raise ValueError("backend='cpp' runs on CPU tensors; got CUDA tensors (use 'cuda' or 'auto')")
-    if backend == "cuda" and (not on_cuda or not ext.has_cuda()):
-        raise ValueError(
-            "backend='cuda' needs CUDA tensors and an extension built with CUDA; "
-            f"tensors on {device}, extension CUDA={ext.has_cuda()}"
-        )
-    return backend
-
+__all__ = ["sinkhorn", "wkd_logit_loss"]
 
 def _check_histograms(p: Tensor, q: Tensor, validate: bool) -> tuple[Tensor, Tensor, bool]:
     _checks.check_float_tensor("p", p)
@@ -162,7 +132,7 @@ def _solve(p, q, cost, eps, iters, tol, max_iter, backend, u0=None) -> Tensor:
     """Validated inputs (B, C) -> (B,) transport costs. Computes in fp32 for half inputs (as WKD does)."""
     work = torch.float64 if torch.float64 in (p.dtype, q.dtype) else torch.float32
     p, q = p.to(work), q.to(work)
-    resolved = sinkhorn_backend(backend, p.device)
+    resolved = _backend.resolve_sinkhorn(backend, p.device)
     if tol is not None:
         c = cost.detach().to(device=p.device, dtype=work)
         return sinkhorn_converged(

@@ -94,3 +94,37 @@ def resolve(backend: str, *tensors: torch.Tensor) -> str:
                 f"interpreter); got tensors on {tensors[0].device}"
             )
     return backend
+
+
+SINKHORN_BACKENDS = ("auto", "torch", "cpp", "cuda")
+
+
+def resolve_sinkhorn(backend: str, device: torch.device) -> str:
+    """The Sinkhorn ops' backend: 'auto' | 'torch' | 'cpp' | 'cuda' for tensors on ``device``.
+
+    'auto' takes the C++/CUDA extension when it is loaded (with CUDA kernels for CUDA tensors), else torch.
+    """
+    if backend not in SINKHORN_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, SINKHORN_BACKENDS))}; got {backend!r}")
+    if backend == "torch":
+        return backend
+    from ckakd import _ext
+
+    ext = _ext.load()
+    on_cuda = device.type == "cuda"
+    if backend == "auto":
+        if ext is None:
+            return "torch"
+        if on_cuda:
+            return "cuda" if ext.has_cuda() else "torch"
+        return "cpp"
+    if ext is None:
+        raise RuntimeError(f"backend={backend!r} requested but {_ext.status()[1]}")
+    if backend == "cpp" and on_cuda:
+        raise ValueError("backend='cpp' runs on CPU tensors; got CUDA tensors (use 'cuda' or 'auto')")
+    if backend == "cuda" and (not on_cuda or not ext.has_cuda()):
+        raise ValueError(
+            "backend='cuda' needs CUDA tensors and an extension built with CUDA; "
+            f"tensors on {device}, extension CUDA={ext.has_cuda()}"
+        )
+    return backend

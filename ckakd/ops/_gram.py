@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ckakd._checks import accumulation_dtype as _acc_dtype
+
 # Columns per chunk for the torch path: bounds temporaries whatever d is. Single problems (b = 1) use
 # cache-sized chunks (~4 MB of fp32 per chunk): the centering of a chunk and the products that read it
 # then happen while it is in cache, which on the CPU is faster than one big product (measured on 2 EPYC
@@ -22,10 +24,6 @@ _CHUNK_ELEMENTS = 1 << 22
 _CACHE_CHUNK_ELEMENTS = 1 << 20
 # From this many rows on, the symmetric Gram skips its lower-left block (75% of the flops).
 _TRIANGULAR_MIN_ROWS = 128
-
-
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _chunks(b: int, n: int, d: int):
@@ -45,7 +43,7 @@ def gram(x: Tensor, center: bool, backend: str) -> tuple[Tensor, Tensor]:
         from ckakd import kernels
 
         return kernels.gram_forward(x, center)
-    acc = _acc(x)
+    acc = _acc_dtype(x)
     b, n, d = x.shape
     mean = x.mean(dim=1, dtype=acc) if center else x.new_zeros((b, d), dtype=acc)
     if b == 1:
@@ -80,7 +78,7 @@ def gram_apply(m: Tensor, x: Tensor, mean: Tensor, center: bool, backend: str) -
         from ckakd import kernels
 
         return kernels.gram_backward(m.float().contiguous(), x, mean.float().contiguous(), center)
-    acc = _acc(x)
+    acc = _acc_dtype(x)
     b, n, d = x.shape
     m = m.to(acc)
     out = torch.empty((b, n, d), dtype=x.dtype, device=x.device)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ckakd._checks import accumulation_dtype as _acc_dtype
 from ckakd.ops import _gram
 
 MODES = ("centered", "debiased", "uncentered")
@@ -30,10 +31,6 @@ MODES = ("centered", "debiased", "uncentered")
 
 def use_feature_form(n: int, dx: int, dy: int, mode: str, backend: str) -> bool:
     return backend == "torch" and mode != "debiased" and dx + dy < n
-
-
-def _acc(x: Tensor, y: Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
 
 
 @torch.library.custom_op("ckakd::alignment_stats", mutates_args=())
@@ -44,7 +41,7 @@ def alignment_stats(x: Tensor, y: Tensor, mode: str, backend: str) -> tuple[Tens
     and L̃ = YcᵀYc (b, dy, dy).
     """
     center = mode != "uncentered"
-    acc = _acc(x, y)
+    acc = _acc_dtype(x, y)
     b, n, dx = x.shape
     dy = y.shape[2]
     if use_feature_form(n, dx, dy, mode, backend):
@@ -77,7 +74,7 @@ def _feature_stats(x: Tensor, y: Tensor, center: bool, acc: torch.dtype):
 
 @alignment_stats.register_fake
 def _(x, y, mode, backend):
-    acc = _acc(x, y)
+    acc = _acc_dtype(x, y)
     b, n, dx = x.shape
     dy = y.shape[2]
     stats = x.new_empty((b, 3), dtype=acc)

@@ -8,24 +8,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ckakd._checks import accumulation_dtype as _acc_dtype
 from ckakd.ops import _gram
-
-
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("ckakd::centered_gram", mutates_args=())
 def centered_gram(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """x (b, n, d) -> (Kc (b, n, n), column means (b, d)), fp32 (fp64 for fp64 input)."""
     k, mean = _gram.gram(x, True, backend)
-    return k.to(_acc(x)), mean.to(_acc(x))
+    return k.to(_acc_dtype(x)), mean.to(_acc_dtype(x))
 
 
 @centered_gram.register_fake
 def _(x, backend):
     b, n, d = x.shape
-    return x.new_empty((b, n, n), dtype=_acc(x)), x.new_empty((b, d), dtype=_acc(x))
+    return x.new_empty((b, n, n), dtype=_acc_dtype(x)), x.new_empty((b, d), dtype=_acc_dtype(x))
 
 
 @torch.library.custom_op("ckakd::centered_gram_backward", mutates_args=())

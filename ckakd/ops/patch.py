@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ckakd._checks import accumulation_dtype as _acc_dtype
 from ckakd.ops import _gram
 
 REDUCTIONS = ("channel", "batch", "spatial")
@@ -52,10 +53,6 @@ def from_problems(x: Tensor, shape: tuple[int, ...], ph: int, pw: int, reduce: s
     return x.reshape(permuted_shape).permute(inverse).reshape(shape)
 
 
-def _acc(x: Tensor, y: Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
-
-
 def _triton_ok(f_s: Tensor, f_t: Tensor, backend: str) -> bool:
     return backend == "triton" and torch.float64 not in (f_s.dtype, f_t.dtype)
 
@@ -66,7 +63,7 @@ def patch_alignment_stats(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(B, C, H, W) pair -> (stats (G, 3), K̃_s (G, P, P), K̃_t (G, P, P))."""
     center = mode != "uncentered"
-    acc = _acc(f_s, f_t)
+    acc = _acc_dtype(f_s, f_t)
     if _triton_ok(f_s, f_t, backend):
         from ckakd import kernels
 
@@ -86,7 +83,7 @@ def patch_alignment_stats(
 @patch_alignment_stats.register_fake
 def _(f_s, f_t, ph, pw, reduce, mode, backend):
     g, p, _ = problem_shape(tuple(f_s.shape), ph, pw, reduce)
-    acc = _acc(f_s, f_t)
+    acc = _acc_dtype(f_s, f_t)
     return (
         f_s.new_empty((g, 3), dtype=acc),
         f_s.new_empty((g, p, p), dtype=acc),
