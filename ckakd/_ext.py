@@ -78,8 +78,8 @@ def _register_fakes() -> None:
             p.new_empty((B, C)),  # w = v_T KC^T
         )
 
-    def backward_fake(grad_cost, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w):
-        return p.new_empty(p.shape), p.new_empty(p.shape)
+    def backward_fake(grad_cost, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, need_q=True):
+        return p.new_empty(p.shape), (p.new_empty(p.shape) if need_q else p.new_empty(0))
 
     def converged_fake(p, q, cost, eps, tol, max_iter):
         info = p.new_empty((2,), dtype=torch.float64)  # [iterations, marginal error]

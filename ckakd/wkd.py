@@ -139,9 +139,11 @@ def _solve(p, q, cost, eps, iters, tol, max_iter, backend, u0=None) -> Tensor:
             p.contiguous(), q.contiguous(), c.contiguous(), float(eps), float(tol), max_iter, resolved
         )[0]
     K, KC = _COST_CACHE.kernels(cost, eps, work, p.device)
-    if u0 is None:
-        u0 = torch.full_like(p, 1.0 / p.shape[1])
-    return sinkhorn_fixed(p.contiguous(), q.contiguous(), K, KC, u0.to(work).contiguous(), iters, resolved)[0]
+    if u0 is None:  # the uniform start, broadcast (stride 0) so the first product is one row, not a GEMM
+        u0 = p.new_full((1, p.shape[1]), 1.0 / p.shape[1]).expand_as(p)
+    else:
+        u0 = u0.to(work).contiguous()
+    return sinkhorn_fixed(p.contiguous(), q.contiguous(), K, KC, u0, iters, resolved)[0]
 
 
 def sinkhorn(

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -184,7 +185,14 @@ SinkhornForwardResult sinkhorn_fixed_forward_cpu(const at::Tensor& p_, const at:
     for (int64_t t = 0; t < T; ++t) {
       at::Tensor u_prev = u_hist.select(0, t), u_next = u_hist.select(0, t + 1);
       at::Tensor a = a_hist.select(0, t), v = v_hist.select(0, t), b = b_hist.select(0, t);
-      at::mm_out(a, u_prev, K);  // a_t = u_{t-1} K
+      if (t == 0 && u0_.stride(0) == 0 && B > 1) {
+        // u_0 broadcast over the batch (the uniform start): one row product instead of a (B x C)(C x C) GEMM
+        at::Tensor a_row = a.narrow(0, 0, 1);
+        at::mm_out(a_row, u0_.narrow(0, 0, 1).contiguous(), K);
+        a.narrow(0, 1, B - 1).copy_(a_row.expand({B - 1, C}));
+      } else {
+        at::mm_out(a, u_prev, K);  // a_t = u_{t-1} K
+      }
       add_delta_divide_parallel(a.data_ptr<scalar_t>(), qp, v.data_ptr<scalar_t>(), n);
       at::mm_out(b, v, Kt);  // b_t = v_t K^T
       add_delta_divide_parallel(b.data_ptr<scalar_t>(), pp, u_next.data_ptr<scalar_t>(), n);
@@ -210,7 +218,7 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cpu(const at::Tensor& grad_cost_,
                                                    const at::Tensor& q_, const at::Tensor& K_, const at::Tensor& KC_,
                                                    const at::Tensor& u_hist_, const at::Tensor& v_hist_,
                                                    const at::Tensor& a_hist_, const at::Tensor& b_hist_,
-                                                   const at::Tensor& w_) {
+                                                   const at::Tensor& w_, bool need_q) {
   const int64_t T =
       check_sinkhorn_backward_args(grad_cost_, p_, q_, K_, KC_, u_hist_, v_hist_, a_hist_, b_hist_, w_);
   TORCH_CHECK(p_.device().is_cpu(), "ckakd::sinkhorn_fixed_backward (CPU kernel): got tensors on ", p_.device());
@@ -226,7 +234,8 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cpu(const at::Tensor& grad_cost_,
   AT_DISPATCH_FLOATING_TYPES(p_.scalar_type(), "sinkhorn_fixed_backward_cpu", [&] {
     // d cost / d u_T = w = v_T KC^T (from the forward),  d cost / d v_T = u_T KC, scaled per row by g
     at::Tensor ubar = at::empty({B, C}, opts);
-    at::Tensor vbar = at::mm(u_hist.select(0, T), KC);
+    // (without need_q and with T = 1, vbar only feeds grad_q: skip its product)
+    at::Tensor vbar = (need_q || T > 1) ? at::mm(u_hist.select(0, T), KC) : at::zeros({B, C}, opts);
     at::Tensor tmp = at::empty({B, C}, opts);
     {
       scalar_t* ub = ubar.data_ptr<scalar_t>();
@@ -251,6 +260,7 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cpu(const at::Tensor& grad_cost_,
       // u_t = p / b_t:  grad_p += ubar / b_t;  bbar = -ubar u_t / b_t  (into tmp)
       backward_step_parallel(ubar.data_ptr<scalar_t>(), b_hist.select(0, k).data_ptr<scalar_t>(),
                              u_hist.select(0, t).data_ptr<scalar_t>(), gpp, tp, n, t == T);
+      if (t == 1 && !need_q) break;  // vbar_1 and abar_1 only feed grad_q
       // b_t = v_t K^T + delta:  vbar (+)= bbar K  (vbar carries d cost / d v_T only at t = T)
       if (t == T) {
         vbar.addmm_(tmp, K);
@@ -264,6 +274,7 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cpu(const at::Tensor& grad_cost_,
       if (t > 1) at::mm_out(ubar, tmp, Kt);
     }
   });
+  if (!need_q) grad_q = at::empty({0}, opts);
   return {grad_p, grad_q};
 }
 
@@ -278,7 +289,7 @@ TORCH_LIBRARY(ckakd, m) {
       "(Tensor cost, Tensor u_hist, Tensor v_hist, Tensor a_hist, Tensor b_hist, Tensor w)");
   m.def(
       "sinkhorn_fixed_backward(Tensor grad_cost, Tensor p, Tensor q, Tensor K, Tensor KC, Tensor u_hist, "
-      "Tensor v_hist, Tensor a_hist, Tensor b_hist, Tensor w) -> (Tensor grad_p, Tensor grad_q)");
+      "Tensor v_hist, Tensor a_hist, Tensor b_hist, Tensor w, bool need_q=True) -> (Tensor grad_p, Tensor grad_q)");
 }
 
 TORCH_LIBRARY_IMPL(ckakd, CPU, m) {

@@ -15,11 +15,13 @@
 //                  qbar += vbar / a_t;   abar = -vbar v_t / a_t
 //                  ubar  = abar K^T      (skipped at t = 1: u0 is a constant)
 //                  vbar  = 0
+// Without need_q the step at t = 1 stops after pbar (vbar_1 only feeds qbar): one product fewer.
 //
 // Ops (schemas in sinkhorn.cpp, namespace `ckakd`):
 //   sinkhorn_fixed_forward(p, q, K, KC, u0, iters)
 //       -> (cost (B,), u_hist (T+1,B,C), v_hist, a_hist, b_hist (T,B,C), w (B,C))
-//   sinkhorn_fixed_backward(grad_cost, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w) -> (grad_p, grad_q)
+//   sinkhorn_fixed_backward(grad_cost, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, need_q=True)
+//       -> (grad_p, grad_q)   (grad_q has shape (0,) when need_q is false)
 //   (w is returned by the forward so that the backward needs one (B x C)(C x C) product fewer.)
 //   sinkhorn_converged_forward(p, q, cost, eps, tol, max_iter) -> (value, grad_p, grad_q, info)
 //     (sinkhorn_converged.cpp; schema there as a TORCH_LIBRARY_FRAGMENT)
@@ -57,6 +59,6 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cpu(const at::Tensor& grad_cost, 
                                                    const at::Tensor& q, const at::Tensor& K, const at::Tensor& KC,
                                                    const at::Tensor& u_hist, const at::Tensor& v_hist,
                                                    const at::Tensor& a_hist, const at::Tensor& b_hist,
-                                                   const at::Tensor& w);
+                                                   const at::Tensor& w, bool need_q);
 
 }  // namespace ckakd

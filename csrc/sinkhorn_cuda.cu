@@ -369,7 +369,8 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cuda(const at::Tensor& grad_cost_
                                                     const at::Tensor& q_, const at::Tensor& K_,
                                                     const at::Tensor& KC_, const at::Tensor& u_hist_,
                                                     const at::Tensor& v_hist_, const at::Tensor& a_hist_,
-                                                    const at::Tensor& b_hist_, const at::Tensor& w_) {
+                                                    const at::Tensor& b_hist_, const at::Tensor& w_,
+                                                    bool need_q) {
   const int64_t T =
       check_sinkhorn_backward_args(grad_cost_, p_, q_, K_, KC_, u_hist_, v_hist_, a_hist_, b_hist_, w_);
   check_cuda("ckakd::sinkhorn_fixed_backward", p_);
@@ -424,6 +425,8 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cuda(const at::Tensor& grad_cost_
       if (t > 1) at::mm_out(ubar, tmp, Kt);
     }
   });
+  // The CUDA kernels always compute grad_q (one product of ~2T); the schema's contract is the (0,) shape.
+  if (!need_q) grad_q = at::empty({0}, opts);
   return {grad_p, grad_q};
 }
 

@@ -81,6 +81,25 @@ def test_gradcheck_fixed(backend):
     )
 
 
+@pytest.mark.parametrize("iters", [1, 4])
+def test_student_only_gradient_skips_nothing_it_needs(backend, iters):
+    """q without grad (the teacher) takes the shorter backward; grad_p must not change."""
+    p, q = _histograms(5, 9)
+    cost = _random_cost(9)
+    p_both, q_both = p.clone().requires_grad_(), q.clone().requires_grad_()
+    ckakd.sinkhorn(p_both, q_both, cost, eps=0.1, iters=iters, backend=backend).sum().backward()
+    p_only = p.clone().requires_grad_()
+    ckakd.sinkhorn(p_only, q, cost, eps=0.1, iters=iters, backend=backend).sum().backward()
+    torch.testing.assert_close(p_only.grad, p_both.grad, rtol=1e-13, atol=0)
+    rp = p.double().requires_grad_()
+    R.sinkhorn_fixed(rp, q.double(), cost.double(), eps=0.1, iters=iters).sum().backward()
+    torch.testing.assert_close(p_only.grad, rp.grad, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda a: ckakd.sinkhorn(a, q, cost, eps=0.1, iters=iters, backend=backend, validate=False),
+        (p.clone().requires_grad_(),),
+    )
+
+
 def test_opcheck_fixed_op():
     from ckakd.ops.sinkhorn import sinkhorn_fixed
 
@@ -89,6 +108,7 @@ def test_opcheck_fixed_op():
     K = torch.exp(-cost / 0.1)
     u0 = torch.full_like(p, 0.2)
     torch.library.opcheck(sinkhorn_fixed, (p.requires_grad_(), q.requires_grad_(), K, K * cost, u0, 4, "torch"))
+    torch.library.opcheck(sinkhorn_fixed, (p, q.detach(), K, K * cost, u0, 4, "torch"))
 
 
 def test_target_separation_equals_per_sample_reduced_costs(backend):

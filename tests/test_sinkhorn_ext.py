@@ -223,6 +223,19 @@ def test_opcheck(B, C, iters):
     torch.library.opcheck(ops().sinkhorn_fixed_forward.default, (p, q, K, KC, u0, iters))
     out = ops().sinkhorn_fixed_forward(p, q, K, KC, u0, iters)
     torch.library.opcheck(ops().sinkhorn_fixed_backward.default, (g, p, q, K, KC, *out[1:]))
+    torch.library.opcheck(ops().sinkhorn_fixed_backward.default, (g, p, q, K, KC, *out[1:], False))
+
+
+@pytest.mark.parametrize("iters", [1, 2, 5])
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_without_grad_q(iters, kind):
+    """need_q=False skips the last step's q half: grad_p is unchanged (bitwise) and grad_q is empty."""
+    p, q, K, KC, u0, g = make_problem(4, 13, 0.2, kind)
+    out = ops().sinkhorn_fixed_forward(p, q, K, KC, u0, iters)
+    gp, gq = ops().sinkhorn_fixed_backward(g, p, q, K, KC, *out[1:])
+    gp_only, gq_none = ops().sinkhorn_fixed_backward(g, p, q, K, KC, *out[1:], False)
+    assert gq.shape == p.shape and gq_none.shape == (0,)
+    torch.testing.assert_close(gp_only, gp, rtol=0, atol=0)
 
 
 def test_schemas():
@@ -234,7 +247,7 @@ def test_schemas():
     )
     assert bwd == (
         "ckakd::sinkhorn_fixed_backward(Tensor grad_cost, Tensor p, Tensor q, Tensor K, Tensor KC, Tensor u_hist, "
-        "Tensor v_hist, Tensor a_hist, Tensor b_hist, Tensor w) -> (Tensor grad_p, Tensor grad_q)"
+        "Tensor v_hist, Tensor a_hist, Tensor b_hist, Tensor w, bool need_q=True) -> (Tensor grad_p, Tensor grad_q)"
     )
 
 

@@ -145,6 +145,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, y, k, l, mean_x, mean_y)
     ctx.mode, ctx.backend = mode, backend
     ctx.mark_non_differentiable(k, l, mean_x, mean_y)
+    ctx.set_materialize_grads(False)  # no zero-filled grads for the non-differentiable outputs
 
 
 def _backward(ctx, grad_stats, *unused):

@@ -41,6 +41,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, output[1])
     ctx.backend = backend
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled grads for the non-differentiable outputs
 
 
 def _backward(ctx, grad_k, grad_mean):

@@ -146,6 +146,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(f_s, f_t, k_s, k_t)
     ctx.args = (ph, pw, reduce, mode, backend)
     ctx.mark_non_differentiable(k_s, k_t)
+    ctx.set_materialize_grads(False)  # no zero-filled grads for the non-differentiable outputs
 
 
 def _backward(ctx, grad_stats, *unused):

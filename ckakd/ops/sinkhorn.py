@@ -44,7 +44,10 @@ def fixed_forward_torch(p: Tensor, q: Tensor, K: Tensor, KC: Tensor, u0: Tensor,
     u_hist[0] = u0
     KT = K.T
     for t in range(iters):
-        a = torch.mm(u_hist[t], K).add_(DELTA)  # (Kᵀ u)ᵀ = uᵀ K
+        if t == 0 and u0.stride(0) == 0:  # u_0 broadcast over the batch: one row product
+            a = torch.mm(u0[:1], K).add_(DELTA).expand(B, C)
+        else:
+            a = torch.mm(u_hist[t], K).add_(DELTA)  # (Kᵀ u)ᵀ = uᵀ K
         torch.div(q, a, out=v_hist[t])
         b = torch.mm(v_hist[t], KT).add_(DELTA)  # (K v)ᵀ = vᵀ Kᵀ
         torch.div(p, b, out=u_hist[t + 1])
@@ -55,17 +58,32 @@ def fixed_forward_torch(p: Tensor, q: Tensor, K: Tensor, KC: Tensor, u0: Tensor,
 
 
 def fixed_backward_torch(
-    grad: Tensor, p: Tensor, q: Tensor, K: Tensor, KC: Tensor, u_hist, v_hist, a_hist, b_hist, w: Tensor
+    grad: Tensor,
+    p: Tensor,
+    q: Tensor,
+    K: Tensor,
+    KC: Tensor,
+    u_hist: Tensor,
+    v_hist: Tensor,
+    a_hist: Tensor,
+    b_hist: Tensor,
+    w: Tensor,
+    need_q: bool = True,
 ):
-    """Reverse mode through the unrolled iterations; w = v_T KCᵀ from the forward. grad (B,) -> (grad_p, grad_q)."""
+    """Reverse mode through the unrolled iterations; w = v_T KCᵀ from the forward. grad (B,) -> (grad_p, grad_q).
+
+    Without ``need_q`` the last step stops after grad_p (v̄₁ only feeds grad_q) and grad_q has shape (0,).
+    """
     iters = v_hist.shape[0]
     g = grad[:, None]
     u_bar = g * w
-    v_bar = g * torch.mm(u_hist[-1], KC)
+    v_bar = g * torch.mm(u_hist[-1], KC) if (need_q or iters > 1) else None
     grad_p, grad_q = torch.zeros_like(p), torch.zeros_like(q)
     for t in range(iters - 1, -1, -1):
         b, a = b_hist[t], a_hist[t]
         grad_p += u_bar / b
+        if t == 0 and not need_q:
+            return grad_p, q.new_empty(0)
         b_bar = -u_bar * u_hist[t + 1] / b
         v_bar = v_bar + torch.mm(b_bar, K)
         grad_q += v_bar / a
@@ -118,16 +136,17 @@ def sinkhorn_fixed_grad(
     b_hist: Tensor,
     w: Tensor,
     backend: str,
+    need_q: bool,
 ) -> tuple[Tensor, Tensor]:
     if backend == "torch":
-        return fixed_backward_torch(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w)
-    gp, gq = _ext_ops().sinkhorn_fixed_backward(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w)
+        return fixed_backward_torch(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, need_q)
+    gp, gq = _ext_ops().sinkhorn_fixed_backward(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, need_q)
     return gp, gq
 
 
 @sinkhorn_fixed_grad.register_fake
-def _(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, backend):
-    return torch.empty_like(p), torch.empty_like(q)
+def _(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, backend, need_q):
+    return torch.empty_like(p), (torch.empty_like(q) if need_q else q.new_empty(0))
 
 
 def _fixed_setup(ctx, inputs, output):
@@ -136,14 +155,18 @@ def _fixed_setup(ctx, inputs, output):
     ctx.save_for_backward(p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w)
     ctx.backend = backend
     ctx.mark_non_differentiable(u_hist, v_hist, a_hist, b_hist, w)
+    ctx.set_materialize_grads(False)  # no zero-filled grads for the non-differentiable outputs
 
 
 def _fixed_backward(ctx, grad_cost, *unused):
     if grad_cost is None:
         return (None,) * 7
     p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w = ctx.saved_tensors
-    gp, gq = sinkhorn_fixed_grad(grad_cost.contiguous(), p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, ctx.backend)
-    return gp, gq, None, None, None, None, None
+    need_q = ctx.needs_input_grad[1]  # the teacher's histogram usually needs none: one product fewer
+    gp, gq = sinkhorn_fixed_grad(
+        grad_cost.contiguous(), p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, ctx.backend, need_q
+    )
+    return gp, (gq if need_q else None), None, None, None, None, None
 
 
 sinkhorn_fixed.register_autograd(_fixed_backward, setup_context=_fixed_setup)
@@ -235,6 +258,7 @@ def _conv_setup(ctx, inputs, output):
     _, fp, gq = output
     ctx.save_for_backward(fp, gq)
     ctx.mark_non_differentiable(fp, gq)
+    ctx.set_materialize_grads(False)  # no zero-filled grads for the non-differentiable outputs
 
 
 def _conv_backward(ctx, grad_value, *unused):
