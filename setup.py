@@ -1,6 +1,7 @@
 """Build script for ckakd.
 
-The Triton kernels live in the top-level ``kernels/`` folder and are installed as ``ckakd.kernels``.
+The Triton kernels live in the top-level ``kernels/`` folder and are installed as ``ckakd.kernels``; the
+shipped trainer configs (``configs/**/*.yaml``) are installed as package data of ``ckakd.configs``.
 The C++/CUDA extension (``ckakd._C``) is built from ``csrc/`` when sources are present: a
 ``CUDAExtension`` when torch has CUDA and ``CUDA_HOME`` is found (or ``FORCE_CUDA=1``), otherwise a
 ``CppExtension``. Install with ``pip install --no-build-isolation -e .`` so the torch already on the
@@ -58,17 +59,18 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["ckakd", "ckakd.ops", "ckakd.train", "ckakd.train.models", "ckakd.kernels"],
-    package_dir={"ckakd": "ckakd", "ckakd.kernels": "kernels"},
+    packages=["ckakd", "ckakd.ops", "ckakd.train", "ckakd.train.models", "ckakd.kernels", "ckakd.configs"],
+    package_dir={"ckakd": "ckakd", "ckakd.kernels": "kernels", "ckakd.configs": "configs"},
+    package_data={"ckakd.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # torch is deliberately not pinned here beyond a floor: an unpinned or newer requirement would make
     # pip replace the torch a user already has (GPU users have their own build).
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "pyyaml>=5.4", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.6"],
         "test": ["pytest", "pytest-benchmark", "expecttest", "scikit-learn", "pot", "pillow", "triton>=3.6", "ruff"],
-        "demo": ["scikit-learn", "matplotlib", "tqdm"],
+        "demo": ["scikit-learn"],
     },
-    entry_points={"console_scripts": ["ckakd-demo=ckakd.demo:main"]},
+    entry_points={"console_scripts": ["ckakd=ckakd.cli:main", "ckakd-demo=ckakd.demo:main"]},
 )

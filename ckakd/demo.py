@@ -1,213 +1,258 @@
-"""The main job on embedded data: CKA distillation on scikit-learn's digits (1,797 real 8×8 images).
+"""The main job: distillation on the embedded digits data (scikit-learn's 1,797 real 8×8 images).
 
-Trains a teacher CNN, then two students with the same seeds — cross-entropy only, and CE + RCKA
-(``ckakd.rcka_loss``: feature CKA + intra/inter-class logit CKA) — and reports student accuracy,
-teacher–student CKA of the last feature maps and of the logits, and the time spent in the ckakd
-losses. Takes about a minute on 2 CPU cores.
+Trains (or reuses a cached) teacher with the shipped ``digits/teacher`` config, computes its WKD class
+interrelation, then trains the ``digits/*`` students — CE, KD, DKD, RCKA, WKD-L and WKD-L+F by default —
+over several seeds with the reference trainer, and reports student top-1 (mean ± std over seeds), the
+teacher–student CKA of the last stage and the training time, honestly, whatever they are. Writes
+``results.json``, ``results.md`` and ``curves.png`` under ``--out``.
 
-    python -m ckakd.demo [--epochs 20] [--seeds 5] [--out ckakd_outputs/demo]
+    ckakd demo [--methods ce,kd,dkd,rcka,wkd_l,wkd_lf] [--seeds 3] [--epochs N] [--out runs/demo]
+    python -m ckakd.demo ...
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import os
+import math
 import time
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+DEFAULT_METHODS = ("ce", "kd", "dkd", "rcka", "wkd_l", "wkd_lf")
 
-import ckakd
-
-
-def load_digits_tensors(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Digits as (N, 1, 8, 8) float images in [0, 1] and labels, split 75/25 with a fixed permutation."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - the demo extra installs it
-        raise SystemExit("the demo needs scikit-learn: pip install scikit-learn") from exc
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    images, labels = images[perm], labels[perm]
-    split = int(0.75 * len(labels))
-    return images[:split], labels[:split], images[split:], labels[split:]
+__all__ = ["DEFAULT_METHODS", "add_demo_arguments", "run_demo", "run_demo_from_args", "main"]
 
 
-class SmallCNN(nn.Module):
-    """conv-bn-relu ×2 (+ pool) → feature map (B, width, 4, 4) → linear classifier."""
-
-    def __init__(self, width: int, num_classes: int = 10) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.head = nn.Linear(width * 16, num_classes)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        feat = self.body(x)
-        return feat, self.head(feat.flatten(1))
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated digits/<method> configs")
+    p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
+    p.add_argument("--epochs", type=int, default=None, help="student epochs (default: the configs')")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: the config's)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--retrain-teacher", action="store_true", help="ignore a cached teacher in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-@dataclass
-class RunResult:
-    method: str
-    seed: int
-    accuracy: float
-    feature_cka: float
-    logit_cka: float
-    train_seconds: float
-    loss_seconds: float
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    var = sum((v - m) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return m, math.sqrt(var)
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator):
-    perm = torch.randperm(n, generator=gen)
-    for start in range(0, n - batch_size + 1, batch_size):  # drop the last partial batch (CKA needs n >= 2)
-        yield perm[start : start + batch_size]
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
 
 
-def train(
-    model: nn.Module,
-    data,
+def _teacher(out: Path, teacher_epochs: int | None, retrain: bool, progress: bool) -> tuple[Path, dict]:
+    """The teacher checkpoint (trained now or reused when the resolved config is unchanged) and its result."""
+    from ckakd.train import config as C
+    from ckakd.train import runner
+
+    overrides = [f"run.out_dir={out}", "run.name=teacher", f"run.progress={str(progress).lower()}"]
+    if teacher_epochs is not None:
+        overrides.append(f"schedule.epochs={teacher_epochs}")
+    cfg = C.load_config("digits/teacher", overrides)
+    tdir = runner.run_dir(cfg)
+    ckpt, saved = tdir / "best.pt", tdir / "config.yaml"
+    if not retrain and ckpt.is_file() and saved.is_file():
+        try:
+            same = C.load_config(saved).to_dict() == cfg.to_dict()
+        except ValueError:
+            same = False
+        if same:
+            rows = _read_metrics(tdir)
+            best = max((float(r["val/top1"]) for r in rows if r.get("val/top1")), default=float("nan"))
+            print(f"reusing the cached teacher {ckpt} (val top-1 {best:.2f} %); --retrain-teacher to train it again")
+            return ckpt, {"best_top1": best, "reused": True}
+    print(f"training the teacher ({cfg.model.name}, {cfg.schedule.epochs} epochs) ...")
+    result = runner.train_teacher(cfg)
+    return ckpt, {**result, "reused": False}
+
+
+def run_demo(
+    methods: list[str],
+    seeds: int,
+    out: str | Path,
     *,
-    epochs: int,
-    seed: int,
-    teacher: nn.Module | None = None,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    batch_size: int = 64,
-) -> tuple[float, float]:
-    """SGD training; with a teacher, adds ckakd.rcka_loss. Returns (train seconds, seconds in the CKA loss)."""
-    x_train, y_train = data[0], data[1]
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    loss_time, start = 0.0, time.perf_counter()
-    for _ in range(epochs):
-        model.train()
-        for idx in _batches(len(y_train), batch_size, gen):
-            xb, yb = x_train[idx], y_train[idx]
-            feat, logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            if teacher is not None:
-                with torch.no_grad():
-                    feat_t, logits_t = teacher(xb)
-                t0 = time.perf_counter()
-                loss = loss + ckakd.rcka_loss(feat, feat_t, logits, logits_t, alpha=alpha, beta=beta)
-                loss_time += time.perf_counter() - t0
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
-    return time.perf_counter() - start, loss_time
+    epochs: int | None = None,
+    teacher_epochs: int | None = None,
+    retrain_teacher: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the demo; returns ``{"teacher": ..., "runs": [...], "summary": [...]}`` (also written as JSON)."""
+    from ckakd.train import config as C
+    from ckakd.train import runner
 
-
-@torch.no_grad()
-def evaluate(model: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
-    model.eval()
-    teacher.eval()
-    feat, logits = model(x)
-    feat_t, logits_t = teacher(x)
-    return {
-        "accuracy": (logits.argmax(1) == y).float().mean().item(),
-        "feature_cka": ckakd.cka(feat.flatten(1), feat_t.flatten(1)).item(),
-        "logit_cka": ckakd.cka(logits, logits_t).item(),
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--teacher-width", type=int, default=24)
-    parser.add_argument("--student-width", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=1.0, help="RCKA feature-CKA weight")
-    parser.add_argument("--beta", type=float, default=1.0, help="RCKA logit-CKA weight")
-    parser.add_argument("--out", default="ckakd_outputs/demo")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-
-    print("ckakd", ckakd.__version__, "— backends:")
-    for status in ckakd.backends().values():
-        print("  ", status)
-    data = load_digits_tensors()
-    print(f"digits: {len(data[1])} train / {len(data[3])} test images of 8×8, 10 classes")
-
-    torch.manual_seed(0)
-    teacher = SmallCNN(args.teacher_width)
-    t_secs, _ = train(teacher, data, epochs=args.epochs, seed=0)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    with torch.no_grad():
-        t_acc = (teacher(data[2])[1].argmax(1) == data[3]).float().mean().item()
-    print(f"teacher (width {args.teacher_width}): test accuracy {t_acc:.4f}, trained in {t_secs:.1f}s")
-
-    results: list[RunResult] = []
-    for seed in range(args.seeds):
-        for method in ("ce", "rcka"):
-            torch.manual_seed(seed)
-            student = SmallCNN(args.student_width)
-            secs, loss_secs = train(
-                student,
-                data,
-                epochs=args.epochs,
-                seed=seed,
-                teacher=teacher if method == "rcka" else None,
-                alpha=args.alpha,
-                beta=args.beta,
-            )
-            metrics = evaluate(student, teacher, data[2], data[3])
-            results.append(RunResult(method, seed, train_seconds=secs, loss_seconds=loss_secs, **metrics))
-
-    print(f"\nstudent (width {args.student_width}), {args.epochs} epochs, {args.seeds} seeds; test set:")
-    print("| method | top-1 (mean ± std) | feature CKA to teacher | logit CKA | train s | CKA-loss s |")
-    print("|---|---|---|---|---|---|")
-    summary = {}
-    for method in ("ce", "rcka"):
-        rows = [r for r in results if r.method == method]
-        acc = torch.tensor([r.accuracy for r in rows])
-
-        def mean(attr: str, rows=rows) -> float:
-            return sum(getattr(r, attr) for r in rows) / len(rows)
-
-        std = acc.std().item() if len(rows) > 1 else 0.0
-        summary[method] = {
-            "top1_mean": acc.mean().item(),
-            "top1_std": std,
-            **{k: mean(k) for k in ("feature_cka", "logit_cka", "train_seconds", "loss_seconds")},
-        }
-        s = summary[method]
-        print(
-            f"| {method} | {s['top1_mean']:.4f} ± {s['top1_std']:.4f} | {s['feature_cka']:.3f} | "
-            f"{s['logit_cka']:.3f} | {s['train_seconds']:.1f} | {s['loss_seconds']:.2f} |"
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    known = set(C.list_configs())
+    unknown = [m for m in methods if f"digits/{m}" not in known]
+    if unknown:
+        shipped = sorted(n.split("/", 1)[1] for n in known if n.startswith("digits/") and n != "digits/base")
+        raise ValueError(f"unknown demo method(s) {unknown}; shipped digits configs: {', '.join(shipped)}")
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ckpt, teacher = _teacher(out, teacher_epochs, retrain_teacher, progress)
+    tcfg = C.load_config("digits/teacher", [f"run.out_dir={out}", "run.name=teacher"])
+    cost_path = ckpt.parent / "interrelation_cka.pt"
+    if not cost_path.is_file() or cost_path.stat().st_mtime < ckpt.stat().st_mtime:
+        icfg = C.load_config(
+            "digits/kd", [f"teacher.name={tcfg.model.name}", f"teacher.checkpoint={ckpt}", "run.progress=false"]
         )
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "results.json")
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(
+        runner.compute_interrelation(icfg, kernel="cka", out=cost_path)
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a demo dependency
+        tqdm = None
+    jobs = [(m, s) for m in methods for s in range(seeds)]
+    bar = tqdm(total=len(jobs), desc="students", disable=not progress) if tqdm else None
+    runs: list[dict[str, Any]] = []
+    for method, seed in jobs:
+        overrides = [
+            f"run.out_dir={out / 'students'}",
+            f"run.name={method}-seed{seed}",
+            f"run.seed={seed}",
+            "run.progress=false",
+            f"teacher.name={tcfg.model.name}",
+            f"teacher.checkpoint={ckpt}",
+        ]
+        if method in ("wkd_l", "wkd_lf"):
+            overrides.append(f"distiller.cost={cost_path}")
+        if epochs is not None:
+            overrides.append(f"schedule.epochs={epochs}")
+        cfg = C.load_config(f"digits/{method}", overrides)
+        start = time.perf_counter()
+        result = runner.distill(cfg)
+        rows = _read_metrics(Path(result["out_dir"]))
+        cka_cols = [k for k in (rows[-1] if rows else {}) if k.startswith("cka/")]
+        runs.append(
             {
-                "args": vars(args),
-                "teacher_accuracy": t_acc,
-                "summary": summary,
-                "runs": [r.__dict__ for r in results],
-            },
-            fh,
-            indent=2,
+                "method": method,
+                "seed": seed,
+                "student": cfg.model.name,
+                "final_top1": float(result["final_top1"]),
+                "best_top1": float(result["best_top1"]),
+                "cka": float(rows[-1][cka_cols[0]]) if cka_cols and rows[-1][cka_cols[0]] else float("nan"),
+                "train_time_s": time.perf_counter() - start,
+                "curve": [float(r["val/top1"]) for r in rows if r.get("val/top1")],
+                "out_dir": result["out_dir"],
+            }
         )
-    print(f"\nresults written to {os.path.abspath(path)}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(last=f"{method}/{seed}: {runs[-1]['final_top1']:.3f}")
+    if bar is not None:
+        bar.close()
+
+    summary = []
+    for method in methods:
+        rs = [r for r in runs if r["method"] == method]
+        m, s = _mean_std([r["final_top1"] for r in rs])
+        cka_vals = [r["cka"] for r in rs if not math.isnan(r["cka"])]
+        summary.append(
+            {
+                "method": method,
+                "top1_mean": m,
+                "top1_std": s,
+                "cka_mean": _mean_std(cka_vals)[0] if cka_vals else float("nan"),
+                "time_s_mean": _mean_std([r["train_time_s"] for r in rs])[0],
+                "seeds": len(rs),
+            }
+        )
+    results = {
+        "teacher": {"checkpoint": str(ckpt), **{k: v for k, v in teacher.items() if k != "out_dir"}},
+        "student": runs[0]["student"] if runs else None,
+        "runs": runs,
+        "summary": summary,
+        "total_time_s": time.perf_counter() - t0,
+    }
+    table = _table(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (out / "results.md").write_text(table + "\n")
+    plot = _plot(runs, methods, out / "curves.png")
+    print()
+    print(table)
+    print(f"\noutputs: {out}/ (results.json, results.md{', curves.png' if plot else ''}, teacher/, students/)")
+    return results
+
+
+def _table(results: dict[str, Any]) -> str:
+    t = results["teacher"]
+    lines = [
+        f"teacher val top-1: {t.get('best_top1', float('nan')):.2f} %"
+        f" ({'cached' if t.get('reused') else 'trained now'}); student: {results['student']}; "
+        f"total time {results['total_time_s']:.0f} s",
+        "",
+        "| method | student val top-1 % (mean ± std) | seeds | CKA to teacher (last stage) | train time / run |",
+        "|---|---|---|---|---|",
+    ]
+    for s in results["summary"]:
+        lines.append(
+            f"| {s['method']} | {s['top1_mean']:.2f} ± {s['top1_std']:.2f} | {s['seeds']} | {s['cka_mean']:.3f} | "
+            f"{s['time_s_mean']:.1f} s |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(runs: list[dict[str, Any]], methods: list[str], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in methods:
+        curves = [r["curve"] for r in runs if r["method"] == method and r["curve"]]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+        ax.plot(range(1, n + 1), mean, label=f"{method} ({len(curves)} seeds)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("student val top-1 (mean over seeds)")
+    ax.set_title("ckakd demo: digits")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_demo_from_args(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        run_demo(
+            methods,
+            args.seeds,
+            args.out,
+            epochs=args.epochs,
+            teacher_epochs=args.teacher_epochs,
+            retrain_teacher=args.retrain_teacher,
+            progress=not args.no_progress,
+        )
+    except ValueError as exc:
+        print(f"ckakd demo: error: {exc}")
+        return 2
     return 0
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ckakd demo", description=__doc__.split("\n\n")[0])
+    add_demo_arguments(parser)
+    return run_demo_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())

@@ -253,3 +253,50 @@ def test_loader_workers_deterministic() -> None:
     a = _batches(make_loader(ds, **kw))
     b = _batches(make_loader(ds, **kw))
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True))
+
+
+# ----------------------------------------------------------------------------------- resize and crops
+
+
+def test_resize_shorter_side_and_exact():
+    from ckakd.train.data import Resize
+
+    x = torch.rand(3, 20, 40)
+    assert Resize(10)(x).shape == (3, 10, 20)
+    assert Resize((7, 9))(x).shape == (3, 7, 9)
+    flat = torch.full((1, 16, 16), 0.25)
+    torch.testing.assert_close(Resize(8)(flat), torch.full((1, 8, 8), 0.25))
+
+
+def test_center_crop_takes_the_middle_and_pads_small_images():
+    from ckakd.train.data import CenterCrop
+
+    x = torch.arange(36.0).view(1, 6, 6)
+    torch.testing.assert_close(CenterCrop(2)(x), x[:, 2:4, 2:4])
+    assert CenterCrop(8)(x).shape == (1, 8, 8)
+    assert CenterCrop(8)(x)[0, 0, 0] == 0 and CenterCrop(8)(x)[0, 1, 1] == x[0, 0, 0]
+
+
+def test_random_resized_crop_is_seeded_and_sized():
+    from ckakd.train.data import RandomResizedCrop
+
+    x = torch.rand(3, 50, 70)
+    t = RandomResizedCrop(24)
+    a = t(x, generator=torch.Generator().manual_seed(3))
+    b = t(x, generator=torch.Generator().manual_seed(3))
+    c = t(x, generator=torch.Generator().manual_seed(4))
+    assert a.shape == (3, 24, 24)
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
+    full = RandomResizedCrop(10, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)(torch.rand(1, 10, 10))
+    assert full.shape == (1, 10, 10)
+
+
+def test_normalize_checks_channels():
+    from ckakd.train.data import Normalize
+
+    x = torch.rand(3, 4, 4)
+    out = Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])(x)
+    torch.testing.assert_close(out, (x - 0.5) / 0.25)
+    with pytest.raises(ValueError, match="channels"):
+        Normalize([0.5], [0.2])(x)

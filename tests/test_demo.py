@@ -1,4 +1,4 @@
-"""The main job runs end to end on the embedded digits data (tiny settings)."""
+"""``python -m ckakd.demo`` / ``ckakd demo``: argument handling (the full tiny run is in test_cli.py)."""
 
 from __future__ import annotations
 
@@ -6,31 +6,26 @@ import json
 
 import pytest
 
+pytest.importorskip("sklearn")
 
-def test_demo_runs(tmp_path, capsys):
-    pytest.importorskip("sklearn")
+
+def test_demo_main_runs_and_writes_results(tmp_path, capsys):
     from ckakd import demo
 
-    assert (
-        demo.main(
-            [
-                "--epochs",
-                "1",
-                "--seeds",
-                "1",
-                "--teacher-width",
-                "8",
-                "--student-width",
-                "4",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    args = ["--methods", "ce,kd", "--seeds", "1", "--epochs", "1", "--teacher-epochs", "1", "--no-progress"]
+    assert demo.main([*args, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| rcka |" in out and "| ce |" in out
+    assert "| kd |" in out and "| ce |" in out and str(tmp_path) in out
     results = json.loads((tmp_path / "results.json").read_text())
-    assert {r["method"] for r in results["runs"]} == {"ce", "rcka"}
-    for run in results["runs"]:
-        assert 0.0 <= run["accuracy"] <= 1.0 and 0.0 <= run["feature_cka"] <= 1.0 + 1e-6
+    assert [s["method"] for s in results["summary"]] == ["ce", "kd"]
+    assert all(s["seeds"] == 1 for s in results["summary"])
+
+
+def test_demo_rejects_unknown_methods_and_seeds(tmp_path, capsys):
+    from ckakd import demo
+
+    assert demo.main(["--methods", "ce,nosuch", "--out", str(tmp_path)]) == 2
+    assert "nosuch" in capsys.readouterr().out
+    assert demo.main(["--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert "seeds" in capsys.readouterr().out
+    assert not any(tmp_path.rglob("*.pt"))

@@ -117,3 +117,56 @@ def test_custom_model_registration():
     assert "_test_tiny" not in list_models()
     with pytest.raises(ValueError, match="unknown model"):
         unregister_model("_test_tiny")
+
+
+# ------------------------------------------------------------------------------ ImageNet ResNets, MobileNetV1
+
+IMAGENET_MODELS = ["resnet18", "resnet34", "resnet50", "mobilenetv1"]
+# stage channels (layer1..layer4); spatial strides 4 / 8 / 16 / 32 for all of them
+IMAGENET_CHANNELS = {
+    "resnet18": [64, 128, 256, 512],
+    "resnet34": [64, 128, 256, 512],
+    "resnet50": [256, 512, 1024, 2048],
+    "mobilenetv1": [128, 256, 512, 1024],
+}
+
+
+def test_imagenet_models_registered():
+    assert set(IMAGENET_MODELS) <= set(list_models())
+
+
+@pytest.mark.parametrize("name", IMAGENET_MODELS)
+@pytest.mark.parametrize("size", [32, 64])
+def test_imagenet_model_small_inputs(name, size):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7).train()
+    assert isinstance(model.classifier, nn.Linear) and model.classifier.out_features == 7
+    assert model.stage_names == ["layer1", "layer2", "layer3", "layer4"]
+    x = torch.randn(2, 3, size, size)
+    with FeatureHooks(model, model.stage_names) as hooks:
+        logits = model(x)
+        shapes = [tuple(f.shape) for f in hooks.features.values()]
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+    sides = [max(size // s, 1) for s in (4, 8, 16, 32)]
+    expected = [(2, c, h, h) for c, h in zip(IMAGENET_CHANNELS[name], sides, strict=True)]
+    assert shapes == expected
+    assert shapes[-1][1] == model.classifier.in_features
+    logits.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.classifier.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "name, millions", [("resnet18", 11.69), ("resnet34", 21.80), ("resnet50", 25.56), ("mobilenetv1", 4.23)]
+)
+def test_imagenet_parameter_counts(name, millions):
+    n = _nparams(create_model(name, num_classes=1000)) / 1e6  # torchvision / the MobileNetV1 paper
+    assert abs(n - millions) < 0.01, (name, n)
+
+
+@pytest.mark.parametrize("name", IMAGENET_MODELS)
+def test_imagenet_in_channels_and_default_classes(name):
+    assert create_model(name).classifier.out_features == 1000
+    model = create_model(name, num_classes=10, in_channels=1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(3, 1, 32, 32)).shape == (3, 10)

@@ -22,11 +22,15 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = [
     "Cifar100Dataset",
+    "CenterCrop",
     "Compose",
     "Cutout",
     "ImageFolderDataset",
     "RandAugmentLite",
     "RandomCropFlip",
+    "RandomResizedCrop",
+    "Resize",
+    "Normalize",
     "load_digits_dataset",
     "make_loader",
     "strong_augment",
@@ -334,6 +338,100 @@ class RandAugmentLite:
         return x
 
 
+class Resize:
+    """Bilinear (antialiased) resize of the shorter side to ``size`` (int), or to exactly ``size`` = (h, w).
+
+    (C, H, W) -> (C, H', W').
+    """
+
+    def __init__(self, size: int | Sequence[int]) -> None:
+        self.size = size if isinstance(size, int) else _pair(size)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        _check_image(x)
+        h, w = x.shape[-2:]
+        if isinstance(self.size, int):
+            scale = self.size / min(h, w)
+            out = (max(1, round(h * scale)), max(1, round(w * scale)))
+        else:
+            out = self.size
+        if (h, w) == tuple(out):
+            return x
+        return F.interpolate(x.unsqueeze(0), size=out, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+class CenterCrop:
+    """Central ``size`` crop (zero-padded when the image is smaller): (C, H, W) -> (C, size_h, size_w)."""
+
+    def __init__(self, size: int | Sequence[int]) -> None:
+        self.size = _pair(size)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        _check_image(x)
+        th, tw = self.size
+        h, w = x.shape[-2:]
+        if h < th or w < tw:
+            dh, dw = max(th - h, 0), max(tw - w, 0)
+            x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
+            h, w = x.shape[-2:]
+        top, left = (h - th) // 2, (w - tw) // 2
+        return x[:, top : top + th, left : left + tw].contiguous()
+
+
+class RandomResizedCrop:
+    """The ImageNet training crop: a random area fraction in ``scale`` and aspect ratio in ``ratio``
+    (log-uniform), resized to ``size``, then a horizontal flip with probability ``flip_p``.
+
+    (C, H, W) -> (C, size_h, size_w). Falls back to the central crop after 10 failed draws.
+    """
+
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_p: float = 0.5,
+    ) -> None:
+        self.size = _pair(size)
+        self.scale, self.ratio, self.flip_p = scale, ratio, float(flip_p)
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_image(x)
+        h, w = x.shape[-2:]
+        area = h * w
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        box = None
+        for _ in range(10):
+            target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * _rand(generator))
+            aspect = math.exp(log_lo + (log_hi - log_lo) * _rand(generator))
+            cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                box = (_randint(h - ch + 1, generator), _randint(w - cw + 1, generator), ch, cw)
+                break
+        if box is None:
+            ch, cw = min(h, w), min(h, w)
+            box = ((h - ch) // 2, (w - cw) // 2, ch, cw)
+        top, left, ch, cw = box
+        x = Resize(self.size)(x[:, top : top + ch, left : left + cw])
+        if _rand(generator) < self.flip_p:
+            x = x.flip(-1)
+        return x.contiguous()
+
+
+class Normalize:
+    """Per-channel ``(x - mean) / std``: (C, H, W) -> (C, H, W)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        _check_image(x)
+        if x.shape[0] != self.mean.shape[0]:
+            raise ValueError(f"Normalize has {self.mean.shape[0]} channels, the image has {x.shape[0]}")
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
 class Compose:
     """Apply transforms in order, passing the same generator to each: (C, H, W) -> (C, H', W')."""
 
@@ -367,7 +465,7 @@ def strong_augment(
 
 
 def _accepts_generator(t: Transform) -> bool:
-    if isinstance(t, RandomCropFlip | Cutout | RandAugmentLite | Compose):
+    if isinstance(t, RandomCropFlip | Cutout | RandAugmentLite | Compose | RandomResizedCrop):
         return True
     try:
         params = inspect.signature(t).parameters

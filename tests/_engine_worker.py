@@ -1,0 +1,88 @@
+"""Subprocess worker for tests/test_engine.py: a tiny deterministic KD run on random 8×8 images.
+
+    python tests/_engine_worker.py OUT_DIR [--epochs N] [--resume]
+
+Writes ``OUT_DIR/final.pt`` (the student's state_dict) when training finishes. With the environment variable
+``CKAKD_WORKER_SLEEP`` (seconds) every training batch sleeps that long and ``OUT_DIR/progress.txt`` holds the
+current "epoch step" (0-based), so a test can kill the process inside a chosen epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+
+from ckakd.train.data import make_loader, weak_augment
+from ckakd.train.distillers import KD
+from ckakd.train.engine import Trainer, TrainSettings, seed_everything
+
+
+def tiny_net(width: int, dropout: float) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, 10)
+    )
+
+
+class SlowKD(KD):
+    """KD that can sleep per batch and report its position (for the kill test)."""
+
+    def __init__(self, *args, out_dir: Path, sleep: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._out_dir, self._sleep, self._epoch_idx, self._step = out_dir, sleep, 0, 0
+
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        super().set_epoch(epoch, total_epochs)
+        self._epoch_idx, self._step = epoch, 0
+
+    def forward_train(self, x, y):
+        if self._sleep > 0:
+            (self._out_dir / "progress.txt").write_text(f"{self._epoch_idx} {self._step}")
+            time.sleep(self._sleep)
+        self._step += 1
+        return super().forward_train(x, y)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(3, deterministic=True)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(224, 1, 8, 8, generator=gen)
+    labels = (images.flatten(1) @ torch.randn(64, 10, generator=gen)).argmax(1)  # a learnable labelling
+    train, val = TensorDataset(images[:160], labels[:160]), TensorDataset(images[160:], labels[160:])
+    teacher = tiny_net(32, 0.0)
+    student = tiny_net(16, 0.2)
+    model = SlowKD(
+        student, teacher, out_dir=args.out_dir, sleep=float(os.environ.get("CKAKD_WORKER_SLEEP", "0")), ce_weight=1.0
+    )
+    settings = TrainSettings(
+        epochs=args.epochs,
+        out_dir=args.out_dir,
+        lr=0.05,
+        milestones=(2,),
+        seed=3,
+        deterministic=True,
+        progress=False,
+        max_train_batches=6,
+        cka_pairs=[("2", "2")],
+        resume=args.resume,
+    )
+    train_loader = make_loader(train, 16, True, 3, transform=weak_augment(8, padding=1))
+    val_loader = make_loader(val, 32, False, 3)
+    Trainer(model, train_loader, val_loader, settings).fit()
+    torch.save(student.state_dict(), args.out_dir / "final.pt")
+
+
+if __name__ == "__main__":
+    main()

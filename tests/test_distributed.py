@@ -1,0 +1,125 @@
+"""DDP through torchrun (gloo, 2 CPU processes) and the single-process behaviour of ckakd.train.distributed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ckakd
+from ckakd.train import distributed as dist
+from ckakd.train.engine import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """Run tests/_ddp_worker.py once under torchrun with 2 gloo processes; returns its output folder."""
+    base = tmp_path_factory.mktemp("ddp")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--standalone"]
+    proc = subprocess.run(
+        [*cmd, str(WORKER), str(base)], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return base
+
+
+def test_ddp_training_syncs_ranks_and_only_rank0_writes(ddp_run):
+    infos = [json.loads((ddp_run / f"info_rank{r}.json").read_text()) for r in range(WORLD)]
+    for info in infos:
+        assert info["world_size"] == WORLD and info["distributed"]
+        assert info["train_sampler"] == "DistributedSampler" and info["val_sampler"] == "ShardSampler"
+        assert info["train_batches"] == 4  # 64 images / 2 ranks / batch 8
+        assert info["group_kept"]
+    assert infos[0]["final_top1"] == infos[1]["final_top1"]  # metrics are all-reduced
+    # the students started from different seeds; DDP synced them and they stayed identical (BatchNorm too)
+    w0, w1 = (torch.load(ddp_run / f"weights_rank{r}.pt") for r in range(WORLD))
+    assert w0.keys() == w1.keys()
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    assert w0["2.running_mean"].abs().sum() > 0  # the BatchNorm statistics did move
+    # only rank 0 wrote files
+    assert not (ddp_run / "rank1").exists()
+    written = sorted(p.name for p in (ddp_run / "rank0").iterdir())
+    assert written == ["best.pt", "cka.png", "curves.png", "latest.pt", "metrics.csv", "metrics.jsonl"]
+    rows = [json.loads(line) for line in (ddp_run / "rank0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(r["val/n"] == 45 for r in rows)  # every validation image counted exactly once over the ranks
+    assert 0.0 <= rows[-1]["cka/3~3"] <= 1.0
+    ckpt = load_checkpoint(ddp_run / "rank0" / "latest.pt")
+    assert ckpt["world_size"] == WORLD and len(ckpt["rng"]) == WORLD and ckpt["epoch"] == 2
+    for k in w0:
+        assert torch.equal(ckpt["student"][k], w0[k]), k
+
+
+def test_gather_batch_gives_global_batch_and_gradients(ddp_run):
+    outs = [torch.load(ddp_run / f"gather_rank{r}.pt") for r in range(WORLD)]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_ddp_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    x, y = worker.gather_inputs()
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    full = ckakd.cka(x, y, backend="torch")
+    full.backward()
+    n = x.shape[0] // WORLD
+    for r, out in enumerate(outs):
+        assert out["world"] == WORLD
+        assert torch.equal(out["gx"], x.detach())  # the gathered batch is the global batch, rank-major
+        torch.testing.assert_close(out["cka"], full.detach(), rtol=1e-12, atol=1e-12)
+        # every rank computes the same global loss, so its slice gets world_size x the single-process gradient
+        # (DDP's averaging divides that back out)
+        torch.testing.assert_close(out["grad_x"], WORLD * x.grad[r * n : (r + 1) * n], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out["grad_y"], WORLD * y.grad[r * n : (r + 1) * n], rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ one process
+
+
+def test_single_process_helpers_are_no_ops(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not dist.init_from_env()
+    assert (dist.rank(), dist.world_size(), dist.is_main_process(), dist.is_distributed()) == (0, 1, True, False)
+    x = torch.randn(3, 2, requires_grad=True)
+    assert dist.gather_batch(x) is x
+    assert torch.equal(dist.all_reduce_sum(x), x.detach())
+    assert dist.all_gather_object({"a": 1}) == [{"a": 1}]
+    bn = nn.BatchNorm1d(2)
+    bn.running_mean.fill_(3.0)
+    dist.broadcast_buffers(bn)
+    dist.barrier()
+    dist.cleanup()
+    assert torch.equal(bn.running_mean, torch.full((2,), 3.0))
+
+
+def test_init_from_env_errors_without_torchrun_variables(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(RuntimeError, match=r"\['RANK', 'MASTER_ADDR', 'MASTER_PORT'\] are not set.*torchrun"):
+        dist.init_from_env()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be an integer"):
+        dist.env_world_size()
+
+
+def test_shard_sampler_partitions_without_padding():
+    shards = [list(dist.ShardSampler(11, 3, r)) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(11))
+    assert [len(dist.ShardSampler(11, 3, r)) for r in range(3)] == [4, 4, 3]
+    assert list(dist.ShardSampler(5)) == [0, 1, 2, 3, 4]  # single process: everything
+    with pytest.raises(ValueError, match="out of range"):
+        dist.ShardSampler(5, 2, 2)
