@@ -111,6 +111,12 @@ def _summary(result: dict) -> str:
     return " ".join(parts)
 
 
+def _report(text: str) -> None:
+    """Print once: on rank 0 under torchrun."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may also follow the options (`ckakd eval cfg --checkpoint x optim.lr=1`)
@@ -136,15 +142,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     from ckakd.train import runner
+    from ckakd.train.engine import NonFiniteLossError
 
     try:
         cfg = C.load_config(args.config, args.overrides)
         if args.command == "train-teacher":
             result = runner.train_teacher(cfg, resume=args.resume)
-            print(f"train-teacher done: {_summary(result)}\noutputs: {result['out_dir']}")
+            _report(f"train-teacher done: {_summary(result)}\noutputs: {result['out_dir']}")
         elif args.command == "distill":
             result = runner.distill(cfg, resume=args.resume)
-            print(f"distill done: {_summary(result)}\noutputs: {result['out_dir']}")
+            _report(f"distill done: {_summary(result)}\noutputs: {result['out_dir']}")
         elif args.command == "eval":
             metrics = runner.evaluate_checkpoint(cfg, args.checkpoint)
             print(json.dumps(metrics, indent=2))
@@ -156,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"ckakd {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as exc:  # the last good epoch is in latest.pt
+        print(f"ckakd {args.command}: stopped: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_METHODS", "add_demo_arguments", "run_demo", "run_demo_from_a
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated digits/<method> configs")
-    p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
+    p.add_argument("--seeds", type=int, default=5, help="student seeds per method (default 5)")
     p.add_argument("--epochs", type=int, default=None, help="student epochs (default: the configs')")
     p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: the config's)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -219,8 +219,11 @@ def _plot(runs: list[dict[str, Any]], methods: list[str], path: Path) -> bool:
         n = min(len(c) for c in curves)
         mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
         ax.plot(range(1, n + 1), mean, label=f"{method} ({len(curves)} seeds)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("student val top-1 (mean over seeds)")
+    ax.set_ylabel("student val top-1 % (mean over seeds)")
     ax.set_title("ckakd demo: digits")
     ax.grid(alpha=0.3)
     ax.legend()
