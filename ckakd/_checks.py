@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def check_float_tensor(name: str, t: object) -> Tensor:
@@ -79,3 +80,28 @@ def as_pairs(name_s: str, feats_s, name_t: str, feats_t) -> list[tuple[Tensor, T
 def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (fp16/bf16 accumulate in fp32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def module_names(model: nn.Module, limit: int = 15) -> list[str]:
+    """Up to ``limit`` dotted submodule names of ``model``, shallowest first (for error messages)."""
+    names = [n for n, _ in model.named_modules() if n]
+    names.sort(key=lambda n: n.count("."))
+    return names[:limit]
+
+
+def resolve_module(model: nn.Module, path: str, *, what: str = "") -> nn.Module:
+    """``model.get_submodule(path)``, or a ``ValueError`` naming the path, close matches and available modules.
+
+    ``what`` prefixes the message (e.g. ``"feature_path_s: the student"``).
+    """
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(path, names, n=3, cutoff=0.5)
+        hint = f" (did you mean {close}?)" if close else ""
+        prefix = f"{what} " if what else ""
+        raise ValueError(
+            f"{prefix}({type(model).__name__}) has no submodule {path!r}{hint}; available modules include "
+            f"{module_names(model)}"
+        ) from None

@@ -5,6 +5,7 @@
     ckakd distill CONFIG [key=value ...]         distil a teacher into a student
     ckakd eval CONFIG --checkpoint PATH          top-1 / top-5 of a checkpoint
     ckakd interrelation CONFIG                   the WKD class interrelation of a trained teacher
+    ckakd study                                  the ensemble-KD diagnostics study (digits by default)
     ckakd configs                                list the shipped configs
     ckakd info                                   versions and active backends
 
@@ -39,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: teacher + students on the embedded digits data")
     add_demo_arguments(demo)
+
+    from ckakd.study import add_study_arguments
+
+    study = sub.add_parser("study", help="the ensemble-KD study of 'Why does KD work?' (T1/T2/S x weak/strong)")
+    add_study_arguments(study)
 
     for name, helptext in (
         ("train-teacher", "train a model with cross-entropy (config section `model`)"),
@@ -133,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ckakd.demo import run_demo_from_args
 
         return run_demo_from_args(args)
+    if args.command == "study":
+        from ckakd.study import run_study_from_args
+
+        return run_study_from_args(args)
 
     from ckakd.train import config as C
 

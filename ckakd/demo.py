@@ -58,21 +58,21 @@ def _teacher(out: Path, teacher_epochs: int | None, retrain: bool, progress: boo
     if teacher_epochs is not None:
         overrides.append(f"schedule.epochs={teacher_epochs}")
     cfg = C.load_config("digits/teacher", overrides)
-    tdir = runner.run_dir(cfg)
-    ckpt, saved = tdir / "best.pt", tdir / "config.yaml"
-    if not retrain and ckpt.is_file() and saved.is_file():
-        try:
-            same = C.load_config(saved).to_dict() == cfg.to_dict()
-        except ValueError:
-            same = False
-        if same:
-            rows = _read_metrics(tdir)
-            best = max((float(r["val/top1"]) for r in rows if r.get("val/top1")), default=float("nan"))
-            print(f"reusing the cached teacher {ckpt} (val top-1 {best:.2f} %); --retrain-teacher to train it again")
-            return ckpt, {"best_top1": best, "reused": True}
-    print(f"training the teacher ({cfg.model.name}, {cfg.schedule.epochs} epochs) ...")
-    result = runner.train_teacher(cfg)
-    return ckpt, {**result, "reused": False}
+    if retrain or not (runner.run_dir(cfg) / "best.pt").is_file():
+        print(f"training the teacher ({cfg.model.name}, {cfg.schedule.epochs} epochs) ...")
+    ckpt, best, reused = runner.cached_train_teacher(cfg, retrain=retrain)
+    if reused:
+        print(f"reusing the cached teacher {ckpt} (val top-1 {best:.2f} %); --retrain-teacher to train it again")
+    return ckpt, {"best_top1": best, "reused": reused}
+
+
+def write_report(out: Path, stem: str, results: dict[str, Any], table: str, files: list[str]) -> None:
+    """``<stem>.json`` and ``<stem>.md`` under ``out``, then the table and where everything went."""
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=float))
+    (out / f"{stem}.md").write_text(table + "\n")
+    print()
+    print(table)
+    print(f"\noutputs: {out}/ ({', '.join([f'{stem}.json', f'{stem}.md', *files])})")
 
 
 def run_demo(
@@ -174,13 +174,8 @@ def run_demo(
         "summary": summary,
         "total_time_s": time.perf_counter() - t0,
     }
-    table = _table(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    (out / "results.md").write_text(table + "\n")
     plot = _plot(runs, methods, out / "curves.png")
-    print()
-    print(table)
-    print(f"\noutputs: {out}/ (results.json, results.md{', curves.png' if plot else ''}, teacher/, students/)")
+    write_report(out, "results", results, _table(results), [*(["curves.png"] if plot else []), "teacher/", "students/"])
     return results
 
 

@@ -22,6 +22,7 @@ from ckakd.ops.sinkhorn import sinkhorn_converged, sinkhorn_fixed
 
 __all__ = ["sinkhorn", "wkd_logit_loss"]
 
+
 def _check_histograms(p: Tensor, q: Tensor, validate: bool) -> tuple[Tensor, Tensor, bool]:
     _checks.check_float_tensor("p", p)
     _checks.check_float_tensor("q", q)

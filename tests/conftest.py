@@ -64,3 +64,12 @@ def triton_device() -> str:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny nets: intra-op threads only add contention on a shared 2-core machine (measured ~6x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -44,7 +44,7 @@ DISTILLER_KWARGS: dict[str, set[str]] = {
         "T", "gamma", "use_target", "eps", "iters", "gamma_schedule", "decay_start", "sharpen", "feature_path_s",
         "feature_path_t", "feature_weight", "mean_weight", "grid", "cov", "ce_weight",
     },
-    "ensemble_kd": {"T", "reduce", "standardize", "ce_weight", "kd_weight"},
+    "ensemble_kd": {"T", "reduce", "standardize", "ce_weight", "kd_weight", "teacher_views"},
 }  # fmt: skip
 
 METHODS = ["ce", "kd", "lskd", "dkd", "dist", "fitnet", "at", "fcka", "lcka", "rcka", "patch_cka", "mmd", "wkd_l",
@@ -275,6 +275,47 @@ def test_teachers_list():
         config_from_dict({"teachers": {"name": "x"}})
 
 
+def test_per_teacher_augment():
+    cfg = config_from_dict({"teacher": {"name": "resnet8x4"}, "teachers": [{"name": "a"}]})
+    assert cfg.teacher.augment is None and cfg.teachers[0].augment is None  # default: the student's view
+    cfg = config_from_dict(
+        {
+            "data": {"augment": "strong"},
+            "teacher": {"name": "resnet8x4", "augment": "weak"},
+            "teachers": [{"name": "a", "augment": "none"}, {"name": "b", "augment": None}],
+        }
+    )
+    assert (cfg.data.augment, cfg.teacher.augment) == ("strong", "weak")
+    assert [t.augment for t in cfg.teachers] == ["none", None]
+    assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+    cfg = load_config("digits/kd", ["teacher.augment=strong"])
+    assert cfg.teacher.augment == "strong"
+    with pytest.raises(ValueError, match=r"teachers\[0\]\.augment: expected one of 'none', 'weak', 'strong' or null"):
+        config_from_dict({"teachers": [{"name": "a", "augment": "medium"}]})
+    with pytest.raises(ValueError, match="teacher.augment"):
+        config_from_dict({"teacher": {"augment": "weak"}})  # no teacher named
+
+
+def test_digits_ensemble_configs():
+    cfg = load_config(REPO / "configs" / "digits" / "ensemble_kd.yaml")
+    assert cfg.distiller.name == "ensemble_kd" and cfg.distiller.kwargs["reduce"] == "mean_loss"
+    assert cfg.teacher.name == cfg.teachers[0].name == "resnet8x4" and len(cfg.teachers) == 1
+    assert cfg.teacher.checkpoint != cfg.teachers[0].checkpoint  # two differently seeded teachers
+    assert cfg.teachers[0].checkpoint == "runs/digits_teacher_s1/best.pt"
+    assert (cfg.data.augment, cfg.teacher.augment, cfg.teachers[0].augment) == ("weak", "weak", "weak")
+    text = (REPO / "configs" / "digits" / "ensemble_kd.yaml").read_text()
+    assert "ckakd train-teacher digits/teacher run.seed=1 run.name=digits_teacher_s1" in text
+    ls = load_config(REPO / "configs" / "digits" / "ensemble_lskd.yaml")
+    assert ls.distiller.kwargs == {
+        "T": 2.0,
+        "reduce": "mean_loss",
+        "standardize": True,
+        "ce_weight": 0.1,
+        "kd_weight": 9.0,
+    }
+    assert ls.teachers == cfg.teachers and ls.teacher == cfg.teacher
+
+
 # ------------------------------------------------------------------------------------------ files and inheritance
 
 
@@ -374,7 +415,7 @@ def test_overrides():
     assert load_config("digits/ce", ["teacher=null"]).teacher.name is None
     # list items by index
     ens = load_config("digits/ensemble_kd", ["teachers.0.checkpoint=other.pt"])
-    assert ens.teachers[0].checkpoint == "other.pt" and ens.teachers[0].name == "wrn_16_2"
+    assert ens.teachers[0].checkpoint == "other.pt" and ens.teachers[0].name == "resnet8x4"
 
 
 def test_override_errors():

@@ -14,6 +14,7 @@ from ckakd.train.data import (
     Cifar100Dataset,
     Cutout,
     ImageFolderDataset,
+    MultiView,
     RandAugmentLite,
     RandomCropFlip,
     load_digits_dataset,
@@ -300,3 +301,59 @@ def test_normalize_checks_channels():
     torch.testing.assert_close(out, (x - 0.5) / 0.25)
     with pytest.raises(ValueError, match="channels"):
         Normalize([0.5], [0.2])(x)
+
+
+# ----------------------------------------------------------------------------------- multi-view
+
+
+def test_flip_p_of_weak_and_strong_augment() -> None:
+    x = _img(1, 8, 8)
+    assert weak_augment(8).transforms[0].flip_p == 0.5 and strong_augment(8).transforms[0].flip_p == 0.5
+    for seed in range(20):  # no flip: every output is a (zero-filled) shift of x by at most one pixel
+        y = weak_augment(8, padding=1, flip_p=0.0)(x, generator=torch.Generator().manual_seed(seed))
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+        assert any(torch.equal(y, padded[:, a : a + 8, b : b + 8]) for a in range(3) for b in range(3))
+    assert strong_augment(8, padding=1, flip_p=0.0).transforms[0].flip_p == 0.0
+    flipped = weak_augment(8, padding=0, flip_p=1.0)(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(flipped, x.flip(-1))
+
+
+def test_multiview_transform() -> None:
+    x = _img(1, 8, 8)
+    mv = MultiView({"a": None, "b": strong_augment(8, padding=1), "c": strong_augment(8, padding=1)})
+    assert mv.names == ["a", "b", "c"]
+    out = mv(x, generator=torch.Generator().manual_seed(0))
+    assert list(out) == ["a", "b", "c"] and torch.equal(out["a"], x)
+    assert not torch.equal(out["b"], out["c"])  # independent draws
+    again = mv(x, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(out[k], again[k]) for k in out)
+    # the views are drawn in order from the one generator: view b equals a single-view draw of b
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(out["b"], strong_augment(8, padding=1)(x, generator=g))
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        MultiView({})
+    with pytest.raises(ValueError, match="non-empty strings"):
+        MultiView({"": None})
+    with pytest.raises(TypeError, match="callable or None"):
+        MultiView({"a": 3})
+
+
+def test_multiview_loader_workers_deterministic_and_shape_errors() -> None:
+    ds = load_digits_dataset("val")
+    mv = MultiView({"student": weak_augment(8, padding=1), "teacher0": strong_augment(8, padding=1)})
+    kw = dict(batch_size=128, shuffle=True, seed=2, num_workers=2, transform=mv)
+    a = [(dict(x), y) for x, y in make_loader(ds, **kw)]
+    b = [(dict(x), y) for x, y in make_loader(ds, **kw)]
+    assert len(a) == len(b) == 4
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(ya, yb) and list(xa) == ["student", "teacher0"]
+        assert all(torch.equal(xa[k], xb[k]) for k in xa)
+    # views may differ in shape from each other, not within a view
+    sizes = MultiView({"small": RandomCropFlip(6, padding=0), "full": None})
+    x, _ = next(iter(make_loader(ds, 4, False, 0, transform=sizes)))
+    assert x["small"].shape == (4, 1, 6, 6) and x["full"].shape == (4, 1, 8, 8)
+    ragged = TensorDataset(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    calls = iter([6, 7])
+    bad = MultiView({"v": lambda t: t[:, : next(calls)]})
+    with pytest.raises(ValueError, match=r"view 'v' has different shapes in one batch"):
+        next(iter(make_loader(ragged, 2, False, 0, transform=bad)))

@@ -42,13 +42,7 @@ from ckakd.train.distillers import (
 C = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs: intra-op threads only add contention on a shared 2-core machine (measured ~6x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(width: int, seed: int) -> nn.Module:

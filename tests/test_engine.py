@@ -551,3 +551,98 @@ def test_tensorboard_optional(tmp_path):
         return
     Trainer(mlp(), tr, va, s).fit()
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ callbacks
+
+
+class EveryOther:
+    """Reports on every ``every``-th epoch only; records what it saw of the trainer."""
+
+    def __init__(self, every: int = 2) -> None:
+        self.every = every
+        self.seen: list[tuple] = []
+        self.fit_ends = 0
+
+    def on_epoch_end(self, trainer, epoch):
+        self.seen.append((epoch, trainer.epoch, trainer.device.type, trainer.out_dir, type(trainer.model).__name__))
+        assert trainer.history == [] or trainer.history[-1]["epoch"] == epoch  # called before the row is added
+        if (epoch + 1) % self.every:
+            return None
+        return {"diag/every": float(epoch), "diag/tensor": torch.tensor(epoch * 2.0)}
+
+    def on_fit_end(self, trainer):
+        self.fit_ends += 1
+
+
+class FitEndOnly:
+    def __init__(self) -> None:
+        self.history_len = None
+
+    def on_fit_end(self, trainer):
+        self.history_len = len(trainer.history)
+
+
+def test_callbacks_values_land_in_metrics_files_and_checkpoints(tmp_path):
+    tr, va = loaders()
+    cb, end = EveryOther(2), FitEndOnly()
+    trainer = Trainer(mlp(), tr, va, settings(tmp_path, epochs=3, max_train_batches=1), callbacks=[cb, end])
+    assert trainer.epoch is None
+    trainer.fit()
+    assert [s[:2] for s in cb.seen] == [(0, 0), (1, 1), (2, 2)]
+    assert all(s[2] == "cpu" and s[3] == tmp_path and s[4] == "Sequential" for s in cb.seen)
+    assert cb.fit_ends == 1 and end.history_len == 3
+    js = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r.get("diag/every") for r in js] == [None, 1.0, None]
+    assert js[1]["diag/tensor"] == 2.0
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        lines = f.read().splitlines()
+    header = lines[0].split(",")
+    assert header[-3:] == ["diag/every", "diag/tensor", "epoch_time_s"]  # keys first seen in epoch 2: one header
+    assert len(lines) == 4 and all(len(line.split(",")) == len(header) for line in lines)
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert [r["diag/every"] for r in rows] == ["", "1.0", ""]
+    assert load_checkpoint(tmp_path / "latest.pt")["history"][1]["diag/every"] == 1.0
+
+
+def test_callback_values_survive_resume(tmp_path):
+    tr, va = loaders()
+    Trainer(mlp(), tr, va, settings(tmp_path, epochs=2, max_train_batches=1), callbacks=[EveryOther(2)]).fit()
+    cb = EveryOther(3)
+    tr, va = loaders()
+    Trainer(mlp(), tr, va, settings(tmp_path, epochs=3, max_train_batches=1, resume=True), callbacks=[cb]).fit()
+    assert [s[0] for s in cb.seen] == [2]  # only the new epoch
+    js = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r.get("diag/every") for r in js] == [None, 1.0, 2.0]
+    assert [r["diag/every"] for r in read_csv(tmp_path / "metrics.csv")] == ["", "1.0", "2.0"]
+
+
+def test_callback_errors(tmp_path):
+    tr, va = loaders()
+    with pytest.raises(TypeError, match="neither on_epoch_end"):
+        Trainer(mlp(), tr, va, settings(tmp_path), callbacks=[object()])
+
+    class Clash:
+        def on_epoch_end(self, trainer, epoch):
+            return {"val/top1": 1.0}
+
+    class NotAMapping:
+        def on_epoch_end(self, trainer, epoch):
+            return 3.0
+
+    class NotANumber:
+        def on_epoch_end(self, trainer, epoch):
+            return {"diag/x": "high"}
+
+    for cb, exc, message in [
+        (Clash(), ValueError, r"Clash.on_epoch_end returned 'val/top1', which is already a column"),
+        (NotAMapping(), TypeError, "must return a {name: number} mapping or None, got float"),
+        (NotANumber(), TypeError, r"value 'diag/x' must be a number \(or None\), got str"),
+    ]:
+        s = settings(tmp_path / type(cb).__name__, epochs=1, max_train_batches=1)
+        with pytest.raises(exc, match=message):
+            Trainer(mlp(), tr, va, s, callbacks=[cb]).fit()
+    # two callbacks reporting the same name
+    s = settings(tmp_path / "twice", epochs=2, max_train_batches=1)
+    with pytest.raises(ValueError, match="'diag/every'"):
+        Trainer(mlp(), tr, va, s, callbacks=[EveryOther(1), EveryOther(1)]).fit()

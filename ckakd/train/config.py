@@ -104,15 +104,20 @@ class RunConfig:
     tensorboard: bool = False
 
 
+Augment = Literal["none", "weak", "strong"]
+
+
 @dataclass
 class DataConfig:
-    """Dataset and loader. ``image_size=None``: the dataset's native size; ``val_fraction``: digits only."""
+    """Dataset and loader. ``image_size=None``: the dataset's native size; ``val_fraction``: digits only.
+    ``augment``: the student's training augmentation (teachers of ``ensemble_kd`` may have their own:
+    ``teacher.augment`` / ``teachers[i].augment``)."""
 
     name: Literal["digits", "cifar100", "imagefolder"] = "digits"
     root: str | None = field(default=None, metadata=_check(_non_empty))
     batch_size: int = field(default=64, metadata=_check(_positive))
     num_workers: int = field(default=0, metadata=_check(_non_negative))
-    augment: Literal["none", "weak", "strong"] = "weak"
+    augment: Augment = "weak"
     image_size: int | None = field(default=None, metadata=_check(_positive))
     val_fraction: float = field(default=0.25, metadata=_check(_open_unit))
     max_train_batches: int | None = field(default=None, metadata=_check(_positive))
@@ -130,20 +135,29 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    """The (first) teacher; ``name=None``: no teacher."""
+    """The (first) teacher; ``name=None``: no teacher. ``augment``: its ``ensemble_kd`` view (see
+    :class:`ModelSpec`)."""
 
     name: str | None = field(default=None, metadata=_check(_non_empty))
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = field(default=None, metadata=_check(_non_empty))
+    augment: Augment | None = None
 
 
 @dataclass
 class ModelSpec:
-    """One extra teacher of an ensemble (``teachers:`` entries); ``name`` is required."""
+    """One extra teacher of an ensemble (``teachers:`` entries); ``name`` is required.
+
+    ``augment`` (``none|weak|strong``; ``None``: the student's view) is the augmentation of the images this
+    teacher sees during ``ensemble_kd`` training, drawn independently of the student's (per-model
+    augmentation strength, seed 002's T1{w,s} T2{w,s} S{w,s} grid); ``None`` feeds the teacher the
+    student's exact view. Other distillers refuse it.
+    """
 
     name: str = field(metadata=_check(_non_empty))
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = field(default=None, metadata=_check(_non_empty))
+    augment: Augment | None = None
 
 
 @dataclass
@@ -411,10 +425,12 @@ def _cross_check(cfg: Config) -> None:
     ms = cfg.schedule.milestones
     if any(m <= 0 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
         raise ValueError(f"schedule.milestones: expected strictly increasing positive epochs, got {ms!r}")
-    if cfg.teacher.name is None and (cfg.teacher.checkpoint is not None or cfg.teacher.kwargs):
+    if cfg.teacher.name is None and (
+        cfg.teacher.checkpoint is not None or cfg.teacher.kwargs or cfg.teacher.augment is not None
+    ):
         raise ValueError(
-            "teacher.name is null but teacher.checkpoint/teacher.kwargs are set: name the teacher model "
-            "(e.g. teacher.name=resnet32x4) or drop them"
+            "teacher.name is null but teacher.checkpoint/teacher.kwargs/teacher.augment are set: name the teacher "
+            "model (e.g. teacher.name=resnet32x4) or drop them"
         )
 
 

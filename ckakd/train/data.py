@@ -10,7 +10,7 @@ import functools
 import inspect
 import math
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ __all__ = [
     "Compose",
     "Cutout",
     "ImageFolderDataset",
+    "MultiView",
     "RandAugmentLite",
     "RandomCropFlip",
     "RandomResizedCrop",
@@ -444,9 +445,10 @@ class Compose:
         return x
 
 
-def weak_augment(size: int | Sequence[int], padding: int = 4) -> Compose:
-    """Random crop (zero padding ``padding``) + horizontal flip to ``size``."""
-    return Compose([RandomCropFlip(size, padding=padding)])
+def weak_augment(size: int | Sequence[int], padding: int = 4, flip_p: float = 0.5) -> Compose:
+    """Random crop (zero padding ``padding``) to ``size`` + horizontal flip with probability ``flip_p``
+    (``flip_p=0``: a small random translation only, e.g. for digits, where a flip changes the class)."""
+    return Compose([RandomCropFlip(size, padding=padding, flip_p=flip_p)])
 
 
 def strong_augment(
@@ -455,17 +457,59 @@ def strong_augment(
     num_ops: int = 2,
     magnitude: float = 9.0,
     cutout: int | None = None,
+    flip_p: float = 0.5,
 ) -> Compose:
-    """Crop + flip, RandAugmentLite, then Cutout (default square side: half the shorter crop side)."""
+    """Crop + flip (probability ``flip_p``), RandAugmentLite, then Cutout (default square side: half the
+    shorter crop side)."""
     h, w = _pair(size)
     side = max(min(h, w) // 2, 1) if cutout is None else cutout
     return Compose(
-        [RandomCropFlip(size, padding=padding), RandAugmentLite(num_ops=num_ops, magnitude=magnitude), Cutout(side)]
+        [
+            RandomCropFlip(size, padding=padding, flip_p=flip_p),
+            RandAugmentLite(num_ops=num_ops, magnitude=magnitude),
+            Cutout(side),
+        ]
     )
 
 
+class MultiView:
+    """Several independently augmented views of one image: ``x (C, H, W) -> {name: view (C, H', W')}``.
+
+    ``views`` maps a view name (e.g. ``"student"``, ``"teacher0"``, ``"teacher1"``) to its transform
+    (``None``: the image unchanged). The views are drawn in the mapping's order from the one generator
+    passed in (the loader's seeded collate generator), so a loader with a ``MultiView`` transform is as
+    reproducible as a single-view one. :func:`make_loader` stacks the views per name: batches are
+    ``({name: (B, C, H', W')}, Y (B,))``. Every view must have the same shape across the samples of a batch
+    (different views may differ from each other).
+    """
+
+    def __init__(self, views: Mapping[str, Transform | None]) -> None:
+        if not isinstance(views, Mapping) or not views:
+            raise ValueError(f"MultiView needs a non-empty mapping of view name -> transform, got {views!r}")
+        for name, t in views.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"MultiView view names must be non-empty strings, got {name!r}")
+            if t is not None and not callable(t):
+                raise TypeError(f"MultiView view {name!r}: the transform must be callable or None, got {t!r}")
+        self.views: dict[str, Transform | None] = dict(views)
+
+    @property
+    def names(self) -> list[str]:
+        """The view names, in drawing order."""
+        return list(self.views)
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name, t in self.views.items():
+            out[name] = x if t is None else _call_transform(t, x, generator)
+        return out
+
+    def __repr__(self) -> str:
+        return f"MultiView({self.views!r})"
+
+
 def _accepts_generator(t: Transform) -> bool:
-    if isinstance(t, RandomCropFlip | Cutout | RandAugmentLite | Compose | RandomResizedCrop):
+    if isinstance(t, RandomCropFlip | Cutout | RandAugmentLite | Compose | RandomResizedCrop | MultiView):
         return True
     try:
         params = inspect.signature(t).parameters
@@ -486,6 +530,7 @@ def _call_transform(t: Transform, x: Tensor, generator: torch.Generator | None) 
 class _TransformCollate:
     """Collate ``[(x (C, H, W), y), ...]`` into ``(X (B, C, H', W'), Y (B,))``, transforming each x first.
 
+    A transform returning a mapping (:class:`MultiView`) gives ``({name: (B, C, H', W')}, Y)`` instead.
     Owns a generator seeded from ``seed`` so the augmentation stream is reproducible (per worker, the
     worker's copy is re-seeded with its id in ``_worker_init``).
     """
@@ -495,15 +540,35 @@ class _TransformCollate:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, batch: list[tuple[Any, Any]]) -> tuple[Tensor, Tensor]:
-        xs, ys = [], []
+    def __call__(self, batch: list[tuple[Any, Any]]) -> tuple[Tensor | dict[str, Tensor], Tensor]:
+        xs: list[Any] = []
+        ys = []
         for x, y in batch:
             x = torch.as_tensor(x)
             if self.transform is not None:
                 x = _call_transform(self.transform, x, self.generator)
             xs.append(x)
             ys.append(torch.as_tensor(y))
-        return torch.stack(xs), torch.stack(ys).long()
+        return _stack(xs), torch.stack(ys).long()
+
+
+def _stack(xs: list[Any]) -> Tensor | dict[str, Tensor]:
+    """Stack per-sample tensors, or per-sample ``{view: tensor}`` mappings view by view."""
+    if not xs or not isinstance(xs[0], Mapping):
+        return torch.stack(xs)
+    names = list(xs[0])
+    for i, x in enumerate(xs):
+        if not isinstance(x, Mapping) or list(x) != names:
+            got = list(x) if isinstance(x, Mapping) else type(x).__name__
+            raise ValueError(f"multi-view collate: sample {i} has views {got}, sample 0 has {names}")
+    out = {}
+    for name in names:
+        try:
+            out[name] = torch.stack([x[name] for x in xs])
+        except RuntimeError as exc:
+            shapes = sorted({tuple(x[name].shape) for x in xs})
+            raise ValueError(f"multi-view collate: view {name!r} has different shapes in one batch: {shapes}") from exc
+    return out
 
 
 def _worker_init(collate: _TransformCollate, worker_id: int) -> None:
@@ -522,8 +587,9 @@ def make_loader(
 ) -> DataLoader:
     """DataLoader with a seeded shuffling generator and a collate applying ``transform`` per sample.
 
-    Yields ``(X (B, C, H, W) float, Y (B,) long)``. Two loaders built with the same arguments yield the
-    same batches (order and augmentations), for ``num_workers=0`` and for fixed ``num_workers > 0``.
+    Yields ``(X (B, C, H, W) float, Y (B,) long)``; with ``transform=MultiView({...})`` X is a
+    ``dict[str, Tensor]`` with one (B, C, H, W) entry per view. Two loaders built with the same arguments
+    yield the same batches (order and augmentations), for ``num_workers=0`` and for fixed ``num_workers > 0``.
     """
     collate = _TransformCollate(transform, seed + 1)
     return DataLoader(

@@ -17,12 +17,11 @@ default the last of the model's ``stage_names`` (all of them for :class:`AT`).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import itertools
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import ckakd
+from ckakd._checks import module_names, resolve_module
 
 from .distributed import gather_batch
 from .hooks import FeatureHooks
@@ -210,26 +210,10 @@ def cosine_decay_weight(weight: float, epoch: int, total_epochs: int, decay_star
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _module_names(model: nn.Module, limit: int = 15) -> list[str]:
-    """Up to ``limit`` dotted submodule names, shallowest first (for error messages)."""
-    names = [n for n, _ in model.named_modules() if n]
-    names.sort(key=lambda n: n.count("."))  # stable sort: definition order within a depth
-    return names[:limit]
-
-
 def _check_path(model: nn.Module, path: object, role: str, argname: str) -> None:
     if not isinstance(path, str) or not path:
         raise ValueError(f"{argname} must hold non-empty dotted module paths (str), got {path!r}")
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        close = difflib.get_close_matches(path, names, n=3, cutoff=0.5)
-        hint = f" (did you mean {close}?)" if close else ""
-        raise ValueError(
-            f"{argname}: the {role} ({type(model).__name__}) has no module {path!r}{hint}; available modules "
-            f"include {_module_names(model)}"
-        ) from None
+    resolve_module(model, path, what=f"{argname}: the {role}")
 
 
 def _feature_paths(
@@ -241,7 +225,7 @@ def _feature_paths(
         if not stages:
             raise ValueError(
                 f"{argname} is required: the {role} ({type(model).__name__}) has no `stage_names` to take a default "
-                f"from; pass explicit dotted module paths (e.g. from {_module_names(model, 8)})"
+                f"from; pass explicit dotted module paths (e.g. from {module_names(model, 8)})"
             )
         paths = list(stages) if all_stages else [stages[-1]]
     elif isinstance(value, str):
@@ -313,7 +297,13 @@ class Distiller(nn.Module):
     mode, its modes restored after) checks that every teacher predicts as many classes as the student
     (``ValueError`` otherwise), sets :attr:`num_classes`, and records every submodule's output shape for
     building projectors. :attr:`epoch` / :attr:`total_epochs` are set by :meth:`set_epoch`.
+
+    Multi-view batches (``x`` a ``{view: Tensor}`` mapping, see :class:`~ckakd.train.data.MultiView`) are
+    taken only by distillers with ``accepts_views = True`` (:class:`EnsembleKD`); the others raise a
+    ``TypeError`` naming the views.
     """
+
+    accepts_views: bool = False
 
     def __init__(
         self,
@@ -527,7 +517,12 @@ class Distiller(nn.Module):
         return self.student(x)
 
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits_s = self.student_logits(x)
+        if isinstance(x, Mapping) and not self.accepts_views:
+            raise TypeError(
+                f"{type(self).__name__} takes plain-tensor batches, got a multi-view batch with views {list(x)}; "
+                "only EnsembleKD takes per-model views (build the train loader without a MultiView transform)"
+            )
+        logits_s = self.student_logits(x)  # the student's view: CE and the KD terms use the same logits
         out: dict[str, Tensor] = {}
         if self.ce_weight != 0.0:
             out["ce"] = self.ce_weight * F.cross_entropy(logits_s, y)
@@ -1197,13 +1192,27 @@ class WKDLogitFeature(_WKDFeaturePart, WKDLogit):
         }
 
 
+STUDENT_VIEW = "student"
+
+
 class EnsembleKD(Distiller):
-    """KD from several teachers.
+    """KD from any number of teachers, optionally each on its own augmented view of the batch.
 
     ``reduce="mean_loss"``: mean over teachers of ``kd_loss(z_s, z_t_i)`` (the paper's code);
     ``reduce="mean_target"``: KD to the average of the teachers' ``softmax(z_t_i / T)``.
-    ``standardize=True`` standardizes every net's logits first. With one teacher both equal :class:`KD`.
+    ``standardize=True``: logit-standardized KD, every net's logits z-scored per sample first
+    (:func:`standardize_logits`; the paper uses T=2, KD weight 9 with it). With one teacher both reductions
+    equal :class:`KD` (value and gradient).
+
+    Views (per-model augmentation, the T1{w,s} T2{w,s} S{w,s} grid): when ``x`` is a ``{view: Tensor}``
+    mapping (a :class:`~ckakd.train.data.MultiView` loader), the student sees ``x["student"]`` (its CE and
+    KD terms both use those logits) and teacher ``i`` sees ``x[teacher_views[i]]`` (default
+    ``"teacher{i}"``; name ``"student"`` to give a teacher the student's exact view). A missing view raises
+    ``KeyError`` naming it. When ``x`` is a Tensor every model sees it. :meth:`forward` (evaluation) takes a
+    plain tensor (a mapping: its ``"student"`` view).
     """
+
+    accepts_views = True
 
     def __init__(
         self,
@@ -1215,6 +1224,7 @@ class EnsembleKD(Distiller):
         standardize: bool = False,
         ce_weight: float = 0.1,
         kd_weight: float = 0.9,
+        teacher_views: Sequence[str] | None = None,
         input_shape: Sequence[int] | None = None,
     ) -> None:
         teachers = _teacher_list(teachers)
@@ -1222,11 +1232,72 @@ class EnsembleKD(Distiller):
             raise ValueError("EnsembleKD needs at least one teacher")
         if reduce not in ("mean_loss", "mean_target"):
             raise ValueError(f"reduce must be 'mean_loss' or 'mean_target', got {reduce!r}")
+        if not T > 0:
+            raise ValueError(f"temperature T must be > 0, got {T}")
+        if teacher_views is None:
+            views = [f"teacher{i}" for i in range(len(teachers))]
+        else:
+            if isinstance(teacher_views, str):
+                raise ValueError(f"teacher_views must be a list of view names (one per teacher), got {teacher_views!r}")
+            views = list(teacher_views)
+            if len(views) != len(teachers) or not all(isinstance(v, str) and v for v in views):
+                raise ValueError(
+                    f"teacher_views must name one view (a non-empty string) per teacher ({len(teachers)}), "
+                    f"got {teacher_views!r}"
+                )
         super().__init__(student, teachers, ce_weight=ce_weight, input_shape=input_shape)
         self.T, self.reduce, self.standardize, self.kd_weight = float(T), reduce, bool(standardize), float(kd_weight)
+        self.teacher_views: tuple[str, ...] = tuple(views)
 
-    def losses(self, x: Tensor, y: Tensor, logits_s: Tensor) -> dict[str, Tensor]:
+    @property
+    def view_names(self) -> list[str]:
+        """The views a multi-view batch must hold: ``"student"`` then the teachers' (without repeats)."""
+        return list(dict.fromkeys([STUDENT_VIEW, *self.teacher_views]))
+
+    @staticmethod
+    def _view(x: Tensor | Mapping[str, Tensor], name: str, role: str) -> Tensor:
+        if isinstance(x, Tensor):
+            return x
+        if isinstance(x, Mapping):
+            if name not in x:
+                raise KeyError(
+                    f"EnsembleKD: the multi-view batch has no view {name!r} for {role}; it has {list(x)} (build the "
+                    f"loader with a MultiView holding {name!r}, or pass teacher_views naming existing views)"
+                )
+            return x[name]
+        raise TypeError(f"EnsembleKD: expected a Tensor or a {{view: Tensor}} mapping, got {type(x).__name__}")
+
+    def _check_views(self, x: Tensor | Mapping[str, Tensor]) -> None:
+        if isinstance(x, Mapping):
+            roles = [("the student", STUDENT_VIEW)] + [(f"teacher {i}", v) for i, v in enumerate(self.teacher_views)]
+            for role, name in roles:
+                self._view(x, name, role)
+
+    def forward(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
+        return self.student(self._view(x, STUDENT_VIEW, "the student"))
+
+    def student_logits(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
+        return self.student(self._view(x, STUDENT_VIEW, "the student"))
+
+    @torch.no_grad()
+    def teacher_logits(self, x: Tensor | Mapping[str, Tensor]) -> list[Tensor]:
+        return [
+            t(self._view(x, name, f"teacher {i}"))
+            for i, (t, name) in enumerate(zip(self.teachers, self.teacher_views, strict=True))
+        ]
+
+    def forward_train(self, x: Tensor | Mapping[str, Tensor], y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        self._check_views(x)  # a missing view fails before any forward
+        return super().forward_train(x, y)  # type: ignore[arg-type]
+
+    def losses(self, x: Tensor | Mapping[str, Tensor], y: Tensor, logits_s: Tensor) -> dict[str, Tensor]:
         zts = self.teacher_logits(x)
+        for i, z in enumerate(zts):
+            if z.shape != logits_s.shape:
+                raise ValueError(
+                    f"teacher {i} returned logits of shape {tuple(z.shape)} but the student {tuple(logits_s.shape)} "
+                    "(multi-view batches: every view must hold the same samples, and the nets as many classes)"
+                )
         if self.reduce == "mean_loss":
             loss = torch.stack([kd_loss(logits_s, z_t, self.T, standardize=self.standardize) for z_t in zts]).mean()
         else:

@@ -6,7 +6,9 @@
 
 Per epoch it reseeds the loaders from ``(seed, epoch)``, trains with optional AMP and gradient clipping,
 evaluates, logs the teacher–student CKA of ``cka_pairs`` on a fixed validation subset, appends a row to
-``metrics.csv`` / ``metrics.jsonl`` and writes ``latest.pt`` / ``best.pt`` atomically. ``resume=True``
+``metrics.csv`` / ``metrics.jsonl`` (with what the ``callbacks`` return) and writes ``latest.pt`` / ``best.pt``
+atomically. Training batches may be multi-view (``({view: Tensor}, y)``, see
+:class:`~ckakd.train.data.MultiView`) for distillers that take them. ``resume=True``
 continues from ``out_dir/latest.pt`` (in deterministic mode bitwise-identically to an uninterrupted run).
 Under ``torchrun`` (``WORLD_SIZE > 1``) it runs DDP; only rank 0 writes files.
 """
@@ -24,7 +26,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "NonFiniteLossError",
     "TrainSettings",
+    "TrainerCallback",
     "Trainer",
     "evaluate",
     "seed_everything",
@@ -369,12 +372,32 @@ def _autocast(device: torch.device, amp: bool, amp_dtype: str):
     return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp_dtype], enabled=bool(amp))
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+def _split_batch(batch: Any) -> tuple[Any, Tensor]:
     if isinstance(batch, dict):
         return batch["image"] if "image" in batch else batch["x"], batch["label"] if "label" in batch else batch["y"]
     if isinstance(batch, list | tuple) and len(batch) >= 2:
         return batch[0], batch[1]
     raise TypeError(f"expected batches (x, y), got {type(batch).__name__}")
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    """Move a tensor, or every tensor of a ``{view: tensor}`` mapping (multi-view batches), to ``device``."""
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, Mapping):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    raise TypeError(f"expected batch inputs to be a Tensor or a {{view: Tensor}} mapping, got {type(x).__name__}")
+
+
+def _plain_input(x: Any, where: str) -> Tensor:
+    if isinstance(x, Mapping):
+        raise TypeError(
+            f"{where} needs plain-tensor batches (x, y), got a multi-view batch with views {list(x)}: build this "
+            "loader without a MultiView transform"
+        )
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: expected batch inputs to be a Tensor, got {type(x).__name__}")
+    return x
 
 
 @torch.no_grad()
@@ -406,7 +429,8 @@ def evaluate(
             if max_batches is not None and i >= max_batches:
                 break
             x, y = _split_batch(batch)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = _plain_input(x, "evaluate").to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
             with _autocast(device, amp, amp_dtype):
                 logits = model(x)
             logits = logits.float()
@@ -469,7 +493,7 @@ class _TrainStep(nn.Module):
         self.model = model
         self.distiller = callable(getattr(model, "forward_train", None))
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor | dict[str, Tensor], y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         if self.distiller:
             out = self.model.forward_train(x, y)
             if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
@@ -478,16 +502,54 @@ class _TrainStep(nn.Module):
                     f"got {type(out).__name__}"
                 )
             return out
+        if isinstance(x, Mapping):
+            raise TypeError(
+                f"a plain classifier ({type(self.model).__name__}) cannot train on multi-view batches (views "
+                f"{list(x)}): build the train loader without a MultiView transform, or train a distiller that "
+                "takes views (EnsembleKD)"
+            )
         logits = self.model(x)
         return logits, {"ce": F.cross_entropy(logits.float(), y)}
+
+
+class TrainerCallback:
+    """Optional base class documenting the callback protocol of :class:`Trainer` (any object with one or
+    both of these methods is a callback; subclassing is not required).
+
+    - ``on_epoch_end(trainer, epoch) -> dict[str, float] | None``: called after every epoch's validation
+      (``epoch`` 0-based; ``trainer.epoch`` is the same) on every rank, before the metrics row is written.
+      The returned ``{name: number}`` (``None`` or ``{}``: nothing this epoch) is merged into that epoch's
+      row: ``metrics.csv`` / ``metrics.jsonl``, TensorBoard and the checkpoints' ``history``, so it
+      survives resume. Names must not clash with the trainer's own columns (``epoch``, ``lr``,
+      ``train/*``, ``val/*``, ``cka/*``, ``epoch_time_s``) or another callback's. Only rank 0's values are
+      written; callbacks doing collectives must make them on every rank.
+    - ``on_fit_end(trainer) -> None``: called once when :meth:`Trainer.fit` completes normally (after
+      the last checkpoint and the plots; not when training raises).
+
+    Useful attributes: ``trainer.model`` (the Distiller or classifier), ``trainer.student``,
+    ``trainer.device``, ``trainer.out_dir``, ``trainer.epoch``, ``trainer.history``, ``trainer.is_main``,
+    ``trainer.val_loader``, ``trainer.settings``.
+    """
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> dict[str, float] | None:
+        return None
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        return None
+
+
+_CALLBACK_HOOKS = ("on_epoch_end", "on_fit_end")
 
 
 class Trainer:
     """Train ``model`` on ``train_loader``, evaluating on ``val_loader`` (see the module docstring).
 
     ``teacher_for_cka``: the network whose features the ``cka_pairs`` teacher paths refer to (default: the
-    Distiller's first teacher, if any). Batches are ``(x, y)``; under DDP the loaders' per-rank batch size
-    is kept and their samplers are replaced by distributed ones.
+    Distiller's first teacher, if any). Batches are ``(x, y)``, where the training ``x`` may also be a
+    ``{view: Tensor}`` mapping (multi-view batches; the model must be a distiller that takes them); under DDP
+    the loaders' per-rank batch size is kept and their samplers are replaced by distributed ones.
+    ``callbacks``: objects with ``on_epoch_end(trainer, epoch)`` and/or ``on_fit_end(trainer)`` (see
+    :class:`TrainerCallback`), called in order.
     """
 
     def __init__(
@@ -498,13 +560,16 @@ class Trainer:
         settings: TrainSettings,
         *,
         teacher_for_cka: nn.Module | None = None,
+        callbacks: Sequence[Any] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(settings, TrainSettings):
             raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
+        self.callbacks: list[Any] = _check_callbacks(callbacks)
         self.settings = s = settings
         self.out_dir = Path(s.out_dir)
+        self.epoch: int | None = None  # the 0-based epoch running (or last run); None before fit()
 
         # --- processes, device, seeds
         device_hint = "cpu" if str(s.device) == "cpu" or not torch.cuda.is_available() else "cuda"
@@ -666,6 +731,7 @@ class Trainer:
         xs, n = [], 0
         for batch in loader:
             x, _ = _split_batch(batch)
+            x = _plain_input(x, "the CKA log (validation loader)")
             xs.append(x[: limit - n].detach().cpu())
             n += xs[-1].shape[0]
             if n >= limit:
@@ -797,6 +863,8 @@ class Trainer:
         columns: list[str] = []
         for row in self.history:
             columns += [k for k in row if k not in columns]
+        if "epoch_time_s" in columns:  # keys first seen in a later epoch (callbacks) go before the time column
+            columns = [c for c in columns if c != "epoch_time_s"] + ["epoch_time_s"]
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
         if columns:
@@ -877,7 +945,7 @@ class Trainer:
                 if s.max_train_batches is not None and step >= s.max_train_batches:
                     break
                 x, y = _split_batch(batch)
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                x, y = _to_device(x, self.device), y.to(self.device, non_blocking=True)
                 with _autocast(self.device, s.amp, s.amp_dtype):
                     logits, losses = self._step_module(x, y)
                 if not losses:
@@ -897,6 +965,11 @@ class Trainer:
                 self.scaler.update()
                 self._global_step += 1
                 bs = int(y.shape[0])
+                if logits.shape[0] != bs:
+                    raise ValueError(
+                        f"the training forward returned logits for {logits.shape[0]} samples but the batch has {bs} "
+                        "labels (multi-view batches: the logits must be the student view's)"
+                    )
                 hard_labels = hard_labels and y.ndim == 1
                 correct = float((logits.detach().argmax(1) == y).sum()) if y.ndim == 1 else 0.0
                 v = vals_cpu.tolist()
@@ -985,6 +1058,10 @@ class Trainer:
         self._plot()
         if self._tb is not None:
             self._tb.close()
+        for cb in self.callbacks:
+            hook = getattr(cb, "on_fit_end", None)
+            if callable(hook):
+                hook(self)
         last = self.history[-1] if self.history else {}
         result = {
             "best_top1": self.best_top1,
@@ -1007,6 +1084,7 @@ class Trainer:
     def _run_epoch(self, epoch: int) -> None:
         s = self.settings
         t0 = time.perf_counter()
+        self.epoch = epoch
         lr = float(self.optimizer.param_groups[0]["lr"])
         train = self._train_epoch(epoch)
         if self.distributed:
@@ -1022,6 +1100,8 @@ class Trainer:
             row.update({"val/top1": val["top1"], "val/top5": val.get("top5"), "val/loss": val["loss"]})
             row["val/n"] = val["n"]
         row.update(cka)
+        extra = self._run_epoch_callbacks(epoch, row)
+        row.update(extra)
         row["epoch_time_s"] = time.perf_counter() - t0
         self.history.append(row)
         improved = val is not None and (self.best_top1 is None or val["top1"] > self.best_top1)
@@ -1045,8 +1125,67 @@ class Trainer:
         msg = f"epoch {epoch + 1}/{s.epochs}  lr {lr:.4g}  loss {train['train/loss']:.4f}"
         if val is not None:
             msg += f"  val top1 {val['top1']:.2f}"
-        msg += "".join(f"  {k} {v:.3f}" for k, v in cka.items()) + f"  ({row['epoch_time_s']:.1f}s)"
+        msg += "".join(f"  {k} {v:.3f}" for k, v in cka.items())
+        msg += "".join(f"  {k} {v:.4g}" for k, v in extra.items() if v is not None)
+        msg += f"  ({row['epoch_time_s']:.1f}s)"
         self._log(msg)
+
+    def _run_epoch_callbacks(self, epoch: int, row: dict[str, Any]) -> dict[str, float | None]:
+        """Call every callback's ``on_epoch_end``; their merged, checked values (see :class:`TrainerCallback`)."""
+        out: dict[str, float | None] = {}
+        for cb in self.callbacks:
+            hook = getattr(cb, "on_epoch_end", None)
+            if not callable(hook):
+                continue
+            values = hook(self, epoch)
+            if values is None:
+                continue
+            name = type(cb).__name__
+            if not isinstance(values, Mapping):
+                raise TypeError(
+                    f"callback {name}.on_epoch_end must return a {{name: number}} mapping or None, "
+                    f"got {type(values).__name__}"
+                )
+            for k, v in values.items():
+                if not isinstance(k, str) or not k:
+                    raise TypeError(f"callback {name}.on_epoch_end returned a non-string key {k!r}")
+                if k in row or k in out or k == "epoch_time_s":
+                    raise ValueError(
+                        f"callback {name}.on_epoch_end returned {k!r}, which is already a column of this epoch's "
+                        "metrics row (trainer or another callback): use a distinct name, e.g. a 'diag/' prefix"
+                    )
+                out[k] = _metric_value(v, f"callback {name}.on_epoch_end value {k!r}")
+        return out
+
+
+def _check_callbacks(callbacks: Sequence[Any]) -> list[Any]:
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, str | bytes) or not isinstance(callbacks, Iterable):
+        raise TypeError(f"callbacks must be a sequence of callback objects, got {type(callbacks).__name__}")
+    out = list(callbacks)
+    for cb in out:
+        if not any(callable(getattr(cb, h, None)) for h in _CALLBACK_HOOKS):
+            raise TypeError(
+                f"callback {cb!r} ({type(cb).__name__}) has neither on_epoch_end(trainer, epoch) nor "
+                "on_fit_end(trainer)"
+            )
+    return out
+
+
+def _metric_value(v: Any, what: str) -> float | None:
+    """A callback's value as a float (0-dim tensors, numpy scalars, ints and bools accepted); None stays None."""
+    if v is None:
+        return None
+    if isinstance(v, Tensor):
+        if v.numel() != 1:
+            raise TypeError(f"{what} must be a number, got a tensor of shape {tuple(v.shape)}")
+        return float(v.detach().cpu().item())
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, bool | int | float):
+        return float(v)
+    raise TypeError(f"{what} must be a number (or None), got {type(v).__name__}")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from ckakd._checks import resolve_module
 
 __all__ = ["FeatureHooks"]
 
@@ -55,16 +56,7 @@ class FeatureHooks:
     def _resolve(model: nn.Module, path: str) -> nn.Module:
         if not isinstance(path, str):
             raise TypeError(f"feature paths must be strings, got {type(path).__name__}")
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            names = [n for n, _ in model.named_modules() if n]
-            close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
-            hint = f"; did you mean one of {close}?" if close else ""
-            raise ValueError(
-                f"no submodule {path!r} in {type(model).__name__}{hint} (top-level children: "
-                f"{[n for n, _ in model.named_children()]})"
-            ) from None
+        return resolve_module(model, path)
 
     def _clear(self, module: nn.Module, args: Any) -> None:
         self._store.clear()

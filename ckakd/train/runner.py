@@ -30,9 +30,13 @@ __all__ = [
     "build_model",
     "build_teachers",
     "build_run_distiller",
+    "build_train_views",
+    "teacher_augments",
+    "train_transform",
     "train_settings",
     "run_dir",
     "train_teacher",
+    "cached_train_teacher",
     "distill",
     "evaluate_checkpoint",
     "compute_interrelation",
@@ -55,8 +59,10 @@ class DataBundle:
     val: Dataset
     num_classes: int
     input_shape: tuple[int, int, int]  # (C, H, W) of the batches the models see
-    train_transform: Any
+    train_transform: Any  # the student's (data.augment)
     val_transform: Any
+    dataset: str = ""  # data.name
+    native_size: int = 0  # the dataset's native image side (before data.image_size resizing)
 
 
 def _check_root(cfg: Config) -> Path:
@@ -108,7 +114,7 @@ def build_data(cfg: Config) -> DataBundle:
         raise ConfigError(f"data.name must be 'digits', 'cifar100' or 'imagefolder', got {d.name!r}")
     size = d.image_size or native
     train_t, val_t = _transforms(d.name, d.augment, size, native)
-    return DataBundle(train, val, classes, (channels, size, size), train_t, val_t)
+    return DataBundle(train, val, classes, (channels, size, size), train_t, val_t, d.name, native)
 
 
 def pickle_errors() -> type[Exception]:
@@ -118,7 +124,14 @@ def pickle_errors() -> type[Exception]:
 
 
 def _transforms(name: str, augment: str, size: int, native: int):
-    """(train transform, val transform) as loader collate transforms (``None`` = identity)."""
+    """(train transform, val transform) as loader collate transforms (``None`` = identity).
+
+    ``augment``: ``none``; ``weak`` = random crop (zero padding size/8) + horizontal flip; ``strong`` = that
+    + RandAugmentLite + Cutout (ImageNet: random-resized crop instead of the padded crop). Digits are never
+    flipped (a mirrored 2, 3, 5 or 7 is not that digit): their ``weak`` is a translation by at most one
+    pixel (8x8: ``RandomCropFlip(8, padding=1, flip_p=0)``), their ``strong`` adds one RandAugment op at
+    magnitude 5 and a 2x2 cutout.
+    """
     if name == "imagefolder":  # the ImageNet recipe: random-resized crop + flip / resize + centre crop
         norm = D.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         train = [D.RandomResizedCrop(size)]
@@ -129,10 +142,16 @@ def _transforms(name: str, augment: str, size: int, native: int):
         return D.Compose([*train, norm]), D.Compose([D.Resize(round(size * 256 / 224)), D.CenterCrop(size), norm])
     resize = [D.Resize((size, size))] if size != native else []
     pad = max(size // 8, 1)
+    flip_p = 0.0 if name == "digits" else 0.5
     if augment == "weak":
-        train = D.Compose([*resize, D.RandomCropFlip(size, padding=pad)])
+        train = D.Compose([*resize, D.RandomCropFlip(size, padding=pad, flip_p=flip_p)])
+    elif augment == "strong" and name == "digits":
+        # 8x8 digits: the CIFAR strength (2 ops at magnitude 9, a 4x4 cutout) erases the digit; one op at
+        # magnitude 5 and a 2x2 cutout keep it readable
+        strong = D.strong_augment(size, padding=pad, num_ops=1, magnitude=5.0, cutout=max(size // 4, 1), flip_p=0.0)
+        train = D.Compose([*resize, *strong.transforms])
     elif augment == "strong":
-        train = D.Compose([*resize, *D.strong_augment(size, padding=pad).transforms])
+        train = D.Compose([*resize, *D.strong_augment(size, padding=pad, flip_p=flip_p).transforms])
     else:
         train = D.Compose(resize) if resize else None
     return train, (D.Compose(resize) if resize else None)
@@ -185,6 +204,60 @@ def build_teachers(cfg: Config, bundle: DataBundle, *, require: bool = True) -> 
     return out
 
 
+def teacher_augments(cfg: Config) -> list[tuple[str, str | None]]:
+    """``(section, augment)`` of every teacher, in :func:`build_teachers` order (``teacher`` first, then
+    ``teachers[i]``): teacher ``i`` of the distiller reads the view ``"teacher{i}"``."""
+    out: list[tuple[str, str | None]] = []
+    if cfg.teacher.name:
+        out.append(("teacher", cfg.teacher.augment))
+    out += [(f"teachers[{i}]", t.augment) for i, t in enumerate(cfg.teachers)]
+    return out
+
+
+def train_transform(bundle: DataBundle, augment: str) -> Any:
+    """The training transform of strength ``augment`` (``none|weak|strong``) for ``bundle``'s dataset and
+    image size: the one ``data.augment`` selects for the student (``None`` = identity)."""
+    if augment not in ("none", "weak", "strong"):
+        raise ConfigError(f"augment must be 'none', 'weak' or 'strong', got {augment!r}")
+    if not bundle.dataset or not bundle.native_size:
+        raise ConfigError("the DataBundle does not record its dataset and native size: build it with build_data()")
+    return _transforms(bundle.dataset, augment, bundle.input_shape[1], bundle.native_size)[0]
+
+
+def build_train_views(cfg: Config, bundle: DataBundle) -> tuple[D.MultiView | None, list[str] | None]:
+    """Per-model augmentation for ``ensemble_kd``: ``(MultiView train transform, EnsembleKD teacher_views)``.
+
+    The views are ``"student"`` (``data.augment``) and ``"teacher{i}"`` for every teacher ``i`` whose
+    ``augment`` is set, each drawn independently from the same source image; a teacher with
+    ``augment: null`` reads the student's view. ``(None, None)`` when no teacher sets ``augment`` (a plain
+    single-view loader). Raises :class:`ConfigError` when a teacher sets ``augment`` for another
+    distiller, or ``distiller.kwargs.teacher_views`` is set as well.
+    """
+    augs = teacher_augments(cfg)
+    set_by = [section for section, a in augs if a is not None]
+    if not set_by:
+        return None, None
+    if cfg.distiller.name != "ensemble_kd":
+        raise ConfigError(
+            f"{', '.join(s + '.augment' for s in set_by)}: per-teacher augmentation is only used by distiller "
+            f"'ensemble_kd', not {cfg.distiller.name!r}; drop it (set it to null)"
+        )
+    if "teacher_views" in cfg.distiller.kwargs:
+        raise ConfigError(
+            "distiller.kwargs.teacher_views cannot be combined with teacher(s).augment: the views are built from "
+            "the augment settings; drop one of them"
+        )
+    views: dict[str, Any] = {"student": bundle.train_transform}
+    teacher_views: list[str] = []
+    for i, (_, aug) in enumerate(augs):
+        if aug is None:
+            teacher_views.append("student")
+        else:
+            views[f"teacher{i}"] = train_transform(bundle, aug)
+            teacher_views.append(f"teacher{i}")
+    return D.MultiView(views), teacher_views
+
+
 def _load_cost(cfg: Config, num_classes: int) -> torch.Tensor | None:
     if cfg.distiller.name not in ("wkd_l", "wkd_lf"):
         return None
@@ -207,9 +280,19 @@ def _load_cost(cfg: Config, num_classes: int) -> torch.Tensor | None:
     return cost_from_interrelation(ir, sharpen=cfg.distiller.sharpen)
 
 
-def build_run_distiller(cfg: Config, student: nn.Module, teachers: list[nn.Module], bundle: DataBundle):
-    """``build_distiller`` with the config's kwargs, the loaded WKD cost and the input shape."""
+def build_run_distiller(
+    cfg: Config,
+    student: nn.Module,
+    teachers: list[nn.Module],
+    bundle: DataBundle,
+    *,
+    teacher_views: Sequence[str] | None = None,
+):
+    """``build_distiller`` with the config's kwargs, the loaded WKD cost and the input shape;
+    ``teacher_views`` (from :func:`build_train_views`) goes to ``ensemble_kd``."""
     kwargs = dict(cfg.distiller.kwargs)
+    if teacher_views is not None:
+        kwargs["teacher_views"] = list(teacher_views)
     cost = _load_cost(cfg, bundle.num_classes)
     if cost is not None:
         kwargs["cost"] = cost
@@ -279,12 +362,13 @@ def train_settings(cfg: Config, *, resume: bool, cka_pairs: Sequence[tuple[str, 
     )
 
 
-def _loaders(cfg: Config, bundle: DataBundle):
-    """Seeded (train, val) loaders; under torchrun the Trainer swaps in distributed samplers itself."""
+def _loaders(cfg: Config, bundle: DataBundle, train_transform: Any = None):
+    """Seeded (train, val) loaders; under torchrun the Trainer swaps in distributed samplers itself.
+    ``train_transform`` (e.g. a :class:`~ckakd.train.data.MultiView`) replaces the bundle's; validation
+    batches are always plain tensors."""
     d = cfg.data
-    train = D.make_loader(
-        bundle.train, d.batch_size, True, cfg.run.seed, d.num_workers, d.drop_last, bundle.train_transform
-    )
+    t = bundle.train_transform if train_transform is None else train_transform
+    train = D.make_loader(bundle.train, d.batch_size, True, cfg.run.seed, d.num_workers, d.drop_last, t)
     val_bs = max(d.batch_size, 256)
     val = D.make_loader(bundle.val, val_bs, False, cfg.run.seed, d.num_workers, False, bundle.val_transform)
     return train, val
@@ -298,8 +382,9 @@ def _save_config(cfg: Config) -> Path:
     return out
 
 
-def train_teacher(cfg: Config, *, resume: bool = False) -> dict:
-    """Train ``cfg.model`` with cross-entropy (no distiller); checkpoints in ``run_dir(cfg)``."""
+def train_teacher(cfg: Config, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
+    """Train ``cfg.model`` with cross-entropy (no distiller); checkpoints in ``run_dir(cfg)``. ``callbacks`` go
+    to the :class:`~ckakd.train.engine.Trainer`."""
     bundle = build_data(cfg)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     model = build_model(cfg.model.name, cfg.model.kwargs, bundle.num_classes, bundle.input_shape[0], section="model")
@@ -307,25 +392,55 @@ def train_teacher(cfg: Config, *, resume: bool = False) -> dict:
         _load_weights(model, cfg.model.checkpoint, "model")
     train, val = _loaders(cfg, bundle)
     out = _save_config(cfg)
-    result = Trainer(model, train, val, train_settings(cfg, resume=resume)).fit()
+    result = Trainer(model, train, val, train_settings(cfg, resume=resume), callbacks=callbacks).fit()
     return {**result, "out_dir": str(out)}
 
 
-def distill(cfg: Config, *, resume: bool = False) -> dict:
-    """Distil ``cfg.teacher`` (+ ``cfg.teachers``) into ``cfg.model`` with ``cfg.distiller``."""
+def cached_train_teacher(cfg: Config, *, retrain: bool = False) -> tuple[Path, float, bool]:
+    """:func:`train_teacher`, unless ``run_dir(cfg)`` already holds ``best.pt`` from the same resolved config.
+
+    Returns (``best.pt`` path, best val top-1 %, whether the cached run was reused).
+    """
+    import csv
+
+    from .config import load_config
+
+    tdir = run_dir(cfg)
+    ckpt, saved = tdir / "best.pt", tdir / "config.yaml"
+    reused = False
+    if not retrain and ckpt.is_file() and saved.is_file():
+        try:
+            reused = load_config(saved).to_dict() == cfg.to_dict()
+        except ValueError:
+            reused = False
+    if not reused:
+        train_teacher(cfg)
+    with (tdir / "metrics.csv").open() as f:
+        best = max((float(r["val/top1"]) for r in csv.DictReader(f) if r.get("val/top1")), default=float("nan"))
+    return ckpt, best, reused
+
+
+def distill(cfg: Config, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
+    """Distil ``cfg.teacher`` (+ ``cfg.teachers``) into ``cfg.model`` with ``cfg.distiller``.
+
+    ``ensemble_kd`` with per-teacher ``augment`` trains on multi-view batches (:func:`build_train_views`).
+    ``callbacks`` go to the :class:`~ckakd.train.engine.Trainer`.
+    """
     bundle = build_data(cfg)
+    views, teacher_views = build_train_views(cfg, bundle)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     needs_teacher = cfg.distiller.name != "ce"
     teachers = build_teachers(cfg, bundle, require=needs_teacher)
     student = build_model(cfg.model.name, cfg.model.kwargs, bundle.num_classes, bundle.input_shape[0], section="model")
     if cfg.model.checkpoint:
         _load_weights(student, cfg.model.checkpoint, "model")
-    distiller = build_run_distiller(cfg, student, teachers, bundle)
+    distiller = build_run_distiller(cfg, student, teachers, bundle, teacher_views=teacher_views)
     pairs = _check_cka_pairs(cfg, student, teachers[0] if teachers else None)
-    train, val = _loaders(cfg, bundle)
+    train, val = _loaders(cfg, bundle, views)
     out = _save_config(cfg)
     settings = train_settings(cfg, resume=resume, cka_pairs=pairs if teachers else ())
-    result = Trainer(distiller, train, val, settings, teacher_for_cka=teachers[0] if teachers else None).fit()
+    teacher_for_cka = teachers[0] if teachers else None
+    result = Trainer(distiller, train, val, settings, teacher_for_cka=teacher_for_cka, callbacks=callbacks).fit()
     return {**result, "out_dir": str(out)}
 
 
