@@ -246,10 +246,14 @@ def _plots(results: dict[str, Any], out: Path, teachers_ckpts: tuple) -> list[st
     ]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
     for ax, (key, label) in zip(axes, keys, strict=True):
+        colors = plt.get_cmap("tab10")
         for r in rows:
             ys = [float(h[key]) for h in r["history"] if h.get(key) not in (None, "")]
-            if ys:
-                ax.plot(range(1, len(ys) + 1), ys, marker=".", alpha=0.8, label=f"{r['setting']} {r['kd'][:3]}")
+            if ys:  # colour = the augmentation setting, line style = vanilla (solid) / standardized (dashed)
+                style = "-" if r["kd"] == "vanilla" else "--"
+                color = colors(SETTINGS.index(r["setting"]) % 10)
+                label = f"{r['setting']} {r['kd'][:3]}"
+                ax.plot(range(1, len(ys) + 1), ys, style, color=color, marker=".", alpha=0.85, label=label)
         ax.set_xlabel("epoch")
         ax.set_title(label)
         ax.grid(alpha=0.3)
