@@ -591,7 +591,23 @@ def make_loader(
     ``dict[str, Tensor]`` with one (B, C, H, W) entry per view. Two loaders built with the same arguments
     yield the same batches (order and augmentations), for ``num_workers=0`` and for fixed ``num_workers > 0``.
     """
-    collate = _TransformCollate(transform, seed + 1)
+    return seeded_loader(
+        dataset, batch_size, shuffle, seed, _TransformCollate(transform, seed + 1), num_workers, drop_last
+    )
+
+
+def seeded_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    collate: Any,
+    num_workers: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """DataLoader whose shuffling draws from ``loader.generator`` (seeded with ``seed``) and whose ``collate``
+    (an object with ``.generator`` and ``.seed``, e.g. a transform-applying collate) is re-seeded per worker.
+    The trainer reseeds both per epoch, which makes runs and resumes reproducible."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
