@@ -8,6 +8,8 @@
     ckakd study                                  the ensemble-KD diagnostics study (digits by default)
     ckakd configs                                list the shipped configs
     ckakd info                                   versions and active backends
+    ckakd detect-demo                            RetinaNet teacher + distilled students, COCO AP table
+    ckakd detect-train | detect-distill | detect-eval   detection training / FPN distillation / COCO AP
 
 CONFIG is a YAML file or a shipped config name (``ckakd configs``); ``key=value`` pairs override it
 (``optim.lr=0.1 distiller.kwargs.alpha=3``). Every run writes its resolved config next to its outputs.
@@ -64,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-class", type=int, default=64, help="training images per class (default 64)")
     p.add_argument("--layer", default=None, help="teacher feature layer (dotted path; default: its last stage)")
     p.add_argument("--out", default=None, help="output file (default: next to the teacher checkpoint)")
+
+    from ckakd.detection.demo import add_detection_commands
+
+    add_detection_commands(sub)
 
     sub.add_parser("configs", help="list the shipped configs")
     p = sub.add_parser("info", help="versions, devices and active backends")
@@ -139,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ckakd.demo import run_demo_from_args
 
         return run_demo_from_args(args)
+    if args.command.startswith("detect-"):
+        from ckakd.detection.demo import run_detection_command
+
+        return run_detection_command(args)
     if args.command == "study":
         from ckakd.study import run_study_from_args
 

@@ -199,8 +199,9 @@ def test_anchor_generator_counts_sizes_and_positions() -> None:
 
 
 def test_anchor_matcher_hand_made() -> None:
-    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0], [50.0, 50.0, 60.0, 60.0],
-                            [0.0, 0.0, 14.0, 10.0]])
+    anchors = torch.tensor(
+        [[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0], [50.0, 50.0, 60.0, 60.0], [0.0, 0.0, 14.0, 10.0]]
+    )
     matcher = AnchorMatcher(0.5, 0.4, allow_low_quality_matches=True)
     # gt 0 equals anchor 1; gt 1 overlaps anchor 2 with IoU 0.25 only (low-quality match)
     gts = torch.tensor([[20.0, 20.0, 40.0, 40.0], [50.0, 50.0, 55.0, 55.0]])
@@ -259,8 +260,9 @@ def test_resnet_fpn_shapes_and_hook_paths(hw: tuple[int, int]) -> None:
     for depth in (18, 50):
         fpn = ResNetFPN(depth=depth, width=4, out_channels=16)
         feats = fpn(torch.randn(2, 3, h, w))
-        assert [tuple(f.shape) for f in feats] == [(2, 16, math.ceil(h / 2**lv), math.ceil(w / 2**lv))
-                                                   for lv in range(3, 8)]
+        assert [tuple(f.shape) for f in feats] == [
+            (2, 16, math.ceil(h / 2**lv), math.ceil(w / 2**lv)) for lv in range(3, 8)
+        ]
     det = _tiny(RetinaNet)
     seen: dict[str, torch.Tensor] = {}
     for name in det.feature_names:
@@ -279,8 +281,12 @@ def test_detector_head_output_shapes(hw: tuple[int, int]) -> None:
         det = _tiny(cls)
         feats = det.features(x)
         outs = det.head_outputs(feats)
-        sizes = [(h // 2**lv) * (w // 2**lv) if h % 2**lv == 0 and w % 2**lv == 0
-                 else math.ceil(h / 2**lv) * math.ceil(w / 2**lv) for lv in range(3, 8)]
+        sizes = [
+            (h // 2**lv) * (w // 2**lv)
+            if h % 2**lv == 0 and w % 2**lv == 0
+            else math.ceil(h / 2**lv) * math.ceil(w / 2**lv)
+            for lv in range(3, 8)
+        ]
         assert [tuple(t.shape) for t in outs["cls_logits"]] == [(2, s * a, 3) for s in sizes]
         assert [tuple(t.shape) for t in outs["box_regression"]] == [(2, s * a, 4) for s in sizes]
         if cls is FCOS:
@@ -332,7 +338,7 @@ def _synthetic_batch() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     labels = [torch.tensor([0]), torch.tensor([1, 2])]
     for i, bs in enumerate(boxes):
         for b, lab in zip(bs.long().tolist(), labels[i].tolist(), strict=True):
-            x[i, lab, b[1]:b[3], b[0]:b[2]] += 1.0
+            x[i, lab, b[1] : b[3], b[0] : b[2]] += 1.0
     return x, [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
 
 

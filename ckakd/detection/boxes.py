@@ -93,8 +93,10 @@ def _paired_iou_giou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float) -> 
     _check_boxes(boxes1, "boxes1")
     _check_boxes(boxes2, "boxes2")
     if boxes1.shape != boxes2.shape:
-        raise ValueError(f"boxes1 and boxes2 must be matched pairs of equal shape, got {tuple(boxes1.shape)} "
-                         f"and {tuple(boxes2.shape)}")
+        raise ValueError(
+            f"boxes1 and boxes2 must be matched pairs of equal shape, got {tuple(boxes1.shape)} "
+            f"and {tuple(boxes2.shape)}"
+        )
     x1 = torch.max(boxes1[:, 0], boxes2[:, 0])
     y1 = torch.max(boxes1[:, 1], boxes2[:, 1])
     x2 = torch.min(boxes1[:, 2], boxes2[:, 2])
@@ -147,8 +149,9 @@ class BoxCoder:
         _check_boxes(anchors, "anchors")
         _check_boxes(boxes, "boxes")
         if anchors.shape != boxes.shape:
-            raise ValueError(f"anchors and boxes must have equal shapes, got {tuple(anchors.shape)} "
-                             f"and {tuple(boxes.shape)}")
+            raise ValueError(
+                f"anchors and boxes must have equal shapes, got {tuple(anchors.shape)} and {tuple(boxes.shape)}"
+            )
         wx, wy, ww, wh = self.weights
         aw = anchors[:, 2] - anchors[:, 0]
         ah = anchors[:, 3] - anchors[:, 1]
@@ -167,8 +170,9 @@ class BoxCoder:
         _check_boxes(anchors, "anchors")
         _check_boxes(deltas, "deltas")
         if anchors.shape != deltas.shape:
-            raise ValueError(f"anchors and deltas must have equal shapes, got {tuple(anchors.shape)} "
-                             f"and {tuple(deltas.shape)}")
+            raise ValueError(
+                f"anchors and deltas must have equal shapes, got {tuple(anchors.shape)} and {tuple(deltas.shape)}"
+            )
         anchors = anchors.to(deltas.dtype)
         wx, wy, ww, wh = self.weights
         aw = anchors[:, 2] - anchors[:, 0]
@@ -203,7 +207,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     while True:
         keep.append(idx)
         alive[idx] = False
-        alive &= box_iou(sorted_boxes[idx:idx + 1], sorted_boxes)[0] <= iou_threshold
+        alive &= box_iou(sorted_boxes[idx : idx + 1], sorted_boxes)[0] <= iou_threshold
         nxt = torch.nonzero(alive)
         if nxt.numel() == 0:
             break
@@ -219,8 +223,10 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     """
     _check_boxes(boxes, "boxes")
     if labels.shape != scores.shape or scores.shape != boxes.shape[:1]:
-        raise ValueError(f"scores and labels must have shape ({boxes.shape[0]},), got {tuple(scores.shape)} "
-                         f"and {tuple(labels.shape)}")
+        raise ValueError(
+            f"scores and labels must have shape ({boxes.shape[0]},), got {tuple(scores.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     span = boxes.max() - boxes.min() + 1
@@ -241,8 +247,9 @@ def sigmoid_focal_loss(
     positives and ``1 - α`` otherwise (``alpha < 0`` disables the weighting). ``reduction``: none|mean|sum.
     """
     if logits.shape != targets.shape:
-        raise ValueError(f"logits and targets must have equal shapes, got {tuple(logits.shape)} "
-                         f"and {tuple(targets.shape)}")
+        raise ValueError(
+            f"logits and targets must have equal shapes, got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     targets = targets.to(logits.dtype)

@@ -99,8 +99,9 @@ class ResNetFPN(nn.Module):
         if depth not in _RESNET_SPECS:
             raise ValueError(f"depth must be one of {sorted(_RESNET_SPECS)}, got {depth}")
         if width < 1 or out_channels < 1 or in_channels < 1:
-            raise ValueError(f"width, out_channels and in_channels must be positive, got {width}, {out_channels}, "
-                             f"{in_channels}")
+            raise ValueError(
+                f"width, out_channels and in_channels must be positive, got {width}, {out_channels}, {in_channels}"
+            )
         if extra_from not in ("c5", "p5"):
             raise ValueError(f"extra_from must be 'c5' or 'p5', got {extra_from!r}")
         self.levels = _check_levels(levels)
@@ -127,13 +128,14 @@ class ResNetFPN(nn.Module):
 
         self._backbone_levels = [lv for lv in self.levels if lv <= 5]
         n_extra = len(self.levels) - len(self._backbone_levels)
-        self.lateral_convs = nn.ModuleList(nn.Conv2d(stage_channels[lv - 2], out_channels, 1)
-                                           for lv in self._backbone_levels)
-        self.output_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, 1, 1)
-                                          for _ in self._backbone_levels)
+        self.lateral_convs = nn.ModuleList(
+            nn.Conv2d(stage_channels[lv - 2], out_channels, 1) for lv in self._backbone_levels
+        )
+        self.output_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, 1, 1) for _ in self._backbone_levels)
         first_in = stage_channels[-1] if extra_from == "c5" else out_channels
-        self.extra_convs = nn.ModuleList(nn.Conv2d(first_in if j == 0 else out_channels, out_channels, 3, 2, 1)
-                                         for j in range(n_extra))
+        self.extra_convs = nn.ModuleList(
+            nn.Conv2d(first_in if j == 0 else out_channels, out_channels, 3, 2, 1) for j in range(n_extra)
+        )
         self.fpn_levels = nn.ModuleList(nn.Identity() for _ in self.levels)
         self.fpn_level_names: list[str] = [f"fpn_levels.{i}" for i in range(len(self.levels))]
 
@@ -193,8 +195,10 @@ class AnchorGenerator:
         offset: float = 0.0,
     ) -> None:
         if not (len(sizes) == len(aspect_ratios) == len(strides)) or len(sizes) == 0:
-            raise ValueError(f"sizes, aspect_ratios and strides need one entry per level, got {len(sizes)}, "
-                             f"{len(aspect_ratios)} and {len(strides)}")
+            raise ValueError(
+                f"sizes, aspect_ratios and strides need one entry per level, got {len(sizes)}, "
+                f"{len(aspect_ratios)} and {len(strides)}"
+            )
         if any(len(s) == 0 or min(s) <= 0 for s in sizes) or any(len(r) == 0 or min(r) <= 0 for r in aspect_ratios):
             raise ValueError("every level needs at least one positive size and one positive aspect ratio")
         self.sizes = [tuple(float(s) for s in lv) for lv in sizes]
@@ -322,8 +326,9 @@ def fcos_assign(
     if gt_boxes.shape[0] == 0:
         return torch.full((n,), -1, dtype=torch.long, device=points.device)
     x, y = points[:, 0:1], points[:, 1:2]
-    ltrb = torch.stack([x - gt_boxes[None, :, 0], y - gt_boxes[None, :, 1],
-                        gt_boxes[None, :, 2] - x, gt_boxes[None, :, 3] - y], dim=2)  # (N, M, 4)
+    ltrb = torch.stack(
+        [x - gt_boxes[None, :, 0], y - gt_boxes[None, :, 1], gt_boxes[None, :, 2] - x, gt_boxes[None, :, 3] - y], dim=2
+    )  # (N, M, 4)
     ok = ltrb.min(dim=2).values > 0
     if center_sampling_radius > 0:
         cx = (gt_boxes[:, 0] + gt_boxes[:, 2]) / 2
@@ -390,8 +395,9 @@ class RetinaNetHead(nn.Module):
     """Shared classification and box subnets: ``num_convs`` (3x3 conv + ReLU) then a 3x3 conv to ``A·K``
     logits / ``A·4`` deltas. The classification bias starts at ``-log((1 - π) / π)``."""
 
-    def __init__(self, channels: int, num_anchors: int, num_classes: int, num_convs: int = 4,
-                 prior_prob: float = 0.01) -> None:
+    def __init__(
+        self, channels: int, num_anchors: int, num_classes: int, num_convs: int = 4, prior_prob: float = 0.01
+    ) -> None:
         super().__init__()
         self.num_anchors, self.num_classes = num_anchors, num_classes
         self.cls_tower = _tower(channels, num_convs, norm=False)
@@ -413,8 +419,9 @@ class FCOSHead(nn.Module):
     (``exp(scale_l · conv)`` as in the FCOS paper, exponent clamped at ``log(1e4)``, one learnable scale per
     level; positive and about one stride at init) and centerness on the regression branch."""
 
-    def __init__(self, channels: int, num_classes: int, num_levels: int, num_convs: int = 4,
-                 prior_prob: float = 0.01) -> None:
+    def __init__(
+        self, channels: int, num_classes: int, num_levels: int, num_convs: int = 4, prior_prob: float = 0.01
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.cls_tower = _tower(channels, num_convs, norm=True)
@@ -498,19 +505,25 @@ class DenseDetector(nn.Module):
                 raise ValueError(f"targets[{i}] needs 'boxes' and 'labels', got keys {sorted(t)}")
             boxes, labels = t["boxes"], t["labels"]
             if boxes.dim() != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
-                raise ValueError(f"targets[{i}]['boxes'] must be float (N, 4) xyxy, got {tuple(boxes.shape)} "
-                                 f"{boxes.dtype}")
+                raise ValueError(
+                    f"targets[{i}]['boxes'] must be float (N, 4) xyxy, got {tuple(boxes.shape)} {boxes.dtype}"
+                )
             if labels.shape != (boxes.shape[0],) or labels.dtype != torch.long:
-                raise ValueError(f"targets[{i}]['labels'] must be int64 ({boxes.shape[0]},), got "
-                                 f"{tuple(labels.shape)} {labels.dtype}")
+                raise ValueError(
+                    f"targets[{i}]['labels'] must be int64 ({boxes.shape[0]},), got "
+                    f"{tuple(labels.shape)} {labels.dtype}"
+                )
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                raise ValueError(f"targets[{i}]['labels'] must lie in [0, {self.num_classes}), got "
-                                 f"{labels.min().item()}..{labels.max().item()}")
+                raise ValueError(
+                    f"targets[{i}]['labels'] must lie in [0, {self.num_classes}), got "
+                    f"{labels.min().item()}..{labels.max().item()}"
+                )
             if boxes.numel() and bool(((boxes[:, 2:] - boxes[:, :2]) <= 0).any()):
                 raise ValueError(f"targets[{i}]['boxes'] must have x2 > x1 and y2 > y1")
 
-    def _image_sizes(self, image_sizes: Sequence[tuple[int, int]] | None, images: torch.Tensor
-                     ) -> list[tuple[int, int]]:
+    def _image_sizes(
+        self, image_sizes: Sequence[tuple[int, int]] | None, images: torch.Tensor
+    ) -> list[tuple[int, int]]:
         if image_sizes is None:
             return [tuple(images.shape[-2:])] * images.shape[0]
         if len(image_sizes) != images.shape[0]:
@@ -528,8 +541,9 @@ class DenseDetector(nn.Module):
             idx = idx[order]
         return vals, idx // k, idx % k
 
-    def _finalize(self, boxes: list[torch.Tensor], scores: list[torch.Tensor], labels: list[torch.Tensor],
-                  size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def _finalize(
+        self, boxes: list[torch.Tensor], scores: list[torch.Tensor], labels: list[torch.Tensor], size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
         boxes_t, scores_t, labels_t = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
         boxes_t = clip_boxes(boxes_t, size)
         keep = batched_nms(boxes_t, scores_t, labels_t, self.nms_thresh)[: self.detections_per_img]
@@ -585,16 +599,22 @@ class RetinaNet(DenseDetector):
             raise ValueError(f"box_loss must be 'l1' or 'smooth_l1', got {box_loss!r}")
         backbone = ResNetFPN(depth, width, out_channels, in_channels, levels, extra_from="c5")
         super().__init__(num_classes, backbone, score_thresh, nms_thresh, detections_per_img, topk_candidates)
-        self.anchor_generator = AnchorGenerator.retinanet(backbone.levels, octave_base_scale, scales_per_octave,
-                                                          aspect_ratios)
+        self.anchor_generator = AnchorGenerator.retinanet(
+            backbone.levels, octave_base_scale, scales_per_octave, aspect_ratios
+        )
         num_anchors = self.anchor_generator.num_anchors_per_location[0]
         self.head = RetinaNetHead(out_channels, num_anchors, num_classes, num_convs, prior_prob)
         self.matcher = AnchorMatcher(fg_iou, bg_iou, allow_low_quality_matches=True)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.focal_alpha, self.focal_gamma, self.box_loss = focal_alpha, focal_gamma, box_loss
 
-    def compute_losses(self, head_outputs: dict[str, list[torch.Tensor]], features: Sequence[torch.Tensor],
-                       images: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def compute_losses(
+        self,
+        head_outputs: dict[str, list[torch.Tensor]],
+        features: Sequence[torch.Tensor],
+        images: torch.Tensor,
+        targets: Sequence[dict[str, torch.Tensor]],
+    ) -> dict[str, torch.Tensor]:
         """``{"cls": focal loss, "box": L1 on deltas}``, each a scalar normalized by the foreground count."""
         self._check_targets(targets, images.shape[0])
         anchors = torch.cat(self.anchor_generator(features))
@@ -610,8 +630,9 @@ class RetinaNet(DenseDetector):
             valid = matches != AnchorMatcher.BETWEEN_THRESHOLDS
             cls_target = torch.zeros_like(logits[b])
             cls_target[fg, tgt["labels"][matches[fg]]] = 1.0
-            cls_sum = cls_sum + sigmoid_focal_loss(logits[b][valid], cls_target[valid], self.focal_alpha,
-                                                   self.focal_gamma, reduction="sum")
+            cls_sum = cls_sum + sigmoid_focal_loss(
+                logits[b][valid], cls_target[valid], self.focal_alpha, self.focal_gamma, reduction="sum"
+            )
             if bool(fg.any()):
                 target_deltas = self.box_coder.encode(anchors[fg], gt_boxes[matches[fg]])
                 if self.box_loss == "l1":
@@ -625,8 +646,12 @@ class RetinaNet(DenseDetector):
         return {"cls": cls_sum / norm, "box": box_sum / norm}
 
     @torch.no_grad()
-    def postprocess(self, head_outputs: dict[str, list[torch.Tensor]], features: Sequence[torch.Tensor],
-                    image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    def postprocess(
+        self,
+        head_outputs: dict[str, list[torch.Tensor]],
+        features: Sequence[torch.Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+    ) -> list[dict[str, torch.Tensor]]:
         """Per level: sigmoid scores > ``score_thresh``, top ``topk_candidates``, decode; then clip, class-wise
         NMS and the best ``detections_per_img``."""
         anchors = self.anchor_generator(features)
@@ -694,18 +719,25 @@ class FCOS(DenseDetector):
     def _decode(points: torch.Tensor, ltrb: torch.Tensor) -> torch.Tensor:
         return torch.cat([points - ltrb[:, :2], points + ltrb[:, 2:]], dim=1)
 
-    def compute_losses(self, head_outputs: dict[str, list[torch.Tensor]], features: Sequence[torch.Tensor],
-                       images: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def compute_losses(
+        self,
+        head_outputs: dict[str, list[torch.Tensor]],
+        features: Sequence[torch.Tensor],
+        images: torch.Tensor,
+        targets: Sequence[dict[str, torch.Tensor]],
+    ) -> dict[str, torch.Tensor]:
         """``{"cls": focal, "box": GIoU, "centerness": BCE}``, scalars normalized by the foreground count."""
         self._check_targets(targets, images.shape[0])
         pts_levels = self.points(features)
         points = torch.cat(pts_levels)
         counts = [p.shape[0] for p in pts_levels]
         dev, dt = points.device, points.dtype
-        strides = torch.repeat_interleave(torch.tensor(self.strides, dtype=dt, device=dev),
-                                          torch.tensor(counts, device=dev))
-        ranges = torch.repeat_interleave(torch.tensor(self.scale_ranges, dtype=dt, device=dev),
-                                         torch.tensor(counts, device=dev), dim=0)
+        strides = torch.repeat_interleave(
+            torch.tensor(self.strides, dtype=dt, device=dev), torch.tensor(counts, device=dev)
+        )
+        ranges = torch.repeat_interleave(
+            torch.tensor(self.scale_ranges, dtype=dt, device=dev), torch.tensor(counts, device=dev), dim=0
+        )
         logits = torch.cat(head_outputs["cls_logits"], dim=1)
         reg = torch.cat(head_outputs["box_regression"], dim=1)
         ctr = torch.cat(head_outputs["centerness"], dim=1)[..., 0]
@@ -717,15 +749,17 @@ class FCOS(DenseDetector):
             fg = matched >= 0
             cls_target = torch.zeros_like(logits[b])
             cls_target[fg, tgt["labels"][matched[fg]]] = 1.0
-            cls_sum = cls_sum + sigmoid_focal_loss(logits[b], cls_target, self.focal_alpha, self.focal_gamma,
-                                                   reduction="sum")
+            cls_sum = cls_sum + sigmoid_focal_loss(
+                logits[b], cls_target, self.focal_alpha, self.focal_gamma, reduction="sum"
+            )
             if bool(fg.any()):
                 p, g = points[fg], gt_boxes[matched[fg]]
                 pred_boxes = self._decode(p, reg[b][fg] * strides[fg, None])
                 box_sum = box_sum + giou_loss(pred_boxes, g, reduction="sum")
                 target_ltrb = torch.cat([p - g[:, :2], g[:, 2:] - p], dim=1)
                 ctr_sum = ctr_sum + F.binary_cross_entropy_with_logits(
-                    ctr[b][fg], fcos_centerness_targets(target_ltrb), reduction="sum")
+                    ctr[b][fg], fcos_centerness_targets(target_ltrb), reduction="sum"
+                )
             else:
                 zero = 0.0 * (reg[b].sum() + ctr[b].sum())  # keeps the graph connected
                 box_sum, ctr_sum = box_sum + zero, ctr_sum + zero
@@ -734,8 +768,12 @@ class FCOS(DenseDetector):
         return {"cls": cls_sum / norm, "box": box_sum / norm, "centerness": ctr_sum / norm}
 
     @torch.no_grad()
-    def postprocess(self, head_outputs: dict[str, list[torch.Tensor]], features: Sequence[torch.Tensor],
-                    image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    def postprocess(
+        self,
+        head_outputs: dict[str, list[torch.Tensor]],
+        features: Sequence[torch.Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+    ) -> list[dict[str, torch.Tensor]]:
         """Per level: ``sqrt(sigmoid(cls)·sigmoid(ctr))`` > ``score_thresh``, top ``topk_candidates``, decode;
         then clip, class-wise NMS and the best ``detections_per_img``."""
         pts = self.points(features)
@@ -743,8 +781,9 @@ class FCOS(DenseDetector):
         for b, size in enumerate(image_sizes):
             boxes, scores, labels = [], [], []
             for lv, p in enumerate(pts):
-                s = torch.sqrt(torch.sigmoid(head_outputs["cls_logits"][lv][b])
-                               * torch.sigmoid(head_outputs["centerness"][lv][b]))
+                s = torch.sqrt(
+                    torch.sigmoid(head_outputs["cls_logits"][lv][b]) * torch.sigmoid(head_outputs["centerness"][lv][b])
+                )
                 vals, prior, lab = self._select(s)
                 ltrb = head_outputs["box_regression"][lv][b][prior] * self.strides[lv]
                 boxes.append(self._decode(p[prior], ltrb))

@@ -1,0 +1,185 @@
+"""DetectionDistiller, train_detector (loss decrease, resume, errors) and the detect-demo on tiny settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from ckakd.detection.data import SyntheticDigitsDetection, make_detection_loader  # noqa: E402
+from ckakd.detection.models import RetinaNet  # noqa: E402
+from ckakd.detection.trainer import DetectionDistiller, train_detector  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convs gain nothing from intra-op threads, and oversubscribed cores make them crawl."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(width: int = 8, out_channels: int = 32, levels=(3, 4, 5, 6, 7), seed: int = 0) -> RetinaNet:
+    torch.manual_seed(seed)
+    return RetinaNet(10, depth=18, width=width, out_channels=out_channels, num_convs=1, levels=levels)
+
+
+def tiny_data(n: int = 8, split: str = "train") -> SyntheticDigitsDetection:
+    return SyntheticDigitsDetection(n, image_size=64, max_objects=2, scales=(16, 32), split=split)
+
+
+def one_batch(n: int = 4):
+    return next(iter(make_detection_loader(tiny_data(n), n, False, 0)))
+
+
+@pytest.mark.parametrize("method", ["pcka", "pcka_mimic", "kd_patch", "at_patch", "dist_patch"])
+def test_distiller_step_grads_and_frozen_teacher(method):
+    teacher = tiny_model(width=16, out_channels=48, seed=1)
+    teacher.train()  # the distiller must put it in eval mode and keep it there
+    student = tiny_model()
+    d = DetectionDistiller(student, teacher, method=method)
+    d.train()
+    assert not teacher.training and student.training
+    assert d.extra is not None  # channels differ: projector
+    bn_before = {k: v.clone() for k, v in teacher.state_dict().items() if "running" in k or "num_batches" in k}
+    images, targets, sizes = one_batch()
+    losses = d.forward_train(images, targets, sizes)
+    assert "distill" in losses and {"cls", "box"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.backbone.parameters())
+    assert d.extra.proj[0].weight.grad is not None and d.extra.proj[0].weight.grad.abs().sum() > 0
+    for k, v in teacher.state_dict().items():
+        if k in bn_before:
+            assert torch.equal(v, bn_before[k]), k
+
+
+def test_distiller_same_channels_and_none():
+    teacher, student = tiny_model(seed=1), tiny_model()
+    assert DetectionDistiller(student, teacher, method="pcka").extra is None
+    d = DetectionDistiller(student, teacher, method="pcka_mimic")
+    assert d.extra is not None and d.weight == 10.0
+    images, targets, sizes = one_batch(2)
+    losses = d.forward_train(images, targets, sizes)
+    assert {"distill", "mimic"} <= set(losses)
+    plain = DetectionDistiller(student, teacher, method="none").forward_train(images, targets, sizes)
+    assert set(plain) == {"cls", "box"}
+
+
+def test_level_count_mismatch():
+    with pytest.raises(ValueError, match="same number of FPN levels"):
+        DetectionDistiller(tiny_model(), tiny_model(levels=(3, 4, 5, 6)), method="pcka")
+    with pytest.raises(ValueError, match="method"):
+        DetectionDistiller(tiny_model(), tiny_model(), method="nope")
+
+
+def test_training_loss_decreases(tmp_path):
+    data = tiny_data(4)
+    loader = make_detection_loader(data, 4, True, 0)
+    result = train_detector(tiny_model(), loader, None, epochs=4, lr=0.01, out_dir=tmp_path, progress=False)
+    losses = [row["loss"] for row in result["history"]]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "latest.pt").is_file()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    data, val = tiny_data(4), tiny_data(2, "val")
+    teacher = tiny_model(width=16, out_channels=48, seed=1)
+
+    def run(epochs: int, resume: bool) -> tuple[dict, DetectionDistiller]:
+        d = DetectionDistiller(tiny_model(), teacher, method="pcka_mimic")
+        loader = make_detection_loader(data, 4, True, 0)
+        r = train_detector(d, loader, val, epochs=epochs, lr=0.01, out_dir=tmp_path, progress=False, resume=resume)
+        return r, d
+
+    r1, d1 = run(1, False)
+    assert r1["epochs_run"] == 1 and set(r1["final"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    from ckakd.train.engine import load_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "latest.pt")
+    assert ckpt["epoch"] == 1
+    # resuming with epochs=1 trains nothing and restores the weights exactly
+    r_same, d_same = run(1, True)
+    assert r_same["epochs_run"] == 1
+    for (k, a), b in zip(d1.student.state_dict().items(), d_same.student.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    for a, b in zip(d1.extra.state_dict().values(), d_same.extra.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    r2, _ = run(2, True)
+    assert [row["epoch"] for row in r2["history"]] == [1, 2]
+    assert load_checkpoint(tmp_path / "latest.pt")["epoch"] == 2
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_non_finite_loss_raises(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.head.cls_logits.bias.fill_(float("nan"))
+    loader = make_detection_loader(tiny_data(4), 4, False, 0)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        train_detector(model, loader, None, epochs=1, lr=0.01, out_dir=tmp_path, progress=False)
+
+
+def test_detect_demo_tiny_writes_results(tmp_path):
+    from ckakd.detection.demo import run_detect_demo
+
+    res = run_detect_demo(
+        epochs=1,
+        teacher_epochs=1,
+        out=tmp_path,
+        progress=False,
+        num_train=4,
+        num_val=4,
+        batch_size=4,
+        teacher_depth=18,
+        teacher_width=8,
+        student_width=8,
+        num_convs=1,
+    )
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data["runs"]) == {"teacher", *(f"student_{m}" for m in ("baseline", "pcka", "pcka_mimic", "kd_patch"))}
+    for run in data["runs"].values():
+        assert set(run["metrics"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+        assert run["train_time_s"] > 0
+    assert res["runs"].keys() == data["runs"].keys() and (tmp_path / "results.md").is_file()
+
+
+def test_detect_cli_train_distill_eval(tmp_path, capsys):
+    from ckakd import cli
+
+    tiny = ["--num-train", "4", "--num-val", "4", "--batch-size", "4", "--epochs", "1", "--no-progress"]
+    assert cli.main(["detect-train", "--width", "8", "--out", str(tmp_path / "t"), *tiny]) == 0
+    ckpt = tmp_path / "t" / "latest.pt"
+    assert ckpt.is_file()
+    code = cli.main(
+        [
+            "detect-distill",
+            "--width",
+            "8",
+            "--teacher-depth",
+            "18",
+            "--teacher-width",
+            "8",
+            "--teacher-checkpoint",
+            str(ckpt),
+            "--method",
+            "pcka_mimic",
+            "--out",
+            str(tmp_path / "s"),
+            *tiny,
+        ]
+    )
+    assert code == 0 and (tmp_path / "s" / "metrics.csv").is_file()
+    capsys.readouterr()
+    assert (
+        cli.main(["detect-eval", "--width", "8", "--checkpoint", str(tmp_path / "s" / "latest.pt"), "--num-val", "4"])
+        == 0
+    )
+    assert set(json.loads(capsys.readouterr().out)) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert cli.main(["detect-eval", "--width", "16", "--checkpoint", str(ckpt), "--num-val", "4"]) == 2
