@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ckakd
 from ckakd import reference as R
 from ckakd.detection.distill import PatchMimic, at_patch_loss, dist_patch_loss, kd_patch_loss, patchify, pcka_loss
 
@@ -106,3 +107,27 @@ def test_errors_name_the_problem():
         kd_patch_loss(fpn(0, channels=4), fpn(1, channels=6))
     with pytest.raises(ValueError, match="patch_size must be positive"):
         at_patch_loss(fpn(0), fpn(1), patch_size=(0, 2))
+
+
+def test_mmd_patch_matches_mmd_loss_per_channel():
+    from ckakd.detection.distill import mmd_patch_loss
+
+    fs, ft = fpn(10, sizes=((8, 8),)), fpn(11, sizes=((8, 8),))
+    got = mmd_patch_loss(fs, ft, patch_size=(4, 4))
+    ps, pt = patchify(fs[0], (4, 4)), patchify(ft[0], (4, 4))  # (B, C, Np, P)
+    per_channel = []
+    for c in range(ps.shape[1]):
+        rows_s = ps[:, c].permute(1, 0, 2).reshape(ps.shape[2], -1)  # (Np, B·P)
+        rows_t = pt[:, c].permute(1, 0, 2).reshape(pt.shape[2], -1)
+        per_channel.append(ckakd.mmd_loss(rows_s, rows_t))
+    torch.testing.assert_close(got, torch.stack(per_channel).mean())
+    assert float(mmd_patch_loss(fs, fs, patch_size=(4, 4))) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_wkd_feature_fpn_loss_sums_levels():
+    from ckakd.detection.distill import wkd_feature_fpn_loss
+
+    fs, ft = fpn(12), fpn(13)
+    expected = sum(ckakd.wkd_feature_loss(s, t, grid=1, mean_weight=2.0) for s, t in zip(fs, ft, strict=True))
+    torch.testing.assert_close(wkd_feature_fpn_loss(fs, ft), expected)
+    assert float(wkd_feature_fpn_loss(fs, fs)) == pytest.approx(0.0, abs=1e-12)

@@ -36,7 +36,7 @@ def one_batch(n: int = 4):
     return next(iter(make_detection_loader(tiny_data(n), n, False, 0)))
 
 
-@pytest.mark.parametrize("method", ["pcka", "pcka_mimic", "kd_patch", "at_patch", "dist_patch"])
+@pytest.mark.parametrize("method", ["pcka", "pcka_mimic", "kd_patch", "at_patch", "dist_patch", "mmd_patch", "wkd_f"])
 def test_distiller_step_grads_and_frozen_teacher(method):
     teacher = tiny_model(width=16, out_channels=48, seed=1)
     teacher.train()  # the distiller must put it in eval mode and keep it there

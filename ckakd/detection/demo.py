@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ckakd.detection.evaluation import METRIC_NAMES
+from ckakd.detection.trainer import DISTILL_METHODS
 
 __all__ = [
     "DEMO_METHODS",
@@ -249,9 +250,7 @@ def add_detection_commands(sub: Any) -> None:
         if name == "detect-distill":
             _add_model_args(p, "teacher-", depth=34, width=32)
             p.add_argument("--teacher-checkpoint", required=True, help="latest.pt written by detect-train")
-            p.add_argument(
-                "--method", default="pcka", choices=["none", "pcka", "pcka_mimic", "kd_patch", "at_patch", "dist_patch"]
-            )
+            p.add_argument("--method", default="pcka", choices=list(DISTILL_METHODS))
             p.add_argument("--weight", type=float, default=None, help="loss weight (default: 10 for PCKA, else 1)")
             p.add_argument("--reduce", default="channel", choices=["channel", "batch", "spatial", "mix"])
             p.add_argument("--patch-size", type=int, default=4)

@@ -10,13 +10,15 @@ bilinearly to the nearest multiple first, as ``ckakd.patch_cka_loss`` does.
 * ``kd_patch``: Hinton KD inside every (sample, channel, patch): softmax over the patch's positions at
   temperature τ, KL(teacher‖student)·τ² averaged (the seed's Table 7 "KD w/ patch");
 * ``at_patch``: attention transfer per patch: mean-square over channels, L2-normalized within the patch;
-* ``dist_patch``: DIST on patch distributions: 1 − Pearson over positions (inter) and over rows (intra).
+* ``dist_patch``: DIST on patch distributions: 1 − Pearson over positions (inter) and over rows (intra);
+* ``mmd_patch``: the seed's MMD term per channel over patches; ``wkd_feature_fpn_loss``: WKD-F per level.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,6 +29,8 @@ __all__ = [
     "level_patch_size",
     "pcka_loss",
     "kd_patch_loss",
+    "mmd_patch_loss",
+    "wkd_feature_fpn_loss",
     "at_patch_loss",
     "dist_patch_loss",
     "PatchMimic",
@@ -149,7 +153,46 @@ def dist_patch_loss(
     return total
 
 
-PATCH_LOSSES = {"pcka": pcka_loss, "kd_patch": kd_patch_loss, "at_patch": at_patch_loss, "dist_patch": dist_patch_loss}
+def mmd_patch_loss(f_s, f_t, *, patch_size=(4, 4), weight: float = 1.0) -> Tensor:
+    """The RCKA seed's MMD term (``ckakd.mmd_loss``) on every channel's patch matrix at once: per channel c,
+    rows are the patches and features are (sample, in-patch position), as PCKA's ``reduce="channel"``;
+    mean over channels, summed over levels (the seed's Table 7 "MMD w/ patch")."""
+    total = None
+    for s, t in _pairs(f_s, f_t):
+        terms = [_mmd_rows(patchify(f, patch_size).permute(1, 2, 0, 3).flatten(2)) for f in (s, t)]
+        n = terms[0][1]
+        term = (n**2 * (terms[0][0] - terms[1][0]).square()).mean().to(s.dtype)
+        total = term if total is None else total + term
+    return weight * total
+
+
+def _mmd_rows(x: Tensor) -> tuple[Tensor, int]:
+    """x (G, N, D) -> (E_ij <x̂_i, x̂_j> per problem (G,) in float64, N), with x̂ = x / sqrt(‖X Xᵀ‖_F)."""
+    x = x.double()
+    n = x.shape[1]
+    gram_norm = torch.linalg.matrix_norm(x @ x.transpose(1, 2))  # ‖X Xᵀ‖_F, (G,)
+    tiny = torch.finfo(torch.float64).tiny
+    return x.sum(1).square().sum(-1) / (n**2 * gram_norm.clamp_min(tiny)), n
+
+
+def wkd_feature_fpn_loss(f_s, f_t, *, grid: int = 1, mean_weight: float = 2.0, weight: float = 1.0) -> Tensor:
+    """WKD-F (``ckakd.wkd_feature_loss``: Wasserstein distance of per-channel diagonal Gaussians) summed over
+    FPN levels; a level too small for the grid uses grid 1."""
+    total = None
+    for s, t in _pairs(f_s, f_t):
+        g = grid if min(s.shape[-2:]) >= 2 * grid else 1
+        term = ckakd.wkd_feature_loss(s, t, grid=g, mean_weight=mean_weight)
+        total = term if total is None else total + term
+    return weight * total
+
+
+PATCH_LOSSES = {
+    "pcka": pcka_loss,
+    "kd_patch": kd_patch_loss,
+    "at_patch": at_patch_loss,
+    "dist_patch": dist_patch_loss,
+    "mmd_patch": mmd_patch_loss,
+}
 
 
 class PatchMimic(nn.Module):

@@ -23,13 +23,21 @@ import torch
 from torch import Tensor, nn
 
 from ckakd.detection.data import make_detection_loader
-from ckakd.detection.distill import PatchMimic, at_patch_loss, dist_patch_loss, kd_patch_loss, pcka_loss
+from ckakd.detection.distill import (
+    PatchMimic,
+    at_patch_loss,
+    dist_patch_loss,
+    kd_patch_loss,
+    mmd_patch_loss,
+    pcka_loss,
+    wkd_feature_fpn_loss,
+)
 from ckakd.detection.evaluation import METRIC_NAMES, CocoEvaluator, rescale_boxes
 from ckakd.train.engine import NonFiniteLossError, load_checkpoint, save_checkpoint, seed_everything
 
 __all__ = ["DISTILL_METHODS", "DetectionDistiller", "train_detector", "evaluate_detector", "coco_ground_truth"]
 
-DISTILL_METHODS = ("none", "pcka", "pcka_mimic", "kd_patch", "at_patch", "dist_patch")
+DISTILL_METHODS = ("none", "pcka", "pcka_mimic", "kd_patch", "at_patch", "dist_patch", "mmd_patch", "wkd_f")
 _REDUCES = ("channel", "batch", "spatial", "mix")
 
 
@@ -47,7 +55,8 @@ class DetectionDistiller(nn.Module):
         student, teacher: detectors with the ``features`` / ``head_outputs`` / ``compute_losses`` protocol;
             they must have the same number of FPN levels (``ValueError`` otherwise).
         method: ``"none"`` (student losses only), ``"pcka"``, ``"pcka_mimic"`` (PCKA + a 1×1-conv projector
-            trained with MSE to the teacher), ``"kd_patch"``, ``"at_patch"`` or ``"dist_patch"``.
+            trained with MSE to the teacher), ``"kd_patch"``, ``"at_patch"``, ``"dist_patch"``, ``"mmd_patch"``
+            or ``"wkd_f"`` (WKD-F per FPN level).
         weight: the loss weight (γ for PCKA); default 10 for PCKA, 1 otherwise.
         patch_size, reduce: the patch (P_H, P_W) and PCKA's reduction (channel / batch / spatial / mix).
         mimic_weight: weight of the mimic MSE (``"pcka_mimic"``).
@@ -141,6 +150,10 @@ class DetectionDistiller(nn.Module):
             out["distill"] = at_patch_loss(projected, t, patch_size=self.patch_size, weight=self.weight)
         elif self.method == "dist_patch":
             out["distill"] = self.weight * dist_patch_loss(projected, t, patch_size=self.patch_size)
+        elif self.method == "mmd_patch":
+            out["distill"] = mmd_patch_loss(projected, t, patch_size=self.patch_size, weight=self.weight)
+        elif self.method == "wkd_f":  # mean weight r = 2 (WKD's ImageNet value); grid 1 on the small FPN maps
+            out["distill"] = wkd_feature_fpn_loss(projected, t, weight=self.weight)
         return out
 
     def forward_train(
