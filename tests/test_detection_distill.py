@@ -131,3 +131,5 @@ def test_wkd_feature_fpn_loss_sums_levels():
     expected = sum(ckakd.wkd_feature_loss(s, t, grid=1, mean_weight=2.0) for s, t in zip(fs, ft, strict=True))
     torch.testing.assert_close(wkd_feature_fpn_loss(fs, ft), expected)
     assert float(wkd_feature_fpn_loss(fs, fs)) == pytest.approx(0.0, abs=1e-12)
+    one = [torch.randn(2, 6, 1, 1, dtype=torch.float64)]  # a single position has no variance: skipped
+    torch.testing.assert_close(wkd_feature_fpn_loss([*fs, *one], [*ft, *one]), expected)

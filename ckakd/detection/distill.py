@@ -177,12 +177,15 @@ def _mmd_rows(x: Tensor) -> tuple[Tensor, int]:
 
 def wkd_feature_fpn_loss(f_s, f_t, *, grid: int = 1, mean_weight: float = 2.0, weight: float = 1.0) -> Tensor:
     """WKD-F (``ckakd.wkd_feature_loss``: Wasserstein distance of per-channel diagonal Gaussians) summed over
-    FPN levels; a level too small for the grid uses grid 1."""
-    total = None
-    for s, t in _pairs(f_s, f_t):
+    FPN levels; a level too small for the grid uses grid 1, and single-position levels (P7 of a small image:
+    no variance) are skipped."""
+    pairs = _pairs(f_s, f_t)
+    total = pairs[0][0].new_zeros(())
+    for s, t in pairs:
+        if s.shape[-2] * s.shape[-1] < 2:
+            continue
         g = grid if min(s.shape[-2:]) >= 2 * grid else 1
-        term = ckakd.wkd_feature_loss(s, t, grid=g, mean_weight=mean_weight)
-        total = term if total is None else total + term
+        total = total + ckakd.wkd_feature_loss(s, t, grid=g, mean_weight=mean_weight)
     return weight * total
 
 
