@@ -13,32 +13,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .init import init_weights
 from .registry import register_model
+from .resnet import BasicBlock
 
 __all__ = ["ImageNetBasicBlock", "ImageNetBottleneck", "ImageNetResNet", "MobileNetV1"]
 
 
-class ImageNetBasicBlock(nn.Module):
-    """Two 3x3 convs (stride on the first), projection shortcut when the shape changes."""
-
-    expansion = 1
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+# The ImageNet BasicBlock is the CIFAR one (two 3x3 convs, stride on the first, projection shortcut).
+ImageNetBasicBlock = BasicBlock
 
 
 class ImageNetBottleneck(nn.Module):
@@ -95,12 +78,7 @@ class ImageNetResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(512 * block.expansion, num_classes)
         self.stage_names: list[str] = ["layer1", "layer2", "layer3", "layer4"]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def _make_layer(
         self, block: type[ImageNetBasicBlock] | type[ImageNetBottleneck], planes: int, blocks: int, stride: int
@@ -157,12 +135,7 @@ class MobileNetV1(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_in, num_classes)
         self.stage_names: list[str] = ["layer1", "layer2", "layer3", "layer4"]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .init import init_weights
 from .registry import register_model
 
 __all__ = ["ShuffleNetV1", "ShuffleNetV2", "channel_shuffle"]
@@ -14,15 +15,6 @@ __all__ = ["ShuffleNetV1", "ShuffleNetV2", "channel_shuffle"]
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     n, c, h, w = x.shape
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-
-
-def _init(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------- V1
@@ -73,7 +65,7 @@ class ShuffleNetV1(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(out_planes[2], num_classes)
         self.stage_names: list[str] = ["layer1", "layer2", "layer3"]
-        _init(self)
+        init_weights(self)
 
     def _make_layer(self, out_planes: int, num_blocks: int, groups: int) -> nn.Sequential:
         layers = []
@@ -163,7 +155,7 @@ class ShuffleNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(out_channels[3], num_classes)
         self.stage_names: list[str] = ["layer1", "layer2", "layer3", "conv2"]
-        _init(self)
+        init_weights(self)
 
     def _make_layer(self, out_channels: int, num_blocks: int) -> nn.Sequential:
         layers: list[nn.Module] = [V2DownBlock(self.in_channels, out_channels)]

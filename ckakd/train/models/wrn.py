@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .init import init_weights
 from .registry import register_model
 
 __all__ = ["WideResNet"]
@@ -54,14 +55,7 @@ class WideResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(ch[3], num_classes)
         self.stage_names: list[str] = ["block1", "block2", "block3"]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, zero_linear_bias=True)
 
     @staticmethod
     def _stage(in_planes: int, out_planes: int, n: int, stride: int, drop_rate: float) -> nn.Sequential:
