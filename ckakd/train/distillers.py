@@ -444,8 +444,9 @@ class Distiller(nn.Module):
             out.append(shape)
         return out[0], out[1]
 
-    def _hooked(self) -> tuple[list[Tensor], list[Tensor]]:
-        """Hooked features of the latest student and teacher forwards, in path order."""
+    def _hooked(self, gather: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+        """Hooked features of the latest student and teacher forwards, in path order; ``gather=True`` (the CKA
+        distillers' ``global_batch``) all-gathers each over DDP ranks (identity on one process)."""
         out: list[list[Tensor]] = []
         for role, hooks in (("student", self._hooks_s), ("teacher", self._hooks_t)):
             if hooks is None:
@@ -459,7 +460,7 @@ class Distiller(nn.Module):
             for p in hooks.paths:
                 if not isinstance(feats[p], Tensor):
                     raise ValueError(f"the {role}'s module {p!r} returned {type(feats[p]).__name__}, expected a Tensor")
-            out.append([feats[p] for p in hooks.paths])
+            out.append([gather_batch(feats[p]) if gather else feats[p] for p in hooks.paths])
         return out[0], out[1]
 
     def remove_hooks(self) -> None:
@@ -757,9 +758,7 @@ class FCKA(Distiller):
 
     def losses(self, x: Tensor, y: Tensor, logits_s: Tensor) -> dict[str, Tensor]:
         self.teacher_logits(x)
-        feats_s, feats_t = self._hooked()
-        if self.global_batch:
-            feats_s, feats_t = [gather_batch(f) for f in feats_s], [gather_batch(f) for f in feats_t]
+        feats_s, feats_t = self._hooked(gather=self.global_batch)
         return {"fcka": self.alpha * ckakd.cka_loss(feats_s, feats_t, mode=self.mode)}
 
 
@@ -823,10 +822,9 @@ class RCKA(Distiller):
 
     def losses(self, x: Tensor, y: Tensor, logits_s: Tensor) -> dict[str, Tensor]:
         (z_t,) = self.teacher_logits(x)
-        feats_s, feats_t = self._hooked()
+        feats_s, feats_t = self._hooked(gather=self.global_batch)
         z_s = logits_s
         if self.global_batch:
-            feats_s, feats_t = [gather_batch(f) for f in feats_s], [gather_batch(f) for f in feats_t]
             z_s, z_t = gather_batch(z_s), gather_batch(z_t)
         parts = ckakd.rcka_loss(
             feats_s, feats_t, z_s, z_t, alpha=self.alpha, beta=self.beta, mode=self.mode, return_parts=True
@@ -952,9 +950,7 @@ class MMD(Distiller):
 
     def losses(self, x: Tensor, y: Tensor, logits_s: Tensor) -> dict[str, Tensor]:
         self.teacher_logits(x)
-        feats_s, feats_t = self._hooked()
-        if self.global_batch:
-            feats_s, feats_t = [gather_batch(f) for f in feats_s], [gather_batch(f) for f in feats_t]
+        feats_s, feats_t = self._hooked(gather=self.global_batch)
         return {"mmd": self.weight * ckakd.mmd_loss(feats_s, feats_t)}
 
 
