@@ -8,6 +8,7 @@ seconds with one message naming what is wrong. The CLI (``ckakd``) and the demo 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ def build_data(cfg: Config) -> DataBundle:
         root = _check_root(cfg)
         try:
             train, val = D.Cifar100Dataset(root, train=True), D.Cifar100Dataset(root, train=False)
-        except (FileNotFoundError, ValueError, pickle_errors()) as exc:
+        except (FileNotFoundError, ValueError, pickle.UnpicklingError) as exc:
             raise ConfigError(
                 f"data.root={str(root)!r} is not a CIFAR-100 python-pickle folder (expected files 'train', 'test' "
                 f"and 'meta' as in cifar-100-python/): {exc}"
@@ -115,12 +116,6 @@ def build_data(cfg: Config) -> DataBundle:
     size = d.image_size or native
     train_t, val_t = _transforms(d.name, d.augment, size, native)
     return DataBundle(train, val, classes, (channels, size, size), train_t, val_t, d.name, native)
-
-
-def pickle_errors() -> type[Exception]:
-    import pickle
-
-    return pickle.UnpicklingError
 
 
 def _transforms(name: str, augment: str, size: int, native: int):
