@@ -488,6 +488,16 @@ class DenseDetector(nn.Module):
         """Stride of each FPN level."""
         return self.backbone.strides
 
+    @property
+    def num_levels(self) -> int:
+        """Number of FPN levels that ``features`` returns."""
+        return len(self.backbone.levels)
+
+    @property
+    def fpn_channels(self) -> int:
+        """Channels of every FPN level."""
+        return int(self.backbone.out_channels)
+
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """FPN levels of ``images`` (B, C, H, W): list of (B, out_channels, H_l, W_l)."""
         return self.backbone(images)
