@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="teacher feature layer (dotted path; default: its last stage)")
     p.add_argument("--out", default=None, help="output file (default: next to the teacher checkpoint)")
 
-    from ckakd.detection.demo import add_detection_commands
+    from ckakd.detection.cli import add_detection_commands
 
     add_detection_commands(sub)
 
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_demo_from_args(args)
     if args.command.startswith("detect-"):
-        from ckakd.detection.demo import run_detection_command
+        from ckakd.detection.cli import run_detection_command
 
         return run_detection_command(args)
     if args.command == "study":
