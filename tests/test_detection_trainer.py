@@ -82,7 +82,7 @@ def test_training_loss_decreases(tmp_path):
     data = tiny_data(4)
     loader = make_detection_loader(data, 4, True, 0)
     result = train_detector(tiny_model(), loader, None, epochs=4, lr=0.01, out_dir=tmp_path, progress=False)
-    losses = [row["loss"] for row in result["history"]]
+    losses = [row["train/loss"] for row in result["history"]]
     assert losses[-1] < losses[0]
     assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "latest.pt").is_file()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4

@@ -11,10 +11,7 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,10 +29,18 @@ from ckakd.detection.distill import (
     pcka_loss,
     wkd_feature_fpn_loss,
 )
-from ckakd.detection.evaluation import METRIC_NAMES, CocoEvaluator, rescale_boxes
-from ckakd.train.engine import NonFiniteLossError, load_checkpoint, save_checkpoint, seed_everything
+from ckakd.detection.evaluation import METRIC_NAMES
+from ckakd.detection.task import DetectionTask, coco_ground_truth, detector_of
+from ckakd.train.engine import Trainer, TrainSettings
 
-__all__ = ["DISTILL_METHODS", "DetectionDistiller", "train_detector", "evaluate_detector", "coco_ground_truth"]
+__all__ = [
+    "DISTILL_METHODS",
+    "DetectionDistiller",
+    "train_detector",
+    "evaluate_detector",
+    "detection_settings",
+    "coco_ground_truth",
+]
 
 DISTILL_METHODS = ("none", "pcka", "pcka_mimic", "kd_patch", "at_patch", "dist_patch", "mmd_patch", "wkd_f")
 _REDUCES = ("channel", "batch", "spatial", "mix")
@@ -179,75 +184,66 @@ class DetectionDistiller(nn.Module):
 
 
 def _student(model: nn.Module) -> nn.Module:
-    return model.student if isinstance(model, DetectionDistiller) else model
+    return detector_of(model)
 
 
-def coco_ground_truth(dataset: Any) -> dict[str, Any] | str | None:
-    """COCO ground truth of ``dataset``: ``to_coco()`` when it has one, else its ``annotation_file``."""
-    if hasattr(dataset, "to_coco"):
-        return dataset.to_coco()
-    path = getattr(dataset, "annotation_file", None)
-    return str(path) if path is not None else None
-
-
-@torch.no_grad()
 def evaluate_detector(
     model: nn.Module, dataset: Any, batch_size: int = 8, device: str | torch.device = "cpu", coco_gt: Any = None
 ) -> dict[str, float]:
     """COCO ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` (in [0, 1]) of ``model`` (a detector or a
     :class:`DetectionDistiller`, whose student is scored) on ``dataset``. Predicted boxes are rescaled from
     the loaded image size to the target's ``orig_size`` when it has one."""
-    det = _student(model)
-    gt = coco_gt if coco_gt is not None else coco_ground_truth(dataset)
-    if gt is None:
-        raise ValueError(f"{type(dataset).__name__} has neither to_coco() nor annotation_file: no COCO ground truth")
-    evaluator = CocoEvaluator(gt, label_to_cat_id=getattr(dataset, "label_to_cat_id", None))
-    was_training = det.training
-    det.eval()
-    device = torch.device(device)
-    try:
-        loader = make_detection_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
-        for images, targets, sizes in loader:
-            preds = det(images.to(device), image_sizes=sizes)
-            ids, out = [], []
-            for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
-                p = {k: v.detach().cpu() for k, v in p.items()}
-                orig = t.get("orig_size")
-                if orig is not None and tuple(int(v) for v in orig) != tuple(sizes[i]):
-                    p["boxes"] = rescale_boxes(p["boxes"], sizes[i], orig)
-                ids.append(int(t["image_id"]) if "image_id" in t else i)
-                out.append(p)
-            evaluator.update(out, ids)
-    finally:
-        det.train(was_training)
-    return evaluator.compute()
+    task = DetectionTask(coco_gt=coco_gt)
+    task._ground_truth(_Loader(dataset))  # a clear error before any forward when there is no ground truth
+    loader = make_detection_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
+    metrics = task.evaluate(model, loader, torch.device(device))
+    return {k: metrics[k] / 100.0 for k in METRIC_NAMES}
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+class _Loader:
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
-
-def _reseed_loader(loader: Any, seed: int, epoch: int) -> None:
-    g = getattr(loader, "generator", None)
-    if isinstance(g, torch.Generator):
-        g.manual_seed(seed * 1000 + epoch)
-    cg = getattr(getattr(loader, "collate_fn", None), "generator", None)
-    if isinstance(cg, torch.Generator):
-        cg.manual_seed(seed * 1000 + epoch + 1)
+def detection_settings(
+    *,
+    epochs: int,
+    lr: float,
+    out_dir: str | Path,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    resume: bool = False,
+    grad_clip: float | None = 10.0,
+    warmup_iters: int = 100,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    eval_every: int = 1,
+    amp: bool = False,
+    **kwargs: Any,
+) -> TrainSettings:
+    """The detection recipe as :class:`~ckakd.train.engine.TrainSettings`: SGD, step warmup over
+    ``warmup_iters`` optimizer steps (lr/10 -> lr), ×0.1 from 80 % of the epochs on (when epochs >= 3),
+    gradient clipping at 10."""
+    milestones = [int(math.ceil(0.8 * epochs))] if epochs >= 3 else []
+    return TrainSettings(
+        epochs=epochs,
+        out_dir=out_dir,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        schedule="step",
+        milestones=milestones,
+        warmup_steps=warmup_iters,
+        device=str(device),
+        amp=amp,
+        grad_clip=grad_clip,
+        seed=seed,
+        progress=progress,
+        eval_every=eval_every,
+        resume=resume,
+        **kwargs,
+    )
 
 
 def train_detector(
@@ -268,115 +264,49 @@ def train_detector(
     weight_decay: float = 1e-4,
     eval_batch_size: int = 8,
     eval_every: int = 1,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """Train a detector or a :class:`DetectionDistiller` and return ``{"history", "final", "epochs_run",
-    "train_time_s", "out_dir"}``.
+    """Train a detector or a :class:`DetectionDistiller` with the shared :class:`~ckakd.train.engine.Trainer`
+    (:class:`~ckakd.detection.task.DetectionTask`) and the recipe of :func:`detection_settings`;
+    ``warmup_iters`` defaults to a third of the first epoch, at most 100 steps.
 
-    SGD (momentum 0.9, weight decay 1e-4) with a linear warmup from lr/10 over ``warmup_iters`` steps (default:
-    a third of the first epoch, at most 100) and ×0.1 from 80 % of the epochs on (when epochs >= 3). After each
-    epoch: mean losses and, every ``eval_every`` epochs and at the last one, COCO AP on ``val_dataset`` (when it
-    has COCO ground truth) appended to ``out_dir/metrics.jsonl`` and ``metrics.csv``; ``latest.pt`` written
-    atomically. ``resume=True`` continues from ``latest.pt`` (weights, optimizer, epoch, history). A NaN/inf
-    loss raises :class:`ckakd.train.engine.NonFiniteLossError` (a ``RuntimeError``); ``latest.pt`` keeps the
-    last good epoch.
+    Returns ``{"history", "final", "epochs_run" (all completed epochs, resumed ones included), "train_time_s",
+    "out_dir"}`` where ``final`` holds the last
+    epoch's six COCO metrics in [0, 1] (the ``metrics.csv`` rows have them in percent, as ``val/AP`` ...).
+    Outputs: ``metrics.csv`` / ``metrics.jsonl``, ``latest.pt`` / ``best.pt`` (by AP), ``curves.png``;
+    ``resume=True`` continues from ``latest.pt``. A NaN/inf loss raises
+    :class:`ckakd.train.engine.NonFiniteLossError`; ``latest.pt`` keeps the last good epoch.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(seed)
-    device = torch.device(device)
-    model.to(device)
-    student = _student(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    steps_per_epoch = max(1, len(train_loader))
     if warmup_iters is None:
-        warmup_iters = min(100, max(1, steps_per_epoch // 3))
-    history: list[dict[str, Any]] = []
-    start = 0
-    latest = out / "latest.pt"
-    if resume and latest.is_file():
-        ckpt = load_checkpoint(latest, model)
-        opt.load_state_dict(ckpt["optimizer"])
-        start = int(ckpt["epoch"])
-        history = list(ckpt.get("history", []))
-    _write_jsonl(out / "metrics.jsonl", history)
-    if history:
-        _write_csv(out / "metrics.csv", history)
-    has_gt = val_dataset is not None and len(val_dataset) > 0 and coco_ground_truth(val_dataset) is not None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    decay_at = int(math.ceil(0.8 * epochs)) if epochs >= 3 else epochs + 1
-    t0 = time.perf_counter()
-    prior_time = float(history[-1].get("train_time_s", 0.0)) if history else 0.0
-    for epoch in range(start, epochs):
-        model.train()
-        _reseed_loader(train_loader, seed, epoch)
-        base = lr * (0.1 if epoch >= decay_at else 1.0)
-        sums: dict[str, float] = {}
-        n = 0
-        it = train_loader
-        if progress and tqdm is not None:
-            it = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
-        for step, (images, targets, sizes) in enumerate(it):
-            global_step = epoch * steps_per_epoch + step
-            factor = 1.0 if global_step >= warmup_iters else 0.1 + 0.9 * global_step / warmup_iters
-            for group in opt.param_groups:
-                group["lr"] = base * factor
-            images = images.to(device)
-            targets = [{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets]
-            if isinstance(model, DetectionDistiller):
-                losses = model.forward_train(images, targets, sizes)
-            else:
-                losses = model(images, targets, sizes)
-            total = sum(losses.values())
-            if not torch.isfinite(total):
-                bad = {k: float(v.detach()) for k, v in losses.items()}
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch + 1}, step {step + 1}: {bad}; latest.pt holds the last good epoch"
-                )
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            if grad_clip is not None and grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            n += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(total.detach())
-            if progress and tqdm is not None:
-                it.set_postfix(loss=f"{float(total.detach()):.3f}")
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": base}
-        row.update({k: v / max(1, n) for k, v in sums.items()})
-        if has_gt and ((epoch + 1) % max(1, eval_every) == 0 or epoch + 1 == epochs):
-            row.update(evaluate_detector(student, val_dataset, eval_batch_size, device))
-        row["train_time_s"] = prior_time + time.perf_counter() - t0
-        history.append(row)
-        _write_jsonl(out / "metrics.jsonl", history)
-        _write_csv(out / "metrics.csv", history)
-        extra = getattr(model, "extra", None) if isinstance(model, DetectionDistiller) else None
-        save_checkpoint(
-            latest,
-            {
-                "student": student.state_dict(),
-                "extra": extra.state_dict() if isinstance(extra, nn.Module) else {},
-                "optimizer": opt.state_dict(),
-                "epoch": epoch + 1,
-                "history": history,
-                "seed": int(seed),
-            },
-        )
-        if progress:
-            ap = f" AP {row['AP']:.4f}" if "AP" in row else ""
-            print(f"epoch {epoch + 1}/{epochs}: loss {row.get('loss', float('nan')):.4f}{ap}", flush=True)
-    final = {k: history[-1][k] for k in METRIC_NAMES if history and k in history[-1]}
+        warmup_iters = min(100, max(1, len(train_loader) // 3))
+    val_loader = None
+    if val_dataset is not None and len(val_dataset) > 0 and coco_ground_truth(val_dataset) is not None:
+        val_loader = make_detection_loader(val_dataset, batch_size=eval_batch_size, shuffle=False, seed=0)
+    settings = detection_settings(
+        epochs=epochs,
+        lr=lr,
+        out_dir=out_dir,
+        seed=seed,
+        device=device,
+        progress=progress,
+        resume=resume,
+        grad_clip=grad_clip,
+        warmup_iters=warmup_iters,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        eval_every=eval_every,
+    )
+    trainer = Trainer(model, train_loader, val_loader, settings, task=DetectionTask(), callbacks=callbacks)
+    result = trainer.fit()
+    history = trainer.history
+    last = history[-1] if history else {}
+    final = {k: last[f"val/{k}"] / 100.0 for k in METRIC_NAMES if last.get(f"val/{k}") is not None}
     return {
         "history": history,
         "final": final,
-        "epochs_run": len(history),
-        "train_time_s": float(history[-1]["train_time_s"]) if history else 0.0,
-        "out_dir": str(out),
+        "epochs_run": result["epochs_completed"],
+        "train_time_s": result["train_time_s"],
+        "out_dir": result["out_dir"],
     }

@@ -11,6 +11,12 @@ atomically. Training batches may be multi-view (``({view: Tensor}, y)``, see
 :class:`~ckakd.train.data.MultiView`) for distillers that take them. ``resume=True``
 continues from ``out_dir/latest.pt`` (in deterministic mode bitwise-identically to an uninterrupted run).
 Under ``torchrun`` (``WORLD_SIZE > 1``) it runs DDP; only rank 0 writes files.
+
+What a batch is, how the training forward is called and how validation is scored is a *task*
+(:class:`ClassificationTask` by default: ``(x, y)`` batches, top-1; the detection trainer passes
+``ckakd.detection.task.DetectionTask``: ``(images, targets, sizes)`` batches, COCO AP). Everything else
+(optimizer, schedule and step warmup, AMP, clipping, DDP, checkpoints, resume, logs, plots, callbacks, CKA) is
+shared.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from .hooks import FeatureHooks
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "ClassificationTask",
     "NonFiniteLossError",
     "TrainSettings",
     "TrainerCallback",
@@ -89,6 +96,7 @@ class TrainSettings:
     milestones: Sequence[int] = (150, 180, 210)  # 0-based epoch indices at which "step" multiplies by gamma
     gamma: float = 0.1
     warmup_epochs: int = 0
+    warmup_steps: int = 0  # linear warmup over the first optimizer steps: lr x (0.1 -> 1), on top of the schedule
     device: str = "auto"
     amp: bool = False
     amp_dtype: str = "bfloat16"
@@ -122,6 +130,8 @@ class TrainSettings:
             raise bad("lr", "must be > 0")
         if self.warmup_epochs < 0:
             raise bad("warmup_epochs", "must be >= 0")
+        if int(self.warmup_steps) < 0:
+            raise bad("warmup_steps", "must be >= 0")
         if self.amp_dtype not in _AMP_DTYPES:
             raise bad("amp_dtype", f"must be one of {sorted(_AMP_DTYPES)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -484,32 +494,76 @@ def _all_reduce_max(t: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _TrainStep(nn.Module):
-    """``(x, y) -> (logits, {name: loss})`` for a Distiller (``forward_train``) or a classifier (CE). DDP wraps
-    this, so gradient synchronization covers exactly what the training forward uses."""
+class ClassificationTask:
+    """The trainer's default task: ``(x, y)`` batches, a Distiller's ``forward_train(x, y) -> (logits, losses)``
+    or cross-entropy for a plain classifier, validation by :func:`evaluate` (top-1 selects ``best.pt``).
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.distiller = callable(getattr(model, "forward_train", None))
+    A task has: ``metric`` (the validation key that selects ``best.pt``, higher is better), ``metric_label``
+    (plot axis), ``move(batch, device)``, ``forward(model, batch) -> ({name: loss}, {"n": samples[, "correct":
+    top-1 hits]})`` (runs inside DDP), ``evaluate(model, loader, device, amp=, amp_dtype=) -> {key: value}`` (the
+    row gets ``val/<key>``; collective under DDP) and ``images(batch) -> Tensor`` (inputs for the CKA log).
+    """
 
-    def forward(self, x: Tensor | dict[str, Tensor], y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        if self.distiller:
-            out = self.model.forward_train(x, y)
+    name = "classification"
+    metric = "top1"
+    metric_label = "top-1 (%)"
+
+    def move(self, batch: Any, device: torch.device) -> tuple[Any, Tensor]:
+        x, y = _split_batch(batch)
+        return _to_device(x, device), y.to(device, non_blocking=True)
+
+    def forward(self, model: nn.Module, batch: tuple[Any, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        x, y = batch
+        if callable(getattr(model, "forward_train", None)):
+            out = model.forward_train(x, y)
             if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
                 raise TypeError(
-                    f"{type(self.model).__name__}.forward_train must return (logits, {{name: loss}}), "
+                    f"{type(model).__name__}.forward_train must return (logits, {{name: loss}}), "
                     f"got {type(out).__name__}"
                 )
-            return out
-        if isinstance(x, Mapping):
-            raise TypeError(
-                f"a plain classifier ({type(self.model).__name__}) cannot train on multi-view batches (views "
-                f"{list(x)}): build the train loader without a MultiView transform, or train a distiller that "
-                "takes views (EnsembleKD)"
+            logits, losses = out
+        else:
+            if isinstance(x, Mapping):
+                raise TypeError(
+                    f"a plain classifier ({type(model).__name__}) cannot train on multi-view batches (views "
+                    f"{list(x)}): build the train loader without a MultiView transform, or train a distiller that "
+                    "takes views (EnsembleKD)"
+                )
+            logits = model(x)
+            losses = {"ce": F.cross_entropy(logits.float(), y)}
+        bs = int(y.shape[0])
+        if logits.shape[0] != bs:
+            raise ValueError(
+                f"the training forward returned logits for {logits.shape[0]} samples but the batch has {bs} "
+                "labels (multi-view batches: the logits must be the student view's)"
             )
-        logits = self.model(x)
-        return logits, {"ce": F.cross_entropy(logits.float(), y)}
+        counts: dict[str, Any] = {"n": bs}
+        if y.ndim == 1:  # hard labels: running top-1
+            counts["correct"] = (logits.detach().argmax(1) == y).sum()
+        return losses, counts
+
+    def evaluate(
+        self, model: nn.Module, loader: Iterable, device: torch.device, *, amp: bool, amp_dtype: str
+    ) -> dict[str, Any]:
+        val = evaluate(model, loader, device, amp=amp, amp_dtype=amp_dtype)
+        return {"top1": val["top1"], "top5": val.get("top5"), "loss": val["loss"], "n": val["n"]}
+
+    def images(self, batch: Any) -> Tensor:
+        x, _ = _split_batch(batch)
+        return _plain_input(x, "the CKA log (validation loader)")
+
+
+class _TrainStep(nn.Module):
+    """``batch -> ({name: loss}, counts)`` through the task. DDP wraps this, so gradient synchronization covers
+    exactly what the training forward uses."""
+
+    def __init__(self, model: nn.Module, task: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return self.task.forward(self.model, batch)
 
 
 class TrainerCallback:
@@ -549,7 +603,8 @@ class Trainer:
     ``{view: Tensor}`` mapping (multi-view batches; the model must be a distiller that takes them); under DDP
     the loaders' per-rank batch size is kept and their samplers are replaced by distributed ones.
     ``callbacks``: objects with ``on_epoch_end(trainer, epoch)`` and/or ``on_fit_end(trainer)`` (see
-    :class:`TrainerCallback`), called in order.
+    :class:`TrainerCallback`), called in order. ``task``: batches, training forward and validation (default
+    :class:`ClassificationTask`; see there for the protocol).
     """
 
     def __init__(
@@ -561,7 +616,12 @@ class Trainer:
         *,
         teacher_for_cka: nn.Module | None = None,
         callbacks: Sequence[Any] = (),
+        task: Any = None,
     ) -> None:
+        self.task = ClassificationTask() if task is None else task
+        missing = [a for a in ("metric", "move", "forward", "evaluate", "images") if not hasattr(self.task, a)]
+        if missing:
+            raise TypeError(f"task {type(self.task).__name__} lacks {missing} (see ClassificationTask)")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(settings, TrainSettings):
@@ -616,7 +676,7 @@ class Trainer:
         )
 
         # --- the training forward (DDP-wrapped under torchrun)
-        self._step_module: nn.Module = _TrainStep(model)
+        self._step_module: nn.Module = _TrainStep(model, self.task)
         if self.distributed:
             import inspect
 
@@ -651,7 +711,7 @@ class Trainer:
                 if val_loader is None:
                     raise ValueError("cka_pairs need a val_loader (CKA is measured on validation images)")
                 if self.is_main:
-                    self._cka_images = self._collect_images(val_loader, CKA_MAX_IMAGES)
+                    self._cka_images = self._collect_images(val_loader, CKA_MAX_IMAGES, self.task)
 
         # --- logging outputs
         self._tb = None
@@ -666,7 +726,7 @@ class Trainer:
                 self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
 
         self.history: list[dict] = []
-        self.best_top1: float | None = None
+        self.best_value: float | None = None  # best validation ``task.metric`` so far
         self.best_epoch: int | None = None
         self.start_epoch = 0
         self._pending: dict | None = None  # last good epoch's state when it was not written to latest.pt
@@ -726,12 +786,16 @@ class Trainer:
             if isinstance(getattr(collate, "seed", None), int):
                 collate.seed = cseed % 2**62  # worker processes re-seed their copy from this
 
+    @property
+    def best_top1(self) -> float | None:
+        """Best validation top-1 (classification; ``best_value`` of the task's metric in general)."""
+        return self.best_value
+
     @staticmethod
-    def _collect_images(loader: Iterable, limit: int) -> Tensor:
+    def _collect_images(loader: Iterable, limit: int, task: Any) -> Tensor:
         xs, n = [], 0
         for batch in loader:
-            x, _ = _split_batch(batch)
-            x = _plain_input(x, "the CKA log (validation loader)")
+            x = task.images(batch)
             xs.append(x[: limit - n].detach().cpu())
             n += xs[-1].shape[0]
             if n >= limit:
@@ -802,7 +866,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "best_top1": self.best_top1,
+            "metric": self.task.metric,
+            "best_value": self.best_value,
+            "best_top1": self.best_value if self.task.metric == "top1" else None,
             "best_epoch": self.best_epoch,
             "history": _plain(self.history),
             "rng": rng,
@@ -833,7 +899,15 @@ class Trainer:
         if ckpt.get("scaler") is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         self.history = list(ckpt.get("history") or [])
-        self.best_top1, self.best_epoch = ckpt.get("best_top1"), ckpt.get("best_epoch")
+        best = ckpt.get("best_value", ckpt.get("best_top1"))
+        if ckpt.get("metric", "top1") != self.task.metric:
+            self._log(
+                f"resume: {path} tracked best {ckpt.get('metric')!r}, this run tracks {self.task.metric!r}: "
+                "best.pt restarts",
+                logging.WARNING,
+            )
+            best = None
+        self.best_value, self.best_epoch = best, (ckpt.get("best_epoch") if best is not None else None)
         self.start_epoch = int(ckpt["epoch"])
         self._global_step = int(ckpt.get("global_step") or 0)
         if len(self.history) != self.start_epoch:
@@ -886,15 +960,18 @@ class Trainer:
         ax1.set_xlabel("epoch")
         ax1.set_ylabel("loss")
         ax1.set_title("train loss")
-        val = [(r["epoch"], r["val/top1"]) for r in self.history if r.get("val/top1") is not None]
+        metric = self.task.metric
+        label = getattr(self.task, "metric_label", metric)
+        val = [(r["epoch"], r[f"val/{metric}"]) for r in self.history if r.get(f"val/{metric}") is not None]
         if val:
-            ax2.plot(*zip(*val, strict=True), marker=".", label="val top-1")
-        train_acc = [(r["epoch"], r["train/top1"]) for r in self.history if r.get("train/top1") is not None]
+            ax2.plot(*zip(*val, strict=True), marker=".", label=f"val {metric}")
+        train_acc = [(r["epoch"], r[f"train/{metric}"]) for r in self.history if r.get(f"train/{metric}") is not None]
         if train_acc:
-            ax2.plot(*zip(*train_acc, strict=True), marker=".", alpha=0.6, label="train top-1")
+            ax2.plot(*zip(*train_acc, strict=True), marker=".", alpha=0.6, label=f"train {metric}")
         ax2.set_xlabel("epoch")
-        ax2.set_ylabel("top-1 (%)")
-        ax2.legend()
+        ax2.set_ylabel(label)
+        if val or train_acc:
+            ax2.legend()
         fig.tight_layout()
         fig.savefig(self.out_dir / "curves.png", dpi=100)
         keys = [f"cka/{s}~{t}" for s, t in self.settings.cka_pairs]
@@ -944,10 +1021,9 @@ class Trainer:
             for step, batch in enumerate(self.train_loader):
                 if s.max_train_batches is not None and step >= s.max_train_batches:
                     break
-                x, y = _split_batch(batch)
-                x, y = _to_device(x, self.device), y.to(self.device, non_blocking=True)
+                batch = self.task.move(batch, self.device)
                 with _autocast(self.device, s.amp, s.amp_dtype):
-                    logits, losses = self._step_module(x, y)
+                    losses, counts = self._step_module(batch)
                 if not losses:
                     raise ValueError(f"{type(self.model).__name__}.forward_train returned no losses")
                 names = list(losses)
@@ -956,6 +1032,7 @@ class Trainer:
                 vals_cpu = vals.cpu().double()
                 self._check_finite(vals_cpu, ["total", *names], epoch, step)
                 self.optimizer.zero_grad(set_to_none=True)
+                self._apply_step_warmup()
                 self.scaler.scale(total).backward()
                 if s.grad_clip is not None:
                     self.scaler.unscale_(self.optimizer)
@@ -964,14 +1041,9 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self._global_step += 1
-                bs = int(y.shape[0])
-                if logits.shape[0] != bs:
-                    raise ValueError(
-                        f"the training forward returned logits for {logits.shape[0]} samples but the batch has {bs} "
-                        "labels (multi-view batches: the logits must be the student view's)"
-                    )
-                hard_labels = hard_labels and y.ndim == 1
-                correct = float((logits.detach().argmax(1) == y).sum()) if y.ndim == 1 else 0.0
+                bs = int(counts["n"])
+                hard_labels = hard_labels and "correct" in counts
+                correct = float(counts["correct"]) if "correct" in counts else 0.0
                 v = vals_cpu.tolist()
                 totals[0] += v[0] * bs
                 totals[1] += correct
@@ -981,11 +1053,14 @@ class Trainer:
                     acc[0] += val * bs
                     acc[1] += bs
                 bar.update(1)
-                running = (totals[0] / totals[2], 100.0 * totals[1] / totals[2])
+                running = {"loss": f"{totals[0] / totals[2]:.4f}"}
+                if hard_labels:
+                    running["acc"] = f"{100.0 * totals[1] / totals[2]:.1f}"
                 if not bar.disable and (s.log_every <= 1 or step % s.log_every == 0):
-                    bar.set_postfix(loss=f"{running[0]:.4f}", acc=f"{running[1]:.1f}")
+                    bar.set_postfix(running)
                 elif not s.progress and s.log_every > 0 and (step + 1) % s.log_every == 0 and self.is_main:
-                    logger.info("epoch %d step %d: loss %.4f acc %.2f", epoch + 1, step + 1, *running)
+                    text = " ".join(f"{k} {v}" for k, v in running.items())
+                    logger.info("epoch %d step %d: %s", epoch + 1, step + 1, text)
         finally:
             bar.close()
         names = list(term_sums)
@@ -1003,11 +1078,21 @@ class Trainer:
         for i, name in enumerate(names):
             term, count = float(vec[3 + 2 * i]), float(vec[4 + 2 * i])
             out[f"train/{name}"] = term / count if count > 0 else float("nan")
-        if hard_labels:
+        if hard_labels:  # only when every batch reported top-1 hits (hard labels, classification)
             out["train/top1"] = 100.0 * float(vec[1]) / n
         if norms:
             out["train/grad_norm"] = float(np.mean(norms))
         return out
+
+    def _apply_step_warmup(self) -> None:
+        """``warmup_steps``: scale the scheduled lr by 0.1 -> 1 linearly over the first optimizer steps (detectors
+        diverge without it); the epoch schedule's own lr is restored after the warmup."""
+        w = int(self.settings.warmup_steps)
+        if w <= 0 or self._global_step > w:
+            return
+        factor = 1.0 if self._global_step == w else 0.1 + 0.9 * self._global_step / w
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr * factor
 
     def _check_finite(self, vals: Tensor, names: list[str], epoch: int, step: int) -> None:
         bad_local = [n for n, v in zip(names, vals.tolist(), strict=True) if not math.isfinite(v)]
@@ -1028,9 +1113,10 @@ class Trainer:
         )
 
     def fit(self) -> dict:
-        """Run the remaining epochs; returns ``best_top1``, ``best_epoch``, ``final_top1``, ``final_top5``,
-        ``final_val_loss``, ``final_train_loss``, ``epochs_run``, ``epochs_completed``, ``train_time_s``
-        (over all epochs, resumed ones included), ``cka`` (last values) and ``out_dir``."""
+        """Run the remaining epochs; returns ``metric`` (the task's), ``best_value``, ``best_epoch``, ``final_val``
+        (the last epoch's ``val/*`` values, keys without the prefix), ``final_train_loss``, ``epochs_run``,
+        ``epochs_completed``, ``train_time_s`` (over all epochs, resumed ones included), ``cka`` (last values),
+        ``out_dir``; classification also ``best_top1``, ``final_top1``, ``final_top5``, ``final_val_loss``."""
         s = self.settings
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -1063,12 +1149,11 @@ class Trainer:
             if callable(hook):
                 hook(self)
         last = self.history[-1] if self.history else {}
-        result = {
-            "best_top1": self.best_top1,
+        result: dict[str, Any] = {
+            "metric": self.task.metric,
+            "best_value": self.best_value,
             "best_epoch": self.best_epoch,
-            "final_top1": last.get("val/top1"),
-            "final_top5": last.get("val/top5"),
-            "final_val_loss": last.get("val/loss"),
+            "final_val": {k[4:]: v for k, v in last.items() if k.startswith("val/")},
             "final_train_loss": last.get("train/loss"),
             "epochs_run": epochs_run,
             "epochs_completed": len(self.history),
@@ -1076,6 +1161,13 @@ class Trainer:
             "cka": {k: v for k, v in last.items() if k.startswith("cka/")},
             "out_dir": str(self.out_dir),
         }
+        if self.task.metric == "top1":
+            result.update(
+                best_top1=self.best_value,
+                final_top1=last.get("val/top1"),
+                final_top5=last.get("val/top5"),
+                final_val_loss=last.get("val/loss"),
+            )
         if self._owns_group:
             dist.barrier()
             dist.cleanup()
@@ -1092,21 +1184,21 @@ class Trainer:
         last_epoch = epoch + 1 == s.epochs
         val: dict | None = None
         if self.val_loader is not None and ((epoch + 1) % s.eval_every == 0 or last_epoch):
-            val = evaluate(self.model, self.val_loader, self.device, amp=s.amp, amp_dtype=s.amp_dtype)
+            val = self.task.evaluate(self.model, self.val_loader, self.device, amp=s.amp, amp_dtype=s.amp_dtype)
         cka = self.measure_cka()
         self.scheduler.step()
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **train}
         if val is not None:
-            row.update({"val/top1": val["top1"], "val/top5": val.get("top5"), "val/loss": val["loss"]})
-            row["val/n"] = val["n"]
+            row.update({f"val/{k}": v for k, v in val.items()})
         row.update(cka)
         extra = self._run_epoch_callbacks(epoch, row)
         row.update(extra)
         row["epoch_time_s"] = time.perf_counter() - t0
         self.history.append(row)
-        improved = val is not None and (self.best_top1 is None or val["top1"] > self.best_top1)
+        score = None if val is None else val.get(self.task.metric)
+        improved = score is not None and (self.best_value is None or score > self.best_value)
         if improved:
-            self.best_top1, self.best_epoch = float(val["top1"]), epoch + 1
+            self.best_value, self.best_epoch = float(score), epoch + 1
         save_now = (epoch + 1) % s.save_every == 0 or last_epoch
         if improved or save_now or s.save_every > 1:
             payload = self._payload()
@@ -1123,8 +1215,8 @@ class Trainer:
                 if k != "epoch" and isinstance(v, int | float):
                     self._tb.add_scalar(k, v, epoch + 1)
         msg = f"epoch {epoch + 1}/{s.epochs}  lr {lr:.4g}  loss {train['train/loss']:.4f}"
-        if val is not None:
-            msg += f"  val top1 {val['top1']:.2f}"
+        if score is not None:
+            msg += f"  val {self.task.metric} {score:.2f}"
         msg += "".join(f"  {k} {v:.3f}" for k, v in cka.items())
         msg += "".join(f"  {k} {v:.4g}" for k, v in extra.items() if v is not None)
         msg += f"  ({row['epoch_time_s']:.1f}s)"
