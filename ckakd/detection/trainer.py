@@ -27,7 +27,9 @@ from ckakd.detection.distill import (
     kd_patch_loss,
     mmd_patch_loss,
     pcka_loss,
+    with_background_cost,
     wkd_feature_fpn_loss,
+    wkd_logit_dense_loss,
 )
 from ckakd.detection.evaluation import METRIC_NAMES
 from ckakd.detection.task import DetectionTask, coco_ground_truth, detector_of
@@ -42,7 +44,19 @@ __all__ = [
     "coco_ground_truth",
 ]
 
-DISTILL_METHODS = ("none", "pcka", "pcka_mimic", "kd_patch", "at_patch", "dist_patch", "mmd_patch", "wkd_f")
+DISTILL_METHODS = (
+    "none",
+    "pcka",
+    "pcka_mimic",
+    "kd_patch",
+    "at_patch",
+    "dist_patch",
+    "mmd_patch",
+    "wkd_f",
+    "wkd_l",
+    "wkd_lf",
+)
+_WKD_L = ("wkd_l", "wkd_lf")
 _REDUCES = ("channel", "batch", "spatial", "mix")
 
 
@@ -54,23 +68,32 @@ def _fpn(model: nn.Module) -> Any:
 
 
 class DetectionDistiller(nn.Module):
-    """Student detector + frozen teacher detector + a feature-distillation loss on their FPN levels.
+    """Student detector + frozen teacher detector + a distillation loss on their FPN levels or cls logits.
 
     Args:
         student, teacher: detectors with the ``features`` / ``head_outputs`` / ``compute_losses`` protocol;
             they must have the same number of FPN levels (``ValueError`` otherwise).
         method: ``"none"`` (student losses only), ``"pcka"``, ``"pcka_mimic"`` (PCKA + a 1×1-conv projector
             trained with MSE to the teacher), ``"kd_patch"``, ``"at_patch"``, ``"dist_patch"``, ``"mmd_patch"``
-            or ``"wkd_f"`` (WKD-F per FPN level).
-        weight: the loss weight (γ for PCKA); default 10 for PCKA, 1 otherwise.
+            ``"wkd_f"`` (WKD-F per FPN level), ``"wkd_l"`` (WKD-L on the classification branch:
+            :func:`~ckakd.detection.distill.wkd_logit_dense_loss` on the teacher-confident locations) or
+            ``"wkd_lf"`` (WKD-L + WKD-F, reported as ``"distill"`` and ``"distill_feat"``).
+        weight: the loss weight (γ for PCKA, WKD-L's weight for wkd_l / wkd_lf); default 10 for PCKA, 30 for
+            WKD-L (WKD's ImageNet γ), 1 otherwise.
         patch_size, reduce: the patch (P_H, P_W) and PCKA's reduction (channel / batch / spatial / mix).
         mimic_weight: weight of the mimic MSE (``"pcka_mimic"``).
-        levels: indices of the FPN levels to distil (default: all).
+        levels: indices of the FPN levels to distil (default: all); WKD-L uses the cls logits of these levels.
+        cost: WKD-L's class cost, (K, K) (``ckakd.cost_from_interrelation(detection_class_interrelation(
+            teacher, dataset))``) or (K+1, K+1) with the background bin last; required for wkd_l / wkd_lf.
+        temperature, score_thresh, topk, background_cost: WKD-L's knobs (T = 2, WKD's ImageNet value; the
+            teacher-confidence threshold and per-image cap of the compared locations; the background bin's cost).
+        feature_weight: WKD-F's weight in ``"wkd_lf"`` (as ``"wkd_f"``'s default, 1).
 
     The teacher is frozen (``requires_grad=False``) and stays in eval mode under ``.train()``. A projector
     (``self.extra``, a :class:`PatchMimic`) exists for ``"pcka_mimic"`` and whenever the student's and the
     teacher's FPN channels differ; the distillation losses then see the projected student features (PCKA
-    with mimic and equal channels is computed on the raw student features).
+    with mimic and equal channels is computed on the raw student features). ``"wkd_l"`` compares logits only:
+    no projector, and the teacher's head runs (under no_grad) only for wkd_l / wkd_lf.
     """
 
     def __init__(
@@ -84,6 +107,12 @@ class DetectionDistiller(nn.Module):
         reduce: str = "channel",
         mimic_weight: float = 1.0,
         levels: Sequence[int] | None = None,
+        cost: Tensor | None = None,
+        temperature: float = 2.0,
+        score_thresh: float = 0.05,
+        topk: int | None = 100,
+        background_cost: float = 1.0,
+        feature_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if method not in DISTILL_METHODS:
@@ -104,25 +133,64 @@ class DetectionDistiller(nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.method = method
-        self.weight = float(weight if weight is not None else (10.0 if method.startswith("pcka") else 1.0))
+        default_weight = 10.0 if method.startswith("pcka") else 30.0 if method in _WKD_L else 1.0
+        self.weight = float(weight if weight is not None else default_weight)
         self.patch_size = patch_size
         self.reduce = reduce
         self.mimic_weight = float(mimic_weight)
         s_ch, t_ch = int(s_fpn.out_channels), int(t_fpn.out_channels)
         self.channels_differ = s_ch != t_ch
-        if method != "none" and (method == "pcka_mimic" or self.channels_differ):
+        if method not in ("none", "wkd_l") and (method == "pcka_mimic" or self.channels_differ):
             n = len(self.levels)
             self.extra: PatchMimic | None = PatchMimic([s_ch] * n, [t_ch] * n)
         else:
             self.extra = None
+        self.temperature, self.score_thresh, self.topk = float(temperature), float(score_thresh), topk
+        self.feature_weight = float(feature_weight)
+        self.cost: Tensor | None
+        if method in _WKD_L:
+            self.register_buffer("cost", self._wkd_cost(student, teacher, method, cost, background_cost), False)
+        else:
+            self.cost = None
+
+    @staticmethod
+    def _wkd_cost(student: nn.Module, teacher: nn.Module, method: str, cost: Tensor | None, bg: float) -> Tensor:
+        """The (K+1, K+1) WKD-L cost with the background bin, built once (so ``ckakd.sinkhorn`` caches its kernel)."""
+        k_s, k_t = getattr(student, "num_classes", None), getattr(teacher, "num_classes", None)
+        if k_s != k_t:
+            raise ValueError(f"method={method!r} needs the same classes: student has {k_s}, teacher {k_t}")
+        if cost is None:
+            raise ValueError(
+                f"method={method!r} needs cost=, a ({k_s}, {k_s}) class cost, e.g. ckakd.cost_from_interrelation("
+                "ckakd.detection.distill.detection_class_interrelation(teacher, dataset))"
+            )
+        if not isinstance(cost, Tensor) or not cost.is_floating_point():
+            raise TypeError(f"cost must be a floating-point tensor, got {getattr(cost, 'dtype', type(cost).__name__)}")
+        if tuple(cost.shape) == (k_s, k_s):
+            cost = with_background_cost(cost, bg)
+        elif tuple(cost.shape) != (k_s + 1, k_s + 1):
+            raise ValueError(
+                f"cost must be ({k_s}, {k_s}) or ({k_s + 1}, {k_s + 1}) (background last) for {k_s} classes, "
+                f"got {tuple(cost.shape)}"
+            )
+        if not bool(torch.isfinite(cost).all()) or bool((cost < 0).any()):
+            raise ValueError(f"cost must be finite and nonnegative, got {tuple(cost.shape)} with bad entries")
+        return cost.detach().clone()
 
     def train(self, mode: bool = True) -> DetectionDistiller:
         super().train(mode)
         self.teacher.eval()
         return self
 
-    def distill_loss(self, f_s: Sequence[Tensor], f_t: Sequence[Tensor]) -> dict[str, Tensor]:
-        """The distillation term(s) on the selected levels: ``{"distill": ...}`` (+ ``"mimic"``)."""
+    def distill_loss(
+        self,
+        f_s: Sequence[Tensor],
+        f_t: Sequence[Tensor],
+        s_cls: Sequence[Tensor] | None = None,
+        t_cls: Sequence[Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """The distillation term(s) on the selected levels: ``{"distill": ...}`` (+ ``"mimic"``, ``"distill_feat"``).
+        WKD-L also takes the per-level cls logits (B, N_l, K) of student and teacher, ``s_cls`` and ``t_cls``."""
         s = [f_s[i] for i in self.levels]
         t = [f_t[i].detach() for i in self.levels]
         out: dict[str, Tensor] = {}
@@ -159,6 +227,20 @@ class DetectionDistiller(nn.Module):
             out["distill"] = mmd_patch_loss(projected, t, patch_size=self.patch_size, weight=self.weight)
         elif self.method == "wkd_f":  # mean weight r = 2 (WKD's ImageNet value); grid 1 on the small FPN maps
             out["distill"] = wkd_feature_fpn_loss(projected, t, weight=self.weight)
+        elif self.method in _WKD_L:
+            if s_cls is None or t_cls is None:
+                raise ValueError(f"method={self.method!r} needs the cls logits s_cls and t_cls (head_outputs)")
+            out["distill"] = wkd_logit_dense_loss(
+                [s_cls[i] for i in self.levels],
+                [t_cls[i].detach() for i in self.levels],
+                self.cost,
+                temperature=self.temperature,
+                weight=self.weight,
+                score_thresh=self.score_thresh,
+                topk=self.topk,
+            )
+            if self.method == "wkd_lf":
+                out["distill_feat"] = wkd_feature_fpn_loss(projected, t, weight=self.feature_weight)
         return out
 
     def forward_train(
@@ -169,11 +251,15 @@ class DetectionDistiller(nn.Module):
         outs = self.student.head_outputs(feats)
         losses = dict(self.student.compute_losses(outs, feats, images, targets))
         if self.method != "none":
+            t_cls = None
             with torch.no_grad():
                 t_feats = self.teacher.features(images)
+                if self.method in _WKD_L:
+                    t_cls = self.teacher.head_outputs(t_feats)["cls_logits"]
             if len(t_feats) != len(feats):
                 raise ValueError(f"student gave {len(feats)} FPN levels, teacher {len(t_feats)}")
-            losses.update(self.distill_loss(feats, t_feats))
+            s_cls = outs["cls_logits"] if t_cls is not None else None
+            losses.update(self.distill_loss(feats, t_feats, s_cls, t_cls))
         return losses
 
     def forward(self, images: Tensor, targets=None, image_sizes=None):
