@@ -9,7 +9,9 @@
     ckakd configs                                list the shipped configs
     ckakd info                                   versions and active backends
     ckakd detect-demo                            RetinaNet teacher + distilled students, COCO AP table
-    ckakd detect-train | detect-distill | detect-eval   detection training / FPN distillation / COCO AP
+    ckakd detect-train | detect-distill CONFIG   detection training / distillation (detection/* configs)
+    ckakd detect-eval CONFIG --checkpoint PATH   COCO metrics of a detector checkpoint
+    ckakd detect-interrelation CONFIG            the WKD-L category interrelation of a trained detector
 
 CONFIG is a YAML file or a shipped config name (``ckakd configs``); ``key=value`` pairs override it
 (``optim.lr=0.1 distiller.kwargs.alpha=3``). Every run writes its resolved config next to its outputs.
@@ -166,6 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = C.load_config(args.config, args.overrides)
+        if isinstance(cfg, C.DetectionConfig):
+            raise ValueError(
+                f"{args.config} is a detection config (task: detection): use `ckakd detect-{args.command}`"
+                if args.command in ("eval", "interrelation")
+                else f"{args.config} is a detection config (task: detection): use `ckakd detect-train` / "
+                "`ckakd detect-distill`"
+            )
         if args.command == "train-teacher":
             result = runner.train_teacher(cfg, resume=args.resume)
             _report(f"train-teacher done: {_summary(result)}\noutputs: {result['out_dir']}")

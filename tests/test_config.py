@@ -72,7 +72,7 @@ def test_list_configs_has_every_method_for_every_dataset():
     assert "cifar100/wkd_l_shufflenetv2" in names
 
 
-@pytest.mark.parametrize("name", list_configs())
+@pytest.mark.parametrize("name", [n for n in list_configs() if not n.startswith("detection/")])
 def test_shipped_config_resolves(name):
     cfg = load_config(name)
     assert isinstance(cfg, Config)
@@ -256,7 +256,7 @@ def test_unknown_keys_are_named_with_suggestions():
                                          r"'optim': name, lr, momentum, weight_decay, nesterov"):  # fmt: skip
         config_from_dict({"optim": {"lrr": 0.1}})
     with pytest.raises(ValueError, match=r"unknown config key 'sched' \(did you mean 'schedule'\?\); valid keys at "
-                                         r"the top level: run, data"):  # fmt: skip
+                                         r"the top level: task, run, data"):  # fmt: skip
         config_from_dict({"sched": {}})
     with pytest.raises(ValueError, match=r"unknown config key 'teachers\[1\]\.ckpt'"):
         config_from_dict({"teachers": [{"name": "a"}, {"name": "b", "ckpt": "x"}]})

@@ -148,38 +148,3 @@ def test_detect_demo_tiny_writes_results(tmp_path):
         assert set(run["metrics"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
         assert run["train_time_s"] > 0
     assert res["runs"].keys() == data["runs"].keys() and (tmp_path / "results.md").is_file()
-
-
-def test_detect_cli_train_distill_eval(tmp_path, capsys):
-    from ckakd import cli
-
-    tiny = ["--num-train", "4", "--num-val", "4", "--batch-size", "4", "--epochs", "1", "--no-progress"]
-    assert cli.main(["detect-train", "--width", "8", "--out", str(tmp_path / "t"), *tiny]) == 0
-    ckpt = tmp_path / "t" / "latest.pt"
-    assert ckpt.is_file()
-    code = cli.main(
-        [
-            "detect-distill",
-            "--width",
-            "8",
-            "--teacher-depth",
-            "18",
-            "--teacher-width",
-            "8",
-            "--teacher-checkpoint",
-            str(ckpt),
-            "--method",
-            "pcka_mimic",
-            "--out",
-            str(tmp_path / "s"),
-            *tiny,
-        ]
-    )
-    assert code == 0 and (tmp_path / "s" / "metrics.csv").is_file()
-    capsys.readouterr()
-    assert (
-        cli.main(["detect-eval", "--width", "8", "--checkpoint", str(tmp_path / "s" / "latest.pt"), "--num-val", "4"])
-        == 0
-    )
-    assert set(json.loads(capsys.readouterr().out)) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-    assert cli.main(["detect-eval", "--width", "16", "--checkpoint", str(ckpt), "--num-val", "4"]) == 2

@@ -33,6 +33,8 @@ import yaml
 __all__ = [
     "Config",
     "DataConfig",
+    "DetectionConfig",
+    "DetectionDataConfig",
     "DistillerConfig",
     "ModelConfig",
     "ModelSpec",
@@ -188,13 +190,15 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     """Epoch-wise learning-rate schedule: ``step`` (×gamma at each milestone), ``cosine`` or ``constant``,
-    after ``warmup_epochs`` of linear warmup."""
+    after ``warmup_epochs`` of linear warmup; ``warmup_steps``: a further linear warmup (lr/10 -> lr) over the
+    first optimizer steps, as detectors use."""
 
     epochs: int = field(default=240, metadata=_check(_positive))
     kind: Literal["step", "cosine", "constant"] = "step"
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
     gamma: float = field(default=0.1, metadata=_check(_positive))
     warmup_epochs: int = field(default=0, metadata=_check(_non_negative))
+    warmup_steps: int = field(default=0, metadata=_check(_non_negative))
 
 
 @dataclass
@@ -212,8 +216,10 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """A whole trainer config; build it with :func:`load_config` or :func:`config_from_dict`."""
+    """A whole trainer config; build it with :func:`load_config` or :func:`config_from_dict`. ``task:
+    detection`` at the top of a YAML selects :class:`DetectionConfig` instead."""
 
+    task: Literal["classification"] = "classification"
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -249,6 +255,100 @@ class Config:
                 os.unlink(tmp)
             raise
         return path
+
+
+@dataclass
+class DetectionDataConfig:
+    """Detection data (``ckakd detect-*``). ``synthetic``: the embedded :class:`~ckakd.detection.data.
+    SyntheticDigitsDetection` (``num_train`` / ``num_val`` images of ``image_size``², 1..``max_objects`` digits of
+    ``scales`` = [min, max] pixels); ``coco``: an images folder and a COCO instances JSON per split (``val_*``
+    default to the training ones), resized to ``min_size`` (shorter side) / ``max_size`` (longer side limit).
+    ``flip``: random horizontal flip of training images and boxes (off by default: mirrored digits are not
+    digits). ``eval_batch_size``: validation batches."""
+
+    name: Literal["synthetic", "coco"] = "synthetic"
+    train_images: str | None = field(default=None, metadata=_check(_non_empty))
+    train_annotations: str | None = field(default=None, metadata=_check(_non_empty))
+    val_images: str | None = field(default=None, metadata=_check(_non_empty))
+    val_annotations: str | None = field(default=None, metadata=_check(_non_empty))
+    num_train: int = field(default=512, metadata=_check(_positive))
+    num_val: int = field(default=64, metadata=_check(_positive))
+    image_size: int = field(default=64, metadata=_check(_positive))
+    scales: tuple[int, int] = (16, 32)
+    max_objects: int = field(default=3, metadata=_check(_positive))
+    min_size: int = field(default=512, metadata=_check(_positive))
+    max_size: int = field(default=853, metadata=_check(_positive))
+    flip: bool = False
+    batch_size: int = field(default=16, metadata=_check(_positive))
+    eval_batch_size: int = field(default=8, metadata=_check(_positive))
+    num_workers: int = field(default=0, metadata=_check(_non_negative))
+    max_train_batches: int | None = field(default=None, metadata=_check(_positive))
+
+
+@dataclass
+class DetectionModelConfig(ModelConfig):
+    """A detector: ``retinanet`` / ``fcos`` (ours; ``kwargs``: depth, width, out_channels, num_convs, levels,
+    ...) or ``torchvision.<builder>`` (e.g. ``torchvision.retinanet_resnet50_fpn``; needs torchvision)."""
+
+    name: str = field(default="retinanet", metadata=_check(_non_empty))
+
+
+@dataclass
+class DetectionTeacherConfig(TeacherConfig):
+    """The teacher detector (same names as ``model``); ``checkpoint`` from ``ckakd detect-train``."""
+
+
+@dataclass
+class DetectionDistillerConfig(DistillerConfig):
+    """FPN distillation method (``none``, ``pcka``, ``pcka_mimic``, ``kd_patch``, ``at_patch``, ``dist_patch``,
+    ``mmd_patch``, ``wkd_f``, ``wkd_l``, ...); ``kwargs`` go to ``DetectionDistiller`` (weight, patch_size,
+    reduce, levels, student_paths, teacher_paths, ...). ``cost`` / ``sharpen``: the WKD-L category cost."""
+
+    name: str = field(default="none", metadata=_check(_non_empty))
+
+
+@dataclass
+class DetectionOptimConfig(OptimConfig):
+    """SGD for detectors (RetinaNet recipe: momentum 0.9, weight decay 1e-4)."""
+
+    lr: float = field(default=0.01, metadata=_check(_positive))
+    weight_decay: float = field(default=1e-4, metadata=_check(_non_negative))
+
+
+@dataclass
+class DetectionScheduleConfig(ScheduleConfig):
+    """The 1x-style recipe scaled to ``epochs``: ×0.1 at the milestones, step warmup over ``warmup_steps``."""
+
+    epochs: int = field(default=12, metadata=_check(_positive))
+    milestones: list[int] = field(default_factory=lambda: [8, 11])
+    warmup_steps: int = field(default=100, metadata=_check(_non_negative))
+
+
+@dataclass
+class DetectionTrainConfig(TrainConfig):
+    """Loop options (detectors clip gradients at 10 by default)."""
+
+    grad_clip: float | None = field(default=10.0, metadata=_check(_positive))
+
+
+@dataclass
+class DetectionConfig:
+    """A detection run (``task: detection``): the same sections as :class:`Config` with detection data and
+    detector models; build it with :func:`load_config` or :func:`config_from_dict`."""
+
+    task: Literal["detection"] = "detection"
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
+    model: DetectionModelConfig = field(default_factory=DetectionModelConfig)
+    teacher: DetectionTeacherConfig = field(default_factory=DetectionTeacherConfig)
+    distiller: DetectionDistillerConfig = field(default_factory=DetectionDistillerConfig)
+    optim: DetectionOptimConfig = field(default_factory=DetectionOptimConfig)
+    schedule: DetectionScheduleConfig = field(default_factory=DetectionScheduleConfig)
+    train: DetectionTrainConfig = field(default_factory=DetectionTrainConfig)
+
+    to_dict = Config.to_dict
+    to_yaml = Config.to_yaml
+    save = Config.save
 
 
 class _Dumper(yaml.SafeDumper):
@@ -421,7 +521,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _cross_check(cfg: Config) -> None:
+def _cross_check(cfg: Config | DetectionConfig) -> None:
     ms = cfg.schedule.milestones
     if any(m <= 0 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
         raise ValueError(f"schedule.milestones: expected strictly increasing positive epochs, got {ms!r}")
@@ -434,11 +534,25 @@ def _cross_check(cfg: Config) -> None:
         )
 
 
-def config_from_dict(d: Mapping[str, Any] | None) -> Config:
-    """Validate a plain nested mapping (as in the YAML, without ``base:``) and build a :class:`Config`."""
-    cfg = _build(Config, d, "")
+def config_from_dict(d: Mapping[str, Any] | None) -> Config | DetectionConfig:
+    """Validate a plain nested mapping (as in the YAML, without ``base:``) and build a :class:`Config`, or a
+    :class:`DetectionConfig` when it says ``task: detection``."""
+    task = d.get("task", "classification") if isinstance(d, Mapping) else "classification"
+    if not isinstance(task, str) or task not in _TASKS:
+        hint = _suggest(task, list(_TASKS)) if isinstance(task, str) else ""
+        raise ValueError(f"task: expected one of {', '.join(map(repr, _TASKS))}, got {_show(task)}{hint}")
+    cfg = _build(_TASKS[task], d, "")
     _cross_check(cfg)
+    if isinstance(cfg, DetectionConfig):
+        if cfg.teacher.augment is not None:
+            raise ValueError("teacher.augment: detection teachers see the student's images; drop it")
+        lo, hi = cfg.data.scales
+        if not 0 < lo <= hi:
+            raise ValueError(f"data.scales: expected [min, max] object sizes with 0 < min <= max, got {[lo, hi]}")
     return cfg
+
+
+_TASKS: dict[str, type] = {"classification": Config, "detection": DetectionConfig}
 
 
 # --------------------------------------------------------------------------------------------- YAML
@@ -616,7 +730,7 @@ def _list_index(node: list, k: str, here: str, text: str) -> int:
 # --------------------------------------------------------------------------------------------- entry point
 
 
-def load_config(path_or_name: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+def load_config(path_or_name: str | os.PathLike, overrides: Sequence[str] = ()) -> Config | DetectionConfig:
     """Load a config: a YAML file path or a shipped name (``"digits/rcka"``), its ``base:`` chain merged
     underneath (child wins; mappings merged, lists replaced), then ``overrides`` (``"optim.lr=0.1"``)."""
     ref = os.fspath(path_or_name)

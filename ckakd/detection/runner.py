@@ -1,0 +1,319 @@
+"""From a resolved :class:`~ckakd.train.config.DetectionConfig` to a detection run.
+
+The detection counterpart of :mod:`ckakd.train.runner`, on the same config machinery and the same
+:class:`~ckakd.train.engine.Trainer` (through :class:`~ckakd.detection.task.DetectionTask`): data, detectors
+(ours or torchvision's), the teacher checkpoint, the WKD-L cost and the hook paths are all built and checked
+before the first step, so a bad config fails in seconds with one message naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ckakd.train.config import DetectionConfig
+from ckakd.train.engine import Trainer, load_checkpoint, seed_everything
+from ckakd.train.runner import ConfigError, _device, _load_cost, run_dir, train_settings
+
+__all__ = [
+    "DETECTOR_NAMES",
+    "DetectionData",
+    "build_detection_data",
+    "build_detector",
+    "build_detection_distiller",
+    "detection_loaders",
+    "train_detection",
+    "distill_detection",
+    "evaluate_detection_checkpoint",
+    "compute_detection_interrelation",
+]
+
+DETECTOR_NAMES = ("retinanet", "fcos")
+TORCHVISION_PREFIX = "torchvision."
+
+
+def _require_detection(cfg: Any) -> DetectionConfig:
+    if not isinstance(cfg, DetectionConfig):
+        raise ConfigError(
+            "this is a classification config (no `task: detection`); use `ckakd train-teacher` / `ckakd distill`, "
+            "or a detection config (`ckakd configs` lists them under detection/)"
+        )
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class DetectionData:
+    train: Any
+    val: Any
+    num_classes: int
+    train_transform: Any  # per-sample box transform of the training loader (None: images as loaded)
+
+
+def _path(value: str | None, key: str, *, folder: bool) -> Path:
+    if not value:
+        raise ConfigError(f"{key} is required for data.name='coco'")
+    p = Path(value).expanduser()
+    if folder and not p.is_dir():
+        raise ConfigError(f"{key}: folder not found: {p}")
+    if not folder and not p.is_file():
+        raise ConfigError(f"{key}: file not found: {p}")
+    return p
+
+
+def build_detection_data(cfg: DetectionConfig) -> DetectionData:
+    """The training / validation datasets of ``cfg.data`` and the training box transform."""
+    from ckakd.detection import data as DD
+
+    d = cfg.data
+    if d.name == "synthetic":
+        kw = {
+            "image_size": d.image_size,
+            "max_objects": d.max_objects,
+            "scales": tuple(d.scales),
+            "seed": cfg.run.seed,
+        }
+        if max(d.scales) > d.image_size:
+            raise ConfigError(f"data.scales {list(d.scales)} exceed data.image_size {d.image_size}")
+        train = DD.SyntheticDigitsDetection(d.num_train, split="train", **kw)
+        val = DD.SyntheticDigitsDetection(d.num_val, split="val", **kw)
+        transform = DD.RandomHorizontalFlipBoxes() if d.flip else None
+        return DetectionData(train, val, train.num_classes, transform)
+    train_images = _path(d.train_images, "data.train_images", folder=True)
+    train_ann = _path(d.train_annotations, "data.train_annotations", folder=False)
+    val_images = _path(d.val_images, "data.val_images", folder=True) if d.val_images else train_images
+    val_ann = _path(d.val_annotations, "data.val_annotations", folder=False) if d.val_annotations else train_ann
+    resize = DD.ResizeBoxes(d.min_size, d.max_size)
+    train = DD.CocoDetection(train_images, train_ann)
+    val = DD.CocoDetection(val_images, val_ann, transform=resize)
+    if train.label_to_cat_id != val.label_to_cat_id:
+        raise ConfigError(
+            f"data.val_annotations has categories {sorted(val.label_to_cat_id.values())}, the training set "
+            f"{sorted(train.label_to_cat_id.values())}: both splits need the same category ids"
+        )
+    transform = DD.ComposeBoxes([resize, DD.RandomHorizontalFlipBoxes()]) if d.flip else resize
+    return DetectionData(train, val, len(train.label_to_cat_id), transform)
+
+
+def detection_loaders(cfg: DetectionConfig, data: DetectionData) -> tuple[Any, Any]:
+    """Seeded (train, val) loaders; the trainer swaps in distributed samplers under torchrun."""
+    from ckakd.detection.data import make_detection_loader
+
+    d = cfg.data
+    train = make_detection_loader(
+        data.train, d.batch_size, True, cfg.run.seed, transform=data.train_transform, num_workers=d.num_workers
+    )
+    val = make_detection_loader(data.val, d.eval_batch_size, False, cfg.run.seed, num_workers=d.num_workers)
+    return train, val
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def build_detector(name: str | None, kwargs: dict[str, Any], num_classes: int, *, section: str) -> nn.Module:
+    """``retinanet`` / ``fcos`` (ours) or ``torchvision.<builder>`` with ``kwargs``; errors name ``section``."""
+    from ckakd.detection.models import FCOS, RetinaNet
+
+    if name is None:
+        raise ConfigError(f"{section}.name is required")
+    if name.startswith(TORCHVISION_PREFIX):
+        from ckakd.detection.adapters import build_torchvision_detector
+
+        try:
+            return build_torchvision_detector(name[len(TORCHVISION_PREFIX) :], num_classes, **kwargs)
+        except ImportError as exc:
+            raise ConfigError(f"{section}.name={name!r}: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{section}: {exc}") from exc
+    classes = {"retinanet": RetinaNet, "fcos": FCOS}
+    if name not in classes:
+        raise ConfigError(
+            f"{section}.name={name!r} is not a detector; choose {', '.join(DETECTOR_NAMES)} or "
+            f"{TORCHVISION_PREFIX}<builder> (e.g. torchvision.retinanet_resnet50_fpn)"
+        )
+    if "num_classes" in kwargs:
+        raise ConfigError(f"{section}.kwargs.num_classes: the class count comes from the dataset; drop it")
+    try:
+        return classes[name](num_classes, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{section}.kwargs: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{section}.kwargs: {exc}") from exc
+
+
+def _load_detector_weights(model: nn.Module, path: str, section: str) -> None:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{section}.checkpoint: file not found: {p}")
+    try:
+        load_checkpoint(p, model)
+    except ValueError as exc:
+        raise ConfigError(f"{section}.checkpoint: {exc}") from exc
+
+
+def build_teacher_detector(cfg: DetectionConfig, num_classes: int) -> nn.Module:
+    t = cfg.teacher
+    if t.name is None:
+        raise ConfigError(f"distiller {cfg.distiller.name!r} needs a teacher: set teacher.name and teacher.checkpoint")
+    if not t.checkpoint:
+        raise ConfigError("teacher.checkpoint is required (a latest.pt / best.pt written by `ckakd detect-train`)")
+    teacher = build_detector(t.name, t.kwargs, num_classes, section="teacher")
+    _load_detector_weights(teacher, t.checkpoint, "teacher")
+    return teacher
+
+
+def build_detection_distiller(cfg: DetectionConfig, student: nn.Module, teacher: nn.Module, num_classes: int) -> Any:
+    """``DetectionDistiller(student, teacher, method=distiller.name, cost=<WKD-L cost>, **distiller.kwargs)``."""
+    from ckakd.detection.trainer import DISTILL_METHODS, DetectionDistiller
+
+    method = cfg.distiller.name
+    if method not in DISTILL_METHODS:
+        raise ConfigError(f"distiller.name={method!r}: choose one of {', '.join(DISTILL_METHODS)}")
+    kwargs = dict(cfg.distiller.kwargs)
+    for key in ("method", "cost", "student", "teacher"):
+        if key in kwargs:
+            raise ConfigError(f"distiller.kwargs.{key} is set by the config itself (distiller.name / .cost); drop it")
+    cost = _load_cost(cfg, num_classes)
+    if cost is not None:
+        kwargs["cost"] = cost
+    try:
+        return DetectionDistiller(student, teacher, method=method, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"distiller.kwargs: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"distiller: {exc}") from exc
+
+
+def _save_config(cfg: DetectionConfig) -> Path:
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    return out
+
+
+def _cka_pairs(cfg: DetectionConfig, student: nn.Module, teacher: nn.Module | None) -> list[tuple[str, str]]:
+    from ckakd.train.hooks import FeatureHooks
+
+    pairs = [tuple(p) for p in cfg.train.cka_pairs]
+    if pairs and teacher is None:
+        raise ConfigError("train.cka_pairs needs a teacher (teacher.name / teacher.checkpoint)")
+    for i, (ps, pt) in enumerate(pairs):
+        for model, path, who in ((student, ps, "student"), (teacher, pt, "teacher")):
+            try:
+                FeatureHooks(model, [path]).remove()
+            except (ValueError, AttributeError, KeyError) as exc:
+                raise ConfigError(f"train.cka_pairs[{i}]: {who} path {path!r}: {exc}") from exc
+    return pairs  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def train_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
+    """Train ``cfg.model`` on ``cfg.data`` (no distillation); outputs in ``run_dir(cfg)``."""
+    from ckakd.detection.task import DetectionTask
+
+    cfg = _require_detection(cfg)
+    data = build_detection_data(cfg)
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    model = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
+    if cfg.model.checkpoint:
+        _load_detector_weights(model, cfg.model.checkpoint, "model")
+    train, val = detection_loaders(cfg, data)
+    out = _save_config(cfg)
+    settings = train_settings(cfg, resume=resume)  # type: ignore[arg-type]
+    result = Trainer(model, train, val, settings, task=DetectionTask(), callbacks=callbacks).fit()
+    return {**result, "out_dir": str(out)}
+
+
+def distill_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
+    """Distil ``cfg.teacher`` into ``cfg.model`` with ``cfg.distiller`` on ``cfg.data``."""
+    from ckakd.detection.task import DetectionTask
+
+    cfg = _require_detection(cfg)
+    data = build_detection_data(cfg)
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    teacher = build_teacher_detector(cfg, data.num_classes)
+    student = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
+    if cfg.model.checkpoint:
+        _load_detector_weights(student, cfg.model.checkpoint, "model")
+    distiller = build_detection_distiller(cfg, student, teacher, data.num_classes)
+    pairs = _cka_pairs(cfg, student, teacher)
+    train, val = detection_loaders(cfg, data)
+    out = _save_config(cfg)
+    settings = train_settings(cfg, resume=resume, cka_pairs=pairs)  # type: ignore[arg-type]
+    trainer = Trainer(
+        distiller, train, val, settings, task=DetectionTask(), teacher_for_cka=teacher, callbacks=callbacks
+    )
+    return {**trainer.fit(), "out_dir": str(out)}
+
+
+def evaluate_detection_checkpoint(cfg: DetectionConfig, checkpoint: str | os.PathLike) -> dict[str, float]:
+    """COCO metrics (percent) of ``cfg.model`` loaded from ``checkpoint`` on the validation split."""
+    from ckakd.detection.task import DetectionTask
+
+    cfg = _require_detection(cfg)
+    data = build_detection_data(cfg)
+    model = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
+    p = Path(checkpoint).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    try:
+        load_checkpoint(p, model)
+    except ValueError as exc:
+        raise ConfigError(f"--checkpoint does not fit model {cfg.model.name!r} {cfg.model.kwargs}: {exc}") from exc
+    device = _device(cfg.run.device)
+    _, val = detection_loaders(cfg, data)
+    return DetectionTask().evaluate(model.to(device), val, device, amp=cfg.run.amp, amp_dtype=cfg.run.amp_dtype)
+
+
+def compute_detection_interrelation(
+    cfg: DetectionConfig,
+    *,
+    kernel: str = "cka",
+    source: str = "cls_tower",
+    samples_per_class: int = 32,
+    out: str | os.PathLike | None = None,
+) -> Path:
+    """The WKD-L category interrelation of the trained ``cfg.teacher`` on the training split (RoI-pooled
+    features per ground-truth class, see :func:`~ckakd.detection.distill.detection_class_interrelation`), saved
+    next to the teacher checkpoint (``interrelation_<kernel>.pt``) for ``distiller.cost``."""
+    from ckakd.detection.distill import detection_class_interrelation
+    from ckakd.interrelation import save_interrelation
+
+    cfg = _require_detection(cfg)
+    data = build_detection_data(cfg)
+    teacher = build_teacher_detector(cfg, data.num_classes)
+    device = _device(cfg.run.device)
+    try:
+        ir = detection_class_interrelation(
+            teacher.to(device),
+            data.train if kernel != "cosine" else None,
+            kernel=kernel,
+            source=source,
+            samples_per_class=samples_per_class,
+            device=device,
+            progress=cfg.run.progress,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"interrelation: {exc}") from exc
+    ckpt = Path(cfg.teacher.checkpoint).expanduser()  # type: ignore[arg-type]
+    path = Path(out) if out is not None else ckpt.parent / f"interrelation_{kernel}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_interrelation(
+        path,
+        ir.detach().float().cpu(),
+        kernel=kernel,
+        teacher=cfg.teacher.name,
+        checkpoint=str(ckpt),
+        source=source,
+        samples_per_class=samples_per_class,
+    )
+    return path
