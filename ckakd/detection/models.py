@@ -25,8 +25,9 @@ Level sizes: stride-2 convs round up, so level ``l`` of an ``H x W`` image is ``
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -66,6 +67,21 @@ def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------------------------- backbone
+
+
+def _full_precision(fn: Callable) -> Callable:
+    """Run a ``(self, head_outputs, features, ...)`` loss / post-processing method in float32 with autocast off:
+    under AMP the heads give bf16/fp16 outputs, whose box decoding, IoU logs and focal sums lose too much (bf16
+    FCOS training reaches NaN within two steps without this)."""
+
+    @functools.wraps(fn)
+    def wrapper(self, head_outputs, features, *args, **kwargs):
+        device_type = features[0].device.type if len(features) else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            outs = {k: [t.float() for t in v] for k, v in head_outputs.items()}
+            return fn(self, outs, [f.float() for f in features], *args, **kwargs)
+
+    return wrapper
 
 
 class ResNetFPN(nn.Module):
@@ -618,6 +634,7 @@ class RetinaNet(DenseDetector):
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.focal_alpha, self.focal_gamma, self.box_loss = focal_alpha, focal_gamma, box_loss
 
+    @_full_precision
     def compute_losses(
         self,
         head_outputs: dict[str, list[torch.Tensor]],
@@ -656,6 +673,7 @@ class RetinaNet(DenseDetector):
         return {"cls": cls_sum / norm, "box": box_sum / norm}
 
     @torch.no_grad()
+    @_full_precision
     def postprocess(
         self,
         head_outputs: dict[str, list[torch.Tensor]],
@@ -729,6 +747,7 @@ class FCOS(DenseDetector):
     def _decode(points: torch.Tensor, ltrb: torch.Tensor) -> torch.Tensor:
         return torch.cat([points - ltrb[:, :2], points + ltrb[:, 2:]], dim=1)
 
+    @_full_precision
     def compute_losses(
         self,
         head_outputs: dict[str, list[torch.Tensor]],
@@ -778,6 +797,7 @@ class FCOS(DenseDetector):
         return {"cls": cls_sum / norm, "box": box_sum / norm, "centerness": ctr_sum / norm}
 
     @torch.no_grad()
+    @_full_precision
     def postprocess(
         self,
         head_outputs: dict[str, list[torch.Tensor]],
