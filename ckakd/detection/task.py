@@ -88,6 +88,8 @@ class DetectionTask:
         coco_gt: COCO ground truth of the validation set (a dict or a JSON path); default: from the validation
             loader's dataset (``to_coco()`` or ``annotation_file``).
         label_to_cat_id: contiguous label -> COCO category id; default: the dataset's ``label_to_cat_id``.
+        gather: under DDP, score the detections of all ranks (their loaders hold disjoint shards); ``False``
+            scores this process's loader alone (a full validation set evaluated on one rank).
 
     Validation returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` in percent and ``"n"`` (images). Under DDP
     every rank predicts its shard, rank 0 scores the gathered detections and every rank gets the same numbers.
@@ -97,9 +99,12 @@ class DetectionTask:
     metric = "AP"
     metric_label = "COCO AP (%)"
 
-    def __init__(self, coco_gt: Any = None, label_to_cat_id: Mapping[int, int] | None = None) -> None:
+    def __init__(
+        self, coco_gt: Any = None, label_to_cat_id: Mapping[int, int] | None = None, gather: bool = True
+    ) -> None:
         self.coco_gt = coco_gt
         self.label_to_cat_id = label_to_cat_id
+        self.gather = bool(gather)
 
     def move(self, batch: Any, device: torch.device) -> tuple[Tensor, list[dict[str, Any]], Any]:
         images, targets, sizes = _split(batch)
@@ -162,7 +167,7 @@ class DetectionTask:
                 preds += p
         finally:
             det.train(was_training)
-        if dist.is_distributed() and dist.world_size() > 1:
+        if self.gather and dist.is_distributed() and dist.world_size() > 1:
             gathered = dist.all_gather_object((ids, preds))
             ids = [i for part in gathered for i in part[0]]
             preds = [p for part in gathered for p in part[1]]

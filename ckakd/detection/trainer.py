@@ -279,7 +279,7 @@ def evaluate_detector(
     """COCO ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` (in [0, 1]) of ``model`` (a detector or a
     :class:`DetectionDistiller`, whose student is scored) on ``dataset``. Predicted boxes are rescaled from
     the loaded image size to the target's ``orig_size`` when it has one."""
-    task = DetectionTask(coco_gt=coco_gt)
+    task = DetectionTask(coco_gt=coco_gt, gather=False)  # the whole dataset, in this process
     task._ground_truth(_Loader(dataset))  # a clear error before any forward when there is no ground truth
     loader = make_detection_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
     metrics = task.evaluate(model, loader, torch.device(device))
