@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from ckakd.detection.distill import (
 from ckakd.detection.evaluation import METRIC_NAMES
 from ckakd.detection.task import DetectionTask, coco_ground_truth, detector_of
 from ckakd.train.engine import Trainer, TrainSettings
+from ckakd.train.hooks import FeatureHooks
 
 __all__ = [
     "DISTILL_METHODS",
@@ -60,11 +61,44 @@ _WKD_L = ("wkd_l", "wkd_lf")
 _REDUCES = ("channel", "batch", "spatial", "mix")
 
 
-def _fpn(model: nn.Module) -> Any:
-    backbone = getattr(model, "backbone", None)
-    if backbone is None or not hasattr(backbone, "levels") or not hasattr(model, "features"):
-        raise TypeError(f"expected a DenseDetector (RetinaNet / FCOS), got {type(model).__name__}")
-    return backbone
+def _protocol(model: nn.Module, who: str) -> tuple[int, int, list[str]]:
+    """(FPN levels, FPN channels, hook paths of the levels) of a detector following the DenseDetector protocol."""
+    missing = [
+        a for a in ("features", "head_outputs", "compute_losses", "num_levels", "fpn_channels") if not hasattr(model, a)
+    ]
+    if missing:
+        raise TypeError(
+            f"{who} must be a detector with the DenseDetector protocol (RetinaNet / FCOS / TorchvisionDetector), "
+            f"got {type(model).__name__} lacking {missing}"
+        )
+    return int(model.num_levels), int(model.fpn_channels), list(getattr(model, "feature_names", []))
+
+
+def _hooked_maps(hooks: FeatureHooks, who: str) -> list[Tensor]:
+    """The feature maps the hooks saw, in path order; a path whose output is a mapping or a sequence of maps
+    (torchvision's ``backbone`` gives an ``OrderedDict`` of levels) contributes all of them."""
+    seen = hooks.features
+    out: list[Tensor] = []
+    for path in hooks.paths:
+        if path not in seen:
+            raise ValueError(
+                f"{who} hook path {path!r} did not run in the detector's features / head forward; hook a module "
+                "of the backbone, the FPN or the head"
+            )
+        value = seen[path]
+        maps = (
+            list(value.values())
+            if isinstance(value, Mapping)
+            else list(value)
+            if isinstance(value, list | tuple)
+            else [value]
+        )
+        for m in maps:
+            if not isinstance(m, Tensor) or m.dim() != 4:
+                what = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+                raise ValueError(f"{who} hook path {path!r} gave {what}, expected (B, C, H, W) feature maps")
+        out += maps
+    return out
 
 
 class DetectionDistiller(nn.Module):
@@ -88,6 +122,12 @@ class DetectionDistiller(nn.Module):
         temperature, score_thresh, topk, background_cost: WKD-L's knobs (T = 2, WKD's ImageNet value; the
             teacher-confidence threshold and per-image cap of the compared locations; the background bin's cost).
         feature_weight: WKD-F's weight in ``"wkd_lf"`` (as ``"wkd_f"``'s default, 1).
+        student_paths, teacher_paths: dotted module paths whose forward-hook outputs are the distilled feature
+            maps (default: each detector's ``feature_names``, its FPN levels: ``backbone.fpn_levels.{i}`` for
+            ours, ``model.backbone`` for torchvision's, whose hook output is an ``OrderedDict`` of the levels).
+            Any module that runs in the detector's features or head forward may be named (e.g.
+            ``backbone.layer3``); ``levels`` then indexes the hooked maps. Student and teacher must give the
+            same number of maps (``ValueError`` otherwise, at construction).
 
     The teacher is frozen (``requires_grad=False``) and stays in eval mode under ``.train()``. A projector
     (``self.extra``, a :class:`PatchMimic`) exists for ``"pcka_mimic"`` and whenever the student's and the
@@ -113,19 +153,46 @@ class DetectionDistiller(nn.Module):
         topk: int | None = 100,
         background_cost: float = 1.0,
         feature_weight: float = 1.0,
+        student_paths: Sequence[str] | None = None,
+        teacher_paths: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if method not in DISTILL_METHODS:
             raise ValueError(f"method must be one of {DISTILL_METHODS}, got {method!r}")
         if reduce not in _REDUCES:
             raise ValueError(f"reduce must be one of {_REDUCES}, got {reduce!r}")
-        s_fpn, t_fpn = _fpn(student), _fpn(teacher)
-        n_s, n_t = len(s_fpn.levels), len(t_fpn.levels)
-        if n_s != n_t:
-            raise ValueError(
-                f"student and teacher must have the same number of FPN levels, got {n_s} ({tuple(s_fpn.levels)}) "
-                f"and {n_t} ({tuple(t_fpn.levels)})"
+        n_s, s_ch, s_default = _protocol(student, "student")
+        n_t, t_ch, t_default = _protocol(teacher, "teacher")
+        s_paths = list(
+            s_default if student_paths is None else [student_paths] if isinstance(student_paths, str) else student_paths
+        )
+        t_paths = list(
+            t_default if teacher_paths is None else [teacher_paths] if isinstance(teacher_paths, str) else teacher_paths
+        )
+        if not s_paths or not t_paths:
+            raise ValueError("student_paths / teacher_paths: no feature paths (the detector has no feature_names)")
+        self.student_paths, self.teacher_paths = s_paths, t_paths
+        self._s_hooks = FeatureHooks(student, s_paths)  # resolves the paths: errors name a bad one now
+        self._t_hooks = FeatureHooks(teacher, t_paths, detach=True)
+        if student_paths is None and teacher_paths is None:
+            s_shapes = [(s_ch,)] * n_s
+            t_shapes = [(t_ch,)] * n_t
+            if n_s != n_t:
+                raise ValueError(
+                    f"student and teacher must have the same number of FPN levels, got {n_s} and {n_t} (distil a "
+                    "subset with student_paths / teacher_paths, or build both with the same levels)"
+                )
+        else:  # custom paths: learn the maps' count and channels from one dry forward
+            s_shapes, t_shapes = (
+                self._probe(student, self._s_hooks, "student"),
+                self._probe(teacher, self._t_hooks, "teacher"),
             )
+            if len(s_shapes) != len(t_shapes):
+                raise ValueError(
+                    f"student_paths {s_paths} give {len(s_shapes)} feature maps, teacher_paths {t_paths} give "
+                    f"{len(t_shapes)}: they must pair up one to one"
+                )
+        n_s = len(s_shapes)
         self.levels = list(range(n_s)) if levels is None else [int(i) for i in levels]
         if not self.levels or any(not 0 <= i < n_s for i in self.levels):
             raise ValueError(f"levels must be non-empty indices in [0, {n_s}), got {levels}")
@@ -138,11 +205,11 @@ class DetectionDistiller(nn.Module):
         self.patch_size = patch_size
         self.reduce = reduce
         self.mimic_weight = float(mimic_weight)
-        s_ch, t_ch = int(s_fpn.out_channels), int(t_fpn.out_channels)
-        self.channels_differ = s_ch != t_ch
+        s_chs = [int(s_shapes[i][0]) for i in self.levels]
+        t_chs = [int(t_shapes[i][0]) for i in self.levels]
+        self.channels_differ = s_chs != t_chs
         if method not in ("none", "wkd_l") and (method == "pcka_mimic" or self.channels_differ):
-            n = len(self.levels)
-            self.extra: PatchMimic | None = PatchMimic([s_ch] * n, [t_ch] * n)
+            self.extra: PatchMimic | None = PatchMimic(s_chs, t_chs)
         else:
             self.extra = None
         self.temperature, self.score_thresh, self.topk = float(temperature), float(score_thresh), topk
@@ -176,6 +243,24 @@ class DetectionDistiller(nn.Module):
         if not bool(torch.isfinite(cost).all()) or bool((cost < 0).any()):
             raise ValueError(f"cost must be finite and nonnegative, got {tuple(cost.shape)} with bad entries")
         return cost.detach().clone()
+
+    @staticmethod
+    @torch.no_grad()
+    def _probe(model: nn.Module, hooks: FeatureHooks, who: str, size: int = 128) -> list[tuple[int, ...]]:
+        """(C, H, W) of the maps ``hooks`` capture on blank ``size``² images (features + head forward)."""
+        in_ch = int(getattr(getattr(model, "backbone", None), "in_channels", 3))
+        p = next(model.parameters(), None)
+        # two images: GroupNorm refuses a batch of one 1x1 map (P7 of a 128-px image)
+        x = torch.zeros(2, in_ch, size, size, device=p.device if p is not None else None)
+        was = model.training
+        model.eval()
+        try:
+            hooks.clear()
+            model.head_outputs(model.features(x))
+            return [tuple(m.shape[1:]) for m in _hooked_maps(hooks, who)]
+        finally:
+            hooks.clear()
+            model.train(was)
 
     def train(self, mode: bool = True) -> DetectionDistiller:
         super().train(mode)
@@ -246,21 +331,37 @@ class DetectionDistiller(nn.Module):
     def forward_train(
         self, images: Tensor, targets: Sequence[dict[str, Tensor]], image_sizes: Sequence[tuple[int, int]] | None = None
     ) -> dict[str, Tensor]:
-        """Student detection losses + the distillation loss (teacher features under ``no_grad``)."""
-        feats = self.student.features(images)
-        outs = self.student.head_outputs(feats)
-        losses = dict(self.student.compute_losses(outs, feats, images, targets))
-        if self.method != "none":
+        """Student detection losses + the distillation loss on the hooked maps (teacher under ``no_grad``; its
+        head runs only for WKD-L or when a teacher path lies in the head)."""
+        self._s_hooks.clear()
+        self._t_hooks.clear()
+        try:
+            feats = self.student.features(images)
+            outs = self.student.head_outputs(feats)
+            losses = dict(self.student.compute_losses(outs, feats, images, targets))
+            if self.method == "none":
+                return losses
+            f_s = _hooked_maps(self._s_hooks, "student")
             t_cls = None
             with torch.no_grad():
                 t_feats = self.teacher.features(images)
-                if self.method in _WKD_L:
-                    t_cls = self.teacher.head_outputs(t_feats)["cls_logits"]
-            if len(t_feats) != len(feats):
-                raise ValueError(f"student gave {len(feats)} FPN levels, teacher {len(t_feats)}")
+                if self.method in _WKD_L or any(p not in self._t_hooks.features for p in self.teacher_paths):
+                    t_outs = self.teacher.head_outputs(t_feats)
+                    t_cls = t_outs.get("cls_logits") if self.method in _WKD_L else None
+            f_t = _hooked_maps(self._t_hooks, "teacher")
+            if len(f_s) != len(f_t):
+                raise ValueError(f"student hooks gave {len(f_s)} feature maps, teacher hooks {len(f_t)}")
+            if self.method in _WKD_L and (t_cls is None or "cls_logits" not in outs):
+                raise ValueError(
+                    f"method={self.method!r} needs dense 'cls_logits' head outputs from both detectors "
+                    "(RetinaNet / FCOS; a Faster R-CNN has none)"
+                )
             s_cls = outs["cls_logits"] if t_cls is not None else None
-            losses.update(self.distill_loss(feats, t_feats, s_cls, t_cls))
-        return losses
+            losses.update(self.distill_loss(f_s, f_t, s_cls, t_cls))
+            return losses
+        finally:  # do not keep this step's maps (and their graph) alive until the next one
+            self._s_hooks.clear()
+            self._t_hooks.clear()
 
     def forward(self, images: Tensor, targets=None, image_sizes=None):
         """Training with ``targets``: :meth:`forward_train`; otherwise the student's detections."""
