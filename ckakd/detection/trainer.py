@@ -1,11 +1,14 @@
-"""Detector training and feature distillation on FPN levels.
+"""Detector distillation and training on the shared trainer.
 
-* :class:`DetectionDistiller` wraps a student and a frozen teacher detector (RetinaNet / FCOS): its
-  :meth:`~DetectionDistiller.forward_train` returns the student's detection losses plus one distillation
-  term on the FPN features (PCKA, PCKA + mimic, KD / AT / DIST "w/ patch").
-* :func:`train_detector` trains a detector or a distiller with SGD (linear warmup, step decay), logs
-  per-epoch losses and COCO AP to ``metrics.jsonl`` / ``metrics.csv`` and writes an atomic ``latest.pt``
-  (resumable).
+* :class:`DetectionDistiller` wraps a student and a frozen teacher detector (RetinaNet / FCOS / a
+  :class:`~ckakd.detection.adapters.TorchvisionDetector`): its :meth:`~DetectionDistiller.forward_train`
+  returns the student's detection losses plus the distillation term(s) on the feature maps captured by forward
+  hooks (default: the FPN levels) or on the classification branch (PCKA, PCKA + mimic, KD / AT / DIST / MMD
+  "w/ patch", WKD-F, WKD-L, WKD-LF).
+* :func:`train_detector` trains a detector or a distiller with :class:`~ckakd.train.engine.Trainer` and
+  :class:`~ckakd.detection.task.DetectionTask` (SGD, step warmup, step decay; AMP, DDP, checkpoints, resume,
+  COCO AP per epoch, ``best.pt`` by AP) — the function behind ``ckakd detect-demo``; the config-driven
+  commands go through :mod:`ckakd.detection.runner`.
 * :func:`evaluate_detector` gives the six COCO metrics of a detector on a dataset.
 """
 
