@@ -107,7 +107,9 @@ def test_detect_commands_end_to_end(teacher_ckpt, tmp_path, capsys, one_thread):
 
     base = [*tiny(tmp_path), "model.kwargs.depth=18"]
     capsys.readouterr()
-    assert cli.main(["detect-eval", "detection/retinanet_teacher", *base, "--checkpoint", str(teacher_ckpt)]) == 0
+    png = tmp_path / "dets.png"
+    argv = ["detect-eval", "detection/retinanet_teacher", *base, "--checkpoint", str(teacher_ckpt), "--plot", str(png)]
+    assert cli.main(argv) == 0 and png.is_file()
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) == METRICS | {"n"} and metrics["n"] == 4
     assert all(0.0 <= metrics[k] <= 100.0 for k in METRICS)

@@ -41,6 +41,7 @@ def add_detection_commands(sub: Any) -> None:
     p = sub.add_parser("detect-eval", help="COCO metrics of a detector checkpoint on the validation split")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="latest.pt / best.pt written by detect-train / detect-distill")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw ground truth and detections to this PNG")
     p = sub.add_parser("detect-interrelation", help="the WKD-L category interrelation of the trained `teacher`")
     _add_config_args(p)
     p.add_argument("--kernel", default="cka", choices=["cka", "poly", "rbf", "cosine", "centroid"])
@@ -83,7 +84,7 @@ def run_detection_command(args: argparse.Namespace) -> int:
             result = runner.distill_detection(cfg, resume=args.resume)
             _report(f"detect-distill done: {_summary(result)}\noutputs: {result['out_dir']}")
         elif args.command == "detect-eval":
-            print(json.dumps(runner.evaluate_detection_checkpoint(cfg, args.checkpoint), indent=2))
+            print(json.dumps(runner.evaluate_detection_checkpoint(cfg, args.checkpoint, plot=args.plot), indent=2))
         elif args.command == "detect-interrelation":
             path = runner.compute_detection_interrelation(
                 cfg, kernel=args.kernel, source=args.source, samples_per_class=args.samples_per_class, out=args.out

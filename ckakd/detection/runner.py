@@ -255,8 +255,11 @@ def distill_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: 
     return {**trainer.fit(), "out_dir": str(out)}
 
 
-def evaluate_detection_checkpoint(cfg: DetectionConfig, checkpoint: str | os.PathLike) -> dict[str, float]:
-    """COCO metrics (percent) of ``cfg.model`` loaded from ``checkpoint`` on the validation split."""
+def evaluate_detection_checkpoint(
+    cfg: DetectionConfig, checkpoint: str | os.PathLike, *, plot: str | os.PathLike | None = None
+) -> dict[str, float]:
+    """COCO metrics (percent) of ``cfg.model`` loaded from ``checkpoint`` on the validation split; ``plot``: also
+    draw ground truth and detections of the first validation images to this PNG."""
     from ckakd.detection.task import DetectionTask
 
     cfg = _require_detection(cfg)
@@ -271,7 +274,12 @@ def evaluate_detection_checkpoint(cfg: DetectionConfig, checkpoint: str | os.Pat
         raise ConfigError(f"--checkpoint does not fit model {cfg.model.name!r} {cfg.model.kwargs}: {exc}") from exc
     device = _device(cfg.run.device)
     _, val = detection_loaders(cfg, data)
-    return DetectionTask().evaluate(model.to(device), val, device, amp=cfg.run.amp, amp_dtype=cfg.run.amp_dtype)
+    metrics = DetectionTask().evaluate(model.to(device), val, device, amp=cfg.run.amp, amp_dtype=cfg.run.amp_dtype)
+    if plot is not None:
+        from ckakd.detection.visualize import plot_detections
+
+        plot_detections({Path(checkpoint).name: model}, data.val, plot, device=device)
+    return metrics
 
 
 def compute_detection_interrelation(
