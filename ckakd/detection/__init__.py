@@ -1,5 +1,7 @@
-"""Detection: box utilities and plain-PyTorch dense detectors (RetinaNet, FCOS on ResNet+FPN)."""
+"""Detection: box utilities, plain-PyTorch dense detectors (RetinaNet, FCOS on ResNet+FPN), torchvision adapters
+(torchvision imported only when one is built), the FPN / classification-branch distiller and the trainer task."""
 
+from .adapters import TorchvisionDetector, build_torchvision_detector, torchvision_available
 from .boxes import (
     BoxCoder,
     batched_nms,
@@ -24,8 +26,17 @@ from .models import (
     fcos_centerness_targets,
     fcos_points,
 )
+from .task import DetectionTask
+from .trainer import DetectionDistiller, evaluate_detector, train_detector
 
 __all__ = [
+    "DetectionDistiller",
+    "DetectionTask",
+    "TorchvisionDetector",
+    "build_torchvision_detector",
+    "evaluate_detector",
+    "torchvision_available",
+    "train_detector",
     "AnchorGenerator",
     "AnchorMatcher",
     "BoxCoder",
