@@ -381,3 +381,39 @@ def test_postprocess_limits_sorting_and_clipping(cls) -> None:
     if cls is RetinaNet:
         quiet = _tiny(RetinaNet).eval()
         assert all(d["boxes"].shape == (0, 4) for d in quiet(x))
+
+
+@pytest.mark.parametrize("channels", [16, 32, 48])
+def test_fcos_single_image_on_64px_with_narrow_head(channels: int) -> None:
+    """P7 of a 64-px image is 1x1: with one channel per GroupNorm group (C <= 32) torch refused a batch of one
+    image there (FCOS inference on one image, or a last evaluation batch of one); GroupNorm is per-sample, so a
+    single image must give what it gives inside a batch."""
+    det = _tiny(FCOS, out_channels=channels).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        dets = det(x[:1])
+        one = det.head_outputs(det.features(x[:1]))
+        both = det.head_outputs(det.features(x))
+    assert len(dets) == 1 and dets[0]["boxes"].shape[1] == 4
+    for key, levels in one.items():
+        for a, b in zip(levels, both[key], strict=True):
+            assert torch.allclose(a, b[:1], rtol=1e-4, atol=1e-5), key
+
+
+def test_retinanet_head_norm_trains_a_narrow_head_fast() -> None:
+    """``head_norm=True`` (GroupNorm towers): a 32-channel, 2-conv RetinaNet head fits the toy batch in 40 steps
+    (the paper's head, the default, has no norm layers and barely starts learning in that time)."""
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in _tiny(RetinaNet).head.modules())
+    det = _tiny(RetinaNet, out_channels=32, num_convs=2, head_norm=True).train()
+    for tower in (det.head.cls_tower, det.head.box_tower):
+        assert sum(isinstance(m, torch.nn.GroupNorm) for m in tower) == 2
+    x, targets = _synthetic_batch()
+    opt = torch.optim.SGD(det.parameters(), lr=0.01, momentum=0.9)
+    history = []
+    for _ in range(40):
+        total = sum(det(x, targets).values())
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        history.append(total.item())
+    assert sum(history[-5:]) / 5 < 0.15 * history[0], history

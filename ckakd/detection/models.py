@@ -375,8 +375,20 @@ def fcos_centerness_targets(ltrb: torch.Tensor) -> torch.Tensor:
 _MAX_LOG_DIST = math.log(1e4)
 
 
+class _GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that also takes one image whose groups hold a single value (a 1x1 level, e.g. P7 of a
+    64-px image, with one channel per group): torch refuses that batch of one although GroupNorm is per-sample;
+    the result is computed on the image doubled, i.e. exactly what the image gives inside any larger batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() >= 2 and x.shape[0] == 1 and (x.shape[1] // self.num_groups) * x[0, 0].numel() == 1:
+            return super().forward(x.expand(2, *x.shape[1:]))[:1]
+        return super().forward(x)
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    """GroupNorm with ``gcd(32, channels)`` groups (GN(32) as in the papers; one channel per group at <= 32)."""
+    return _GroupNorm(math.gcd(32, channels), channels)
 
 
 def _tower(channels: int, num_convs: int, norm: bool) -> nn.Sequential:
@@ -408,17 +420,24 @@ def _init_head(module: nn.Module, cls_logits: nn.Conv2d, prior_prob: float) -> N
 
 
 class RetinaNetHead(nn.Module):
-    """Shared classification and box subnets: ``num_convs`` (3x3 conv + ReLU) then a 3x3 conv to ``A·K``
-    logits / ``A·4`` deltas. The classification bias starts at ``-log((1 - π) / π)``."""
+    """Shared classification and box subnets: ``num_convs`` (3x3 conv + ReLU, with ``norm`` 3x3 conv + GroupNorm
+    + ReLU as in torchvision's RetinaNet v2 and FCOS) then a 3x3 conv to ``A·K`` logits / ``A·4`` deltas. The
+    classification bias starts at ``-log((1 - π) / π)``."""
 
     def __init__(
-        self, channels: int, num_anchors: int, num_classes: int, num_convs: int = 4, prior_prob: float = 0.01
+        self,
+        channels: int,
+        num_anchors: int,
+        num_classes: int,
+        num_convs: int = 4,
+        prior_prob: float = 0.01,
+        norm: bool = False,
     ) -> None:
         super().__init__()
         self.num_anchors, self.num_classes = num_anchors, num_classes
-        self.cls_tower = _tower(channels, num_convs, norm=False)
+        self.cls_tower = _tower(channels, num_convs, norm=norm)
         self.cls_logits = nn.Conv2d(channels, num_anchors * num_classes, 3, 1, 1)
-        self.box_tower = _tower(channels, num_convs, norm=False)
+        self.box_tower = _tower(channels, num_convs, norm=norm)
         self.bbox_pred = nn.Conv2d(channels, num_anchors * 4, 3, 1, 1)
         _init_head(self, self.cls_logits, prior_prob)
 
@@ -596,6 +615,11 @@ class RetinaNet(DenseDetector):
     (α = 0.25, γ = 2) over all non-ignored anchors, ``"box"`` L1 (or smooth-L1 with ``box_loss="smooth_l1"``,
     β = 1/9) on the :class:`BoxCoder` deltas of foreground anchors. Anchors: IoU >= ``fg_iou`` foreground,
     < ``bg_iou`` background, in between ignored, plus low-quality matches.
+
+    ``head_norm=False`` is the paper's head (plain convs, N(0, 0.01) init); ``head_norm=True`` adds GroupNorm
+    after each tower conv. Narrow heads need it: at 32 channels the paper's head shrinks the signal ~8x per conv
+    and trains several times slower (R18 width-16 on 64-px synthetic digits, 768 steps at lr 0.05: val AP 12
+    without, 45 with).
     """
 
     def __init__(
@@ -620,6 +644,7 @@ class RetinaNet(DenseDetector):
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
         topk_candidates: int = 1000,
+        head_norm: bool = False,
     ) -> None:
         if box_loss not in ("l1", "smooth_l1"):
             raise ValueError(f"box_loss must be 'l1' or 'smooth_l1', got {box_loss!r}")
@@ -629,7 +654,7 @@ class RetinaNet(DenseDetector):
             backbone.levels, octave_base_scale, scales_per_octave, aspect_ratios
         )
         num_anchors = self.anchor_generator.num_anchors_per_location[0]
-        self.head = RetinaNetHead(out_channels, num_anchors, num_classes, num_convs, prior_prob)
+        self.head = RetinaNetHead(out_channels, num_anchors, num_classes, num_convs, prior_prob, norm=head_norm)
         self.matcher = AnchorMatcher(fg_iou, bg_iou, allow_low_quality_matches=True)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.focal_alpha, self.focal_gamma, self.box_loss = focal_alpha, focal_gamma, box_loss
