@@ -233,3 +233,24 @@ def test_coco_config_runs(tmp_path, one_thread):
     ]
     result = runner.train_detection(load_config("detection/retinanet_student", overrides))
     assert result["final_val"]["n"] == 4 and set(result["final_val"]) >= METRICS
+
+
+def test_bf16_cpu_autocast_gives_sane_gradients_on_one_pixel_levels(one_thread):
+    """P6 -> P7 of a 64-px image is a stride-2 conv on a 1x1 map, where torch's bf16 CPU convolution returns
+    garbage weight gradients; the FPN runs those levels in float32 under CPU autocast."""
+    from ckakd.detection.models import RetinaNet
+
+    torch.manual_seed(0)
+    model = RetinaNet(10, depth=18, width=8, out_channels=16, num_convs=1).train()
+    images = torch.rand(2, 3, 64, 64)
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    grads = []
+    for amp in (False, True, True, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            losses = model(images, targets)
+        sum(losses.values()).backward()
+        grads.append(model.backbone.extra_convs[1].weight.grad.clone())
+    for g in grads[1:]:
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, grads[0], atol=0.05 * float(grads[0].abs().max()) + 1e-6, rtol=0.05)

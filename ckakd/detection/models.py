@@ -184,8 +184,17 @@ class ResNetFPN(nn.Module):
             prev = laterals[i] + F.interpolate(prev, size=laterals[i].shape[-2:], mode="nearest")
             outs.insert(0, self.output_convs[i](prev))
         src = c_feats[-1] if self.extra_from == "c5" else outs[-1]
+        # torch's bf16 CPU convolution returns garbage weight gradients (uninitialized memory: huge or NaN, different
+        # every call) for a stride-2 3x3 conv on a 1x1 map, which P6 -> P7 of small images is; these tiny levels
+        # run in float32 under CPU autocast
+        fp32 = src.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         for j, conv in enumerate(self.extra_convs):
-            src = conv(F.relu(src) if j > 0 else src)
+            x = F.relu(src) if j > 0 else src
+            if fp32:
+                with torch.autocast("cpu", enabled=False):
+                    src = conv(x.float())
+            else:
+                src = conv(x)
             outs.append(src)
         return [ident(o) for ident, o in zip(self.fpn_levels, outs, strict=True)]
 
