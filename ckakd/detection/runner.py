@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torch.utils.data import Dataset
 
 from ckakd.train.config import DetectionConfig
 from ckakd.train.engine import Trainer, load_checkpoint, seed_everything
@@ -68,6 +69,21 @@ def _path(value: str | None, key: str, *, folder: bool) -> Path:
     return p
 
 
+class _Rendered(Dataset):
+    """Every item of a dataset computed once and kept (the synthetic set's images are rendered per access)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.items = [dataset[i] for i in range(len(dataset))]
+        self.num_classes = dataset.num_classes
+        self.to_coco = dataset.to_coco
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
 def build_detection_data(cfg: DetectionConfig) -> DetectionData:
     """The training / validation datasets of ``cfg.data`` and the training box transform."""
     from ckakd.detection import data as DD
@@ -78,14 +94,17 @@ def build_detection_data(cfg: DetectionConfig) -> DetectionData:
             "image_size": d.image_size,
             "max_objects": d.max_objects,
             "scales": tuple(d.scales),
+            "occlusion": d.occlusion,
             "seed": cfg.run.seed,
         }
         if max(d.scales) > d.image_size:
             raise ConfigError(f"data.scales {list(d.scales)} exceed data.image_size {d.image_size}")
-        train = DD.SyntheticDigitsDetection(d.num_train, split="train", **kw)
+        synthetic = DD.SyntheticDigitsDetection(d.num_train, split="train", **kw)
+        # rendering costs about as much as a small student's training step: do it once when cached
+        train = _Rendered(synthetic) if d.cache else synthetic
         val = DD.SyntheticDigitsDetection(d.num_val, split="val", **kw)
         transform = DD.RandomHorizontalFlipBoxes() if d.flip else None
-        return DetectionData(train, val, train.num_classes, transform)
+        return DetectionData(train, val, synthetic.num_classes, transform)
     train_images = _path(d.train_images, "data.train_images", folder=True)
     train_ann = _path(d.train_annotations, "data.train_annotations", folder=False)
     val_images = _path(d.val_images, "data.val_images", folder=True) if d.val_images else train_images

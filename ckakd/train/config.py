@@ -259,12 +259,15 @@ class Config:
 
 @dataclass
 class DetectionDataConfig:
-    """Detection data (``ckakd detect-*``). ``synthetic``: the embedded :class:`~ckakd.detection.data.
-    SyntheticDigitsDetection` (``num_train`` / ``num_val`` images of ``image_size``², 1..``max_objects`` digits of
-    ``scales`` = [min, max] pixels); ``coco``: an images folder and a COCO instances JSON per split (``val_*``
-    default to the training ones), resized to ``min_size`` (shorter side) / ``max_size`` (longer side limit).
-    ``flip``: random horizontal flip of training images and boxes (off by default: mirrored digits are not
-    digits). ``eval_batch_size``: validation batches."""
+    """Detection data (``ckakd detect-*``).
+
+    ``synthetic``: the embedded :class:`~ckakd.detection.data.SyntheticDigitsDetection`: ``num_train`` /
+    ``num_val`` images of ``image_size``², 1..``max_objects`` digits of ``scales`` = [min, max] pixels;
+    ``occlusion``: later digits may hide earlier ones; ``cache``: render the training images once and keep
+    them in memory. ``coco``: an images folder and a COCO instances JSON per split (``val_*`` default to the
+    training ones), resized to ``min_size`` (shorter side) / ``max_size`` (longer side limit). ``flip``:
+    random horizontal flip of training images and boxes (off by default: mirrored digits are not digits).
+    ``eval_batch_size``: validation batches."""
 
     name: Literal["synthetic", "coco"] = "synthetic"
     train_images: str | None = field(default=None, metadata=_check(_non_empty))
@@ -276,6 +279,8 @@ class DetectionDataConfig:
     image_size: int = field(default=64, metadata=_check(_positive))
     scales: tuple[int, int] = (16, 32)
     max_objects: int = field(default=3, metadata=_check(_positive))
+    occlusion: bool = True
+    cache: bool = True
     min_size: int = field(default=512, metadata=_check(_positive))
     max_size: int = field(default=853, metadata=_check(_positive))
     flip: bool = False
