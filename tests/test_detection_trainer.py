@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("sklearn")
 
 from ckakd.detection.data import SyntheticDigitsDetection, make_detection_loader  # noqa: E402
-from ckakd.detection.models import RetinaNet  # noqa: E402
+from ckakd.detection.models import FCOS, RetinaNet  # noqa: E402
 from ckakd.detection.trainer import DetectionDistiller, train_detector  # noqa: E402
 
 
@@ -148,3 +148,66 @@ def test_detect_demo_tiny_writes_results(tmp_path):
         assert set(run["metrics"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
         assert run["train_time_s"] > 0
     assert res["runs"].keys() == data["runs"].keys() and (tmp_path / "results.md").is_file()
+
+
+def tiny_fcos(width: int = 8, out_channels: int = 32, seed: int = 0) -> FCOS:
+    torch.manual_seed(seed)
+    return FCOS(10, depth=18, width=width, out_channels=out_channels, num_convs=1)
+
+
+def test_fcos_training_loss_decreases(tmp_path):
+    loader = make_detection_loader(tiny_data(4), 4, True, 0)
+    result = train_detector(tiny_fcos(), loader, None, epochs=4, lr=0.01, out_dir=tmp_path, progress=False)
+    history = result["history"]
+    assert {"train/cls", "train/box", "train/centerness"} <= set(history[0])
+    losses = [row["train/loss"] for row in history]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+
+
+def test_fcos_resume_and_single_image_eval_batch(tmp_path):
+    # 3 val images in batches of 2: the last batch is one 64-px image, whose 1x1 P7 GroupNorm used to refuse
+    data, val = tiny_data(4), tiny_data(3, "val")
+
+    def run(epochs: int, resume: bool) -> tuple[dict, FCOS]:
+        model = tiny_fcos()
+        loader = make_detection_loader(data, 4, True, 0)
+        r = train_detector(
+            model,
+            loader,
+            val,
+            epochs=epochs,
+            lr=0.01,
+            out_dir=tmp_path,
+            progress=False,
+            resume=resume,
+            eval_batch_size=2,
+        )
+        return r, model
+
+    r1, m1 = run(1, False)
+    assert set(r1["final"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    r_same, m_same = run(1, True)  # nothing left to train: the checkpoint's weights, exactly
+    assert r_same["epochs_run"] == 1
+    for (k, a), b in zip(m1.state_dict().items(), m_same.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    r2, _ = run(2, True)
+    assert [row["epoch"] for row in r2["history"]] == [1, 2]
+
+
+def test_fcos_pcka_distiller_trains(tmp_path):
+    teacher = tiny_fcos(width=16, seed=1)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    d = DetectionDistiller(tiny_fcos(), teacher, method="pcka")
+    assert d.extra is None  # same FPN channels: PCKA on the raw student levels
+    images, targets, sizes = one_batch()
+    losses = d.forward_train(images, targets, sizes)
+    assert {"cls", "box", "centerness", "distill"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    loader = make_detection_loader(tiny_data(4), 4, True, 0)
+    result = train_detector(d, loader, tiny_data(2, "val"), epochs=3, lr=0.01, out_dir=tmp_path, progress=False)
+    history = result["history"]
+    assert all(torch.isfinite(torch.tensor(row["train/distill"])) for row in history)
+    assert history[-1]["train/loss"] < history[0]["train/loss"]
+    assert set(result["final"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    for k, v in teacher.state_dict().items():  # frozen, BN statistics included
+        assert torch.equal(v, before[k]), k
