@@ -148,6 +148,7 @@ def test_detect_demo_tiny_writes_results(tmp_path):
         assert set(run["metrics"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
         assert run["train_time_s"] > 0
     assert res["runs"].keys() == data["runs"].keys() and (tmp_path / "results.md").is_file()
+    assert (tmp_path / "detections.png").is_file()
 
 
 def tiny_fcos(width: int = 8, out_channels: int = 32, seed: int = 0) -> FCOS:
