@@ -261,6 +261,7 @@ def run_detect_demo_from_args(args: argparse.Namespace) -> int:
             num_train=args.num_train,
             num_val=args.num_val,
             seed=args.seed,
+            threads=args.threads,
         )
     except ValueError as exc:
         print(f"ckakd detect-demo: error: {exc}")
