@@ -24,13 +24,16 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["main", "build_parser"]
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a YAML config file or a shipped config name (see `ckakd configs`)")
+def add_config_args(
+    p: argparse.ArgumentParser, config_help: str = "a YAML config file or a shipped config name (see `ckakd configs`)"
+) -> None:
+    """The ``CONFIG [key=value ...]`` positionals of the config-driven commands."""
+    p.add_argument("config", help=config_help)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.1")
 
 
@@ -55,15 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("distill", "distil `teacher` into `model` with `distiller`"),
     ):
         p = sub.add_parser(name, help=helptext)
-        _add_config_args(p)
+        add_config_args(p)
         p.add_argument("--resume", action="store_true", help="continue from <out_dir>/<name>/latest.pt if present")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint of `model` on the validation split")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train-teacher or distill")
 
     p = sub.add_parser("interrelation", help="compute and save the WKD interrelation of the trained `teacher`")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--kernel", default="cka", choices=["cka", "poly", "rbf", "cosine", "centroid"])
     p.add_argument("--samples-per-class", type=int, default=64, help="training images per class (default 64)")
     p.add_argument("--layer", default=None, help="teacher feature layer (dotted path; default: its last stage)")
@@ -125,10 +128,26 @@ def _summary(result: dict) -> str:
     return " ".join(parts)
 
 
-def _report(text: str) -> None:
+def report(text: str) -> None:
     """Print once: on rank 0 under torchrun."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(text)
+
+
+def run_guarded(command: str, body: Callable[[], None]) -> int:
+    """Run a command's ``body``: 0 on success, 2 on bad input (``ValueError`` / ``FileNotFoundError``, one
+    message on stderr), 1 on a non-finite loss (the last good epoch is in latest.pt)."""
+    from ckakd.train.engine import NonFiniteLossError
+
+    try:
+        body()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ckakd {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"ckakd {command}: stopped: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -164,9 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     from ckakd.train import runner
-    from ckakd.train.engine import NonFiniteLossError
 
-    try:
+    def body() -> None:
         cfg = C.load_config(args.config, args.overrides)
         if isinstance(cfg, C.DetectionConfig):
             raise ValueError(
@@ -177,10 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "train-teacher":
             result = runner.train_teacher(cfg, resume=args.resume)
-            _report(f"train-teacher done: {_summary(result)}\noutputs: {result['out_dir']}")
+            report(f"train-teacher done: {_summary(result)}\noutputs: {result['out_dir']}")
         elif args.command == "distill":
             result = runner.distill(cfg, resume=args.resume)
-            _report(f"distill done: {_summary(result)}\noutputs: {result['out_dir']}")
+            report(f"distill done: {_summary(result)}\noutputs: {result['out_dir']}")
         elif args.command == "eval":
             metrics = runner.evaluate_checkpoint(cfg, args.checkpoint)
             print(json.dumps(metrics, indent=2))
@@ -189,13 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg, kernel=args.kernel, samples_per_class=args.samples_per_class, layer=args.layer, out=args.out
             )
             print(f"interrelation ({args.kernel}) written to {os.fspath(path)}")
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"ckakd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:  # the last good epoch is in latest.pt
-        print(f"ckakd {args.command}: stopped: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_guarded(args.command, body)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any
 
+from ckakd.cli import add_config_args, report, run_guarded
 from ckakd.detection.demo import add_detect_demo_arguments, run_detect_demo_from_args
 
 __all__ = ["add_detection_commands", "run_detection_command"]
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a detection YAML config or a shipped name, e.g. detection/retinanet_teacher")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.02")
+_CONFIG_HELP = "a detection YAML config or a shipped name, e.g. detection/retinanet_teacher"
 
 
 def add_detection_commands(sub: Any) -> None:
@@ -36,14 +34,14 @@ def add_detection_commands(sub: Any) -> None:
         ("detect-distill", "distil a trained teacher detector into a student on the FPN features / cls branch"),
     ):
         p = sub.add_parser(name, help=helptext)
-        _add_config_args(p)
+        add_config_args(p, _CONFIG_HELP)
         p.add_argument("--resume", action="store_true", help="continue from <out_dir>/<name>/latest.pt if present")
     p = sub.add_parser("detect-eval", help="COCO metrics of a detector checkpoint on the validation split")
-    _add_config_args(p)
+    add_config_args(p, _CONFIG_HELP)
     p.add_argument("--checkpoint", required=True, help="latest.pt / best.pt written by detect-train / detect-distill")
     p.add_argument("--plot", default=None, metavar="PNG", help="also draw ground truth and detections to this PNG")
     p = sub.add_parser("detect-interrelation", help="the WKD-L category interrelation of the trained `teacher`")
-    _add_config_args(p)
+    add_config_args(p, _CONFIG_HELP)
     p.add_argument("--kernel", default="cka", choices=["cka", "poly", "rbf", "cosine", "centroid"])
     p.add_argument(
         "--source", default="cls_tower", choices=["cls_tower", "fpn"], help="features pooled in the GT boxes"
@@ -62,27 +60,21 @@ def _summary(result: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _report(text: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(text)
-
-
 def run_detection_command(args: argparse.Namespace) -> int:
     """Run one of the ``detect-*`` commands; 0 on success, 2 on bad input, 1 on a non-finite loss."""
     if args.command == "detect-demo":
         return run_detect_demo_from_args(args)
     from ckakd.detection import runner
     from ckakd.train import config as C
-    from ckakd.train.engine import NonFiniteLossError
 
-    try:
+    def body() -> None:
         cfg = C.load_config(args.config, args.overrides)
         if args.command == "detect-train":
             result = runner.train_detection(cfg, resume=args.resume)
-            _report(f"detect-train done: {_summary(result)}\noutputs: {result['out_dir']}")
+            report(f"detect-train done: {_summary(result)}\noutputs: {result['out_dir']}")
         elif args.command == "detect-distill":
             result = runner.distill_detection(cfg, resume=args.resume)
-            _report(f"detect-distill done: {_summary(result)}\noutputs: {result['out_dir']}")
+            report(f"detect-distill done: {_summary(result)}\noutputs: {result['out_dir']}")
         elif args.command == "detect-eval":
             print(json.dumps(runner.evaluate_detection_checkpoint(cfg, args.checkpoint, plot=args.plot), indent=2))
         elif args.command == "detect-interrelation":
@@ -90,10 +82,5 @@ def run_detection_command(args: argparse.Namespace) -> int:
                 cfg, kernel=args.kernel, source=args.source, samples_per_class=args.samples_per_class, out=args.out
             )
             print(f"interrelation ({args.kernel}, {args.source}) written to {os.fspath(path)}")
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"ckakd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"ckakd {args.command}: stopped: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_guarded(args.command, body)

@@ -53,13 +53,19 @@ __all__ = [
 ]
 
 
+def _level_lists(
+    a: Tensor | Sequence[Tensor], b: Tensor | Sequence[Tensor], what: str, levels: str
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One tensor or a sequence of per-level tensors each -> two lists of the same non-zero length."""
+    a_list = [a] if isinstance(a, Tensor) else list(a)
+    b_list = [b] if isinstance(b, Tensor) else list(b)
+    if len(a_list) != len(b_list) or not a_list:
+        raise ValueError(f"{what} must give the same non-zero number of {levels}, got {len(a_list)} and {len(b_list)}")
+    return a_list, b_list
+
+
 def _pairs(f_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    s_list = [f_s] if isinstance(f_s, Tensor) else list(f_s)
-    t_list = [f_t] if isinstance(f_t, Tensor) else list(f_t)
-    if len(s_list) != len(t_list) or not s_list:
-        raise ValueError(
-            f"student and teacher must give the same non-zero number of FPN levels, got {len(s_list)} and {len(t_list)}"
-        )
+    s_list, t_list = _level_lists(f_s, f_t, "student and teacher", "FPN levels")
     for i, (s, t) in enumerate(zip(s_list, t_list, strict=True)):
         if s.dim() != 4 or t.dim() != 4:
             raise ValueError(f"level {i}: expected (B, C, H, W) maps, got {tuple(s.shape)} and {tuple(t.shape)}")
@@ -209,12 +215,7 @@ def wkd_feature_fpn_loss(f_s, f_t, *, grid: int = 1, mean_weight: float = 2.0, w
 
 def _cls_levels(s_cls: Tensor | Sequence[Tensor], t_cls: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Validate per-level (B, N_l, K) student / teacher logits; return them concatenated over levels (B, N, K)."""
-    s_list = [s_cls] if isinstance(s_cls, Tensor) else list(s_cls)
-    t_list = [t_cls] if isinstance(t_cls, Tensor) else list(t_cls)
-    if len(s_list) != len(t_list) or not s_list:
-        raise ValueError(
-            f"s_cls and t_cls must give the same non-zero number of levels, got {len(s_list)} and {len(t_list)}"
-        )
+    s_list, t_list = _level_lists(s_cls, t_cls, "s_cls and t_cls", "levels")
     for i, (s, t) in enumerate(zip(s_list, t_list, strict=True)):
         for name, x in (("s_cls", s), ("t_cls", t)):
             if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 3:

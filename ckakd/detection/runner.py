@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ckakd.train.config import DetectionConfig
-from ckakd.train.engine import Trainer, load_checkpoint, seed_everything
-from ckakd.train.runner import ConfigError, _device, _load_cost, run_dir, train_settings
+from ckakd.train.engine import Trainer, seed_everything
+from ckakd.train.runner import ConfigError, _device, _load_cost, _load_weights, run_dir, train_settings
 
 __all__ = [
     "DETECTOR_NAMES",
@@ -161,20 +161,8 @@ def build_detector(name: str | None, kwargs: dict[str, Any], num_classes: int, *
         raise ConfigError(f"{section}.kwargs.num_classes: the class count comes from the dataset; drop it")
     try:
         return classes[name](num_classes, **kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"{section}.kwargs: {exc}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"{section}.kwargs: {exc}") from exc
-
-
-def _load_detector_weights(model: nn.Module, path: str, section: str) -> None:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"{section}.checkpoint: file not found: {p}")
-    try:
-        load_checkpoint(p, model)
-    except ValueError as exc:
-        raise ConfigError(f"{section}.checkpoint: {exc}") from exc
 
 
 def build_teacher_detector(cfg: DetectionConfig, num_classes: int) -> nn.Module:
@@ -184,7 +172,7 @@ def build_teacher_detector(cfg: DetectionConfig, num_classes: int) -> nn.Module:
     if not t.checkpoint:
         raise ConfigError("teacher.checkpoint is required (a latest.pt / best.pt written by `ckakd detect-train`)")
     teacher = build_detector(t.name, t.kwargs, num_classes, section="teacher")
-    _load_detector_weights(teacher, t.checkpoint, "teacher")
+    _load_weights(teacher, t.checkpoint, "teacher")
     return teacher
 
 
@@ -244,7 +232,7 @@ def train_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: Se
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     model = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
     if cfg.model.checkpoint:
-        _load_detector_weights(model, cfg.model.checkpoint, "model")
+        _load_weights(model, cfg.model.checkpoint, "model")
     train, val = detection_loaders(cfg, data)
     out = _save_config(cfg)
     settings = train_settings(cfg, resume=resume)  # type: ignore[arg-type]
@@ -262,7 +250,7 @@ def distill_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: 
     teacher = build_teacher_detector(cfg, data.num_classes)
     student = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
     if cfg.model.checkpoint:
-        _load_detector_weights(student, cfg.model.checkpoint, "model")
+        _load_weights(student, cfg.model.checkpoint, "model")
     distiller = build_detection_distiller(cfg, student, teacher, data.num_classes)
     pairs = _cka_pairs(cfg, student, teacher)
     train, val = detection_loaders(cfg, data)
@@ -284,13 +272,7 @@ def evaluate_detection_checkpoint(
     cfg = _require_detection(cfg)
     data = build_detection_data(cfg)
     model = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
-    p = Path(checkpoint).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    try:
-        load_checkpoint(p, model)
-    except ValueError as exc:
-        raise ConfigError(f"--checkpoint does not fit model {cfg.model.name!r} {cfg.model.kwargs}: {exc}") from exc
+    _load_weights(model, os.fspath(checkpoint), "checkpoint")
     device = _device(cfg.run.device)
     _, val = detection_loaders(cfg, data)
     metrics = DetectionTask().evaluate(model.to(device), val, device, amp=cfg.run.amp, amp_dtype=cfg.run.amp_dtype)

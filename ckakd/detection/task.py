@@ -128,8 +128,9 @@ class DetectionTask:
     def images(self, batch: Any) -> Tensor:
         return _split(batch)[0]
 
-    def _ground_truth(self, loader: Iterable) -> tuple[Any, Any]:
-        dataset = getattr(loader, "dataset", None)
+    def ground_truth(self, dataset: Any) -> tuple[Any, Any]:
+        """(COCO ground truth, label -> category id) for ``dataset``: the task's own when given, else the
+        dataset's; ``ValueError`` when there is none."""
         gt = self.coco_gt if self.coco_gt is not None else coco_ground_truth(dataset)
         if gt is None:
             raise ValueError(
@@ -178,7 +179,7 @@ class DetectionTask:
     def _score(self, loader: Iterable, ids: list[int], preds: list[dict[str, Tensor]]) -> dict[str, Any]:
         if not ids:
             raise ValueError("detection validation: the loader yielded no images")
-        gt, mapping = self._ground_truth(loader)
+        gt, mapping = self.ground_truth(getattr(loader, "dataset", None))
         evaluator = CocoEvaluator(gt, label_to_cat_id=mapping)
         evaluator.update(preds, ids)
         metrics = evaluator.compute()

@@ -285,8 +285,9 @@ class DetectionDistiller(nn.Module):
         projected = self.extra(s) if self.extra is not None else s
         # centered CKA needs >= 2 positions: PCKA skips levels of a single position (e.g. P7 of a 64x64 image)
         big = [j for j, f in enumerate(t) if f.shape[-2] * f.shape[-1] >= 2]
-        if self.method == "pcka_mimic":
-            src = projected if self.channels_differ else s
+        if self.method in ("pcka", "pcka_mimic"):
+            # with mimic and equal channels, PCKA compares the raw student maps (the projector serves the MSE)
+            src = s if self.method == "pcka_mimic" and not self.channels_differ else projected
             out["distill"] = pcka_loss(
                 [src[j] for j in big],
                 [t[j] for j in big],
@@ -294,17 +295,10 @@ class DetectionDistiller(nn.Module):
                 reduce=self.reduce,
                 gamma=self.weight,
             )
-            out["mimic"] = self.mimic_weight * sum(
-                torch.nn.functional.mse_loss(p, q) for p, q in zip(projected, t, strict=True)
-            )
-        elif self.method == "pcka":
-            out["distill"] = pcka_loss(
-                [projected[j] for j in big],
-                [t[j] for j in big],
-                patch_size=self.patch_size,
-                reduce=self.reduce,
-                gamma=self.weight,
-            )
+            if self.method == "pcka_mimic":
+                out["mimic"] = self.mimic_weight * sum(
+                    torch.nn.functional.mse_loss(p, q) for p, q in zip(projected, t, strict=True)
+                )
         elif self.method == "kd_patch":
             out["distill"] = kd_patch_loss(projected, t, patch_size=self.patch_size, weight=self.weight)
         elif self.method == "at_patch":
@@ -384,15 +378,10 @@ def evaluate_detector(
     :class:`DetectionDistiller`, whose student is scored) on ``dataset``. Predicted boxes are rescaled from
     the loaded image size to the target's ``orig_size`` when it has one."""
     task = DetectionTask(coco_gt=coco_gt, gather=False)  # the whole dataset, in this process
-    task._ground_truth(_Loader(dataset))  # a clear error before any forward when there is no ground truth
+    task.ground_truth(dataset)  # a clear error before any forward when there is no ground truth
     loader = make_detection_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
     metrics = task.evaluate(model, loader, torch.device(device))
     return {k: metrics[k] / 100.0 for k in METRIC_NAMES}
-
-
-class _Loader:
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
 
 
 def detection_settings(
