@@ -1,6 +1,6 @@
 """Build script for ckakd.
 
-The Triton kernels live in the top-level ``kernels/`` folder and are installed as ``ckakd.kernels``; the
+The Triton kernels are the subpackage ``ckakd.kernels`` (``ckakd/kernels/``); the
 shipped trainer configs (``configs/**/*.yaml``) are installed as package data of ``ckakd.configs``.
 The C++/CUDA extension (``ckakd._C``) is built from ``csrc/`` when sources are present: a
 ``CUDAExtension`` when torch has CUDA and ``CUDA_HOME`` is found (or ``FORCE_CUDA=1``), otherwise a
@@ -68,7 +68,7 @@ setup(
         "ckakd.kernels",
         "ckakd.configs",
     ],
-    package_dir={"ckakd": "ckakd", "ckakd.kernels": "kernels", "ckakd.configs": "configs"},
+    package_dir={"ckakd": "ckakd", "ckakd.configs": "configs"},
     package_data={"ckakd.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

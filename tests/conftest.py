@@ -2,6 +2,12 @@
 
 Without CUDA the Triton kernels run under the interpreter: ``TRITON_INTERPRET=1`` must be set before
 triton is first imported, so it is set here, at collection time.
+
+On a CUDA machine a test run must not pass on the torch fallbacks: a missing Triton, ``ckakd.kernels`` or
+C++/CUDA extension is a *failure* there (``require_kernels`` / ``require_extension`` raise at import, and
+``tests/test_fast_paths.py`` checks every backend), while on a CPU machine the same absence skips. The
+environment variable ``CKAKD_TEST_ASSUME_CUDA=1`` makes this conftest treat the machine as a CUDA one, so that
+the rule itself can be tested on a CPU (``test_fast_paths.py`` does, in a subprocess).
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ import os
 
 
 def _cuda_available() -> bool:
+    if os.environ.get("CKAKD_TEST_ASSUME_CUDA", "0") not in ("", "0"):
+        return True
     try:
         import torch
 
@@ -52,12 +60,62 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def fast_path_problems() -> list[str]:
+    """Why a fast path would not run on this CUDA machine (empty: Triton kernels and CUDA extension active)."""
+    import ckakd
+
+    status = ckakd.backends()
+    return [f"{name}: {status[name].detail}" for name in ("triton", "cuda") if not status[name].active]
+
+
+def require_kernels():
+    """``ckakd.kernels`` for a test module: an import error fails the module on CUDA, skips it elsewhere."""
+    if HAS_CUDA:
+        import ckakd.kernels
+
+        return ckakd.kernels
+    return pytest.importorskip("ckakd.kernels")
+
+
+def require_extension():
+    """The loaded C++/CUDA extension: on CUDA a missing one (or one built without CUDA) fails the module."""
+    from ckakd import _ext
+
+    ext = _ext.load()
+    if HAS_CUDA:
+        if ext is None or not ext.has_cuda():
+            raise ImportError(f"the C++/CUDA extension must be built with CUDA on a CUDA machine: {_ext.status()[1]}")
+        return ext
+    if ext is None:
+        pytest.skip(f"the Sinkhorn extension is unavailable: {_ext.status()[1]}", allow_module_level=True)
+    return ext
+
+
 @pytest.fixture
 def triton_device() -> str:
     """Device on which the Triton path runs: CUDA when present, otherwise the CPU interpreter."""
+    if HAS_CUDA:
+        return "cuda"  # no skip on a CUDA machine: a missing triton fails the test where it is used
     if not triton_usable():
         pytest.skip("triton is not installed")
-    return "cuda" if HAS_CUDA else "cpu"
+    return "cpu"
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Make ``torch.empty`` return NaN-filled tensors, so that any element a kernel leaves unwritten
+    shows up (integer scratch gets a huge value)."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(torch.iinfo(t.dtype).max)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
 
 
 @pytest.fixture(autouse=True)

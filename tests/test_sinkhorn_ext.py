@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from ckakd import _ext
+from tests.conftest import require_extension
 
-EXT = _ext.load()
-pytestmark = pytest.mark.skipif(EXT is None, reason=f"the Sinkhorn extension is unavailable: {_ext.status()[1]}")
+EXT = require_extension()  # fails this module on a CUDA machine without the CUDA extension, skips elsewhere
 
 DELTA = 1e-8
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 5e-4)}  # (atol x scale, rtol)

@@ -3,12 +3,19 @@
 ``auto`` picks Triton for CUDA tensors when Triton imports, otherwise the pure-torch path. A forced
 ``backend="triton"`` on CPU tensors is allowed only under the Triton interpreter (``TRITON_INTERPRET=1``),
 which is how the kernels are tested without a GPU.
+
+Every primitive records which implementation actually ran (``record_dispatch``): ``track_dispatch()``
+collects those records, so tests and ``ckakd selftest`` can assert that a fast path ran instead of
+trusting the backend that was asked for (``auto`` on a machine without Triton silently means torch).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +31,38 @@ class BackendStatus:
 
     def __str__(self) -> str:
         return f"{self.name:<7} {'active' if self.active else 'inactive'}: {self.detail}"
+
+
+_trackers: list[collections.Counter] = []
+_last: dict[str, str] = {}
+
+
+def record_dispatch(op: str, backend: str) -> None:
+    """Note that primitive ``op`` ran on ``backend`` ('torch', 'triton', 'cpp', 'cuda')."""
+    _last[op] = backend
+    for counter in _trackers:
+        counter[(op, backend)] += 1
+
+
+@contextlib.contextmanager
+def track_dispatch() -> Iterator[collections.Counter]:
+    """Count the primitives that run inside the block, keyed ``(op, backend)``.
+
+    >>> with track_dispatch() as ran:
+    ...     ckakd.cka(x, y)
+    >>> ran[("gram", "triton")]  # 2 on a GPU: both Grams came from the Triton kernel
+    """
+    counter: collections.Counter = collections.Counter()
+    _trackers.append(counter)
+    try:
+        yield counter
+    finally:
+        _trackers.remove(counter)
+
+
+def last_dispatch(op: str) -> str | None:
+    """The backend the most recent call of primitive ``op`` ran on in this process (None: never ran)."""
+    return _last.get(op)
 
 
 def interpreter_enabled() -> bool:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ckakd._checks import accumulation_dtype as _acc_dtype
+from ckakd.ops._backend import record_dispatch
 
 # Columns per chunk for the torch path: bounds temporaries whatever d is. Single problems (b = 1) use
 # cache-sized chunks (~4 MB of fp32 per chunk): the centering of a chunk and the products that read it
@@ -42,7 +43,9 @@ def gram(x: Tensor, center: bool, backend: str) -> tuple[Tensor, Tensor]:
     if backend == "triton" and x.dtype != torch.float64:
         from ckakd import kernels
 
+        record_dispatch("gram", "triton")
         return kernels.gram_forward(x, center)
+    record_dispatch("gram", "torch")
     acc = _acc_dtype(x)
     b, n, d = x.shape
     mean = x.mean(dim=1, dtype=acc) if center else x.new_zeros((b, d), dtype=acc)
@@ -77,7 +80,9 @@ def gram_apply(m: Tensor, x: Tensor, mean: Tensor, center: bool, backend: str) -
     if backend == "triton" and x.dtype != torch.float64:
         from ckakd import kernels
 
+        record_dispatch("gram_apply", "triton")
         return kernels.gram_backward(m.float().contiguous(), x, mean.float().contiguous(), center)
+    record_dispatch("gram_apply", "torch")
     acc = _acc_dtype(x)
     b, n, d = x.shape
     m = m.to(acc)
@@ -96,7 +101,9 @@ def frobenius_dots(k: Tensor, l: Tensor, backend: str) -> Tensor:
     if backend == "triton" and k.dtype == torch.float32 and l.dtype == torch.float32:
         from ckakd import kernels
 
+        record_dispatch("frobenius_dots", "triton")
         return kernels.frobenius_dots(k.contiguous(), l.contiguous())
+    record_dispatch("frobenius_dots", "torch")
     k2, l2 = k.flatten(1), l.flatten(1)
     return torch.stack([(k2 * l2).sum(1), (k2 * k2).sum(1), (l2 * l2).sum(1)], dim=1)
 

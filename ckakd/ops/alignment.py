@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ckakd._checks import accumulation_dtype as _acc_dtype
 from ckakd.ops import _gram
+from ckakd.ops._backend import record_dispatch
 
 MODES = ("centered", "debiased", "uncentered")
 
@@ -45,6 +46,7 @@ def alignment_stats(x: Tensor, y: Tensor, mode: str, backend: str) -> tuple[Tens
     b, n, dx = x.shape
     dy = y.shape[2]
     if use_feature_form(n, dx, dy, mode, backend):
+        record_dispatch("feature_form", "torch")
         return _feature_stats(x, y, center, acc)
     k, mean_x = _gram.gram(x, center, backend)
     l, mean_y = _gram.gram(y, center, backend)

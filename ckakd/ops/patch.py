@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ckakd._checks import accumulation_dtype as _acc_dtype
 from ckakd.ops import _gram
+from ckakd.ops._backend import record_dispatch
 
 REDUCTIONS = ("channel", "batch", "spatial")
 # Permutations of the 6-D view (B, C, nph, ph, npw, pw) into (problem..., patch..., feature...).
@@ -67,11 +68,13 @@ def patch_alignment_stats(
     if _triton_ok(f_s, f_t, backend):
         from ckakd import kernels
 
+        record_dispatch("patch_cka_forward", "triton")
         stats, k_s, k_t = kernels.patch_cka_forward(f_s, f_t, ph, pw, reduce, center)
         k_s, k_t = k_s.to(acc), k_t.to(acc)
         if mode != "debiased":
             return stats.to(acc), k_s, k_t
     else:
+        record_dispatch("patch_cka_forward", "torch")
         k_s, _ = _gram.gram(to_problems(f_s, ph, pw, reduce), center, "torch")
         k_t, _ = _gram.gram(to_problems(f_t, ph, pw, reduce), center, "torch")
         k_s, k_t = k_s.to(acc), k_t.to(acc)
@@ -117,10 +120,12 @@ def patch_alignment_stats_backward(
     if _triton_ok(f_s, f_t, backend):
         from ckakd import kernels
 
+        record_dispatch("patch_cka_backward", "triton")
         gs, gt = kernels.patch_cka_backward(
             m_s.float().contiguous(), m_t.float().contiguous(), f_s, f_t, ph, pw, reduce, center
         )
         return (gs if need_s else f_s.new_empty(0)), (gt if need_t else f_t.new_empty(0))
+    record_dispatch("patch_cka_backward", "torch")
     grads = []
     for f, m, need in ((f_s, m_s, need_s), (f_t, m_t, need_t)):
         if not need:

@@ -26,6 +26,8 @@ import math
 import torch
 from torch import Tensor
 
+from ckakd.ops._backend import record_dispatch
+
 DELTA = 1e-8
 
 
@@ -110,6 +112,7 @@ def sinkhorn_fixed(
     p: Tensor, q: Tensor, K: Tensor, KC: Tensor, u0: Tensor, iters: int, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """p, q, u0 (B, C); K = exp(-C/ε), KC = K∘C (C, C) -> (cost (B,), u_hist, v_hist, a_hist, b_hist, w)."""
+    record_dispatch("sinkhorn_fixed_forward", backend)
     if backend == "torch":
         return fixed_forward_torch(p, q, K, KC, u0, iters)
     return tuple(_ext_ops().sinkhorn_fixed_forward(p, q, K, KC, u0, iters))
@@ -138,6 +141,7 @@ def sinkhorn_fixed_grad(
     backend: str,
     need_q: bool,
 ) -> tuple[Tensor, Tensor]:
+    record_dispatch("sinkhorn_fixed_backward", backend)
     if backend == "torch":
         return fixed_backward_torch(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, need_q)
     gp, gq = _ext_ops().sinkhorn_fixed_backward(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, need_q)
@@ -238,6 +242,7 @@ def sinkhorn_converged(
     p: Tensor, q: Tensor, cost: Tensor, eps: float, tol: float, max_iter: int, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (value (B,), grad_p (B, C), grad_q (B, C)): ⟨P*, C⟩ and the centered dual potentials."""
+    record_dispatch("sinkhorn_converged", backend)
     if backend != "torch":
         value, fp, gq, _ = _ext_ops().sinkhorn_converged_forward(p, q, cost, eps, tol, max_iter)
         return value, fp, gq
