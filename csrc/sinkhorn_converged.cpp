@@ -11,10 +11,15 @@
 //   value_b = sum_i exp(f_i/eps + LSE_j(log (K∘C)_ij + g_j/eps))   (every term a plan entry: no overflow)
 //   grad_p = f centered over the entries with p > 0 and finite f (others 0); grad_q likewise from g and q
 //
-// Each LSE is one (B x C)(C x C) matrix product of exp(w - rowmax(w)) with K; rows whose result is not finite
-// (the shifted product underflowed to 0, e.g. a zero-mass class far from all others at small eps) are recomputed
-// exactly as logsumexp over a (rows, C, C) tensor, in chunks of at most 2^24 elements.
-//
+// Each LSE is one (B x C)(C x C) matrix product of exp(w - rowmax(w)) with K, with no host sync. At small eps the
+// product of a sample can underflow to 0 (e.g. a zero-mass class far from all others); its potentials then turn
+// non-finite and stay so (NaN / inf propagate through the next row maximum; K <= 1 and exp(w - max) <= 1 rule out
+// overflow for a nonnegative cost) until the next check. The check (one host sync: .item() of the error, NaN when
+// a sample failed) restores the failed samples from the previous check's snapshot of (f, g) and iterates them
+// again, and from then on, with the exact log-sum-exp over a (rows, C, C) tensor in chunks of at most 2^24
+// elements; the other samples keep the shifted product. Every sample still runs `it` iterations. The final value's
+// LSE (with K∘C) recomputes exactly the samples whose product is not finite (one more sync).
+
 // Schema (namespace ckakd, registered here as a fragment of sinkhorn.cpp's library):
 //   sinkhorn_converged_forward(Tensor p, Tensor q, Tensor cost, float eps, float tol, int max_iter)
 //       -> (Tensor value (B,), Tensor grad_p (B, C), Tensor grad_q (B, C), Tensor info (2,))
@@ -65,22 +70,66 @@ at::Tensor safe_log(const at::Tensor& x) {
   return at::where(x > 0, x.log(), at::full({}, -std::numeric_limits<double>::infinity(), x.options()));
 }
 
-// log(sum_j exp(w_bj) K_ij) for all b, i; with `transpose`: log(sum_i exp(w_bi) K_ij) for all b, j.
-at::Tensor logsumexp_kernel(const at::Tensor& w, const at::Tensor& log_k, const at::Tensor& k, bool transpose) {
-  const at::Tensor shift = at::amax(w, {1}, /*keepdim=*/true);
-  at::Tensor out = at::mm(at::exp(w - shift), transpose ? k : k.t()).log_().add_(shift);
-  const at::Tensor bad = out.isfinite().all(/*dim=*/1).logical_not_();
-  if (!bad.any().item<bool>()) return out;
-  // lk[i, j]: the log K entry multiplying w_j for output i
-  const at::Tensor lk = transpose ? log_k.t() : log_k;
-  const at::Tensor rows = bad.nonzero().flatten();
+// Rows `rows` (int64 (R,)) of out (B, C) <- the exact log(sum_j exp(w_rj + lk_ij)), as (rows, C, C) tensors in
+// chunks of at most 2^24 elements. No host sync.
+void exact_logsumexp_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& lk, const at::Tensor& rows) {
   const int64_t n = rows.numel();
   const int64_t step = std::max<int64_t>(1, kFallbackElements / std::max<int64_t>(1, lk.numel()));
   for (int64_t s = 0; s < n; s += step) {
     const at::Tensor r = rows.slice(0, s, std::min(n, s + step));
-    out.index_put_({r}, at::logsumexp(w.index_select(0, r).unsqueeze(1) + lk.unsqueeze(0), {2}));
+    out.index_copy_(0, r, at::logsumexp(w.index_select(0, r).unsqueeze(1) + lk.unsqueeze(0), {2}));
   }
+}
+
+// log(sum_j exp(w_bj) K_ij) for all b, i; with `transpose`: log(sum_i exp(w_bi) K_ij) for all b, j. One shifted
+// product; the samples `exact` (int64 indices) are recomputed exactly. Never synchronizes with the host.
+at::Tensor logsumexp_kernel(const at::Tensor& w, const at::Tensor& log_k, const at::Tensor& k, bool transpose,
+                            const at::Tensor& exact) {
+  const at::Tensor shift = at::amax(w, {1}, /*keepdim=*/true);
+  at::Tensor out = at::mm(at::exp(w - shift), transpose ? k : k.t()).log_().add_(shift);
+  // lk[i, j]: the log K entry multiplying w_j for output i
+  if (exact.numel() > 0) exact_logsumexp_rows(out, w, transpose ? log_k.t() : log_k, exact);
   return out;
+}
+
+// logsumexp_kernel with every sample whose shifted product is not finite recomputed exactly (one sync: nonzero).
+at::Tensor logsumexp_checked(const at::Tensor& w, const at::Tensor& log_k, const at::Tensor& k, bool transpose) {
+  at::Tensor out = logsumexp_kernel(w, log_k, k, transpose, at::Tensor());
+  const at::Tensor rows = out.isfinite().all(/*dim=*/1).logical_not_().nonzero().flatten();
+  exact_logsumexp_rows(out, w, transpose ? log_k.t() : log_k, rows);
+  return out;
+}
+
+struct Problem {
+  at::Tensor p, q, log_p, log_q, log_k, k;
+  double eps;
+};
+
+// n iterations from (f, g) (R, C) with the log marginals of those R samples; `exact`: indices (into the R) of
+// the samples on the exact log-sum-exp path.
+void iterate(at::Tensor& f, at::Tensor& g, const at::Tensor& log_p, const at::Tensor& log_q, const Problem& pr,
+             int64_t n, const at::Tensor& exact) {
+  for (int64_t t = 0; t < n; ++t) {
+    g = pr.eps * (log_q - logsumexp_kernel(f / pr.eps, pr.log_k, pr.k, /*transpose=*/true, exact));
+    f = pr.eps * (log_p - logsumexp_kernel(g / pr.eps, pr.log_k, pr.k, /*transpose=*/false, exact));
+  }
+}
+
+// (B,) bool: a NaN, or an infinite potential where the mass is > 0 (log 0 = -inf is fine).
+at::Tensor nonfinite(const at::Tensor& x, const at::Tensor& mass) {
+  return x.isnan().logical_or_(x.isinf().logical_and_(mass > 0)).any(/*dim=*/1);
+}
+
+// The convergence check: (column marginal L1 error (B,), samples whose fast path failed (B,) bool).
+std::tuple<at::Tensor, at::Tensor> check(const at::Tensor& f, const at::Tensor& g, const Problem& pr,
+                                         const at::Tensor& exact) {
+  const at::Tensor lse = logsumexp_kernel(f / pr.eps, pr.log_k, pr.k, /*transpose=*/true, exact);
+  at::Tensor col = at::exp(lse + g / pr.eps);
+  col = at::where(pr.q > 0, col, at::zeros_like(col));
+  const at::Tensor err = (col - pr.q).abs().sum(1);
+  const at::Tensor bad =
+      nonfinite(f, pr.p).logical_or_(nonfinite(g, pr.q)).logical_or_(lse.isfinite().all(/*dim=*/1).logical_not_());
+  return {err, bad};
 }
 
 // Potentials on zero-mass (or non-finite) entries -> 0; the others centered by their mean.
@@ -105,30 +154,48 @@ ConvergedResult sinkhorn_converged_forward(const at::Tensor& p_, const at::Tenso
     return {at::zeros({0}, p_.options()), at::zeros({0, C}, p_.options()), at::zeros({0, C}, p_.options()),
             at::zeros({2}, info_opts)};
   }
-  const at::Tensor log_p = safe_log(p);
-  const at::Tensor log_q = safe_log(q);
   const at::Tensor log_k = -c / eps;
-  const at::Tensor k = at::exp(log_k);
-  const at::Tensor q_pos = q > 0;
-  const at::Tensor zero = at::zeros({}, p.options());
+  const Problem pr{p, q, safe_log(p), safe_log(q), log_k, at::exp(log_k), eps};
   at::Tensor f = at::zeros_like(p);
   at::Tensor g = at::zeros_like(q);
+  const auto long_opts = p.options().dtype(at::kLong);
+  at::Tensor exact = at::zeros({0}, long_opts);  // samples on the exact path
+  at::Tensor is_exact = at::zeros({B}, p.options().dtype(at::kBool));
+  at::Tensor snap_f = f, snap_g = g;  // the last check's state (no copy: every iteration makes new tensors)
+  int64_t snap_it = 0;
   double err = std::numeric_limits<double>::infinity();
   int64_t it = 0;
-  for (it = 1; it <= max_iter; ++it) {
-    g = eps * (log_q - logsumexp_kernel(f / eps, log_k, k, /*transpose=*/true));
-    f = eps * (log_p - logsumexp_kernel(g / eps, log_k, k, /*transpose=*/false));
-    if (it % kCheckEvery == 0 || it == max_iter) {
-      at::Tensor col = at::exp(logsumexp_kernel(f / eps, log_k, k, /*transpose=*/true) + g / eps);
-      col = at::where(q_pos, col, zero);
-      err = (col - q).abs().sum(1).max().item<double>();
-      if (err < tol) break;
+  while (it < max_iter) {
+    const int64_t n = std::min(kCheckEvery - it % kCheckEvery, max_iter - it);
+    iterate(f, g, pr.log_p, pr.log_q, pr, n, exact);
+    it += n;
+    auto [errs, bad] = check(f, g, pr, exact);
+    bad.logical_and_(is_exact.logical_not());
+    // the check's one host sync
+    double status =
+        at::where(bad.any(), std::numeric_limits<double>::quiet_NaN(), errs.max()).item<double>();
+    if (std::isnan(status)) {
+      const at::Tensor rows = bad.nonzero().flatten();  // each sample fails at most once: exact from then on
+      if (rows.numel() > 0) {
+        is_exact.index_fill_(0, rows, true);
+        exact = at::cat({exact, rows});
+        at::Tensor fr = snap_f.index_select(0, rows), gr = snap_g.index_select(0, rows);
+        iterate(fr, gr, pr.log_p.index_select(0, rows), pr.log_q.index_select(0, rows), pr, it - snap_it,
+                at::arange(rows.numel(), long_opts));
+        f = f.index_copy(0, rows, fr);
+        g = g.index_copy(0, rows, gr);
+        status = std::get<0>(check(f, g, pr, exact)).max().item<double>();
+      }
     }
+    err = status;
+    snap_f = f;
+    snap_g = g;
+    snap_it = it;
+    if (err < tol) break;
   }
-  it = std::min(it, max_iter);  // the loop ran to completion: it == max_iter + 1
   // <P, C> = sum_i exp(f_i/eps + log sum_j (K∘C)_ij exp(g_j/eps))
-  const at::Tensor kc = k * c;
-  const at::Tensor row = logsumexp_kernel(g / eps, safe_log(kc), kc, /*transpose=*/false);
+  const at::Tensor kc = pr.k * c;
+  const at::Tensor row = logsumexp_checked(g / eps, safe_log(kc), kc, /*transpose=*/false);
   const at::Tensor value = at::exp(f / eps + row).nan_to_num(0.0).sum(1);
   const at::Tensor info = at::tensor({static_cast<double>(it), err}, at::TensorOptions().dtype(at::kDouble));
   return {value.to(out_dtype).contiguous(), centered_potential(f, p).to(out_dtype).contiguous(),

@@ -3,11 +3,14 @@ reduced costs, converged mode vs POT, oracles, gradients, bad input."""
 
 from __future__ import annotations
 
+import collections
 import functools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ckakd
 from ckakd import reference as R
@@ -244,7 +247,9 @@ def _converged_problem(kind: str, b: int, c: int, dtype=torch.float64):
     """(p, q, cost) for the ext-vs-torch comparisons. ``zero_mass``: one class per row without mass (target
     separation); ``far_class``: that too, and class 3 (zero mass in rows 1, 2) at cost 2 from all others, so at
     eps = 2e-3 its kernel row exp(-1000) underflows to 0 and the shifted product of its row is 0: the exact
-    log-sum-exp fallback must run."""
+    log-sum-exp path must run (rows 1, 2 fail first; the others, whose class-3 mass cannot move anywhere, later).
+    ``partial_far``: the far class 3 without mass in rows 1, 2 and with p_3 = q_3 elsewhere (it stays in place):
+    only rows 1, 2 need the exact path, the others keep the shifted product throughout."""
     p, q = _histograms(b, c)
     cost = _random_cost(c)
     if kind in ("zero_mass", "far_class"):
@@ -259,6 +264,18 @@ def _converged_problem(kind: str, b: int, c: int, dtype=torch.float64):
         mask[torch.arange(b), y] = True
         p, q = p.masked_fill(mask, 0), q.masked_fill(mask, 0)
         p, q = p / p.sum(1, keepdim=True), q / q.sum(1, keepdim=True)
+    if kind == "partial_far":
+        cost[3, :] = 2.0
+        cost[:, 3] = 2.0
+        cost[3, 3] = 0.0
+        p[1:3, 3] = 0
+        q[1:3, 3] = 0
+        p, q = p / p.sum(1, keepdim=True), q / q.sum(1, keepdim=True)
+        keep = torch.tensor([i for i in range(b) if i not in (1, 2)])
+        rest = q[keep].clone()
+        rest[:, 3] = 0
+        q[keep] = rest / rest.sum(1, keepdim=True) * (1 - p[keep, 3:4])
+        q[keep, 3] = p[keep, 3]
     return p.to(dtype), q.to(dtype), cost.to(dtype)
 
 
@@ -269,30 +286,10 @@ CONVERGED_CASES = [  # kind, B, C, eps, max_iter
     ("zero_mass", 5, 9, 0.05, 1000),
     ("zero_mass", 6, 10, 2e-3, 300),
     ("far_class", 6, 10, 2e-3, 300),
+    ("partial_far", 6, 10, 2e-3, 300),
     ("softmax", 1, 1, 0.1, 20),
 ]
-
-
-def _fallback_rows(p, q, cost, eps, tol, max_iter) -> int:
-    """Runs the torch reference, counting the rows its exact log-sum-exp fallback recomputes."""
-    from ckakd.ops import sinkhorn as S
-
-    rows = 0
-    original = S._logsumexp_kernel
-
-    def counting(w, log_k, k, transpose):
-        nonlocal rows
-        shift = w.amax(dim=1, keepdim=True)
-        prod = torch.mm(torch.exp(w - shift), k.T if not transpose else k)
-        rows += int((~torch.isfinite(torch.log(prod) + shift).all(dim=1)).sum())
-        return original(w, log_k, k, transpose)
-
-    S._logsumexp_kernel = counting
-    try:
-        S.converged_potentials(p, q, cost, eps, tol, max_iter)
-    finally:
-        S._logsumexp_kernel = original
-    return rows
+EXACT_ROWS = {"far_class": [0, 1, 2, 3, 4, 5], "partial_far": [1, 2]}  # samples that take the exact path
 
 
 @pytest.mark.parametrize(
@@ -322,12 +319,13 @@ def test_converged_ext_matches_torch(kind, B, C, eps, max_iter, dtype):
         scale = max(1.0, expected.abs().max().item())
         atol = 1e-10 if dtype == torch.float64 else 1e-6
         torch.testing.assert_close(got, expected, atol=atol * scale, rtol=0, msg=what)
-    *_, it, err = converged_potentials(p, q, cost, eps, tol, max_iter)
+    solution = converged_potentials(p, q, cost, eps, tol, max_iter)
+    it, err = solution.iterations, solution.error
     info = ext.sinkhorn_converged_forward(p, q, cost, eps, tol, max_iter)[3]
     assert info.dtype == torch.float64 and info.shape == (2,)
     assert int(info[0]) == it and info[1].item() == pytest.approx(err, rel=1e-6, abs=1e-14)
-    if kind == "far_class":
-        assert _fallback_rows(p, q, cost, eps, tol, max_iter) > 0, "the exact log-sum-exp fallback did not run"
+    if kind in EXACT_ROWS:
+        assert sorted(solution.exact.tolist()) == EXACT_ROWS[kind], "the exact path did not run where expected"
         zero = p == 0
         assert (run["cpp"][1][zero] == 0).all() and (run["cpp"][2][q == 0] == 0).all()
 
@@ -369,6 +367,147 @@ def test_opcheck_converged_op(backend):
 
     p, q, cost = _converged_problem("zero_mass", 3, 5)
     torch.library.opcheck(sinkhorn_converged, (p.requires_grad_(), q.requires_grad_(), cost, 0.1, 1e-9, 50, backend))
+
+
+def _log_marginals(p, q):
+    inf = torch.full_like(p, -math.inf)
+    return torch.where(p > 0, p.log(), inf), torch.where(q > 0, q.log(), inf)
+
+
+def _previous_converged(p, q, cost, eps, tol, max_iter):
+    """The converged iterations as they were before the host syncs were taken out of the loop (written here on
+    purpose): every log-sum-exp checks its shifted product (one sync) and recomputes the non-finite samples of
+    that one product exactly. Returns (f, g, iterations, error)."""
+    log_p, log_q = _log_marginals(p, q)
+    log_k = -cost / eps
+    k = log_k.exp()
+
+    def lse(w, transpose):
+        shift = w.amax(1, keepdim=True)
+        out = torch.log(torch.mm(torch.exp(w - shift), k if transpose else k.T)) + shift
+        bad = ~torch.isfinite(out).all(1)
+        if bad.any():
+            lk = log_k.T if transpose else log_k
+            out[bad] = torch.logsumexp(w[bad][:, None, :] + lk[None], dim=2)
+        return out
+
+    f, g, err, it = torch.zeros_like(p), torch.zeros_like(q), math.inf, 0
+    for it in range(1, max_iter + 1):
+        g = eps * (log_q - lse(f / eps, True))
+        f = eps * (log_p - lse(g / eps, False))
+        if it % 10 == 0 or it == max_iter:
+            col = torch.where(q > 0, torch.exp(lse(f / eps, True) + g / eps), torch.zeros_like(q))
+            err = (col - q).abs().sum(1).max().item()
+            if err < tol:
+                break
+    return f, g, it, err
+
+
+def _exact_iterations(p, q, cost, eps, iters):
+    """``iters`` log-domain iterations with the exact (B, C, C) log-sum-exp only: (f, g)."""
+    log_p, log_q = _log_marginals(p, q)
+    log_k = -cost / eps
+    f, g = torch.zeros_like(p), torch.zeros_like(q)
+    for _ in range(iters):
+        g = eps * (log_q - torch.logsumexp(f[:, :, None] / eps + log_k[None], dim=1))
+        f = eps * (log_p - torch.logsumexp(log_k[None] + g[:, None, :] / eps, dim=2))
+    return f, g
+
+
+@pytest.mark.parametrize(
+    "kind,B,C,eps,max_iter", CONVERGED_CASES, ids=[f"{k}-{b}x{c}-{e}" for k, b, c, e, _ in CONVERGED_CASES]
+)
+def test_converged_results_unchanged_by_sync_free_loop(kind, B, C, eps, max_iter):
+    """Samples on the shifted product are bitwise what the per-product-checking loop gave; samples on the exact
+    path equal the exact iteration. (In ``far_class`` the old loop differs from both by ~5e-4: it kept the
+    shifted product where it was finite but had lost its dominant terms to underflow.)"""
+    from ckakd.ops.sinkhorn import converged_potentials
+
+    p, q, cost = _converged_problem(kind, B, C)
+    new = converged_potentials(p, q, cost, eps, 1e-10, max_iter)
+    f_old, g_old, it, err = _previous_converged(p, q, cost, eps, 1e-10, max_iter)
+    assert new.iterations == it
+    exact = sorted(new.exact.tolist())
+    assert exact == EXACT_ROWS.get(kind, [])
+    fast = [i for i in range(B) if i not in exact]
+    torch.testing.assert_close(new.f[fast], f_old[fast], rtol=0, atol=0)
+    torch.testing.assert_close(new.g[fast], g_old[fast], rtol=0, atol=0)
+    if not exact:
+        assert new.error == err
+        return
+    f_ex, g_ex = _exact_iterations(p[exact], q[exact], cost, eps, it)
+    torch.testing.assert_close(new.f[exact], f_ex, rtol=0, atol=1e-12)
+    torch.testing.assert_close(new.g[exact], g_ex, rtol=0, atol=1e-12)
+
+
+SYNC_OPS = ("_local_scalar_dense", "item", "is_nonzero", "nonzero")  # ATen ops that wait for the device
+
+
+class _AtenCalls(TorchDispatchMode):
+    """Counts the ATen calls made inside the block, including the ones inside ckakd's ops (a ``ckakd::`` op is
+    redispatched to its CPU kernel with this mode active again; plain dispatch would show only the op itself).
+
+    ``corrupt`` {n: b}: the n-th (0-based) ``aten.mm`` result gets sample b's row zeroed, which is what a shifted
+    product that underflowed looks like."""
+
+    def __init__(self, corrupt: dict[int, int] | None = None):
+        super().__init__()
+        self.calls: collections.Counter = collections.Counter()
+        self.corrupt = corrupt or {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "ckakd":
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name == "mm" and self.calls["mm"] in self.corrupt:
+            out[self.corrupt[self.calls["mm"]]] = 0
+        self.calls[name] += 1
+        return out
+
+    @property
+    def syncs(self) -> int:
+        return sum(self.calls[op] for op in SYNC_OPS)
+
+
+def _converged_op(p, q, cost, eps, tol, max_iter, backend):
+    from ckakd.ops.sinkhorn import sinkhorn_converged
+
+    return sinkhorn_converged(p, q, cost, eps, tol, max_iter, backend)
+
+
+@pytest.mark.parametrize("kind,eps,transitions", [("softmax", 0.05, 0), ("partial_far", 2e-3, 1)])
+def test_converged_syncs_once_per_check(backend, kind, eps, transitions):
+    """200 iterations (tol never met): one host sync per check (20), one for the final value's log-sum-exp, two
+    more per check at which samples switch to the exact path. Before: 441 (two per log-sum-exp)."""
+    p, q, cost = _converged_problem(kind, 6, 10)
+    with _AtenCalls() as calls:
+        _converged_op(p, q, cost, eps, 1e-300, 200, backend)
+    assert calls.calls["mm"] >= 420  # the solve ran inside the mode (2 products per iteration + 1 per check)
+    assert calls.syncs <= 200 // 10 + 1 + 2 * transitions, calls.calls
+
+
+@pytest.mark.parametrize("max_iter,mm_call,row", [(60, 25, 2), (60, 41, 0), (25, 45, 3), (60, 0, 1)])
+def test_converged_failed_sample_restarts_from_snapshot(backend, max_iter, mm_call, row):
+    """A sample whose shifted product fails (zeroed: log 0 = -inf, then NaN) in some half-iteration or check is
+    restored from the previous check and iterated again exactly: the result equals the undisturbed solve.
+    mm calls: 2 per iteration, 1 per check (after iterations 10, 20, ...): 25 is iteration 13's g half, 41 the
+    check at 20, 45 iteration 23's f half with max_iter 25 (restart from 20 for 5 iterations), 0 the very first."""
+    from ckakd.ops.sinkhorn import converged_potentials
+
+    p, q, cost = _converged_problem("zero_mass", 5, 9)
+    clean = _converged_op(p, q, cost, 0.05, 1e-300, max_iter, backend)
+    with _AtenCalls(corrupt={mm_call: row}) as calls:
+        hit = _converged_op(p, q, cost, 0.05, 1e-300, max_iter, backend)
+    assert calls.calls["mm"] > mm_call
+    for got, expected in zip(hit, clean, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    if backend == "torch":
+        with _AtenCalls(corrupt={mm_call: row}):
+            assert converged_potentials(p, q, cost, 0.05, 1e-300, max_iter).exact.tolist() == [row]
 
 
 GPU_CONVERGED_CASES = [("softmax", 16, 100, 0.05), ("zero_mass", 8, 257, 0.05), ("far_class", 6, 10, 2e-3)]
