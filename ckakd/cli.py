@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_detection_commands(sub)
 
+    from ckakd.selftest import add_selftest_arguments
+
+    p = sub.add_parser("selftest", help="check every op on every active backend against ckakd.reference")
+    add_selftest_arguments(p)
+
     sub.add_parser("configs", help="list the shipped configs")
     p = sub.add_parser("info", help="versions, devices and active backends")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -162,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "info":
         _print_info(args.json)
         return 0
+    if args.command == "selftest":
+        from ckakd.selftest import run_selftest_from_args
+
+        return run_selftest_from_args(args)
     if args.command == "demo":
         from ckakd.demo import run_demo_from_args
 
