@@ -6,6 +6,11 @@ The C++/CUDA extension (``ckakd._C``) is built from ``csrc/`` when sources are p
 ``CUDAExtension`` when torch has CUDA and ``CUDA_HOME`` is found (or ``FORCE_CUDA=1``), otherwise a
 ``CppExtension``. Install with ``pip install --no-build-isolation -e .`` so the torch already on the
 machine is used (a bare ``torch`` requirement would pull the newest CUDA build).
+
+CUDA architectures: ``TORCH_CUDA_ARCH_LIST`` when set (e.g. ``"8.0;9.0"``, ``"9.0+PTX"``); otherwise the
+GPUs visible at build time, and ``9.0+PTX`` (Hopper machine code, plus PTX that newer GPUs compile at load)
+when none is visible, e.g. ``FORCE_CUDA=1`` on a build host without a GPU (torch would fail inside its own
+detection there).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ def extension_modules() -> tuple[list, dict]:
     want_cuda = os.environ.get("FORCE_CUDA") == "1" or (cpp_extension.CUDA_HOME is not None and _torch_has_cuda())
     extra_cxx = ["-O3", "-fopenmp"]
     if want_cuda and cuda_sources:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), _visible_archs())
         ext = cpp_extension.CUDAExtension(
             "ckakd._C",
             cpp_sources + cuda_sources,
@@ -42,54 +48,80 @@ def extension_modules() -> tuple[list, dict]:
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+DEFAULT_CUDA_ARCH = "9.0+PTX"
+
+
+def cuda_arch_list(requested: str | None, visible: list[str]) -> str:
+    """The ``TORCH_CUDA_ARCH_LIST`` to build with: the user's, else the visible GPUs', else 9.0 + PTX."""
+    if requested and requested.strip():
+        return requested
+    return ";".join(sorted(set(visible))) if visible else DEFAULT_CUDA_ARCH
+
+
+def _visible_archs() -> list[str]:
+    import torch
+
+    try:
+        count = torch.cuda.device_count()
+        return [".".join(map(str, torch.cuda.get_device_capability(i))) for i in range(count)]
+    except Exception:  # no driver on a build host
+        return []
+
+
 def _torch_has_cuda() -> bool:
     import torch
 
     return torch.version.cuda is not None
 
 
-ext_modules, cmdclass = extension_modules()
-
-setup(
-    name="ckakd",
-    version="0.1.0",
-    description="Fast, exact knowledge-distillation losses built on centered kernel alignment and optimal transport",
-    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
-    if os.path.exists(os.path.join(HERE, "README.md"))
-    else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=[
-        "ckakd",
-        "ckakd.ops",
-        "ckakd.train",
-        "ckakd.train.models",
-        "ckakd.detection",
-        "ckakd.kernels",
-        "ckakd.configs",
-    ],
-    package_dir={"ckakd": "ckakd", "ckakd.configs": "configs"},
-    package_data={"ckakd.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    # torch is deliberately not pinned here beyond a floor: an unpinned or newer requirement would make
-    # pip replace the torch a user already has (GPU users have their own build).
-    install_requires=["torch>=2.4", "numpy", "pyyaml>=5.4", "tqdm", "matplotlib"],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "test": [
-            "pytest",
-            "pytest-benchmark",
-            "expecttest",
-            "scikit-learn",
-            "pot",
-            "pillow",
-            "triton>=3.6",
-            "ruff",
-            "pycocotools",
+def main() -> None:
+    ext_modules, cmdclass = extension_modules()
+    setup(
+        name="ckakd",
+        version="0.1.0",
+        description=(
+            "Fast, exact knowledge-distillation losses built on centered kernel alignment and optimal transport"
+        ),
+        long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+        if os.path.exists(os.path.join(HERE, "README.md"))
+        else "",
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        packages=[
+            "ckakd",
+            "ckakd.ops",
+            "ckakd.train",
+            "ckakd.train.models",
+            "ckakd.detection",
+            "ckakd.kernels",
+            "ckakd.configs",
         ],
-        "demo": ["scikit-learn"],
-        "detection": ["pycocotools", "pillow", "scikit-learn"],
-    },
-    entry_points={"console_scripts": ["ckakd=ckakd.cli:main", "ckakd-demo=ckakd.demo:main"]},
-)
+        package_dir={"ckakd": "ckakd", "ckakd.configs": "configs"},
+        package_data={"ckakd.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        # torch is deliberately not pinned here beyond a floor: an unpinned or newer requirement would make
+        # pip replace the torch a user already has (GPU users have their own build).
+        install_requires=["torch>=2.4", "numpy", "pyyaml>=5.4", "tqdm", "matplotlib"],
+        extras_require={
+            "triton": ["triton>=3.6"],
+            "test": [
+                "pytest",
+                "pytest-benchmark",
+                "expecttest",
+                "scikit-learn",
+                "pot",
+                "pillow",
+                "triton>=3.6",
+                "ruff",
+                "pycocotools",
+            ],
+            "demo": ["scikit-learn"],
+            "detection": ["pycocotools", "pillow", "scikit-learn"],
+        },
+        entry_points={"console_scripts": ["ckakd=ckakd.cli:main", "ckakd-demo=ckakd.demo:main"]},
+    )
+
+
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import it
+    main()

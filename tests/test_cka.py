@@ -8,6 +8,7 @@ import torch
 
 import ckakd
 from ckakd import reference as R
+from ckakd.ops import track_dispatch
 from tests.conftest import HAS_CUDA, TOLERANCES
 
 MODES = ["centered", "debiased", "uncentered"]
@@ -393,6 +394,28 @@ def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
         ckakd.cka(torch.randn(5, 3), torch.randn(5, 3), backend="triton")
 
 
+def test_dispatch_record_names_the_backend_that_ran(triton_device):
+    """``track_dispatch`` counts what ran, not what was asked: 'auto' on CPU tensors runs torch; float64 asked
+    of Triton runs torch (the kernels compute in fp32); an explicit 'triton' runs the kernels."""
+    from ckakd.ops import last_dispatch
+
+    x, y = torch.randn(9, 20, requires_grad=True), torch.randn(9, 30)
+    with track_dispatch() as ran:
+        ckakd.cka(x, y).backward()
+    assert ran[("gram", "torch")] == 2 and ran[("gram_apply", "torch")] == 1 and not ran[("gram", "triton")]
+    with track_dispatch() as ran:
+        ckakd.cka(x.double(), y.double(), backend="triton")
+    assert ran[("gram", "torch")] == 2 and not ran[("gram", "triton")]
+    xt = x.detach().to(triton_device).requires_grad_(True)
+    with track_dispatch() as ran:
+        ckakd.cka(xt, y.to(triton_device), backend="triton").backward()
+    assert ran == {("gram", "triton"): 2, ("frobenius_dots", "triton"): 1, ("gram_apply", "triton"): 1}
+    assert last_dispatch("gram_apply") == "triton"
+    with track_dispatch() as outer, track_dispatch() as inner:
+        ckakd.cka(x, y)
+    assert outer == inner and outer[("gram", "torch")] == 2
+
+
 def test_backends_report():
     status = ckakd.backends()
     assert set(status) == {"torch", "triton", "cpp", "cuda"}
@@ -409,7 +432,9 @@ def test_backends_report():
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_dtypes(dtype, mode):
     x, y = _rand(64, 300, device="cuda", dtype=dtype, offset=2.0), _rand(64, 200, device="cuda", dtype=dtype)
-    out, (gx, gy), _ = _grads(lambda a, b: ckakd.cka(a, b, mode=mode), x, y, weight=1.5)
+    with track_dispatch() as ran:
+        out, (gx, gy), _ = _grads(lambda a, b: ckakd.cka(a, b, mode=mode, backend="triton"), x, y, weight=1.5)
+    assert ran[("gram", "triton")] == 2 and ran[("gram_apply", "triton")] == 2 and ran[("gram", "torch")] == 0
     ref, (rx, ry), _ = _grads(lambda a, b: R.cka(a, b, mode=mode), x.double().cpu(), y.double().cpu(), weight=1.5)
     assert gx.dtype == dtype
     _close(out, ref, dtype)
@@ -423,7 +448,9 @@ def test_gpu_big_shapes(shape):
     n, d = shape
     x = torch.randn(n, d, device="cuda") + 5.0
     y = 0.5 * x + torch.randn(n, d, device="cuda")
-    out, (gx, _), _ = _grads(lambda a, b: ckakd.cka(a, b, backend="triton"), x, y, weight=1.0)
+    with track_dispatch() as ran:
+        out, (gx, _), _ = _grads(lambda a, b: ckakd.cka(a, b, backend="triton"), x, y, weight=1.0)
+    assert ran[("gram", "triton")] == 2 and ran[("gram_apply", "triton")] >= 1 and ran[("gram", "torch")] == 0
     ref, (rx, _), _ = _grads(lambda a, b: ckakd.cka(a, b, backend="torch"), x.double(), y.double(), weight=1.0)
     _close(out, ref, torch.float32)
     _close(gx, rx, torch.float32, scale=rx.abs().max().item())

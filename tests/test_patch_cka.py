@@ -7,6 +7,7 @@ import torch
 
 import ckakd
 from ckakd import reference as R
+from ckakd.ops import track_dispatch
 from ckakd.ops.patch import from_problems, to_problems
 from tests.test_cka import _close, _grads
 
@@ -164,7 +165,10 @@ def test_patch_bad_inputs(call, match):
 def test_gpu_patch_fpn_shape(dtype):
     f_s = torch.randn(2, 256, 100, 168, device="cuda", dtype=dtype)
     f_t = (0.5 * f_s.float() + torch.randn(2, 256, 100, 168, device="cuda")).to(dtype)
-    out, (gs, _), _ = _grads(lambda a, b: ckakd.patch_cka(a, b, patch_size=16), f_s, f_t)
+    with track_dispatch() as ran:
+        out, (gs, _), _ = _grads(lambda a, b: ckakd.patch_cka(a, b, patch_size=16, backend="triton"), f_s, f_t)
+    assert ran[("patch_cka_forward", "triton")] == 1 and ran[("patch_cka_backward", "triton")] == 1
+    assert ran[("patch_cka_forward", "torch")] == 0
     ref, (rs, _), _ = _grads(
         lambda a, b: ckakd.patch_cka(a, b, patch_size=16, backend="torch"), f_s.double(), f_t.double()
     )

@@ -142,6 +142,119 @@ def test_patch_cka_bad_input(triton_device):
         kernels.patch_cka_forward(f, f[:, :1], 2, 2, "channel", True)
 
 
+@pytest.mark.parametrize("reduce", REDUCES)
+@pytest.mark.parametrize("split", [2, 3, 100])
+def test_patch_cka_forward_split_over_features(triton_device, poisoned_empty, reduce, split):
+    """The forward split into feature ranges (partial Grams + a fixed-order sum) is the unsplit result, every
+    element written, Grams exactly symmetric; ``split`` larger than the chunk count is clamped."""
+    f_s, f_t = _patch_inputs((2, 6, 8, 12), triton_device, offset=5.0)
+    stats, k_s, k_t = kernels.patch_cka_forward(f_s, f_t, 2, 4, reduce, True, block_d=16, split=split)
+    st_ref, ks_ref, kt_ref, _, _ = _ref_patch(f_s, f_t, 2, 4, reduce, True)
+    for got in (stats, k_s, k_t):
+        assert not got.isnan().any()
+    _assert_close(k_s, ks_ref, torch.float32)
+    _assert_close(k_t, kt_ref, torch.float32)
+    _assert_close(stats, st_ref, torch.float32)
+    assert torch.equal(k_s, k_s.transpose(1, 2)) and torch.equal(k_t, k_t.transpose(1, 2))
+    one, _, _ = kernels.patch_cka_forward(f_s, f_t, 2, 4, reduce, True, block_d=16, split=1)
+    _assert_close(stats, one.double(), torch.float32)
+
+
+@pytest.mark.parametrize("need", [(True, False), (False, True)], ids=["student-only", "teacher-only"])
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_patch_cka_backward_computes_only_needed(triton_device, poisoned_empty, monkeypatch, reduce, need):
+    """An unneeded gradient is an empty tensor, its coefficients are never read (NaN here), and the grid has
+    programs for the needed tensor only."""
+    from ckakd.kernels import _launch
+
+    need_s, need_t = need
+    f_s, f_t = _patch_inputs((2, 3, 8, 12), triton_device)
+    _, _, _, xs, xt = _ref_patch(f_s, f_t, 2, 4, reduce, True)
+    G, P, _ = xs.shape
+    m = _randn((G, P, P), triton_device)
+    poison = torch.full((G, P, P), float("nan"), device=triton_device)
+    grids = []
+    real_launch = _launch.launch
+
+    def spy(kernel, grid, *args, **meta):
+        grids.append(tuple(grid))
+        return real_launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(kernels.patch_cka, "launch", spy)
+    g_s, g_t = kernels.patch_cka_backward(
+        m if need_s else poison, m if need_t else poison, f_s, f_t, 2, 4, reduce, True, need_s=need_s, need_t=need_t
+    )
+    assert len(grids) == 1 and grids[0][1] == 1
+    got, unneeded, x, src = (g_s, g_t, xs, f_s) if need_s else (g_t, g_s, xt, f_t)
+    assert unneeded.shape == (0,)
+    assert got.shape == src.shape and not got.isnan().any()
+    _assert_close(got, _unproblems(m.double() @ x, src.shape, 2, 4, reduce), torch.float32)
+
+
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_patch_cka_every_launch_candidate(triton_device, monkeypatch, which):
+    """Every candidate configuration (on a GPU the autotuner may pick any) computes the same result."""
+    from ckakd.kernels import patch_cka as pc
+
+    table = pc.FWD_CONFIGS if which == "forward" else pc.BWD_CONFIGS
+    shapes = {16: ((1, 3, 8, 12), (2, 4)), 32: ((1, 2, 8, 16), (2, 2)), 64: ((1, 2, 16, 16), (2, 2)),
+              128: ((1, 2, 16, 8), (1, 1))}  # fmt: skip
+    assert set(table) == set(shapes)
+    for p_pad, configs in table.items():
+        shape, (ph, pw) = shapes[p_pad]
+        f_s, f_t = _patch_inputs(shape, triton_device, offset=2.0)
+        _, ks_ref, _, xs, _ = _ref_patch(f_s, f_t, ph, pw, "channel", True)
+        G, P, _ = ks_ref.shape
+        assert pc._p_pad(P) == p_pad
+        m = _randn((G, P, P), triton_device)
+        for config in configs:
+            monkeypatch.setitem(table, p_pad, [config])
+            if which == "forward":
+                _, k_s, _ = kernels.patch_cka_forward(f_s, f_t, ph, pw, "channel", True)
+                _assert_close(k_s, ks_ref, torch.float32)
+            else:
+                g_s, _ = kernels.patch_cka_backward(m, m, f_s, f_t, ph, pw, "channel", True, need_t=False)
+                _assert_close(g_s, _unproblems(m.double() @ xs, shape, ph, pw, "channel"), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "shape,patch,reduce",
+    [
+        ((1, 65536, 32, 32), (8, 8), "batch"),  # D = 4,194,304 features: 131,072 backward column blocks
+        ((70000, 4, 16, 16), (2, 2), "batch"),  # G = 70,000 problems
+        ((2, 256, 96, 160), (16, 16), "batch"),  # the FPN bench shape: 2 wide problems
+        ((4, 70000, 16, 16), (2, 2), "channel"),
+    ],
+    ids=["D4M", "G70k", "fpn-batch", "C70k"],
+)
+def test_patch_cka_grids_within_cuda_limits(monkeypatch, shape, patch, reduce):
+    """Every launch of huge problems stays inside CUDA's grid limits (meta tensors: nothing is allocated or
+    run), and the batch-reduce FPN forward is split over enough programs to fill an H200 (132 SMs)."""
+    from ckakd.kernels import _launch
+    from ckakd.kernels import patch_cka as pc
+
+    monkeypatch.setattr(pc, "num_sms", lambda device: 132)
+    launches = []
+    f = torch.empty(shape, device="meta")
+    G, P, _ = _ref_shape(shape, patch, reduce)
+    m = torch.empty((G, P, P), device="meta")
+    with _launch.recording(lambda kernel, grid, args, meta: launches.append((kernel.__name__, grid))):
+        kernels.patch_cka_forward(f, f, *patch, reduce, True)
+        kernels.patch_cka_backward(m, m, f, f, *patch, reduce, True)
+    assert launches
+    for name, grid in launches:
+        assert all(size <= limit for size, limit in zip(grid, _launch.GRID_LIMITS, strict=False)), (name, grid)
+    partial = [grid for name, grid in launches if name == "_patch_gram_partial_kernel"]
+    assert partial and all(grid[0] * grid[1] >= 132 for grid in partial)
+
+
+def _ref_shape(shape, patch, reduce):
+    B, C, H, W = shape
+    ph, pw = patch
+    P = (H // ph) * (W // pw)
+    return {"channel": (C, P, B * ph * pw), "batch": (B, P, C * ph * pw), "spatial": (ph * pw, P, B * C)}[reduce]
+
+
 # ---------------------------------------------------------------------------------------------------
 # large shapes (GPU only)
 # ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Batched patch CKA in Triton (PCKA): thousands of tiny CKA problems in one launch.
+"""Batched patch CKA in Triton (PCKA): thousands of tiny CKA problems from two feature maps.
 
 Problems
 --------
@@ -16,21 +16,34 @@ spatial     ph·pw         (b, c),    D = B·C      f[b, c, pi·ph + i, pj·pw +
 
 Every element of the ``(B, C, H, W)`` tensor belongs to exactly one ``(g, p, f)``. The matrices are
 never built: a tile of ``X_g`` is gathered from the 4-D tensor by index arithmetic with its strides
-(channels_last and sliced inputs work without copies).
+(channels_last and sliced inputs work without copies). The index arithmetic decomposes row and column
+numbers in 32-bit integers (``P <= 128``, ``D < 2³¹`` is checked) and only multiplies by the strides in
+64 bits: a 64-bit ``//`` or ``%`` by a run-time value is a call to a division routine on the GPU, which
+cost the first version of these kernels 255 registers and hundreds of bytes of spills.
 
-Forward (``_patch_cka_fwd_kernel``, grid ``(G,)``): one program per problem holds all ``P`` rows
-(padded to ``P_PAD``, a power of two ``<= 128``) and walks the ``D`` features in ``BLOCK_D`` chunks.
-Because every chunk has all rows, its column means are available in-program: the chunk is centered in
-registers (shifted by its row 0 first, so a large offset costs no precision; padded rows are re-zeroed
-after the subtraction) and ``Ks += Xs Xsᵀ``, ``Kt += Xt Xtᵀ`` are accumulated with ``tl.dot`` in
-fp32. The program then writes both ``P x P`` Grams and ``[Σ Ks∘Kt, Σ Ks∘Ks, Σ Kt∘Kt]``.
+Forward, two launches
+---------------------
+1. ``_patch_gram_partial_kernel`` — grid ``(G · S, n_tensors)``: program ``(g, s)`` on axis 0, the tensor
+   (student / teacher) on axis 1. It holds all ``P`` rows (padded to ``P_PAD``, a power of two ``<= 128``)
+   and walks the ``s``-th of ``S`` contiguous ranges of the ``D`` features in ``BLOCK_D`` chunks. Every
+   chunk has all rows, so its column means are available in-program: the chunk is centered in registers
+   (shifted by its row 0 first, so a large offset costs no precision; padded rows stay zero) and
+   ``X Xᵀ`` is accumulated with ``tl.dot`` in fp32 — one ``P_PAD x P_PAD`` accumulator per program. The
+   split over ``D`` (``S`` chosen to fill the GPU) is what keeps few, wide problems (``reduce="batch"``:
+   ``G = B = 2`` problems of ``D = 65,536`` features) from running on 2 of 132 SMs.
+2. ``_patch_finalize_kernel`` — grid ``(G,)``: sums the ``S`` partial Grams in a fixed order (deterministic,
+   no atomics), reading entry ``(min(i, j), max(i, j))`` so that the result is exactly symmetric, writes
+   both ``P x P`` Grams and ``[Σ Ks∘Kt, Σ Ks∘Ks, Σ Kt∘Kt]``, in ``BLOCK_R``-row slices.
 
-Backward (``_patch_cka_bwd_kernel``, grid ``(G, cdiv(D, BLOCK_D))``): ``grad_X[g] = m[g] @ Xc[g]``
-for both tensors in the same program. For its ``P_PAD x BLOCK_D`` chunk of ``X_g`` a program first
-walks the P rows once to get the column means (same shifted form), then walks them again in
-``BLOCK_R``-row blocks, centering each and accumulating ``m[g][:, rows] @ Xc[rows]`` with ``tl.dot``
-(one P_PAD-deep fp32 dot would spill registers; the second read hits L1/L2). The result is scattered
-to the positions the chunk came from, in a contiguous output of the input's dtype.
+Backward, one launch
+--------------------
+``_patch_cka_bwd_kernel`` — grid ``(G · cdiv(D, BLOCK_D), n_needed)``: ``grad_X[g] = m[g] @ Xc[g]`` for a
+``P_PAD x BLOCK_D`` chunk of one problem of one tensor; only the tensors whose gradient is needed get
+programs (the frozen teacher costs nothing). The program walks the ``P`` rows once for the column means
+(same shifted form), then again in ``BLOCK_R``-row blocks, centering each and accumulating
+``m[g][:, rows] @ Xc[rows]`` (one ``P_PAD``-deep fp32 dot would not fit in registers; the second read
+hits L1/L2). The result is scattered to where the chunk came from, in a contiguous output of the input's
+dtype. Both large extents sit on grid axis 0 (limit 2³¹ − 1).
 
 All products are ``tl.dot(..., input_precision="ieee")`` with fp32 accumulation; fp16/bf16 inputs are
 converted to fp32 in registers.
@@ -42,55 +55,74 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram import DOT_PRECISION
+from ._launch import choose, launch
+from .gram import DOT_PRECISION, num_sms
 
-__all__ = ["patch_cka_forward", "patch_cka_backward", "MAX_PATCHES"]
+__all__ = ["patch_cka_forward", "patch_cka_backward", "MAX_PATCHES", "FWD_CONFIGS", "BWD_CONFIGS"]
 
 MAX_PATCHES = 128
 _REDUCE = {"channel": 0, "batch": 1, "spatial": 2}
+_INT32_MAX = 2**31 - 1
 
-# P_PAD -> (BLOCK_D, num_warps). fp32 "ieee" dots run on FMA units and keep their operands in registers;
-# these sizes compile without register spills for sm_90 (ptxas -v), except P_PAD=128 forward (two
-# 128x128 accumulators: ~0.3 KB spilled per thread even at 16 warps).
-_FWD_CONFIG = {16: (64, 4), 32: (32, 4), 64: (32, 8), 128: (16, 16)}
-_BWD_CONFIG = {16: (32, 4), 32: (32, 4), 64: (32, 8), 128: (32, 8)}
-_BLOCK_R = 16  # rows per chunk of the backward's reduction over patches
+# Launch candidates per P_PAD, first = default (the only one under the interpreter / CKAKD_AUTOTUNE=0).
+# Every entry compiles for sm_90 with triton 3.6 without register spills (bench/compile_report.py checks).
+FWD_CONFIGS: dict[int, list[dict[str, int]]] = {
+    16: [{"BLOCK_D": 64, "num_warps": 4}, {"BLOCK_D": 32, "num_warps": 4}, {"BLOCK_D": 128, "num_warps": 4}],
+    32: [{"BLOCK_D": 32, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 4}, {"BLOCK_D": 32, "num_warps": 8}],
+    64: [{"BLOCK_D": 32, "num_warps": 8}, {"BLOCK_D": 16, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 8}],
+    128: [{"BLOCK_D": 16, "num_warps": 8}, {"BLOCK_D": 32, "num_warps": 16}],
+}
+BWD_CONFIGS: dict[int, list[dict[str, int]]] = {
+    16: [{"BLOCK_D": 32, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 8}],
+    32: [{"BLOCK_D": 32, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 8}],
+    64: [{"BLOCK_D": 32, "num_warps": 8}, {"BLOCK_D": 16, "num_warps": 4}],
+    128: [{"BLOCK_D": 32, "num_warps": 8}, {"BLOCK_D": 32, "num_warps": 16}, {"BLOCK_D": 16, "num_warps": 8}],
+}
+FINALIZE_CONFIG = {"BLOCK_R": 16, "num_warps": 4}
+_BLOCK_R = 16  # rows per block of the backward's reduction over patches
+
+
+# ---------------------------------------------------------------------------------------------------
+# index arithmetic (32-bit decomposition, 64-bit offsets)
+# ---------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _problem_offset(g, sB, sC, sH, sW, REDUCE: tl.constexpr, PW: tl.constexpr):
-    """Offset of problem ``g``'s origin in the 4-D tensor."""
-    g64 = g.to(tl.int64)
+    """Offset of problem ``g``'s origin in the 4-D tensor (``g`` int32)."""
     if REDUCE == 0:
-        off = g64 * sC
+        off = g.to(tl.int64) * sC
     elif REDUCE == 1:
-        off = g64 * sB
+        off = g.to(tl.int64) * sB
     else:
-        off = (g64 // PW) * sH + (g64 % PW) * sW
+        off = (g // PW).to(tl.int64) * sH + (g % PW).to(tl.int64) * sW
     return off
 
 
 @triton.jit
 def _row_offsets(rows, Pw, sH, sW, PH: tl.constexpr, PW: tl.constexpr):
-    """Offsets of the top-left corner of patch ``p = pi * Pw + pj``."""
-    r64 = rows.to(tl.int64)
-    return (r64 // Pw) * (PH * sH) + (r64 % Pw) * (PW * sW)
+    """Offsets of the top-left corner of patch ``p = pi * Pw + pj`` (``rows``, ``Pw`` int32)."""
+    pi = rows // Pw
+    pj = rows - pi * Pw
+    return pi.to(tl.int64) * (PH * sH) + pj.to(tl.int64) * (PW * sW)
 
 
 @triton.jit
 def _col_offsets(f, C, sB, sC, sH, sW, REDUCE: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
-    """Offsets of feature columns ``f`` (see the table in the module docstring)."""
-    f64 = f.to(tl.int64)
+    """Offsets of feature columns ``f`` (int32; see the table in the module docstring)."""
     if REDUCE == 2:
-        off = (f64 // C) * sB + (f64 % C) * sC
+        outer = f // C
+        inner = f - outer * C
+        off = outer.to(tl.int64) * sB + inner.to(tl.int64) * sC
     else:
-        outer = f64 // (PH * PW)
-        inner = f64 % (PH * PW)
-        pix = (inner // PW) * sH + (inner % PW) * sW
+        outer = f // (PH * PW)
+        inner = f - outer * (PH * PW)
+        i = inner // PW
+        pix = i.to(tl.int64) * sH + (inner - i * PW).to(tl.int64) * sW
         if REDUCE == 0:
-            off = outer * sB + pix
+            off = outer.to(tl.int64) * sB + pix
         else:
-            off = outer * sC + pix
+            off = outer.to(tl.int64) * sC + pix
     return off
 
 
@@ -107,25 +139,63 @@ def _center_rows(xv, mask, rows, n_rows):
     return tl.where(mask, dv - corr[None, :], 0.0)
 
 
+# ---------------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------------
+
+
 @triton.jit
-def _load_tile(
-    ptr, g_off, row_off, f, mask, C, sB, sC, sH, sW, REDUCE: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr
+def _gram_partial_one(
+    x_ptr,
+    part_ptr,
+    g,
+    d_start,
+    d_end,
+    C,
+    Pw,
+    P,
+    sB,
+    sC,
+    sH,
+    sW,
+    REDUCE: tl.constexpr,
+    CENTER: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    P_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    col = _col_offsets(f, C, sB, sC, sH, sW, REDUCE, PH, PW)
-    return tl.load(ptr + g_off + row_off[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    """``part[i, j] = Σ_{f in [d_start, d_end)} Xc_g[i, f] Xc_g[j, f]`` for one tensor, ``i, j < P``."""
+    rows = tl.arange(0, P_PAD)
+    rmask = rows < P
+    base = x_ptr + _problem_offset(g, sB, sC, sH, sW, REDUCE, PW)
+    row_ptrs = base + _row_offsets(rows, Pw, sH, sW, PH, PW)[:, None]
+    acc = tl.zeros((P_PAD, P_PAD), dtype=tl.float32)
+    for d0 in range(d_start, d_end, BLOCK_D):
+        f = d0 + tl.arange(0, BLOCK_D)
+        mask = rmask[:, None] & (f < d_end)[None, :]
+        col = _col_offsets(f, C, sB, sC, sH, sW, REDUCE, PH, PW)
+        xv = tl.load(row_ptrs + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        if CENTER:
+            xv = _center_rows(xv, mask, rows, P)
+        acc += tl.dot(xv, tl.trans(xv), input_precision=PRECISION)
+    offs = rows[:, None] * P + rows[None, :]
+    tl.store(part_ptr + offs, acc, mask=rmask[:, None] & rmask[None, :])
 
 
 @triton.jit
-def _patch_cka_fwd_kernel(
+def _patch_gram_partial_kernel(
     s_ptr,
     t_ptr,
-    stats_ptr,
-    ks_ptr,
-    kt_ptr,
+    part_ptr,
+    G,
     C,
     Pw,
     P,
     D,
+    d_per_split,
+    n_split,
     s_sB,
     s_sC,
     s_sH,
@@ -142,39 +212,78 @@ def _patch_cka_fwd_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    pid = tl.program_id(0)
+    which = tl.program_id(1)  # 0: student, 1: teacher
+    g = pid // n_split
+    split = pid - g * n_split
+    d_start = split * d_per_split
+    d_end = tl.minimum(d_start + d_per_split, D)
+    # part[which, split, g] is a (P, P) block
+    part = part_ptr + ((which * n_split + split).to(tl.int64) * G + g) * P * P
+    # fmt: off
+    if which == 0:
+        _gram_partial_one(s_ptr, part, g, d_start, d_end, C, Pw, P, s_sB, s_sC, s_sH, s_sW,
+                          REDUCE, CENTER, PH, PW, P_PAD, BLOCK_D, PRECISION)
+    else:
+        _gram_partial_one(t_ptr, part, g, d_start, d_end, C, Pw, P, t_sB, t_sC, t_sH, t_sW,
+                          REDUCE, CENTER, PH, PW, P_PAD, BLOCK_D, PRECISION)
+    # fmt: on
+
+
+@triton.jit
+def _sum_partials_sym(part_ptr, rows, cols, mask, P, G, n_split, BLOCK_R: tl.constexpr, P_PAD: tl.constexpr):
+    """Σ_s part[s][min(i, j), max(i, j)] for a row slice: the summed Gram, exactly symmetric."""
+    lo = tl.minimum(rows[:, None], cols[None, :])
+    hi = tl.maximum(rows[:, None], cols[None, :])
+    offs = lo * P + hi
+    split_stride = tl.cast(G, tl.int64) * P * P
+    acc = tl.zeros((BLOCK_R, P_PAD), dtype=tl.float32)
+    for s in range(0, n_split):
+        acc += tl.load(part_ptr + s * split_stride + offs, mask=mask, other=0.0)
+    return acc
+
+
+@triton.jit
+def _patch_finalize_kernel(
+    part_ptr,
+    stats_ptr,
+    ks_ptr,
+    kt_ptr,
+    G,
+    P,
+    n_split,
+    P_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     g = tl.program_id(0)
-    rows = tl.arange(0, P_PAD)
-    rmask = rows < P
-    s_row = _row_offsets(rows, Pw, s_sH, s_sW, PH, PW)
-    t_row = _row_offsets(rows, Pw, t_sH, t_sW, PH, PW)
-    s_g = _problem_offset(g, s_sB, s_sC, s_sH, s_sW, REDUCE, PW)
-    t_g = _problem_offset(g, t_sB, t_sC, t_sH, t_sW, REDUCE, PW)
-
-    acc_s = tl.zeros((P_PAD, P_PAD), dtype=tl.float32)
-    acc_t = tl.zeros((P_PAD, P_PAD), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        f = d0 + tl.arange(0, BLOCK_D)
-        mask = rmask[:, None] & (f < D)[None, :]
-        xs = _load_tile(s_ptr, s_g, s_row, f, mask, C, s_sB, s_sC, s_sH, s_sW, REDUCE, PH, PW)
-        xt = _load_tile(t_ptr, t_g, t_row, f, mask, C, t_sB, t_sC, t_sH, t_sW, REDUCE, PH, PW)
-        if CENTER:
-            xs = _center_rows(xs, mask, rows, P)
-            xt = _center_rows(xt, mask, rows, P)
-        acc_s += tl.dot(xs, tl.trans(xs), input_precision=PRECISION)
-        acc_t += tl.dot(xt, tl.trans(xt), input_precision=PRECISION)
-
-    # exact symmetry: keep the upper triangle, mirror it
-    upper = rows[:, None] <= rows[None, :]
-    acc_s = tl.where(upper, acc_s, tl.trans(acc_s))
-    acc_t = tl.where(upper, acc_t, tl.trans(acc_t))
-    kmask = rmask[:, None] & rmask[None, :]
-    k_off = g.to(tl.int64) * P * P + rows[:, None] * P + rows[None, :]
-    tl.store(ks_ptr + k_off, acc_s, mask=kmask)
-    tl.store(kt_ptr + k_off, acc_t, mask=kmask)
+    cols = tl.arange(0, P_PAD)
+    cmask = cols < P
+    block = g.to(tl.int64) * P * P
+    s_part = part_ptr + block
+    t_part = part_ptr + tl.cast(n_split, tl.int64) * G * P * P + block
+    st = tl.zeros((BLOCK_R, P_PAD), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_R, P_PAD), dtype=tl.float32)
+    tt = tl.zeros((BLOCK_R, P_PAD), dtype=tl.float32)
+    for r0 in range(0, P, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < P)[:, None] & cmask[None, :]
+        ks = _sum_partials_sym(s_part, rows, cols, mask, P, G, n_split, BLOCK_R, P_PAD)
+        kt = _sum_partials_sym(t_part, rows, cols, mask, P, G, n_split, BLOCK_R, P_PAD)
+        offs = block + rows[:, None] * P + cols[None, :]
+        tl.store(ks_ptr + offs, ks, mask=mask)
+        tl.store(kt_ptr + offs, kt, mask=mask)
+        st += ks * kt
+        ss += ks * ks
+        tt += kt * kt
     stats = stats_ptr + g.to(tl.int64) * 3
-    tl.store(stats, tl.sum(tl.sum(acc_s * acc_t, axis=1), axis=0))
-    tl.store(stats + 1, tl.sum(tl.sum(acc_s * acc_s, axis=1), axis=0))
-    tl.store(stats + 2, tl.sum(tl.sum(acc_t * acc_t, axis=1), axis=0))
+    tl.store(stats, tl.sum(tl.sum(st, axis=1), axis=0))
+    tl.store(stats + 1, tl.sum(tl.sum(ss, axis=1), axis=0))
+    tl.store(stats + 2, tl.sum(tl.sum(tt, axis=1), axis=0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -207,15 +316,9 @@ def _patch_bwd_one(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``out[positions of X_g[:, f]] = m[g] @ Xc_g[:, f]`` for one of the two tensors.
-
-    The reduction over the P rows runs in ``BLOCK_R`` chunks (a single P_PAD-deep FMA dot would
-    spill registers): a first pass over the chunk's rows gets the column means, the second centers
-    each row block and accumulates ``m[:, rows] @ Xc[rows]``. The second read hits L1/L2.
-    """
-    g_off = _problem_offset(g, sB, sC, sH, sW, REDUCE, PW)
-    x_row0 = x_ptr + g_off + _col_offsets(f, C, sB, sC, sH, sW, REDUCE, PH, PW)  # patch 0: row offset 0
-    x_cols = x_row0[None, :]
+    """``out[positions of X_g[:, f]] = m[g] @ Xc_g[:, f]`` for one of the two tensors."""
+    x_row0 = x_ptr + _problem_offset(g, sB, sC, sH, sW, REDUCE, PW) + _col_offsets(f, C, sB, sC, sH, sW, REDUCE, PH, PW)
+    x_cols = x_row0[None, :]  # patch 0 has row offset 0
     if CENTER:
         shift = tl.load(x_row0, mask=fmask, other=0.0).to(tl.float32)
         part = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
@@ -238,18 +341,13 @@ def _patch_bwd_one(
         xv = xv.to(tl.float32)
         if CENTER:
             xv = tl.where(msk, (xv - shift[None, :]) - corr[None, :], 0.0)
-        mmask = rmask[:, None] & rrmask[None, :]
-        mv = tl.load(m_rows + rr.to(tl.int64)[None, :] * m_sj, mask=mmask, other=0.0).to(tl.float32)
-        acc += tl.dot(mv, xv, input_precision=PRECISION)
+        mv = tl.load(m_rows + rr.to(tl.int64)[None, :] * m_sj, mask=rmask[:, None] & rrmask[None, :], other=0.0)
+        acc += tl.dot(mv.to(tl.float32), xv, input_precision=PRECISION)
 
-    o_row = _row_offsets(rows, Pw, o_sH, 1, PH, PW)
-    o_g = _problem_offset(g, o_sB, o_sC, o_sH, 1, REDUCE, PW)
+    o_base = out_ptr + _problem_offset(g, o_sB, o_sC, o_sH, 1, REDUCE, PW)
+    o_ptrs = o_base + _row_offsets(rows, Pw, o_sH, 1, PH, PW)[:, None]
     o_col = _col_offsets(f, C, o_sB, o_sC, o_sH, 1, REDUCE, PH, PW)
-    tl.store(
-        out_ptr + o_g + o_row[:, None] + o_col[None, :],
-        acc.to(out_ptr.dtype.element_ty),
-        mask=rmask[:, None] & fmask[None, :],
-    )
+    tl.store(o_ptrs + o_col[None, :], acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & fmask[None, :])
 
 
 @triton.jit
@@ -264,6 +362,7 @@ def _patch_cka_bwd_kernel(
     Pw,
     P,
     D,
+    n_dblocks,
     ms_sg,
     ms_si,
     ms_sj,
@@ -281,6 +380,8 @@ def _patch_cka_bwd_kernel(
     o_sB,
     o_sC,
     o_sH,
+    NEED_S: tl.constexpr,
+    NEED_T: tl.constexpr,
     REDUCE: tl.constexpr,
     CENTER: tl.constexpr,
     PH: tl.constexpr,
@@ -290,14 +391,21 @@ def _patch_cka_bwd_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    g = tl.program_id(0)
-    f = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    pid = tl.program_id(0)
+    g = pid // n_dblocks
+    f = (pid - g * n_dblocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     fmask = f < D
+    # axis 1 enumerates the needed tensors: student first when both are needed
+    which = tl.program_id(1) + (0 if NEED_S else 1)
     # fmt: off
-    _patch_bwd_one(ms_ptr, s_ptr, gs_ptr, g, f, fmask, C, Pw, P, ms_sg, ms_si, ms_sj, s_sB, s_sC, s_sH, s_sW,
-                   o_sB, o_sC, o_sH, REDUCE, CENTER, PH, PW, P_PAD, BLOCK_R, BLOCK_D, PRECISION)
-    _patch_bwd_one(mt_ptr, t_ptr, gt_ptr, g, f, fmask, C, Pw, P, mt_sg, mt_si, mt_sj, t_sB, t_sC, t_sH, t_sW,
-                   o_sB, o_sC, o_sH, REDUCE, CENTER, PH, PW, P_PAD, BLOCK_R, BLOCK_D, PRECISION)
+    if NEED_S:
+        if which == 0:
+            _patch_bwd_one(ms_ptr, s_ptr, gs_ptr, g, f, fmask, C, Pw, P, ms_sg, ms_si, ms_sj, s_sB, s_sC, s_sH, s_sW,
+                           o_sB, o_sC, o_sH, REDUCE, CENTER, PH, PW, P_PAD, BLOCK_R, BLOCK_D, PRECISION)
+    if NEED_T:
+        if which == 1:
+            _patch_bwd_one(mt_ptr, t_ptr, gt_ptr, g, f, fmask, C, Pw, P, mt_sg, mt_si, mt_sj, t_sB, t_sC, t_sH, t_sW,
+                           o_sB, o_sC, o_sH, REDUCE, CENTER, PH, PW, P_PAD, BLOCK_R, BLOCK_D, PRECISION)
     # fmt: on
 
 
@@ -312,6 +420,8 @@ def _problem_shape(f_s: torch.Tensor, f_t: torch.Tensor, ph: int, pw: int, reduc
         raise ValueError(
             f"f_s and f_t must be (B, C, H, W) of the same shape, got {tuple(f_s.shape)} and {tuple(f_t.shape)}"
         )
+    if f_s.device != f_t.device:
+        raise ValueError(f"f_s and f_t must be on one device, got {f_s.device} and {f_t.device}")
     if reduce not in _REDUCE:
         raise ValueError(f"reduce must be one of {sorted(_REDUCE)}, got {reduce!r}")
     B, C, H, W = f_s.shape
@@ -321,6 +431,8 @@ def _problem_shape(f_s: torch.Tensor, f_t: torch.Tensor, ph: int, pw: int, reduc
     if P > MAX_PATCHES:
         raise ValueError(f"patch CKA kernel supports at most {MAX_PATCHES} patches per problem, got P={P}")
     G, D = {"channel": (C, B * ph * pw), "batch": (B, C * ph * pw), "spatial": (ph * pw, B * C)}[reduce]
+    if D > _INT32_MAX - 1024 or G * P * P > _INT32_MAX:
+        raise ValueError(f"patch CKA kernel needs D < 2^31 features and G·P² < 2^31; got G={G}, P={P}, D={D}")
     return G, P, D
 
 
@@ -328,12 +440,22 @@ def _p_pad(P: int) -> int:
     return max(16, triton.next_power_of_2(P))
 
 
-def _config(table: dict[int, tuple[int, int]], p_pad: int, D: int, block_d: int | None) -> tuple[int, int]:
-    """(BLOCK_D, num_warps): the table's entry for P_PAD, BLOCK_D capped at the (padded) feature count."""
-    bd, warps = table[p_pad]
-    if block_d is None:
-        block_d = max(16, min(bd, triton.next_power_of_2(max(D, 1))))
-    return block_d, warps
+def _candidates(table: dict[int, list[dict[str, int]]], p_pad: int, D: int, block_d: int | None) -> list[dict]:
+    """The table's candidates for P_PAD with BLOCK_D capped at the (padded) feature count, deduplicated."""
+    cap = max(16, triton.next_power_of_2(max(D, 1)))
+    out: list[dict] = []
+    for config in table[p_pad]:
+        c = dict(config, BLOCK_D=block_d if block_d is not None else min(config["BLOCK_D"], cap))
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def _split_count(G: int, n_chunks: int, device: torch.device) -> int:
+    """How many feature ranges per problem: about two waves of programs (student + teacher), at least
+    four BLOCK_D chunks per range."""
+    target = 2 * num_sms(device)
+    return max(1, min(-(-target // (2 * G)), n_chunks // 4))
 
 
 def patch_cka_forward(
@@ -345,19 +467,22 @@ def patch_cka_forward(
     center: bool,
     *,
     block_d: int | None = None,
+    split: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grams and Frobenius sums of all patch-CKA problems, one launch.
+    """Grams and Frobenius sums of all patch-CKA problems (two launches).
 
     Args:
-        f_s, f_t: ``(B, C, H, W)``, same shape, any strides and float dtypes.
+        f_s, f_t: ``(B, C, H, W)``, same shape and device, any strides and float dtypes.
         ph, pw: patch size; must divide ``H`` and ``W``.
         reduce: ``"channel"`` | ``"batch"`` | ``"spatial"`` (module docstring).
         center: center every problem's features over its ``P`` patches.
         block_d: force the feature chunk (power of two >= 16; testing / tuning).
+        split: force the number of feature ranges per problem (default: enough programs to fill the GPU;
+            1 off-GPU).
 
     Returns:
         ``(stats, k_s, k_t)``: ``stats`` ``(G, 3)`` fp32 ``[Σ Ks∘Kt, Σ Ks∘Ks, Σ Kt∘Kt]``; ``k_s``,
-        ``k_t`` ``(G, P, P)`` fp32.
+        ``k_t`` ``(G, P, P)`` fp32, exactly symmetric.
 
     Raises:
         ValueError: bad shapes / reduce, or ``P > 128`` (the caller falls back to another path).
@@ -369,30 +494,30 @@ def patch_cka_forward(
     k_t = torch.empty((G, P, P), device=dev, dtype=torch.float32)
     if G == 0 or P == 0:
         return stats, k_s, k_t
+    if D == 0:
+        return stats.zero_(), k_s.zero_(), k_t.zero_()
     p_pad = _p_pad(P)
-    block_d, warps = _config(_FWD_CONFIG, p_pad, D, block_d)
     C, W = f_s.shape[1], f_s.shape[3]
-    _patch_cka_fwd_kernel[(G,)](
-        f_s,
-        f_t,
-        stats,
-        k_s,
-        k_t,
-        C,
-        W // pw,
-        P,
-        D,
-        *f_s.stride(),
-        *f_t.stride(),
-        REDUCE=_REDUCE[reduce],
-        CENTER=bool(center),
-        PH=ph,
-        PW=pw,
-        P_PAD=p_pad,
-        BLOCK_D=block_d,
-        PRECISION=DOT_PRECISION,
-        num_warps=warps,
-    )
+    candidates = _candidates(FWD_CONFIGS, p_pad, D, block_d)
+
+    def run(config: dict) -> None:
+        bd = config["BLOCK_D"]
+        n_chunks = triton.cdiv(D, bd)
+        n_split = _split_count(G, n_chunks, dev) if split is None else max(1, min(int(split), n_chunks))
+        chunks_per_split = triton.cdiv(n_chunks, n_split)
+        n_split = triton.cdiv(n_chunks, chunks_per_split)  # no empty ranges
+        part = torch.empty((2, n_split, G, P, P), device=dev, dtype=torch.float32)
+        # fmt: off
+        launch(_patch_gram_partial_kernel, (G * n_split, 2),
+               f_s, f_t, part, G, C, W // pw, P, D, chunks_per_split * bd, n_split, *f_s.stride(), *f_t.stride(),
+               device=dev, REDUCE=_REDUCE[reduce], CENTER=bool(center), PH=ph, PW=pw, P_PAD=p_pad,
+               BLOCK_D=bd, PRECISION=DOT_PRECISION, num_warps=config["num_warps"])
+        launch(_patch_finalize_kernel, (G,), part, stats, k_s, k_t, G, P, n_split,
+               device=dev, P_PAD=p_pad, **FINALIZE_CONFIG)
+        # fmt: on
+
+    choose("patch_cka_forward", (reduce, p_pad, triton.next_power_of_2(G), triton.next_power_of_2(D)), candidates,
+           run, dev)  # fmt: skip
     return stats, k_s, k_t
 
 
@@ -406,55 +531,52 @@ def patch_cka_backward(
     reduce: str,
     center: bool,
     *,
+    need_s: bool = True,
+    need_t: bool = True,
     block_d: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``grad_X[g] = m[g] @ Xc[g]`` for both tensors, scattered back to ``(B, C, H, W)``, one launch.
+    """``grad_X[g] = m[g] @ Xc[g]`` for the needed tensors, scattered back to ``(B, C, H, W)``, one launch.
 
     Args:
-        m_s, m_t: ``(G, P, P)`` coefficient matrices (any strides; read as fp32).
+        m_s, m_t: ``(G, P, P)`` coefficient matrices (any strides; read as fp32). One that is not needed
+            is not read (any tensor may be passed).
         f_s, f_t, ph, pw, reduce, center: as in :func:`patch_cka_forward`.
+        need_s, need_t: which gradients to compute; an unneeded one is returned as an empty ``(0,)``
+            tensor and costs nothing.
         block_d: force the feature chunk (power of two >= 16; testing / tuning).
 
     Returns:
-        ``(grad_s, grad_t)``: contiguous ``(B, C, H, W)`` of ``f_s.dtype`` / ``f_t.dtype``.
+        ``(grad_s, grad_t)``: contiguous ``(B, C, H, W)`` of ``f_s.dtype`` / ``f_t.dtype`` (or empty).
     """
     G, P, D = _problem_shape(f_s, f_t, ph, pw, reduce)
-    if m_s.shape != (G, P, P) or m_t.shape != (G, P, P):
-        raise ValueError(f"m_s and m_t must be (G, P, P) = {(G, P, P)}, got {tuple(m_s.shape)}, {tuple(m_t.shape)}")
+    for name, m, need in (("m_s", m_s, need_s), ("m_t", m_t, need_t)):
+        if need and m.shape != (G, P, P):
+            raise ValueError(f"{name} must be (G, P, P) = {(G, P, P)}, got {tuple(m.shape)}")
     dev = f_s.device
-    grad_s = torch.empty(f_s.shape, device=dev, dtype=f_s.dtype)
-    grad_t = torch.empty(f_t.shape, device=dev, dtype=f_t.dtype)
-    if grad_s.numel() == 0:
+    grad_s = torch.empty(f_s.shape, device=dev, dtype=f_s.dtype) if need_s else f_s.new_empty(0)
+    grad_t = torch.empty(f_t.shape, device=dev, dtype=f_t.dtype) if need_t else f_t.new_empty(0)
+    n_needed = int(need_s) + int(need_t)
+    if n_needed == 0 or f_s.numel() == 0:
         return grad_s, grad_t
     p_pad = _p_pad(P)
-    block_d, warps = _config(_BWD_CONFIG, p_pad, D, block_d)
     B, C, H, W = f_s.shape
-    _patch_cka_bwd_kernel[(G, triton.cdiv(D, block_d))](
-        m_s,
-        m_t,
-        f_s,
-        f_t,
-        grad_s,
-        grad_t,
-        C,
-        W // pw,
-        P,
-        D,
-        *m_s.stride(),
-        *m_t.stride(),
-        *f_s.stride(),
-        *f_t.stride(),
-        C * H * W,
-        H * W,
-        W,
-        REDUCE=_REDUCE[reduce],
-        CENTER=bool(center),
-        PH=ph,
-        PW=pw,
-        P_PAD=p_pad,
-        BLOCK_R=_BLOCK_R,
-        BLOCK_D=block_d,
-        PRECISION=DOT_PRECISION,
-        num_warps=warps,
-    )
+    # an unneeded tensor's pointers are never dereferenced: pass the needed one's in their place
+    ms, mt = (m_s if need_s else m_t), (m_t if need_t else m_s)
+    gs, gt = (grad_s if need_s else grad_t), (grad_t if need_t else grad_s)
+    candidates = _candidates(BWD_CONFIGS, p_pad, D, block_d)
+
+    def run(config: dict) -> None:
+        bd = config["BLOCK_D"]
+        n_dblocks = triton.cdiv(D, bd)
+        # fmt: off
+        launch(_patch_cka_bwd_kernel, (G * n_dblocks, n_needed),
+               ms, mt, f_s, f_t, gs, gt, C, W // pw, P, D, n_dblocks, *ms.stride(), *mt.stride(),
+               *f_s.stride(), *f_t.stride(), C * H * W, H * W, W,
+               device=dev, NEED_S=bool(need_s), NEED_T=bool(need_t), REDUCE=_REDUCE[reduce], CENTER=bool(center),
+               PH=ph, PW=pw, P_PAD=p_pad, BLOCK_R=_BLOCK_R, BLOCK_D=bd, PRECISION=DOT_PRECISION,
+               num_warps=config["num_warps"])
+        # fmt: on
+
+    choose("patch_cka_backward", (reduce, p_pad, triton.next_power_of_2(G), triton.next_power_of_2(D)), candidates,
+           run, dev)  # fmt: skip
     return grad_s, grad_t

@@ -113,18 +113,19 @@ def patch_alignment_stats_backward(
     center = mode != "uncentered"
     g = grad.to(k_s.dtype)
     g0, g1, g2 = (g[:, i, None, None] for i in range(3))
-    m_s = 2 * g0 * k_t + 4 * g1 * k_s
-    m_t = 2 * g0 * k_s + 4 * g2 * k_t
+    # coefficient matrices of the needed gradients only (an unneeded one stays an empty placeholder)
+    m_s = 2 * g0 * k_t + 4 * g1 * k_s if need_s else k_s.new_empty(0)
+    m_t = 2 * g0 * k_s + 4 * g2 * k_t if need_t else k_t.new_empty(0)
     if center:  # see alignment_stats_backward: exact for debiased, rounding-robust for centered
-        m_s, m_t = _gram.double_center(m_s), _gram.double_center(m_t)
+        m_s = _gram.double_center(m_s) if need_s else m_s
+        m_t = _gram.double_center(m_t) if need_t else m_t
     if _triton_ok(f_s, f_t, backend):
         from ckakd import kernels
 
         record_dispatch("patch_cka_backward", "triton")
-        gs, gt = kernels.patch_cka_backward(
-            m_s.float().contiguous(), m_t.float().contiguous(), f_s, f_t, ph, pw, reduce, center
+        return kernels.patch_cka_backward(
+            m_s.float(), m_t.float(), f_s, f_t, ph, pw, reduce, center, need_s=need_s, need_t=need_t
         )
-        return (gs if need_s else f_s.new_empty(0)), (gt if need_t else f_t.new_empty(0))
     record_dispatch("patch_cka_backward", "torch")
     grads = []
     for f, m, need in ((f_s, m_s, need_s), (f_t, m_t, need_t)):
