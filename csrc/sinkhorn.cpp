@@ -58,11 +58,13 @@ void add_delta_divide(T* __restrict__ a, const T* __restrict__ num, T* __restric
   }
 }
 
-// r = bar / den;  grad (=|+=) r;  tmp = -r * val
+// r = bar / den;  grad (=|+=) r (grad null: that gradient is not needed);  tmp = -r * val
 template <typename T>
 void backward_step(const T* __restrict__ bar, const T* __restrict__ den, const T* __restrict__ val,
                    T* __restrict__ grad, T* __restrict__ tmp, int64_t n, bool first) {
-  if (first) {
+  if (grad == nullptr) {
+    for (int64_t i = 0; i < n; ++i) tmp[i] = -(bar[i] / den[i]) * val[i];
+  } else if (first) {
     for (int64_t i = 0; i < n; ++i) {
       const T r = bar[i] / den[i];
       grad[i] = r;
@@ -87,7 +89,8 @@ void add_delta_divide_parallel(T* a, const T* num, T* out, int64_t n) {
 template <typename T>
 void backward_step_parallel(const T* bar, const T* den, const T* val, T* grad, T* tmp, int64_t n, bool first) {
   at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) {
-    backward_step(bar + begin, den + begin, val + begin, grad + begin, tmp + begin, end - begin, first);
+    backward_step(bar + begin, den + begin, val + begin, grad == nullptr ? nullptr : grad + begin, tmp + begin,
+                  end - begin, first);
   });
 }
 
@@ -228,18 +231,18 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cpu(const at::Tensor& grad_cost_,
   const int64_t B = p_.size(0), C = p_.size(1), n = B * C;
   const auto opts = p_.options();
   at::Tensor grad_p = at::empty({B, C}, opts);
-  at::Tensor grad_q = at::empty({B, C}, opts);
+  at::Tensor grad_q = need_q ? at::empty({B, C}, opts) : at::empty({0}, opts);  // the schema's (0,) without need_q
   if (n == 0) return {grad_p, grad_q};
   const at::Tensor Kt = K.t();
   AT_DISPATCH_FLOATING_TYPES(p_.scalar_type(), "sinkhorn_fixed_backward_cpu", [&] {
     // d cost / d u_T = w = v_T KC^T (from the forward),  d cost / d v_T = u_T KC, scaled per row by g
     at::Tensor ubar = at::empty({B, C}, opts);
     // (without need_q and with T = 1, vbar only feeds grad_q: skip its product)
-    at::Tensor vbar = (need_q || T > 1) ? at::mm(u_hist.select(0, T), KC) : at::zeros({B, C}, opts);
+    at::Tensor vbar = (need_q || T > 1) ? at::mm(u_hist.select(0, T), KC) : at::Tensor();
     at::Tensor tmp = at::empty({B, C}, opts);
     {
       scalar_t* ub = ubar.data_ptr<scalar_t>();
-      scalar_t* vb = vbar.data_ptr<scalar_t>();
+      scalar_t* vb = vbar.defined() ? vbar.data_ptr<scalar_t>() : nullptr;
       const scalar_t* wp = w.data_ptr<scalar_t>();
       const scalar_t* gp = g.data_ptr<scalar_t>();
       at::parallel_for(0, B, row_grain(C), [=](int64_t r0, int64_t r1) {
@@ -247,13 +250,13 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cpu(const at::Tensor& grad_cost_,
           const scalar_t s = gp[r];
           for (int64_t i = 0; i < C; ++i) {
             ub[r * C + i] = s * wp[r * C + i];
-            vb[r * C + i] *= s;
+            if (vb != nullptr) vb[r * C + i] *= s;
           }
         }
       });
     }
     scalar_t* gpp = grad_p.data_ptr<scalar_t>();
-    scalar_t* gqp = grad_q.data_ptr<scalar_t>();
+    scalar_t* gqp = need_q ? grad_q.data_ptr<scalar_t>() : nullptr;  // null: grad_q is not accumulated
     scalar_t* tp = tmp.data_ptr<scalar_t>();
     for (int64_t t = T; t >= 1; --t) {
       const int64_t k = t - 1;  // index of a_t, b_t, v_t in the (T, B, C) histories
@@ -267,14 +270,13 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cpu(const at::Tensor& grad_cost_,
       } else {
         at::mm_out(vbar, tmp, K);
       }
-      // v_t = q / a_t:  grad_q += vbar / a_t;  abar = -vbar v_t / a_t  (into tmp)
+      // v_t = q / a_t:  grad_q += vbar / a_t (only with need_q);  abar = -vbar v_t / a_t  (into tmp)
       backward_step_parallel(vbar.data_ptr<scalar_t>(), a_hist.select(0, k).data_ptr<scalar_t>(),
                              v_hist.select(0, k).data_ptr<scalar_t>(), gqp, tp, n, t == T);
       // a_t = u_{t-1} K + delta:  ubar = abar K^T  (u_0 is a constant)
       if (t > 1) at::mm_out(ubar, tmp, Kt);
     }
   });
-  if (!need_q) grad_q = at::empty({0}, opts);
   return {grad_p, grad_q};
 }
 

@@ -15,7 +15,8 @@
 //                  qbar += vbar / a_t;   abar = -vbar v_t / a_t
 //                  ubar  = abar K^T      (skipped at t = 1: u0 is a constant)
 //                  vbar  = 0
-// Without need_q the step at t = 1 stops after pbar (vbar_1 only feeds qbar): one product fewer.
+// Without need_q (the teacher's histogram needs no gradient) qbar is neither accumulated nor allocated, and the
+// step at t = 1 stops after pbar (vbar_1 only feeds qbar): one product fewer (two with T = 1: vbar_T too).
 //
 // Ops (schemas in sinkhorn.cpp, namespace `ckakd`):
 //   sinkhorn_fixed_forward(p, q, K, KC, u0, iters)

@@ -5,12 +5,16 @@
 //    kernel launch, one block per sample, K staged in shared memory (row stride padded to an odd number of
 //    elements so both the row and the column dot products are free of bank conflicts); KC is loaded into the
 //    same buffer at the end, and each sample writes its row of w = v_T KC^T. The backward is likewise one launch
-//    (it reads w instead of recomputing it). Needs C * (C|1) * sizeof(T) bytes of shared
+//    (it reads w instead of recomputing it; without need_q it neither accumulates nor writes grad_q). Needs C * (C|1) * sizeof(T) bytes of shared
 //    memory (64 KB fp32 / 132 KB fp64 at C = 128, 40 KB fp32 at C = 100); when the device's opt-in limit is
 //    smaller it falls back to the general path.
 //  * general: each half-iteration is a cuBLAS GEMM (at::mm_out on the current stream, written straight into
 //    the history buffer) followed by one fused elementwise kernel, exactly like the CPU implementation; w comes
-//    from one more GEMM and is returned, the backward only computes u_T KC.
+//    from one more GEMM and is returned, the backward only computes u_T KC (and, without need_q, skips grad_q:
+//    no buffer, no accumulation, no product for vbar_1).
+// Index arithmetic on (T, B, C) histories is int64; grids are 1-D with at most B (checked <= INT32_MAX, CUDA's
+// x-axis limit) or 2^20 blocks; every op runs under a CUDAGuard for its tensors' device on the current stream, and
+// nothing waits for the device.
 // Setting the environment variable CKAKD_SINKHORN_CUDA_GENERAL=1 forces the general path (tests, benchmarks).
 //
 // Only c10/cuda headers are used for streams, guards and error checks (c10::cuda::getCurrentCUDAStream is what
@@ -91,7 +95,7 @@ __global__ void row_dot_kernel(const T* __restrict__ x, const T* __restrict__ y,
   if (threadIdx.x == 0) out[blockIdx.x] = static_cast<T>(s);
 }
 
-// x[r, :] = g[r] * w[r, :];  y[r, :] *= g[r]
+// x[r, :] = g[r] * w[r, :];  y[r, :] *= g[r]  (y may be null: not needed)
 template <typename T>
 __global__ void scale_rows_kernel(const T* __restrict__ w, T* __restrict__ x, T* __restrict__ y,
                                   const T* __restrict__ g, int64_t n, int64_t C) {
@@ -99,18 +103,18 @@ __global__ void scale_rows_kernel(const T* __restrict__ w, T* __restrict__ x, T*
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const T s = g[i / C];
     x[i] = s * w[i];
-    y[i] *= s;
+    if (y != nullptr) y[i] *= s;
   }
 }
 
-// r = bar / den;  grad (=|+=) r;  tmp = -r * val
+// r = bar / den;  grad (=|+=) r (grad may be null: that gradient is not needed);  tmp = -r * val
 template <typename T>
 __global__ void backward_step_kernel(const T* __restrict__ bar, const T* __restrict__ den, const T* __restrict__ val,
                                      T* __restrict__ grad, T* __restrict__ tmp, int64_t n, bool first) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const T r = bar[i] / den[i];
-    grad[i] = first ? r : grad[i] + r;
+    if (grad != nullptr) grad[i] = first ? r : grad[i] + r;
     tmp[i] = -r * val[i];
   }
 }
@@ -222,13 +226,15 @@ __global__ void fused_forward_kernel(const T* __restrict__ p, const T* __restric
   if (tid == 0) cost[blockIdx.x] = static_cast<T>(s);
 }
 
+// need_q false: grad_q is not computed (nor written: it may be null), and the step at t = 1 stops after grad_p;
+// with T = 1 that also skips vbar_T (and KC): only grad_p = g w / b_1 is left.
 template <typename T>
 __global__ void fused_backward_kernel(const T* __restrict__ grad_cost, const T* __restrict__ K,
                                       const T* __restrict__ KC, const T* __restrict__ u_hist,
                                       const T* __restrict__ v_hist, const T* __restrict__ a_hist,
                                       const T* __restrict__ b_hist, const T* __restrict__ w,
                                       T* __restrict__ grad_p, T* __restrict__ grad_q, int64_t B, int C, int ld,
-                                      int iters) {
+                                      int iters, bool need_q) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sM = reinterpret_cast<T*>(smem_raw);
   T* sx = sM + C * ld;
@@ -239,15 +245,17 @@ __global__ void fused_backward_kernel(const T* __restrict__ grad_cost, const T* 
   const int64_t row = static_cast<int64_t>(blockIdx.x) * C + tid;
   const T g = grad_cost[blockIdx.x];
 
-  // ubar = g w (w = v_T KC^T from the forward), vbar_T = g (u_T KC)
+  // ubar = g w (w = v_T KC^T from the forward), vbar_T = g (u_T KC) (only feeds grad_q when T = 1)
+  const T ubar_T = active ? g * w[row] : T(0);
+  if (iters == 1 && !need_q) {  // block-uniform: no barrier is skipped by part of the block
+    if (active) grad_p[row] = ubar_T / b_hist[row];
+    return;
+  }
   load_matrix(sM, KC, ld, C);
   if (active) sx[tid] = u_hist[iters * BC + row];
   __syncthreads();
-  T ubar = 0, vbar_T = 0;
-  if (active) {
-    ubar = g * w[row];
-    vbar_T = g * col_dot(sx, sM, ld, tid, C);
-  }
+  T ubar = ubar_T, vbar_T = 0;
+  if (active) vbar_T = g * col_dot(sx, sM, ld, tid, C);
   __syncthreads();
   load_matrix(sM, K, ld, C);
   __syncthreads();
@@ -260,11 +268,12 @@ __global__ void fused_backward_kernel(const T* __restrict__ grad_cost, const T* 
       gp += r;
       sx[tid] = -r * u_hist[off + BC];  // bbar
     }
+    if (t == 1 && !need_q) break;  // vbar_1 and abar_1 only feed grad_q (block-uniform)
     __syncthreads();
     if (active) {  // b_t = v_t K^T + delta:  vbar = [t == T] vbar_T + bbar K;  then v_t = q / a_t
       const T vbar = (t == iters ? vbar_T : T(0)) + col_dot(sx, sM, ld, tid, C);
       const T r = vbar / a_hist[off];
-      gq += r;
+      if (need_q) gq += r;
       sy[tid] = -r * v_hist[off];  // abar
     }
     __syncthreads();
@@ -274,7 +283,7 @@ __global__ void fused_backward_kernel(const T* __restrict__ grad_cost, const T* 
   }
   if (active) {
     grad_p[row] = gp;
-    grad_q[row] = gq;
+    if (need_q) grad_q[row] = gq;
   }
 }
 
@@ -383,28 +392,31 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cuda(const at::Tensor& grad_cost_
   const int64_t B = p_.size(0), C = p_.size(1), n = B * C;
   const auto opts = p_.options();
   at::Tensor grad_p = at::empty({B, C}, opts);
-  at::Tensor grad_q = at::empty({B, C}, opts);
+  at::Tensor grad_q = need_q ? at::empty({B, C}, opts) : at::empty({0}, opts);  // the schema's (0,) without need_q
   if (n == 0) return {grad_p, grad_q};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(p_.scalar_type(), "sinkhorn_fixed_backward_cuda", [&] {
+    scalar_t* gqp = need_q ? grad_q.data_ptr<scalar_t>() : nullptr;
     const size_t smem = fused_path_smem(C, sizeof(scalar_t), p_.get_device());
     if (smem > 0) {
       allow_dynamic_smem(fused_backward_kernel<scalar_t>, smem);
       fused_backward_kernel<scalar_t><<<static_cast<unsigned int>(B), fused_threads(C), smem, stream>>>(
           g.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(), KC.data_ptr<scalar_t>(), u_hist.data_ptr<scalar_t>(),
           v_hist.data_ptr<scalar_t>(), a_hist.data_ptr<scalar_t>(), b_hist.data_ptr<scalar_t>(),
-          w.data_ptr<scalar_t>(), grad_p.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(), B,
-          static_cast<int>(C), static_cast<int>(C | 1), static_cast<int>(T));
+          w.data_ptr<scalar_t>(), grad_p.data_ptr<scalar_t>(), gqp, B, static_cast<int>(C),
+          static_cast<int>(C | 1), static_cast<int>(T), need_q);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    // ubar = g w (w = v_T KC^T from the forward), vbar = g (u_T KC)
+    // ubar = g w (w = v_T KC^T from the forward), vbar = g (u_T KC) (without need_q and with T = 1, vbar only
+    // feeds grad_q: skipped)
     at::Tensor ubar = at::empty({B, C}, opts);
-    at::Tensor vbar = at::mm(u_hist.select(0, T), KC);
+    at::Tensor vbar = (need_q || T > 1) ? at::mm(u_hist.select(0, T), KC) : at::Tensor();
     at::Tensor tmp = at::empty({B, C}, opts);
     const unsigned int blocks = blocks_for(n);
     scale_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        w.data_ptr<scalar_t>(), ubar.data_ptr<scalar_t>(), vbar.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), n, C);
+        w.data_ptr<scalar_t>(), ubar.data_ptr<scalar_t>(), vbar.defined() ? vbar.data_ptr<scalar_t>() : nullptr,
+        g.data_ptr<scalar_t>(), n, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor Kt = K.t();
     for (int64_t t = T; t >= 1; --t) {
@@ -413,20 +425,20 @@ SinkhornBackwardResult sinkhorn_fixed_backward_cuda(const at::Tensor& grad_cost_
           ubar.data_ptr<scalar_t>(), b_hist.select(0, k).data_ptr<scalar_t>(), u_hist.select(0, t).data_ptr<scalar_t>(),
           grad_p.data_ptr<scalar_t>(), tmp.data_ptr<scalar_t>(), n, t == T);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (t == 1 && !need_q) break;  // vbar_1 and abar_1 only feed grad_q
       if (t == T) {
         vbar.addmm_(tmp, K);
       } else {
         at::mm_out(vbar, tmp, K);
       }
+      // grad_q (+)= vbar / a_t only with need_q; abar = -vbar v_t / a_t is needed either way (t > 1 here)
       backward_step_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
           vbar.data_ptr<scalar_t>(), a_hist.select(0, k).data_ptr<scalar_t>(), v_hist.select(0, k).data_ptr<scalar_t>(),
-          grad_q.data_ptr<scalar_t>(), tmp.data_ptr<scalar_t>(), n, t == T);
+          gqp, tmp.data_ptr<scalar_t>(), n, t == T);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (t > 1) at::mm_out(ubar, tmp, Kt);
     }
   });
-  // The CUDA kernels always compute grad_q (one product of ~2T); the schema's contract is the (0,) shape.
-  if (!need_q) grad_q = at::empty({0}, opts);
   return {grad_p, grad_q};
 }
 

@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ckakd import _ext
 from tests.conftest import require_extension
@@ -185,6 +186,8 @@ def test_empty_batch():
     assert cost.shape == (0,) and u_hist.shape == (4, 0, 5) and v_hist.shape == (3, 0, 5) and w.shape == (0, 5)
     gp, gq = ops().sinkhorn_fixed_backward(g, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w)
     assert gp.shape == (0, 5) and gq.shape == (0, 5)
+    gp, gq = ops().sinkhorn_fixed_backward(g, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, False)
+    assert gp.shape == (0, 5) and gq.shape == (0,)  # the schema's (0,) without need_q, also for B = 0
 
 
 def test_argument_checks():
@@ -236,6 +239,46 @@ def test_backward_without_grad_q(iters, kind):
     gp_only, gq_none = ops().sinkhorn_fixed_backward(g, p, q, K, KC, *out[1:], False)
     assert gq.shape == p.shape and gq_none.shape == (0,)
     torch.testing.assert_close(gp_only, gp, rtol=0, atol=0)
+
+
+class _CalledOps(TorchDispatchMode):
+    """Records (op name, output shape) of the ATen calls made inside ckakd's ops (a ``ckakd::`` op is redispatched
+    to its CPU kernel with this mode active again; plain dispatch would show only the op itself)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, tuple[int, ...] | None]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "ckakd":
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        out = func(*args, **kwargs)
+        self.calls.append((func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
+
+    def count(self, name: str, shape: tuple[int, ...] | None = None) -> int:
+        return sum(n == name and (shape is None or s == shape) for n, s in self.calls)
+
+
+@pytest.mark.parametrize("iters", [1, 2, 5])
+def test_backward_without_grad_q_skips_its_work(iters):
+    """need_q=False allocates no grad_q and skips the products that only feed it: 2T products with grad_q
+    (u_T KC, then T for vbar and T - 1 for ubar), 2T - 1 without it for T > 1 (no vbar_1), none for T = 1."""
+    B, C = 4, 13
+    p, q, K, KC, u0, g = make_problem(B, C, 0.2)
+    out = ops().sinkhorn_fixed_forward(p, q, K, KC, u0, iters)
+    products = {}
+    allocations = {}
+    for need_q in (True, False):
+        with _CalledOps() as called:
+            ops().sinkhorn_fixed_backward(g, p, q, K, KC, *out[1:], need_q)
+        products[need_q] = called.count("mm") + called.count("addmm_")
+        allocations[need_q] = called.count("empty", (B, C))
+    assert products[True] == 2 * iters
+    assert products[False] == (2 * iters - 1 if iters > 1 else 0)
+    assert allocations[True] == 4 and allocations[False] == 3  # grad_p, grad_q, ubar, tmp
 
 
 def test_schemas():
@@ -379,3 +422,18 @@ def test_cuda_side_stream_and_opcheck():
     torch.library.opcheck(
         ops().sinkhorn_fixed_forward.default, (p.double(), q.double(), K.double(), KC.double(), u0.double(), 3)
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C", [100, 1000])  # the one-launch kernel and the cuBLAS path
+@pytest.mark.parametrize("iters", [1, 2, 10])
+def test_cuda_backward_without_grad_q(C, iters):
+    """need_q=False on CUDA: grad_p bitwise as with grad_q, grad_q of shape (0,)."""
+    p, q, K, KC, u0, g = make_problem(8, C, 0.05, "zero_mass", torch.float64, device="cuda")
+    out = ops().sinkhorn_fixed_forward(p, q, K, KC, u0, iters)
+    gp, gq = ops().sinkhorn_fixed_backward(g, p, q, K, KC, *out[1:])
+    gp_only, gq_none = ops().sinkhorn_fixed_backward(g, p, q, K, KC, *out[1:], False)
+    assert gq.shape == p.shape and gq_none.shape == (0,)
+    torch.testing.assert_close(gp_only, gp, rtol=0, atol=0)
+    rp, _ = reference_grads(*(t.cpu() for t in (p, q, K, KC, u0)), iters, g.cpu())
+    assert_close_scaled(gp_only, rp, torch.float64, "grad_p")
