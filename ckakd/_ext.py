@@ -49,6 +49,9 @@ def _jit() -> tuple[types.ModuleType | None, str]:
         cu = sorted(CSRC.glob("*.cu"))
         with_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
         sources = [str(s) for s in cpp + (cu if with_cuda else [])]
+        if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() and torch.cuda.device_count() == 0:
+            # torch's own arch detection fails without a visible GPU; build Hopper code + PTX, as setup.py does
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
         module = cpp_extension.load(
             name=JIT_NAME,
             sources=sources,
