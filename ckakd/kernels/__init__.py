@@ -4,7 +4,10 @@ One op family per module, each with its ``@triton.jit`` kernels and a Python lau
 
 * :mod:`.gram` — centered Gram ``K = Xc Xcᵀ`` (split-K, upper-triangle tiles) and its backward ``M Xc``.
 * :mod:`.hsic` — ``[Σ K∘L, Σ K∘K, Σ L∘L]`` per batch entry (the HSIC / CKA sums).
-* :mod:`.patch_cka` — batched patch CKA (PCKA): all problems' Grams and sums in one launch, backward in one.
+* :mod:`.patch_cka` — batched patch CKA (PCKA): all problems' partial Grams split over features, then one
+  finalizing launch for the Grams and sums; the backward in one launch, for the needed tensors only.
+* :mod:`._launch` — the one launch point: grid limits, device guard, candidate configurations (autotuned per
+  shape bucket on a GPU), and recording for the offline compile report (``bench/compile_report.py``).
 
 Importing this package needs ``triton`` but no GPU (kernels compile at first launch); without triton
 the import raises ``ImportError`` and the callers fall back to PyTorch. On the CPU the kernels run
