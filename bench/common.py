@@ -1,10 +1,11 @@
 """Shared benchmark harness: timing, peak memory, roofline floor, correctness check, CSV + markdown output.
 
 A benchmark is an :class:`OpBench`: named shapes, presets of shape names, an input factory, a cost model
-(flops and bytes per mode) and a list of providers (callables returning a scalar loss). :func:`main`
-runs any number of them with the shared command line and writes one CSV.
+(flops and bytes per mode), a list of providers (callables returning a scalar loss) and the issue's
+:class:`Target` s. :func:`main` runs any number of them with the shared command line and writes one CSV.
 
-Modes (DESIGN §6):
+Modes — what one timed call does (a training step needs the loss and its gradient, so ``full`` is what the
+targets are stated for):
 
 * ``forward``  — the loss only, with the inputs requiring grad (the autograd graph is built, as in
   training; ``torch.no_grad`` would time a different program);
@@ -13,6 +14,7 @@ Modes (DESIGN §6):
 
 Every provider's loss value and gradients are checked against the bench's baseline provider once per
 shape before anything is timed (that first call is also the warm-up and absorbs ``torch.compile``).
+On CUDA each row also counts the kernels one call launches (``torch.profiler``; see :func:`kernel_launches`).
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ QUANTILES = (0.5, 0.2, 0.8)
 # Value / gradient agreement required before a provider is timed (relative; absolute floor = rtol·1e-3).
 CHECK_RTOL = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 
-Dims = tuple[int, ...]
-Inputs = tuple[Tensor, ...]
+Dims = tuple[int | str, ...]  # sizes, optionally followed by a parameter of the case (e.g. a reduce mode)
+Inputs = tuple[Tensor | str, ...]  # tensors, and the case's non-tensor parameters (passed to the providers too)
 LossFn = Callable[..., Tensor]
 
 
@@ -63,19 +65,74 @@ class Provider:
     checked: bool = True  # False: a different algorithm (e.g. POT's solver), timed but not value-checked
 
 
+TARGET_KINDS = ("speedup", "floor", "time", "launches")
+
+
 @dataclass(frozen=True)
 class Target:
-    """A goal from the issue: ckakd ≥ ``factor``× faster than ``versus``, or within ``factor``× the floor."""
+    """A goal from the issue for the ``ckakd`` provider at one (device, shape, mode), of one ``kind``:
+
+    * ``speedup``  — ``versus``'s median / ckakd's median ≥ ``bound``; ``versus`` is a provider name or a tuple
+      of them, meaning the fastest of those measured ("the best batched formulation");
+    * ``floor``    — ckakd's median / roofline floor ≤ ``bound``;
+    * ``time``     — ckakd's median ≤ ``bound`` milliseconds;
+    * ``launches`` — kernels one ckakd call launches inside the bench's ``kernel_scope`` ≤ ``bound`` (CUDA only).
+
+    Build them with :meth:`speedup`, :meth:`floor`, :meth:`time` or :meth:`launches`.
+    """
 
     device: str  # "cpu" | "cuda"
     shape: str
     mode: str
-    factor: float
-    versus: str | None = None  # a provider name; None means "time / floor ≤ factor"
+    kind: str
+    bound: float
+    versus: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in TARGET_KINDS:
+            raise ValueError(f"Target kind must be one of {TARGET_KINDS}; got {self.kind!r}")
+        if (self.kind == "speedup") != bool(self.versus):
+            raise ValueError("a speedup target needs `versus` (and only a speedup target takes it)")
+
+    @classmethod
+    def speedup(cls, device: str, shape: str, mode: str, factor: float, versus: str | Sequence[str]) -> Target:
+        return cls(device, shape, mode, "speedup", factor, (versus,) if isinstance(versus, str) else tuple(versus))
+
+    @classmethod
+    def floor(cls, device: str, shape: str, mode: str, factor: float) -> Target:
+        return cls(device, shape, mode, "floor", factor)
+
+    @classmethod
+    def time(cls, device: str, shape: str, mode: str, ms: float) -> Target:
+        return cls(device, shape, mode, "time", ms)
+
+    @classmethod
+    def launches(cls, device: str, shape: str, mode: str, count: int) -> Target:
+        return cls(device, shape, mode, "launches", count)
 
     def describe(self) -> str:
-        what = f"≥ {self.factor:g}× faster than {self.versus}" if self.versus else f"≤ {self.factor:g}× floor"
+        if self.kind == "speedup":
+            rival = self.versus[0] if len(self.versus) == 1 else "the fastest of " + ", ".join(self.versus)
+            what = f"≥ {self.bound:g}× faster than {rival}"
+        elif self.kind == "floor":
+            what = f"≤ {self.bound:g}× floor"
+        elif self.kind == "time":
+            what = f"≤ {self.bound:g} ms"
+        else:
+            what = f"≤ {self.bound:g} kernel launch{'es' if self.bound != 1 else ''}"
         return f"{self.shape} {self.mode}: ckakd {what}"
+
+    def measure(self, medians: dict[str, float], row: Row | None) -> tuple[float, bool]:
+        """(measured value, met) from this (op, shape, mode)'s provider medians and ckakd's row; NaN: not run."""
+        base = medians.get(BASE_PROVIDER, math.nan)
+        if self.kind == "speedup":
+            rivals = [medians[p] for p in self.versus if p in medians and not math.isnan(medians[p])]
+            got = min(rivals) / base if rivals else math.nan
+            return got, got >= self.bound
+        got = math.nan
+        if row is not None:
+            got = {"floor": row.time_over_floor, "time": row.median_ms, "launches": row.launches}[self.kind]
+        return got, got <= self.bound
 
 
 @dataclass(frozen=True)
@@ -91,6 +148,9 @@ class OpBench:
     baseline: str  # provider whose value and gradients every other provider must match
     targets: tuple[Target, ...] = ()
     self_test: Callable[[], None] | None = None
+    # Profiler names of the ops whose kernels the `launches` column counts (e.g. "ckakd::sinkhorn_fixed");
+    # empty: every kernel of the call.
+    kernel_scope: tuple[str, ...] = ()
 
 
 @dataclass
@@ -117,6 +177,7 @@ class Row:
     p20_ms: float
     p80_ms: float
     peak_mem_mb: float
+    launches: float  # CUDA kernels one call launches (inside the bench's kernel_scope, if any); NaN on CPU
     floor_ms: float
     time_over_floor: float
     device: str
@@ -254,6 +315,43 @@ def peak_mem_mb(fn: Callable[[], object], device: torch.device) -> float:
     return peak / 2**20
 
 
+def kernel_launches(fn: Callable[[], object], device: torch.device, scope: Sequence[str] = ()) -> float:
+    """CUDA kernels launched by one call of ``fn`` (memcpy / memset activities not counted), from ``torch.profiler``.
+
+    With ``scope`` (profiler names of ops, e.g. ``"ckakd::sinkhorn_fixed_forward"``) only the kernels launched
+    while one of those ops ran on the launching thread count: the op under test inside a loss with other ops.
+    NaN on the CPU, when the profiler saw no CUDA activity at all (no CUPTI), or when no op of ``scope`` ran.
+    """
+    if device.type != "cuda":
+        return math.nan
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    events = list(prof.events())
+    if not any(e.kernels for e in events) and not any(e.device_type == DeviceType.CUDA for e in events):
+        return math.nan
+    ranges = [(e.thread, e.time_range.start, e.time_range.end) for e in events if e.name in scope]
+    if scope and not ranges:
+        return math.nan
+
+    def inside(e) -> bool:
+        start, end = e.time_range.start, e.time_range.end
+        return any(t == e.thread and s <= start and end <= f for t, s, f in ranges)
+
+    return float(
+        sum(
+            not k.name.startswith(("Memcpy", "Memset"))
+            for e in events
+            if e.kernels and (not scope or inside(e))
+            for k in e.kernels
+        )
+    )
+
+
 @contextlib.contextmanager
 def ieee_fp32_matmul() -> Iterator[None]:
     """Keep CUDA fp32 matmuls in IEEE fp32 (TF32 off, torch's default) inside the block.
@@ -372,6 +470,12 @@ def preset_key(device: torch.device, quick: bool) -> str:
     return ("quick-" if quick else "") + ("gpu" if device.type == "cuda" else "cpu")
 
 
+def shape_label(dims: Dims) -> str:
+    """The shape column: sizes joined by "x", then the case's parameters, e.g. "2x256x100x168 batch"."""
+    sizes = "x".join(str(d) for d in dims if not isinstance(d, str))
+    return " ".join([sizes, *(d for d in dims if isinstance(d, str))])
+
+
 def select_shapes(bench: OpBench, cfg: Config) -> list[str]:
     """Shape names to run: the device's default preset, or the ``--shapes`` presets / names it knows."""
     requested = cfg.shapes or (preset_key(cfg.device, cfg.quick),)
@@ -393,6 +497,11 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 def _clear_grads(tensors: Sequence[Tensor]) -> None:
     for t in tensors:
         t.grad = None
+
+
+def _grad_inputs(inputs: Inputs) -> list[Tensor]:
+    """The inputs the gradients are checked for (and reset before each timed call): tensors requiring grad."""
+    return [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
 
 
 def _value_and_grads(fn: LossFn, inputs: Inputs, wrt: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -454,7 +563,7 @@ def run_bench(bench: OpBench, cfg: Config, ceil: Ceilings, meta: dict[str, str])
         bench.self_test()
     for shape_name in select_shapes(bench, cfg):
         dims = bench.shapes[shape_name]
-        shape = "x".join(map(str, dims))
+        shape = shape_label(dims)
 
         def row(
             p: Provider,
@@ -462,12 +571,15 @@ def run_bench(bench: OpBench, cfg: Config, ceil: Ceilings, meta: dict[str, str])
             t: tuple[float, float, float],
             mem: float,
             notes: str,
+            launches: float = math.nan,
             dims: Dims = dims,
             shape: str = shape,
         ) -> Row:
             flops, nbytes = bench.cost(dims, mode, esize)
             fl = floor_ms(flops, nbytes, ceil)
-            return Row(bench.op, p.name, mode, shape, dtype_name, *t, mem, fl, t[0] / fl, notes=notes, **meta)
+            return Row(
+                bench.op, p.name, mode, shape, dtype_name, *t, mem, launches, fl, t[0] / fl, notes=notes, **meta
+            )
 
         nan3 = (math.nan, math.nan, math.nan)
         try:
@@ -475,7 +587,7 @@ def run_bench(bench: OpBench, cfg: Config, ceil: Ceilings, meta: dict[str, str])
         except Exception as exc:  # e.g. out of memory for a preset too large for this device
             rows += [row(p, m, nan3, math.nan, "inputs: " + _short(exc)) for p in timed for m in cfg.modes]
             continue
-        wrt = [t for t in inputs if t.requires_grad]
+        wrt = _grad_inputs(inputs)
         rtol = CHECK_RTOL.get(dtype, 5e-2)
         try:
             ref = _value_and_grads(by_name[bench.baseline].fn, inputs, wrt)
@@ -513,7 +625,9 @@ def run_bench(bench: OpBench, cfg: Config, ceil: Ceilings, meta: dict[str, str])
                     t = time_ms(fn, dev, cfg.quick)
                     _clear_grads(wrt)  # so that the measured call allocates its gradient afresh
                     mem = peak_mem_mb(fn, dev)
-                    r = row(p, mode, t, mem, "; ".join(notes))
+                    _clear_grads(wrt)
+                    launches = kernel_launches(fn, dev, bench.kernel_scope)
+                    r = row(p, mode, t, mem, "; ".join(notes), launches)
                     del fn
                 except Exception as exc:
                     r = row(p, mode, nan3, math.nan, _short(exc))
@@ -522,6 +636,7 @@ def run_bench(bench: OpBench, cfg: Config, ceil: Ceilings, meta: dict[str, str])
                 _log(
                     f"[{bench.op} {shape}] {p.name:<18} {mode:<8} {r.median_ms:10.3f} ms"
                     f"  floor {r.floor_ms:8.3f} ms  x{r.time_over_floor:.2f}"
+                    + ("" if math.isnan(r.launches) else f"  {r.launches:.0f} launches")
                 )
         del inputs, wrt, ref
         if dev.type == "cuda":
@@ -555,31 +670,14 @@ def _order(rows: Sequence[Row]) -> list[Row]:
 
 
 def results_table(rows: Sequence[Row]) -> str:
-    header = [
-        "provider",
-        "mode",
-        "shape",
-        "median ms",
-        "p20",
-        "p80",
-        "peak MB",
-        "floor ms",
-        "×floor",
-        "notes",
-    ]
+    """One line per row; a ``launches`` column when any row counted kernel launches (CUDA)."""
+    with_launches = any(not math.isnan(r.launches) for r in rows)
+    header = ["provider", "mode", "shape", "median ms", "p20", "p80", "peak MB"]
+    header += ["launches"] * with_launches + ["floor ms", "×floor", "notes"]
     body = [
-        [
-            r.provider,
-            r.mode,
-            r.shape,
-            _fmt(r.median_ms),
-            _fmt(r.p20_ms),
-            _fmt(r.p80_ms),
-            _fmt(r.peak_mem_mb),
-            _fmt(r.floor_ms),
-            _fmt(r.time_over_floor),
-            r.notes,
-        ]
+        [r.provider, r.mode, r.shape, _fmt(r.median_ms), _fmt(r.p20_ms), _fmt(r.p80_ms), _fmt(r.peak_mem_mb)]
+        + [_fmt(r.launches)] * with_launches
+        + [_fmt(r.floor_ms), _fmt(r.time_over_floor), r.notes]
         for r in _order(rows)
     ]
     return _table(header, body)
@@ -608,21 +706,21 @@ def ratios_table(rows: Sequence[Row]) -> str:
 
 
 def targets_table(benches: Sequence[OpBench], rows: Sequence[Row], device: torch.device) -> str:
-    rel = ratios(rows)
-    floor = {(r.op, r.shape, r.mode): r.time_over_floor for r in rows if r.provider == BASE_PROVIDER}
+    """The device's targets of ``benches`` with the value measured in ``rows`` and met / MISSED / not run."""
+    medians: dict[tuple[str, str, str], dict[str, float]] = {}
+    ckakd_rows: dict[tuple[str, str, str], Row] = {}
+    for r in rows:
+        medians.setdefault((r.op, r.shape, r.mode), {})[r.provider] = r.median_ms
+        if r.provider == BASE_PROVIDER:
+            ckakd_rows[(r.op, r.shape, r.mode)] = r
     body = []
     for bench in benches:
         for t in bench.targets:
             if t.device != device.type:
                 continue
-            shape = "x".join(map(str, bench.shapes[t.shape]))
+            shape = shape_label(bench.shapes[t.shape])
             key = (bench.op, shape, t.mode)
-            if t.versus is None:
-                got = floor.get(key, math.nan)
-                ok = got <= t.factor
-            else:
-                got = rel.get(key, {}).get(t.versus, math.nan)
-                ok = got >= t.factor
+            got, ok = t.measure(medians.get(key, {}), ckakd_rows.get(key))
             status = "not run" if math.isnan(got) else ("met" if ok else "MISSED")
             body.append([bench.op, t.describe(), _fmt(got), status])
     return _table(["op", "target", "measured", "status"], body) if body else ""
@@ -672,11 +770,22 @@ def report(
 
 
 def write_csv(path: Path, rows: Sequence[Row], append: bool = False) -> None:
-    new = not (append and path.exists())
-    with path.open("a" if append else "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        if new:
+    """Write ``rows`` to ``path``; ``append`` adds them to an existing file. A file written with other columns
+    (before a column was added) is rewritten once with the current ones; its missing cells stay empty."""
+    mode, carried = "w", []
+    if append and path.exists():
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if tuple(reader.fieldnames or ()) == CSV_COLUMNS:
+                mode = "a"
+            else:
+                carried = list(reader)
+    with path.open(mode, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if mode == "w":
             writer.writeheader()
+        for old in carried:
+            writer.writerow({k: old.get(k) or "" for k in CSV_COLUMNS})
         for r in rows:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()})
 
@@ -748,7 +857,7 @@ def _listing(benches: Sequence[OpBench], device: torch.device) -> str:
     for b in benches:
         lines.append(f"{b.op}: providers {', '.join(p.name for p in b.providers(device))} (baseline {b.baseline})")
         for name, dims in b.shapes.items():
-            lines.append(f"  {name:<22} {'x'.join(map(str, dims))}")
+            lines.append(f"  {name:<28} {shape_label(dims)}")
         for name, shapes in b.presets.items():
             lines.append(f"  preset {name:<15} {', '.join(shapes)}")
     return "\n".join(lines)
