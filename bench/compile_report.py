@@ -471,6 +471,7 @@ DTYPES = ("float32", *LOW_DTYPES)
 REDUCES = ("channel", "batch", "spatial")
 GRAM_LAUNCHERS = ("gram_forward", "gram_backward", "frobenius_dots")
 PATCH_LAUNCHERS = ("patch_cka_forward", "patch_cka_backward")
+SOURCES = ("tests", "bench", "tables")
 # position of ph (pw follows) and of center in the launchers' positional arguments
 _PATCH_ARG = {"patch_cka_forward": 2, "patch_cka_backward": 4}
 _CENTER_ARG = {"gram_forward": 1, "gram_backward": 3, "patch_cka_forward": 5, "patch_cka_backward": 7}
@@ -835,11 +836,12 @@ class Sweep:
             p *= 2
         return out
 
-    def calls(self) -> list[Call]:
-        """Every call of the sweep: tests, benchmarks, tables (and a note per launcher it cannot drive)."""
+    def calls(self, sources: Iterable[str] = SOURCES) -> list[Call]:
+        """The calls of the sweep from ``sources`` (tests, bench, tables), and a note per launcher it cannot drive."""
         for name in sorted(set(self.launchers) - set(GRAM_LAUNCHERS + PATCH_LAUNCHERS)):
             self.notes.append(f"ckakd.kernels.{name}: exported launcher without a sweep in compile_report.py")
-        return self.test_calls() + self.bench_calls() + self.table_calls()
+        builders = {"tests": self.test_calls, "bench": self.bench_calls, "tables": self.table_calls}
+        return [call for source in sources for call in builders[source]()]
 
 
 def _factor(p: int) -> tuple[int, int]:
@@ -992,17 +994,15 @@ def compile_launch(launch: Launch) -> Row:
         if res.returncode:
             raise RuntimeError(f"ptxas failed on {launch.name}: {res.stderr[-2000:]}")
         usage = parse_ptxas(res.stdout + res.stderr)
-        Path(tmp, "triton.cubin").write_bytes(compiled.asm["cubin"])
-        dump = subprocess.run(
-            [_nvidia_tool("cuobjdump"), "--dump-resource-usage", str(Path(tmp, "triton.cubin"))],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        dump = ""
+        with contextlib.suppress(FileNotFoundError):  # the cross-check is optional
+            Path(tmp, "triton.cubin").write_bytes(compiled.asm["cubin"])
+            cmd = [_nvidia_tool("cuobjdump"), "--dump-resource-usage", str(Path(tmp, "triton.cubin"))]
+            dump = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
     name = compiled.metadata.name if hasattr(compiled.metadata, "name") else launch.name
     u = usage.get(name) or next(iter(usage.values()), Usage())
     note = ""
-    res_usage = parse_cuobjdump(dump.stdout).get(name)
+    res_usage = parse_cuobjdump(dump).get(name)
     if res_usage and (res_usage.get("REG") != u.registers or res_usage.get("STACK") != u.stack_bytes):
         note = f"cuobjdump of Triton's cubin: REG {res_usage.get('REG')} STACK {res_usage.get('STACK')}"
     return Row(
@@ -1187,6 +1187,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--csv", type=Path, default=DEFAULT_CSV, help=f"CSV output (default {DEFAULT_CSV.relative_to(REPO)})"
     )
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPU count)")
+    p.add_argument("--sweep", default=",".join(SOURCES), help=f"shape sources (default {','.join(SOURCES)})")
     p.add_argument("--kernels", default=None, metavar="REGEX", help="only the Triton kernels whose name matches")
     p.add_argument("--allow-spills", action="store_true", help="report spills without failing")
     p.add_argument("--no-cu", action="store_true", help="skip csrc/*.cu")
@@ -1200,6 +1201,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--sms must be >= 1, got {args.sms}")
     if not (args.repo / "ckakd" / "kernels").is_dir():
         p.error(f"--repo {args.repo}: no ckakd/kernels package there")
+    args.sweep = tuple(x for x in args.sweep.split(",") if x)
+    if not args.sweep or set(args.sweep) - set(SOURCES):
+        p.error(f"--sweep {','.join(args.sweep)!r}: choose from {', '.join(SOURCES)}")
     if args.kernels is not None:
         try:
             re.compile(args.kernels)
@@ -1247,7 +1251,7 @@ def child(args: argparse.Namespace) -> int:
 
         print(f"ckakd.kernels from {Path(ckakd.kernels.__file__).parent}")
         sweep = Sweep(ckakd.kernels, args.repo)
-        calls = sweep.calls()
+        calls = sweep.calls(args.sweep)
         launches, refused = record(sweep, calls, args.sms)
         unique = dedupe(launches)
         if args.kernels is not None:
@@ -1281,7 +1285,8 @@ def child(args: argparse.Namespace) -> int:
     status = 0
     for r in spills:
         print(f"SPILL: {r.kernel} [{r.config}] num_warps={r.num_warps}: {r.registers} registers, "
-              f"{r.spill_stores} B spill stores, {r.spill_loads} B spill loads, {r.stack_bytes} B stack")  # fmt: skip
+              f"{r.spill_stores} B spill stores, {r.spill_loads} B spill loads, {r.stack_bytes} B stack "
+              f"(reached by {r.source})")  # fmt: skip
     for r in shared:
         print(f"SHARED: {r.kernel} [{r.config}]: {r.shared_bytes} B > {limit} B per block on sm_{args.arch}")
     for err in errors:

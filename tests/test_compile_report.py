@@ -152,6 +152,7 @@ def test_bad_arguments_name_the_option(capsys, tmp_path):
         (["--jobs", "0"], "--jobs"),
         (["--repo", str(tmp_path)], "--repo"),
         (["--kernels", "("], "--kernels"),
+        (["--sweep", "tables,shapes"], "--sweep"),
     ):
         with pytest.raises(SystemExit) as exc:
             cr.parse_args(argv)
