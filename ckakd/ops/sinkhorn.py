@@ -182,7 +182,7 @@ sinkhorn_fixed.register_autograd(_fixed_backward, setup_context=_fixed_setup)
 # ----------------------------------------------------------------------------------------- converged
 
 
-CHECK_EVERY = 10  # iterations between convergence checks (each check is the solve's one host sync)
+CHECK_EVERY = 10  # iterations between convergence checks (one host sync per check)
 EXACT_CHUNK_ELEMENTS = 1 << 24  # per chunk of the exact (rows, C, C) log-sum-exp
 
 
