@@ -33,7 +33,7 @@ _tuned: dict[tuple, int] = {}
 
 def check_grid(name: str, grid: Sequence[int]) -> None:
     """Raise ``ValueError`` if ``grid`` exceeds CUDA's per-axis limits (``name`` is the kernel, for the message)."""
-    for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS)):
+    for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS, strict=False)):
         if size > limit:
             raise ValueError(
                 f"{name}: grid axis {axis} would have {size} programs, over CUDA's limit of {limit}; "
