@@ -16,14 +16,20 @@ How it works
    ``kernel[grid](...)`` directly (older code) are recorded by patching ``JITFunction.run`` for the sweep.
    While recording, ``num_sms`` reports ``--sms`` (132, an H200) so that the split heuristics choose
    what they choose on the GPU.
-3. The shapes: the literal shapes of the kernel test files (``tests/test_kernels.py``,
-   ``tests/test_patch_cka_kernels.py``, read with ``ast``; with the launcher keywords those tests set),
-   the ``SHAPES`` of ``bench/bench_*.py`` in fp32/fp16/bf16, and a table sweep that reaches every entry of
-   every candidate table: Gram sizes on both sides of every block size, and for patch CKA every ``P_PAD``
-   (16 ... ``MAX_PATCHES``), every ``reduce``, ``center`` True/False, every ``need_*`` combination of the
-   backward, in fp32; fp16/bf16 at every ``P_PAD`` with ``center=True`` for ``channel`` and ``spatial``
-   (a covering sweep: the full cross product is ~4x the compile time for variants that differ only in
-   their load instructions).
+3. The shapes (``--sweep``, default all three):
+   ``tests``: the literal shapes of the kernel test files (``tests/test_kernels.py``,
+   ``tests/test_patch_cka_kernels.py``, read with ``ast``), each with the patch sizes, reduces, centers,
+   dtypes, ``need_*`` pairs and launcher keywords (``split_k=3``, ``block_d=16`` ...) of its own test function,
+   patch inputs in the tests' layouts; ``bench``: the ``CASES`` / ``SHAPES`` of every ``bench/bench_*.py``
+   as its op calls the launchers (``cka``, ``centered_gram``, ``precision``, ``patch_cka``), in
+   fp32/fp16/bf16; ``tables``: a sweep that reaches every candidate of every launch table -- Gram sizes in
+   every bucket (n = 7, 24, 48, 200; fp32 centered and not, bf16 centered, each at every dot precision; fp16
+   centered) and, for patch CKA, every ``P_PAD`` (16 ... ``MAX_PATCHES``) x ``reduce`` x ``center`` in fp32
+   (backward with both gradients; student-only when centered; teacher-only for channel), fp16/bf16 centered
+   for channel and spatial. That is a covering design, not the full cross product (which compiles ~4x
+   longer for variants that differ only in their load instructions); ``tests/test_compile_report.py``
+   checks that it reaches every table entry, every ``P_PAD`` / ``reduce`` / ``center`` / ``need_*`` and
+   every input dtype.
 4. Launches are deduplicated on what Triton specializes on: the kernel, its constexprs, the launch options
    (``num_warps`` ...), the pointer dtypes and 16-byte alignment, and per integer argument its type and
    whether it equals 1 or is divisible by 16 (``specialization_key``). Each variant is compiled once with
@@ -38,7 +44,8 @@ Output: ``--csv`` (default ``bench/out/compile_report.csv``) with
 table plus a per-kernel summary on stdout. ``config`` is the constexprs, then ``ptrs=`` the pointer dtypes
 (``!`` marks a pointer that is not 16-byte aligned) and ``ints=`` one letter per integer argument
 (``.`` i32, ``D`` i32 divisible by 16, ``1`` equal to 1, ``l``/``L`` i64 / i64 divisible by 16, ``b`` bool,
-``f`` float). Exit status 1 when a variant spills (``--allow-spills``: report only), when one needs more
+``f`` float, ``n`` None). About 1,200 variants, ~9 CPU-minutes (``--jobs`` compiles in parallel; Triton's
+cache makes a rerun fast). Exit status 1 when a variant spills (``--allow-spills``: report only), when one needs more
 shared memory than a block may opt in to (232,448 bytes on sm_90), or when something does not compile.
 """
 
@@ -770,7 +777,8 @@ class Sweep:
         return out
 
     def bench_calls(self) -> list[Call]:
-        """``SHAPES`` of every ``bench/bench_*.py`` as its op calls the launchers, in fp32 / fp16 / bf16."""
+        """The shapes of every ``bench/bench_*.py`` (``CASES`` where it has them, else ``SHAPES``) as its op calls
+        the launchers, in fp32 / fp16 / bf16."""
         out: list[Call] = []
         bench_dir = self.repo / "bench"
         if str(bench_dir) not in sys.path:
@@ -783,7 +791,8 @@ class Sweep:
                 continue
             op = getattr(getattr(mod, "BENCH", None), "op", path.stem.removeprefix("bench_"))
             src = f"bench:{op}"
-            for dtype, dims in itertools.product(DTYPES, dict(getattr(mod, "SHAPES", {})).values()):
+            cases = dict(getattr(mod, "CASES", None) or getattr(mod, "SHAPES", {}))
+            for dtype, dims in itertools.product(DTYPES, cases.values()):
                 if op == "cka":  # ckakd.cka(x (n, dx), y (n, dy)): two Grams, one Frobenius sum, grad of x only
                     n, dx, dy = dims
                     out += self.gram_calls((1, n, dx), dtype, True, src)
@@ -792,13 +801,17 @@ class Sweep:
                 elif op == "centered_gram":
                     n, d = dims
                     out += self.gram_calls((1, n, d), dtype, True, src)
-                elif op == "patch_cka":  # patch_cka_loss: resized to multiples of the patch, channel, frozen teacher
+                elif op == "precision":  # kernels.gram_forward / gram_backward at every dot precision
+                    n, d = dims
+                    out += self.gram_calls((1, n, d), dtype, True, src, strings=True)
+                elif op == "patch_cka":  # patch_cka_loss: resized to multiples of the patch, frozen teacher
                     patch = tuple(getattr(mod, "PATCH", (16, 16)))
                     resize = getattr(mod, "resized_hw", None)
-                    b, c, h, w = dims
+                    b, c, h, w, *rest = dims
+                    reduce = rest[0] if rest else "channel"
                     h, w = resize(h, w) if resize else (h, w)
                     if (h // patch[0]) * (w // patch[1]) <= self.max_patches:
-                        out += self.patch_calls((b, c, h, w), patch, "channel", True, dtype, src, need=[(True, False)])
+                        out += self.patch_calls((b, c, h, w), patch, reduce, True, dtype, src, need=[(True, False)])
                 elif op != "sinkhorn":  # sinkhorn: the C++/CUDA extension, in the .cu part of the report
                     self.notes.append(f"{path.name}: op {op!r} has no launcher mapping in compile_report.py")
                     break
@@ -1117,7 +1130,7 @@ def cuda_rows(repo: Path, arch: int) -> tuple[list[Row], list[str], list[str]]:
                 )  # fmt: skip
             )
         print(f"nvcc compiled {src.relative_to(repo)}: {len(usage)} kernels")
-    return rows, errors, []
+    return sorted(rows, key=lambda r: (r.kernel, r.config)), errors, []
 
 
 # ---------------------------------------------------------------------------------------------------

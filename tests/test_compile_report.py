@@ -44,17 +44,23 @@ ptxas info    : Function properties for _gram_kernel
 ptxas info    : Used 128 registers, used 1 barriers
 ptxas info    : Compile time = 98.1 ms
 """
-# nvcc -Xptxas -v (two template instances, one with static shared memory, plus a device function)
-NVCC_SAMPLE = """\
-ptxas info    : 11 bytes gmem
-ptxas info    : Compiling entry function '_ZN12_GLOBAL__N_114row_dot_kernelIdEEvPKT_S3_PS1_l' for 'sm_90'
-ptxas info    : Function properties for _ZN12_GLOBAL__N_114row_dot_kernelIdEEvPKT_S3_PS1_l
+# nvcc -Xptxas -v of csrc/sinkhorn_cuda.cu for sm_90 (two of its kernels), and a device function's block
+NVCC_A = (
+    "_ZN5ckakd54_GLOBAL__N__3aa46687_16_sinkhorn_cuda_cu_529a8f73_730720backward_step_kernelIfEEvPKT_S4_S4_PS2_S5_lb"
+)
+NVCC_B = "_ZN5ckakd54_GLOBAL__N__3aa46687_16_sinkhorn_cuda_cu_529a8f73_730714row_dot_kernelIfEEvPKT_S4_PS2_l"
+NVCC_SAMPLE = f"""\
+ptxas info    : 28 bytes gmem
+ptxas info    : Compiling entry function '{NVCC_A}' for 'sm_90'
+ptxas info    : Function properties for {NVCC_A}
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
-ptxas info    : Used 18 registers, used 1 barriers, 256 bytes smem, 392 bytes cmem[0]
-ptxas info    : Compiling entry function '_ZN12_GLOBAL__N_114row_dot_kernelIfEEvPKT_S3_PS1_l' for 'sm_90'
-ptxas info    : Function properties for _ZN12_GLOBAL__N_114row_dot_kernelIfEEvPKT_S3_PS1_l
-    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
-ptxas info    : Used 16 registers, used 1 barriers, 128 bytes smem, 392 bytes cmem[0]
+ptxas info    : Used 32 registers, used 0 barriers
+ptxas info    : Compile time = 67.989 ms
+ptxas info    : Compiling entry function '{NVCC_B}' for 'sm_90'
+ptxas info    : Function properties for {NVCC_B}
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 22 registers, used 1 barriers, 128 bytes smem
+ptxas info    : Compile time = 12.585 ms
 ptxas info    : Function properties for _Z9helperfnv
     16 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 """
@@ -83,13 +89,10 @@ def test_parse_ptxas_spills_and_clean():
 
 def test_parse_ptxas_nvcc_output():
     usage = cr.parse_ptxas(NVCC_SAMPLE)
-    assert list(usage) == [
-        "_ZN12_GLOBAL__N_114row_dot_kernelIdEEvPKT_S3_PS1_l",
-        "_ZN12_GLOBAL__N_114row_dot_kernelIfEEvPKT_S3_PS1_l",
-    ]  # the device function has no "Used N registers": not a kernel
-    d, f = usage.values()
-    assert (d.registers, d.shared_bytes, d.spill_stores) == (18, 256, 0)
-    assert (f.registers, f.shared_bytes, f.stack_bytes, f.spill_stores, f.spill_loads) == (16, 128, 8, 4, 4)
+    assert list(usage) == [NVCC_A, NVCC_B]  # the device function has no "Used N registers": not a kernel
+    a, b = usage.values()
+    assert (a.registers, a.shared_bytes, a.stack_bytes, a.spill_stores) == (32, 0, 0, 0)
+    assert (b.registers, b.shared_bytes, b.stack_bytes, b.spill_stores, b.spill_loads) == (22, 128, 0, 0, 0)
 
 
 def test_parse_cuobjdump():
@@ -126,8 +129,9 @@ def test_split_demangled(demangled, expected):
 def test_demangle_with_cxxfilt():
     if cr.shutil.which("c++filt") is None:
         pytest.skip("no c++filt")
-    names = cr.demangle(["_ZN12_GLOBAL__N_114row_dot_kernelIdEEvPKT_S3_PS1_l", "_gram_kernel"])
-    assert cr.split_demangled(names[0]) == ("row_dot_kernel", "double")
+    names = cr.demangle([NVCC_B, "_gram_kernel"])
+    assert names[0].startswith("void ckakd::(anonymous namespace)::row_dot_kernel<float>(")
+    assert cr.split_demangled(names[0]) == ("row_dot_kernel", "float")
     assert names[1] == "_gram_kernel"
 
 
