@@ -1231,7 +1231,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def ensure_triton(target: Path | None, version: str) -> Path:
     """A ``--target`` folder holding triton: ``target`` as is when it has one, else install ``version`` there."""
     if target is None:
-        target = Path(tempfile.mkdtemp(prefix="triton-"))
+        target = Path(tempfile.mkdtemp(prefix="compile-report-triton-"))
     target = target.resolve()
     if (target / "triton" / "__init__.py").exists():
         return target
@@ -1316,13 +1316,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if os.environ.get(CHILD_ENV) == "1" or args.no_triton:
         return child(args)
-    target = ensure_triton(args.triton_target, args.triton_version)
-    env = dict(os.environ, **{CHILD_ENV: "1"})
-    env["PYTHONPATH"] = os.pathsep.join([str(target)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     argv = list(sys.argv[1:] if argv is None else argv)
-    if args.triton_target is None:
-        argv += ["--triton-target", str(target)]
-    return subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], env=env, check=False).returncode
+    temporary = args.triton_target is None
+    target = ensure_triton(args.triton_target, args.triton_version)
+    try:
+        env = dict(os.environ, **{CHILD_ENV: "1"})
+        paths = [str(target)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        if temporary:
+            argv += ["--triton-target", str(target)]
+        return subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], env=env, check=False).returncode
+    finally:
+        if temporary:  # the folder made for this run
+            shutil.rmtree(target, ignore_errors=True)
 
 
 if __name__ == "__main__":
