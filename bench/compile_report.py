@@ -1155,19 +1155,20 @@ def markdown(rows: Sequence[Row]) -> str:
 
 
 def summary(rows: Sequence[Row]) -> str:
-    """Per kernel: variants, and the worst registers / spills / stack / shared memory over them."""
+    """Per kernel: variants, how many spill, and the worst registers / spills / stack / shared memory."""
+    cols = ("registers", "spill_stores", "spill_loads", "stack_bytes", "shared_bytes")
     lines = [
-        "| kernel | variants | max registers | max spill stores | max spill loads | max stack | max shared |",
-        "|---|---|---|---|---|---|---|",
+        "| kernel | variants | spilling | max registers | max spill stores | max spill loads | max stack"
+        " | max shared |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     by_kernel: dict[str, list[Row]] = {}
     for r in rows:
         by_kernel.setdefault(r.kernel, []).append(r)
     for name, rs in by_kernel.items():
-        cols = [max(getattr(r, c) for r in rs) for c in ("registers", "spill_stores", "spill_loads", "stack_bytes")]
-        lines.append(
-            f"| {name} | {len(rs)} | " + " | ".join(map(str, cols)) + f" | {max(r.shared_bytes for r in rs)} |"
-        )
+        spilling = sum(r.spill_stores > 0 or r.spill_loads > 0 for r in rs)
+        worst = [str(max(getattr(r, c) for r in rs)) for c in cols]
+        lines.append(f"| {name} | {len(rs)} | {spilling} | " + " | ".join(worst) + " |")
     return "\n".join(lines)
 
 

@@ -146,7 +146,7 @@ def test_offenders_and_outputs(tmp_path):
     cr.write_csv(rows, tmp_path / "out" / "r.csv")
     lines = (tmp_path / "out" / "r.csv").read_text().splitlines()
     assert lines[0] == ",".join(cr.CSV_COLUMNS) and lines[2] == "a,X=2 ptrs=fp32,8,255,724,720,720,0"
-    assert "| a | 2 | 255 | 724 | 720 | 720 | 1024 |" in cr.summary(rows)
+    assert "| a | 2 | 1 | 255 | 724 | 720 | 720 | 1024 |" in cr.summary(rows)
     assert cr.markdown(rows).count("\n") == len(rows) + 1
 
 
