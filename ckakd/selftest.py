@@ -402,7 +402,7 @@ def _cka_family(backend: str, dev: str, dtype: torch.dtype, case: str, dims: dic
             names = [f"f_s[{i}]" for i in range(levels)]
             return value_and_grad_check(fast, ref, inputs, [True] * levels + [False] * levels, dtype, names)
 
-        label = f"patch_cka_loss[{reduce}]" if mode == "centered" else f"patch_cka_loss[{reduce},{mode}]"
+        label = f"patch_cka_loss[{reduce}]" if mode == "centered" else f"patch_cka_loss[{reduce};{mode}]"
         add(label, patch_check, PATCH)
 
     def mmd_check() -> list[Comparison]:
@@ -555,7 +555,7 @@ def _wasserstein(dev: str) -> list[Check]:
                 ["f_s"],
             )
 
-        checks.append(Check(f"wkd_feature_loss[{cov},grid={grid}]", "torch", dev, dtype, "regular", feature_check))
+        checks.append(Check(f"wkd_feature_loss[{cov};grid={grid}]", "torch", dev, dtype, "regular", feature_check))
 
     for full in (False, True):
 
@@ -927,7 +927,7 @@ def add_selftest_arguments(p: argparse.ArgumentParser) -> None:
         "--only",
         metavar="TEXT[,TEXT]",
         default=None,
-        help="run only the checks whose name contains one of these (e.g. cka,sinkhorn); the rest are not listed",
+        help="run only the checks whose name contains one of these (e.g. cka,sinkhorn); the rest are not run",
     )
     p.add_argument("--list", action="store_true", help="list the checks and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
