@@ -921,6 +921,7 @@ def run_bench(device: str, out: str | None) -> dict:
         argv += ["--out", out]
     start = time.perf_counter()
     sys.path.insert(0, str(bench))
+    sys.modules.pop("run_all", None)  # this checkout's, not one imported from elsewhere
     try:
         import run_all
 

@@ -186,6 +186,20 @@ def test_command_enables_the_interpreter_before_triton_is_imported(tmp_path):
     assert check["status"] == "pass" and check["dispatch"].get("gram/triton")
 
 
+def test_bench_option_runs_the_checkouts_benchmarks_or_says_why_not(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(selftest, "_bench_dir", lambda: tmp_path)
+    rc, report = _run(tmp_path, "--only", "gaussian_wasserstein[diag]", "--bench")
+    assert rc == 0 and "--bench needs a source checkout" in capsys.readouterr().out
+    assert report["checks"][-1]["op"] == "bench" and report["checks"][-1]["status"] == "skip"
+    (tmp_path / "run_all.py").write_text("def main(argv):\n    print('fake run_all', argv)\n    return 1\n")
+    rc, report = _run(tmp_path, "--only", "gaussian_wasserstein[diag]", "--bench", "--bench-out", str(tmp_path / "b"))
+    out = capsys.readouterr().out
+    assert rc == 1 and "fake run_all ['--quick', '--device', 'cpu', '--out'" in out
+    assert "FAIL benchmarks (bench/run_all.py): bench/run_all.py --quick --device cpu" in out
+    assert report["checks"][-1]["status"] == "fail"
+    sys.modules.pop("run_all", None)
+
+
 def test_cli_wiring_and_listing(capsys):
     args = build_parser().parse_args(["selftest", "--json", "x.json", "--bench", "--only", "cka"])
     assert args.command == "selftest" and args.json == "x.json" and args.bench and args.only == "cka"
