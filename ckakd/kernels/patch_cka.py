@@ -69,13 +69,13 @@ _INT32_MAX = 2**31 - 1
 # (bench/compile_report.py checks; CI fails on a spill). Spills are not monotonic in the size: e.g. the
 # forward at P_PAD=64 spills with BLOCK_D=32 on 8 warps (80 registers, 8 bytes) but not with 64 on 8.
 FWD_CONFIGS: dict[int, list[dict[str, int]]] = {
-    16: [{"BLOCK_D": 64, "num_warps": 4}, {"BLOCK_D": 32, "num_warps": 4}, {"BLOCK_D": 128, "num_warps": 4}],
-    32: [{"BLOCK_D": 32, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 4}, {"BLOCK_D": 32, "num_warps": 8}],
-    64: [{"BLOCK_D": 64, "num_warps": 8}, {"BLOCK_D": 32, "num_warps": 16}, {"BLOCK_D": 16, "num_warps": 4}],
-    128: [{"BLOCK_D": 32, "num_warps": 16}, {"BLOCK_D": 16, "num_warps": 16}, {"BLOCK_D": 64, "num_warps": 16}],
+    16: [{"BLOCK_D": 64, "num_warps": 4}, {"BLOCK_D": 32, "num_warps": 4}, {"BLOCK_D": 16, "num_warps": 4}],
+    32: [{"BLOCK_D": 32, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 8}, {"BLOCK_D": 32, "num_warps": 8}],
+    64: [{"BLOCK_D": 32, "num_warps": 16}, {"BLOCK_D": 16, "num_warps": 8}, {"BLOCK_D": 16, "num_warps": 4}],
+    128: [{"BLOCK_D": 32, "num_warps": 8}, {"BLOCK_D": 16, "num_warps": 8}],
 }
 BWD_CONFIGS: dict[int, list[dict[str, int]]] = {
-    16: [{"BLOCK_D": 32, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 8}],
+    16: [{"BLOCK_D": 32, "num_warps": 4}, {"BLOCK_D": 16, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 16}],
     32: [{"BLOCK_D": 32, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 8}],
     64: [{"BLOCK_D": 32, "num_warps": 8}, {"BLOCK_D": 16, "num_warps": 4}],
     128: [{"BLOCK_D": 32, "num_warps": 16}, {"BLOCK_D": 16, "num_warps": 8}, {"BLOCK_D": 16, "num_warps": 16}],
