@@ -8,12 +8,17 @@ returns ``[Σ K∘L, Σ K∘K, Σ L∘L]`` per batch entry, reading ``k`` and ``
 
 Tiling
 ------
-``_frobenius_dots_kernel`` — grid ``(n_blocks, b)``. The ``n*n`` elements of batch entry ``b`` are cut in
-chunks of ``BLOCK``; program ``i`` owns a contiguous run of ``chunks_per_block`` chunks, accumulates the
-three products lane-wise in fp32 registers, reduces them once and writes a ``(b, n_blocks, 3)`` partial.
-``n_blocks`` is chosen to give about four programs per SM; when it is 1 (small ``n``, or the CPU
-interpreter) the partial *is* the result, otherwise the tiny partial tensor is summed over its middle
-axis (a deterministic two-stage reduction, no atomics).
+``_frobenius_dots_kernel`` — grid ``(b · n_blocks,)`` (the batch is folded into axis 0, whose limit is
+2³¹ − 1, and decoded with a 32-bit division). The ``n*n`` elements of batch entry ``b`` are cut in chunks
+of ``BLOCK``; program ``i`` owns a contiguous run of ``chunks_per_block`` chunks, accumulates the three
+products lane-wise in fp32 registers, reduces them once and writes a ``(b, n_blocks, 3)`` partial. Element
+offsets are 64-bit (a Gram of ``n >= 46,341`` has more than 2³¹ elements). ``n_blocks`` is chosen to give
+about four programs per SM; when it is 1 (small ``n``, or the CPU interpreter) the partial *is* the
+result, otherwise the tiny partial tensor is summed over its middle axis (a deterministic two-stage
+reduction, no atomics).
+
+Launch configurations: ``FROBENIUS_CONFIGS`` (first = default, the only one used under the interpreter or
+with ``CKAKD_AUTOTUNE=0``); on a GPU :func:`ckakd.kernels._launch.choose` times them once per shape bucket.
 """
 
 from __future__ import annotations
@@ -22,9 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import choose, launch
 from .gram import num_sms
 
-__all__ = ["frobenius_dots"]
+__all__ = ["FROBENIUS_CONFIGS", "frobenius_dots"]
+
+# Candidates (first = default). Every entry compiles for sm_90 with triton 3.6 without register spills.
+FROBENIUS_CONFIGS: list[dict[str, int]] = [
+    {"BLOCK": 1024, "num_warps": 4},
+    {"BLOCK": 2048, "num_warps": 8},
+    {"BLOCK": 4096, "num_warps": 8},
+]
 
 
 @triton.jit
@@ -37,22 +50,25 @@ def _frobenius_dots_kernel(
     chunks_per_block,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid_all = tl.program_id(0)
+    pid_b = pid_all // n_blocks
+    pid = pid_all - pid_b * n_blocks
     base = pid_b.to(tl.int64) * nn
+    # 64-bit running start: chunks_per_block * BLOCK can exceed 2**31 when n_blocks is small
     start = pid.to(tl.int64) * chunks_per_block * BLOCK
     acc_kl = tl.zeros((BLOCK,), dtype=tl.float32)
     acc_kk = tl.zeros((BLOCK,), dtype=tl.float32)
     acc_ll = tl.zeros((BLOCK,), dtype=tl.float32)
-    for it in range(0, chunks_per_block):
-        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+    for _ in range(0, chunks_per_block):
+        offs = start + tl.arange(0, BLOCK)
         mask = offs < nn
         kv = tl.load(k_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         lv = tl.load(l_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         acc_kl += kv * lv
         acc_kk += kv * kv
         acc_ll += lv * lv
-    out = part_ptr + (pid_b.to(tl.int64) * n_blocks + pid) * 3
+        start += BLOCK
+    out = part_ptr + pid_all.to(tl.int64) * 3  # part[pid_b, pid]
     tl.store(out, tl.sum(acc_kl, axis=0))
     tl.store(out + 1, tl.sum(acc_kk, axis=0))
     tl.store(out + 2, tl.sum(acc_ll, axis=0))
@@ -77,13 +93,19 @@ def frobenius_dots(k: torch.Tensor, l: torch.Tensor, *, num_blocks: int | None =
     nn = n * n
     if b == 0 or nn == 0:
         return torch.zeros((b, 3), device=k.device, dtype=torch.float32)
-    block = 1024
-    chunks = triton.cdiv(nn, block)
-    if num_blocks is None:
-        num_blocks = max(1, (4 * num_sms(k.device)) // b)
-    num_blocks = max(1, min(int(num_blocks), chunks))
-    chunks_per_block = triton.cdiv(chunks, num_blocks)
-    num_blocks = triton.cdiv(chunks, chunks_per_block)  # no empty programs
-    part = torch.empty((b, num_blocks, 3), device=k.device, dtype=torch.float32)
-    _frobenius_dots_kernel[(num_blocks, b)](k, l, part, nn, num_blocks, chunks_per_block, BLOCK=block, num_warps=4)
-    return part[:, 0] if num_blocks == 1 else part.sum(dim=1)
+    dev = k.device
+    result: list[torch.Tensor] = []
+
+    def run(config: dict[str, int]) -> None:
+        chunks = triton.cdiv(nn, config["BLOCK"])
+        blocks = max(1, (4 * num_sms(dev)) // b) if num_blocks is None else int(num_blocks)
+        blocks = max(1, min(blocks, chunks))
+        chunks_per_block = triton.cdiv(chunks, blocks)
+        blocks = triton.cdiv(chunks, chunks_per_block)  # no empty programs
+        part = torch.empty((b, blocks, 3), device=dev, dtype=torch.float32)
+        launch(_frobenius_dots_kernel, (b * blocks,), k, l, part, nn, blocks, chunks_per_block, device=dev, **config)
+        result[:] = [part[:, 0] if blocks == 1 else part.sum(dim=1)]
+
+    key = (triton.next_power_of_2(nn), triton.next_power_of_2(b), num_blocks)
+    choose("frobenius_dots", key, FROBENIUS_CONFIGS, run, dev)
+    return result[0]

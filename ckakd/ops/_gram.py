@@ -2,8 +2,9 @@
 
 * ``gram``: K = Xc Xcᵀ (b, n, n) with Xc = X - column means (or X when not centering).
   The torch path centers the *features* first, chunk by chunk over d, so it never forms an (n, d)
-  temporary larger than one chunk and never centers a Gram after the fact (catastrophic in fp32 for
-  features with a large mean, DESIGN §3).
+  temporary larger than one chunk and never centers a Gram after the fact: for features with a large
+  mean (offset 1000, std 1) H (X Xᵀ) H cancels entries of order d·offset² down to results of order d,
+  and fp32 keeps no correct digit (relative error ~1 at n=64, d=1024).
 * ``gram_apply``: M @ Xc (b, n, d), the one (n×n)·(n×d) product every backward needs.
 * ``frobenius_dots``: [Σ K∘L, Σ K∘K, Σ L∘L] per batch entry.
 * ``u_center``, ``double_center``: O(n²) transforms of (b, n, n) matrices.
