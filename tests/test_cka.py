@@ -454,3 +454,18 @@ def test_gpu_big_shapes(shape):
     ref, (rx, _), _ = _grads(lambda a, b: ckakd.cka(a, b, backend="torch"), x.double(), y.double(), weight=1.0)
     _close(out, ref, torch.float32)
     _close(gx, rx, torch.float32, scale=rx.abs().max().item())
+
+
+@pytest.mark.parametrize("batch", [None, 3], ids=["single", "batched"])
+def test_torch_path_centered_gram_is_fp32_exact_at_a_large_offset(batch):
+    """Features with mean 1000: the torch path subtracts row 0 before the mean (a rounded fp32 mean is off by
+    ~3e-5 and shifted every centered value: 2e-5 of the Gram's scale before), so the Gram keeps fp32 accuracy."""
+    from ckakd.ops import _gram
+
+    shape = (64, 300) if batch is None else (batch, 64, 300)
+    x = (torch.randn(shape, dtype=torch.float64) + 1000.0).float()
+    x3 = x if batch else x[None]
+    k, mean = _gram.gram(x3, True, "torch")
+    ref = torch.stack([R.centered_gram(t.double()) for t in x3])
+    assert ((k.double() - ref).abs().max() / ref.abs().max()).item() < 2e-6
+    torch.testing.assert_close(mean.double(), x3.double().mean(1), atol=1e-4, rtol=0)

@@ -34,9 +34,27 @@ def _chunks(b: int, n: int, d: int):
         yield slice(start, min(d, start + step))
 
 
-def _centered_chunk(x: Tensor, mean: Tensor, sl: slice, center: bool, acc: torch.dtype) -> Tensor:
+def _centered_chunk(
+    x: Tensor, mean: Tensor, sl: slice, center: bool, acc: torch.dtype, corr: Tensor | None = None
+) -> Tensor:
+    """Columns ``sl`` of ``x - mean`` in ``acc``; with ``corr``, ``(x - mean) - corr`` (``mean`` a shift)."""
     xc = x[..., sl].to(acc)
-    return xc - mean[..., sl].to(acc).unsqueeze(-2) if center else xc
+    if not center:
+        return xc
+    xc = xc - mean[..., sl].to(acc).unsqueeze(-2)
+    return xc - corr[..., sl].unsqueeze(-2) if corr is not None else xc
+
+
+def _shift_and_correction(x: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(shift, corr) (b, d) with column means = shift + corr: shift is row 0 (exact), corr the mean of
+    ``x - shift``. Subtracting the two in turn keeps fp32 exact for features with a large offset, where a
+    rounded fp32 mean (offset 1000: off by ~3e-5) would shift every centered value by that error."""
+    b, n, d = x.shape
+    shift = x[:, 0, :].to(acc)
+    corr = torch.empty((b, d), dtype=acc, device=x.device)
+    for sl in _chunks(b, n, d):
+        corr[:, sl] = (x[..., sl].to(acc) - shift[:, None, sl]).mean(dim=1)
+    return shift, corr
 
 
 def gram(x: Tensor, center: bool, backend: str) -> tuple[Tensor, Tensor]:
@@ -49,23 +67,27 @@ def gram(x: Tensor, center: bool, backend: str) -> tuple[Tensor, Tensor]:
     record_dispatch("gram", "torch")
     acc = _acc_dtype(x)
     b, n, d = x.shape
-    mean = x.mean(dim=1, dtype=acc) if center else x.new_zeros((b, d), dtype=acc)
+    if center and n > 0:
+        shift, corr = _shift_and_correction(x, acc)
+        mean = shift + corr
+    else:
+        shift = corr = mean = x.new_zeros((b, d), dtype=acc)
     if b == 1:
-        return _gram_single(x[0], mean[0], center, acc).unsqueeze(0), mean
+        return _gram_single(x[0], shift[0], corr[0], center, acc).unsqueeze(0), mean
     k = x.new_zeros((b, n, n), dtype=acc)
     for sl in _chunks(b, n, d):
-        xc = _centered_chunk(x, mean, sl, center, acc)
+        xc = _centered_chunk(x, shift, sl, center, acc, corr)
         k.baddbmm_(xc, xc.transpose(1, 2))
     return k, mean
 
 
-def _gram_single(x: Tensor, mean: Tensor, center: bool, acc: torch.dtype) -> Tensor:
+def _gram_single(x: Tensor, shift: Tensor, corr: Tensor, center: bool, acc: torch.dtype) -> Tensor:
     """(n, d) -> Xc Xcᵀ (n, n), computing only the upper block rows when n is large."""
     n, d = x.shape
     k = x.new_zeros((n, n), dtype=acc)
     half = n // 2 if n >= _TRIANGULAR_MIN_ROWS else 0
     for sl in _chunks(1, n, d):
-        xc = _centered_chunk(x, mean, sl, center, acc)
+        xc = _centered_chunk(x, shift, sl, center, acc, corr)
         if half:
             k[:half].addmm_(xc[:half], xc.T)
             k[half:, half:].addmm_(xc[half:], xc[half:].T)
