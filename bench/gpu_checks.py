@@ -111,20 +111,6 @@ def expect_dispatch(backend: str, *primitives: str) -> Iterator[dict]:
         )
 
 
-@contextlib.contextmanager
-def environ(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _gen(seed: int):
     import torch
 
@@ -190,11 +176,12 @@ def _fwd_bwd(fn: Callable, inputs: Sequence, need: Sequence[bool], seed: int = 9
 def sanitizer_cases(env: Env, runner: Runner) -> None:
     """Tiny cases: every CUDA / Triton kernel launched once forward and backward, synchronized after each."""
     import ckakd
+    from ckakd.selftest import environment
 
     def sinkhorn_case(b: int, c: int, general: bool) -> Callable[[], str]:
         def run() -> str:
             p, q, cost = _histograms(env, b, c, seed=c)
-            with environ(CKAKD_SINKHORN_CUDA_GENERAL="1" if general else "0"):
+            with environment({"CKAKD_SINKHORN_CUDA_GENERAL": "1" if general else "0"}):
                 with expect_dispatch(env.ext, "sinkhorn_fixed_forward", "sinkhorn_fixed_backward"):
                     out, grads = _fwd_bwd(
                         lambda a, t: ckakd.sinkhorn(a, t, cost, eps=0.1, iters=5, backend=env.ext), [p, q], [True, True]

@@ -708,7 +708,8 @@ def build_checks(device: str, status: dict, *, on_cuda_rules: bool) -> list[Chec
 
 
 @contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, restoring the previous values (or absence) afterwards."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -767,7 +768,7 @@ def run_check(check: Check) -> dict:
     ran: dict = {}
     _REFERENCE_SCOPE.append(f"{check.op}|{check.case}")
     try:
-        with _environ(check.env), track_dispatch() as counter:
+        with environment(check.env), track_dispatch() as counter:
             comps = check.run()
             if check.device == "cuda":
                 torch.cuda.synchronize()

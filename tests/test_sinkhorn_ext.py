@@ -14,9 +14,9 @@ import textwrap
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ckakd import _ext
+from tests.aten_calls import AtenCallsInsideCkakd
 from tests.conftest import require_extension
 
 EXT = require_extension()  # fails this module on a CUDA machine without the CUDA extension, skips elsewhere
@@ -241,7 +241,7 @@ def test_backward_without_grad_q(iters, kind):
     torch.testing.assert_close(gp_only, gp, rtol=0, atol=0)
 
 
-class _CalledOps(TorchDispatchMode):
+class _CalledOps(AtenCallsInsideCkakd):
     """Records (op name, output shape) of the ATen calls made inside ckakd's ops (a ``ckakd::`` op is redispatched
     to its CPU kernel with this mode active again; plain dispatch would show only the op itself)."""
 
@@ -249,12 +249,7 @@ class _CalledOps(TorchDispatchMode):
         super().__init__()
         self.calls: list[tuple[str, tuple[int, ...] | None]] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "ckakd":
-            with self:
-                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
-        out = func(*args, **kwargs)
+    def observe(self, func, out):
         self.calls.append((func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
         return out
 
