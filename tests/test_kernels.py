@@ -97,13 +97,17 @@ def test_gram_forward_non_contiguous(triton_device):
         _assert_close(mean, mean_ref, torch.float32)
 
 
-def test_gram_forward_float64_input_computes_in_fp32(triton_device):
+def test_float64_input_computes_in_fp32(triton_device):
     x = _randn((2, 33, 130), triton_device, torch.float64)
     k, mean = kernels.gram_forward(x, True)
     assert k.dtype == mean.dtype == torch.float32
     k_ref, mean_ref = _ref_gram(x, True)
     _assert_close(k, k_ref, torch.float32)
     _assert_close(mean, mean_ref, torch.float32)
+    m = _randn((2, 33, 33), triton_device, torch.float64)
+    out = kernels.gram_backward(m, x, mean, True)
+    assert out.dtype == torch.float64 and out.shape == x.shape
+    _assert_close(out, m @ (x - mean.double()[:, None]), torch.float32)
 
 
 def test_gram_forward_bad_input(triton_device):
@@ -507,19 +511,24 @@ def test_split_offsets_past_int32_gpu(triton_device, monkeypatch):
 
 @pytest.mark.gpu
 def test_feature_offsets_past_int32_gpu(triton_device, monkeypatch):
-    """One sample of d = 2³¹ + 64 features: the split-K d-ranges, the means the single-tile Gram writes
+    """Two samples of d = 2³¹ + 64 features: the split-K d-ranges, the means the single-tile Gram writes
     and the backward's column blocks all address elements past 2³¹."""
     monkeypatch.setenv("CKAKD_AUTOTUNE", "0")
     d = 2**31 + 64
-    x = torch.randn((1, 1, d), device=triton_device)
+    x = torch.randn((1, 2, d), device=triton_device)
     k, _ = kernels.gram_forward(x, False)
-    ref = _sum_f64(x[0, 0], x[0, 0], rows=1 << 28)
-    assert abs(k.item() - ref) <= 1e-3 * ref
-    k, mean = kernels.gram_forward(x, True)  # one row: centered features are exactly zero, mean = x
-    assert k.item() == 0.0 and torch.equal(mean, x[:, 0])
-    del mean
-    out = kernels.gram_backward(torch.full((1, 1, 1), 2.0, device=triton_device), x, x[:, 0], False)
-    assert torch.equal(out, x * 2)
+    ref = [[_sum_f64(x[0, i], x[0, j], rows=1 << 28) for j in range(2)] for i in range(2)]
+    _assert_close(k[0], torch.tensor(ref, dtype=torch.float64), torch.float32)
+    k, mean = kernels.gram_forward(x, True)  # centered: [[a, -a], [-a, a]], a = Σ ((x0 - x1) / 2)²
+    half = (x[0, 0] - x[0, 1]) * 0.5
+    a = _sum_f64(half, half, rows=1 << 28)
+    _assert_close(k[0], torch.tensor([[a, -a], [-a, a]], dtype=torch.float64), torch.float32)
+    tail = slice(2**31 - 1024, None)  # the means written past 2³¹
+    torch.testing.assert_close(mean[0, tail], (x[0, 0, tail] + x[0, 1, tail]) * 0.5, atol=1e-6, rtol=1e-6)
+    del mean, half
+    m = torch.tensor([[[2.0, 0.0], [0.0, 3.0]]], device=triton_device)
+    out = kernels.gram_backward(m, x, x[:, 0], False)
+    assert torch.equal(out[0, 0], x[0, 0] * 2) and torch.equal(out[0, 1], x[0, 1] * 3)
 
 
 @pytest.mark.gpu

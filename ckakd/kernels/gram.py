@@ -40,11 +40,16 @@ with the batch or the matrix sizes sits on axis 0 (the batch index is folded int
    tiles of the rows of ``tm`` and ``tn``, centers them, and accumulates ``a cᵀ`` with ``tl.dot`` in
    fp32. ``SINGLE_TILE`` (``n <= BLOCK_N <= 64``): one tile holds every row, so each program computes
    the column means of its own columns in registers and writes them: ``x`` is read exactly once.
+   Padding: columns past ``d`` load as exact zeros (so do their shift and correction); padded rows are
+   left as finite garbage after centering, because they only reach Gram entries that are masked at the
+   store (a ``where`` per element would cost registers for nothing). A centered Gram of ``n = 1`` is
+   zero and its mean is the sample: that case launches nothing.
 3. ``_sum_splits_kernel`` — grid ``(cdiv(b n², BLOCK),)``, the deterministic second stage when
    ``S > 1``: the ``S`` partial Grams (``(S, b, n, n)`` fp32) are summed elementwise in a fixed order.
 4. ``_gram_backward_kernel`` — grid ``(b · cdiv(n, BLOCK_M) · cdiv(d, BLOCK_D),)``: ``out = m @ Xc``,
-   a plain tiled matmul whose right operand is centered in registers (``x - mean``). With
-   ``n <= BLOCK_M`` there is one row block, so ``x`` is read exactly once.
+   a plain tiled matmul whose right operand is centered in registers (``x - mean``; padded rows meet
+   the zero-padded columns of ``m``). With ``n <= BLOCK_M`` there is one row block, so ``x`` is read
+   exactly once.
 
 Index arithmetic: every element offset is formed in 64 bits (a scalar 64-bit base per program plus
 32-bit in-tile indices times 64-bit strides), so tensors of more than 2³¹ elements and split buffers of
@@ -61,9 +66,9 @@ Precision: products use ``tl.dot(..., input_precision=precision)`` with fp32 acc
 ``"ieee"`` (default) is exact fp32 FMA; ``"tf32x3"`` splits each fp32 operand into two TF32 parts and
 runs three tensor-core products (close to fp32 accuracy); ``"tf32"`` rounds operands to a 10-bit
 significand (relative error ~1e-3: too coarse for CKA of similar representations).
-``bench/bench_precision.py`` measures speed and error of each. fp16/bf16/fp64 inputs are loaded and
-converted to fp32 in registers (float64 inputs are therefore computed in fp32: callers send
-fp16/bf16/fp32).
+``bench/bench_precision.py`` measures speed and error of each. fp16/bf16 inputs are loaded and
+converted to fp32 in registers; the launchers convert float64 inputs to fp32 first (so they are computed in
+fp32: callers send fp16/bf16/fp32).
 """
 
 from __future__ import annotations
@@ -93,32 +98,39 @@ DOT_PRECISION = "ieee"  # the default
 # ---------------------------------------------------------------------------------------------------
 # launch candidates (first = default; the only one used under the interpreter or CKAKD_AUTOTUNE=0)
 # ---------------------------------------------------------------------------------------------------
-# Every entry compiles for sm_90 with triton 3.6 without register spills for each precision, fp32 and
-# bf16 inputs, centered or not (checked offline with ptxas -v / cuobjdump --dump-resource-usage).
+# Every entry compiles for sm_90 with triton 3.6 without register spills at every dot precision, for fp32,
+# bf16 and fp16 inputs, centered or not, contiguous (aligned and odd sizes) or transposed: checked offline
+# with ptxas -v (bench/compile_report.py does the same for every launch the ops make). ptxas trades a
+# few bytes of spills for occupancy when a kernel needs a little more than 64, 80 or 128 registers, so
+# the set is empirical: the entries below are the ones that passed, e.g. the earlier tiled default
+# BLOCK_N=64, BLOCK_K=32, 8 warps spilled 8-32 bytes for 2-byte and for uncentered inputs; with
+# num_stages=1 (no cp.async pipelining of the loads) and BLOCK_K=16 it stays at <= 128 registers.
 
 # _gram_kernel, keyed on next_power_of_2(n) clamped to [16, 128]: 16/32/64 are the single-tile buckets
 # (n <= BLOCK_N), 128 stands for every n > 64 (tiled; only entries with BLOCK_N < n are used).
 GRAM_CONFIGS: dict[int, list[dict[str, int]]] = {
     16: [
         {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4},
-        {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4},
+        {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4},
         {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 2},
+        {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 2},
     ],
     32: [
         {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4},
-        {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4},
-        {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 8},
+        {"BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4},
+        {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8},
     ],
     64: [
         {"BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8},
+        {"BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4},
         {"BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 4},
         {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8},
     ],
     128: [
-        {"BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8},
+        {"BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 1},
         {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4},
-        {"BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 4},
-        {"BLOCK_N": 128, "BLOCK_K": 16, "num_warps": 8},
+        {"BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 8},
+        {"BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
     ],
 }
 # _gram_backward_kernel, keyed like GRAM_CONFIGS (128: n > 64); BLOCK_D is capped at the padded d.
@@ -126,22 +138,25 @@ GRAM_BWD_CONFIGS: dict[int, list[dict[str, int]]] = {
     16: [
         {"BLOCK_M": 16, "BLOCK_D": 64, "BLOCK_K": 16, "num_warps": 4},
         {"BLOCK_M": 16, "BLOCK_D": 128, "BLOCK_K": 16, "num_warps": 4},
-        {"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 2},
+        {"BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 4},
+        {"BLOCK_M": 16, "BLOCK_D": 128, "BLOCK_K": 16, "num_warps": 8},
     ],
     32: [
         {"BLOCK_M": 32, "BLOCK_D": 64, "BLOCK_K": 16, "num_warps": 4},
-        {"BLOCK_M": 32, "BLOCK_D": 128, "BLOCK_K": 16, "num_warps": 4},
+        {"BLOCK_M": 32, "BLOCK_D": 128, "BLOCK_K": 16, "num_warps": 8},
         {"BLOCK_M": 32, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 4},
+        {"BLOCK_M": 32, "BLOCK_D": 64, "BLOCK_K": 16, "num_warps": 8},
     ],
     64: [
         {"BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_K": 16, "num_warps": 8},
-        {"BLOCK_M": 64, "BLOCK_D": 128, "BLOCK_K": 16, "num_warps": 8},
+        {"BLOCK_M": 64, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 8},
         {"BLOCK_M": 64, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 4},
+        {"BLOCK_M": 64, "BLOCK_D": 128, "BLOCK_K": 16, "num_warps": 8},
     ],
     128: [
         {"BLOCK_M": 128, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 8},
         {"BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_K": 16, "num_warps": 8},
-        {"BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_K": 16, "num_warps": 8},
+        {"BLOCK_M": 64, "BLOCK_D": 32, "BLOCK_K": 16, "num_warps": 8},
         {"BLOCK_M": 64, "BLOCK_D": 128, "BLOCK_K": 16, "num_warps": 8},
     ],
 }
@@ -282,13 +297,17 @@ def _load_centered_rows(
     stride_xd,
     CENTER: tl.constexpr,
 ):
-    """(len(rows), len(ks)) fp32 tile of x, centered with ``(x - shift) - corr``; zero where masked."""
+    """(len(rows), len(ks)) fp32 tile of x, centered with ``(x - shift) - corr``.
+
+    Padded columns (``ks`` past the range) are exactly zero: ``x``, ``shift`` and ``corr`` all load as 0
+    there. Padded rows hold finite garbage when centering; they only reach Gram entries that are never
+    stored, so no ``where`` (and its registers) is spent on them.
+    """
     mask = rmask[:, None] & kmask[None, :]
     ptrs = base + rows.to(tl.int64)[:, None] * stride_xn + ks.to(tl.int64)[None, :] * stride_xd
     xv = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if CENTER:
-        # the where() keeps padded rows/columns at exactly zero after the subtraction
-        xv = tl.where(mask, (xv - shift[None, :]) - corr[None, :], 0.0)
+        xv = (xv - shift[None, :]) - corr[None, :]
     return xv
 
 
@@ -343,12 +362,11 @@ def _gram_kernel(
             zero = tl.zeros((BLOCK_K,), dtype=tl.float32)
             a = _load_centered_rows(base, rm, rm_mask, ks, kmask, zero, zero, stride_xn, stride_xd, False)
             if CENTER:
-                mask = rm_mask[:, None] & kmask[None, :]
                 # row 0 again (an L1 hit) rather than a cross-thread reduction of the tile
                 shift = tl.load(base + ks.to(tl.int64) * stride_xd, mask=kmask, other=0.0).to(tl.float32)
-                dv = tl.where(mask, a - shift[None, :], 0.0)
+                dv = tl.where(rm_mask[:, None], a - shift[None, :], 0.0)  # padded rows out of the sum
                 corr = tl.sum(dv, axis=0) / n
-                a = tl.where(mask, dv - corr[None, :], 0.0)
+                a = dv - corr[None, :]  # padded rows: -corr, only in Gram entries never stored
                 tl.store(mean_ptr + vec + ks, shift + corr, mask=kmask)
             c = a
         else:
@@ -441,7 +459,9 @@ def _gram_backward_kernel(
         xmask = kmask[:, None] & cmask[None, :]
         xt = tl.load(x_base + ks.to(tl.int64)[:, None] * stride_xn, mask=xmask, other=0.0).to(tl.float32)
         if CENTER:
-            xt = tl.where(xmask, xt - mu[None, :], 0.0)
+            # padded rows (ks >= n) become -mu but meet the zero columns of mt; padded columns are never
+            # stored: no where() needed
+            xt = xt - mu[None, :]
         acc += tl.dot(mt, xt, input_precision=PRECISION)
 
     out = out_ptr + pid_b.to(tl.int64) * n * d + rows.to(tl.int64)[:, None] * d + (col0 + cols64[None, :])
@@ -533,7 +553,7 @@ def gram_forward(
     """Centered (or plain) Gram matrices of a batch.
 
     Args:
-        x: ``(b, n, d)``, any strides, fp32/fp16/bf16 (fp64 is computed in fp32).
+        x: ``(b, n, d)``, any strides, fp32/fp16/bf16 (fp64 is converted to fp32 first).
         center: subtract the column means over the ``n`` rows before the product.
         split_k: force the number of d-ranges of the split-K reduction (testing / tuning); default
             from a heuristic (1 off-GPU). Clamped to the number of ``BLOCK_K`` chunks and to 65,535.
@@ -547,11 +567,17 @@ def gram_forward(
     """
     _check_x(x)
     _check_precision(precision)
+    if x.dtype == torch.float64:
+        x = x.float()  # computed in fp32 anyway; the kernels are compiled for 2- and 4-byte inputs only
     b, n, d = x.shape
     dev = x.device
     k = torch.empty((b, n, n), device=dev, dtype=torch.float32)
     if b == 0 or n == 0 or d == 0:
         return k.zero_(), torch.zeros((b, d), device=dev, dtype=torch.float32)
+    if center and n == 1:
+        # one sample: the centered features are exactly zero and the mean is the sample (no launch; the
+        # all-ones specialization of that degenerate shape is also the one Gram variant ptxas spilled in)
+        return k.zero_(), torch.empty((b, d), device=dev, dtype=torch.float32).copy_(x[:, 0])
     bucket = _bucket(n)
     single_tile = bucket <= 64
     if center and single_tile:
@@ -600,8 +626,8 @@ def gram_backward(
     """``m @ (x - mean)`` (``m @ x`` when not ``center``) without forming ``x - mean`` in memory.
 
     Args:
-        m: ``(b, n, n)`` (any matrix, any strides; read as fp32).
-        x: ``(b, n, d)``, any strides.
+        m: ``(b, n, n)`` (any matrix, any strides; converted to fp32 if it is not).
+        x: ``(b, n, d)``, any strides, fp32/fp16/bf16 (fp64 is computed in fp32 and returned as fp64).
         mean: ``(b, d)`` fp32 column means (ignored when ``center`` is False).
         center: subtract ``mean`` from every row of ``x`` in registers.
         precision: ``tl.dot`` input precision, ``"ieee"`` | ``"tf32x3"`` | ``"tf32"`` (module docstring).
@@ -619,6 +645,10 @@ def gram_backward(
         raise ValueError(f"m must be (b, n, n) = {(b, n, n)}, got {tuple(m.shape)}")
     if center and mean.shape != (b, d):
         raise ValueError(f"mean must be (b, d) = {(b, d)}, got {tuple(mean.shape)}")
+    if x.dtype == torch.float64:  # computed in fp32 (as the forward); the kernels take 2- and 4-byte x
+        return gram_backward(m, x.float(), mean, center, precision=precision).double()
+    m = m.float()  # no-op for the fp32 coefficient matrices of the ops
+    mean = mean.float()
     dev = x.device
     out = torch.empty((b, n, d), device=dev, dtype=x.dtype)
     if out.numel() == 0:
