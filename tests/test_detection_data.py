@@ -220,7 +220,8 @@ def test_coco_truncated_image_is_skipped_at_load_time(tmp_path):
     (root / "t.png").write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
     ann = tmp_path / "ann.json"
     images = [{"id": 1, "file_name": "t.png"}, {"id": 2, "file_name": "ok.png"}]
-    ann.write_text(json.dumps({"images": images, "annotations": [], "categories": [{"id": 1}]}))
+    boxes = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]}]  # on t.png only
+    ann.write_text(json.dumps({"images": images, "annotations": boxes, "categories": [{"id": 1}]}))
     ds = CocoDetection(root, ann)
     assert len(ds) == 2
     with pytest.warns(UserWarning, match="could not decode"):
@@ -239,10 +240,13 @@ def test_coco_missing_and_malformed_inputs(tmp_path):
     bad.write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(ValueError, match="'categories'"):
         CocoDetection(root, bad)
-    bad.write_text(json.dumps({"images": [{"id": 1}], "annotations": [], "categories": []}))
+    one_box = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]
+    bad.write_text(json.dumps({"images": [{"id": 1}], "annotations": one_box, "categories": [{"id": 1}]}))
     with pytest.raises(ValueError, match="'file_name'"):
         CocoDetection(root, bad)
-    bad.write_text(json.dumps({"images": [], "annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1]}], "categories": []}))
+    images = [{"id": 1, "file_name": "a.png"}]
+    no_cat = [{"image_id": 1, "bbox": [0, 0, 1, 1]}]
+    bad.write_text(json.dumps({"images": images, "annotations": no_cat, "categories": [{"id": 1}]}))
     with pytest.raises(ValueError, match="'category_id'"):
         CocoDetection(root, bad)
     bad.write_text("{not json")

@@ -326,6 +326,84 @@ def _require(entry: Any, key: str, where: str) -> Any:
     return entry[key]
 
 
+_EMPTY = {
+    "images": "the file lists no images",
+    "categories": "the file defines no categories (class labels come from them)",
+    "annotations": "the file has no boxes to train on or to score against",
+}
+
+
+def _int_field(entry: Any, key: str, where: str, *, positive: bool = False) -> int:
+    """``entry[key]`` as an int; ``ValueError`` naming ``where`` and the key for a string, float, bool, null."""
+    value = _require(entry, key, where)
+    if isinstance(value, bool) or not isinstance(value, int):
+        hint = " (COCO ids and sizes are JSON numbers, not strings)" if isinstance(value, str) else ""
+        raise ValueError(f"{where}: {key!r} must be an integer, got {value!r} ({type(value).__name__}){hint}")
+    if positive and value <= 0:
+        raise ValueError(f"{where}: {key!r} must be positive, got {value}")
+    return int(value)
+
+
+def _refuse_duplicates(ids: Sequence[int], what: str, src: str) -> None:
+    """``ValueError`` listing the ids that occur more than once (a COCO id names exactly one entry)."""
+    seen: set[int] = set()
+    dup = sorted({i for i in ids if i in seen or seen.add(i)})
+    if dup:
+        shown = ", ".join(map(str, dup[:20])) + (f" and {len(dup) - 20} more" if len(dup) > 20 else "")
+        raise ValueError(f"{src}: duplicate {what} ids (each must name exactly one {what}): {shown}")
+
+
+def _id_list(ids: Sequence[str], limit: int = 8) -> str:
+    """`` (ids 3, 7, ...)`` for a warning, or ``""``."""
+    if not ids:
+        return ""
+    return " (ids " + ", ".join(ids[:limit]) + (", ..." if len(ids) > limit else "") + ")"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class _Annotation:
+    """One COCO annotation after the type checks (``bbox`` still the JSON's [x, y, w, h])."""
+
+    index: int
+    ann_id: int | None
+    image_id: int
+    category_id: int
+    bbox: tuple[float, float, float, float]
+    area: float | None
+    iscrowd: bool
+
+
+def _parse_annotation(ann: Any, where: str, index: int) -> _Annotation:
+    """Type-check one annotation; ``ValueError`` naming the file, its index and its id otherwise.
+
+    Structural errors (a string id, a bbox that is not 4 numbers, an ``iscrowd`` that is not 0/1, a non-numeric
+    ``area``) are refused; bad values (a zero or negative side, NaN, a negative area) are left to the cleaning."""
+    if not isinstance(ann, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(ann).__name__}")
+    ann_id = _int_field(ann, "id", where) if "id" in ann else None
+    if ann_id is not None:
+        where = f"{where} (annotation id {ann_id})"
+    image_id = _int_field(ann, "image_id", where)
+    category_id = _int_field(ann, "category_id", where)
+    bbox = _require(ann, "bbox", where)
+    if not isinstance(bbox, list | tuple) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        raise ValueError(f"{where}: 'bbox' must be 4 numbers [x, y, width, height], got {bbox!r}")
+    iscrowd = ann.get("iscrowd", 0)
+    if isinstance(iscrowd, str) or iscrowd not in (0, 1):
+        raise ValueError(f"{where}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
+    area = ann.get("area")
+    if area is not None and not _is_number(area):
+        raise ValueError(f"{where}: 'area' must be a number, got {area!r} ({type(area).__name__})")
+    x, y, w, h = (float(v) for v in bbox)
+    return _Annotation(
+        index, ann_id, image_id, category_id, (x, y, w, h), None if area is None else float(area), bool(iscrowd)
+    )
+
+
 def _load_rgb(path: Path) -> Tensor:
     from PIL import Image
 
@@ -339,22 +417,32 @@ class CocoDetection(Dataset):
 
     Category ids are mapped to contiguous labels in sorted id order (``cat_id_to_label``,
     ``label_to_cat_id``); ``bbox`` [x, y, w, h] becomes xyxy. Crowd annotations (``iscrowd=1``) are not
-    used as training boxes. Bad input is repaired or skipped, never fatal:
+    used as training boxes (they stay in :meth:`to_coco` as COCOeval's ignore regions).
+
+    The JSON is checked once, at construction (before any training), and a malformed file is refused with a
+    ``ValueError`` naming the file and the entry (its index and, for annotations, its id): a missing or empty
+    ``images`` / ``annotations`` / ``categories``; an id, ``image_id``, ``category_id``, ``height`` or
+    ``width`` that is not a JSON integer (a string ``"12"`` included); duplicate image, category or annotation
+    ids (listed); a ``bbox`` that is not 4 numbers; an ``iscrowd`` other than 0 / 1; a non-numeric ``area``;
+    no usable image, or no box left after the cleaning below. Bad values in well-formed entries are repaired
+    or skipped, never fatal:
 
     * ``clipped_box``: a box reaching outside its image is clipped to it (and kept);
     * ``outside_box``: a box with nothing left inside the image is dropped;
-    * ``degenerate_box``: a zero/negative width or height, or a non-finite / malformed bbox, is dropped;
+    * ``degenerate_box``: a zero/negative width or height, or a non-finite value, is dropped;
     * ``unknown_category`` / ``unknown_image``: an annotation naming a category / image id not in the JSON;
     * ``missing_image`` / ``undecodable_image``: an image whose file is absent / cannot be read by PIL is
       skipped (checked at construction from the file header when ``check_images=True``; a file that only
       fails when fully decoded is skipped at load time, returning the next good image instead);
-    * ``crowd``: crowd annotations left out.
+    * ``crowd``: crowd annotations left out of the training targets;
+    * ``bad_area``: a zero, negative or non-finite ``area`` is replaced by the (cleaned) box area.
 
-    The counts are in ``dataset.skipped`` and reported in one ``UserWarning`` per dataset (load-time decode
-    failures in one more, the first time one happens; counts from DataLoader worker processes stay in the
-    workers). ``check_images=False`` takes sizes from the JSON ``height``/``width`` instead of the files.
-    Missing ``images_dir`` or ``annotation_file``: ``FileNotFoundError``; invalid JSON or a missing
-    required key: ``ValueError`` naming it. ``transform(image, target)`` is applied per item.
+    The counts are in ``dataset.skipped`` and reported in one ``UserWarning`` per dataset with the ids of
+    the annotations concerned (load-time decode failures in one more, the first time one happens; counts
+    from DataLoader worker processes stay in the workers). :meth:`to_coco` is the cleaned ground truth,
+    which :class:`~ckakd.detection.task.DetectionTask` scores against. ``check_images=False`` takes sizes
+    from the JSON ``height``/``width`` instead of the files. Missing ``images_dir`` or ``annotation_file``:
+    ``FileNotFoundError``. ``transform(image, target)`` is applied per item.
     """
 
     SKIP_KINDS = (
@@ -366,6 +454,7 @@ class CocoDetection(Dataset):
         "missing_image",
         "undecodable_image",
         "crowd",
+        "bad_area",
     )
 
     def __init__(
@@ -395,63 +484,125 @@ class CocoDetection(Dataset):
         for key, value in (("images", images), ("annotations", annotations), ("categories", categories)):
             if not isinstance(value, list):
                 raise ValueError(f"{src}: {key!r} must be a list, got {type(value).__name__}")
+            if not value:
+                raise ValueError(f"{src}: {key!r} is empty: {_EMPTY[key]}")
 
-        cat_ids = [int(_require(c, "id", f"{src}: categories[{i}]")) for i, c in enumerate(categories)]
-        if len(set(cat_ids)) != len(cat_ids):
-            raise ValueError(f"{src}: duplicate category ids in 'categories'")
+        cat_ids = [_int_field(c, "id", f"{src}: categories[{i}]") for i, c in enumerate(categories)]
+        _refuse_duplicates(cat_ids, "category", src)
         self.categories: list[dict[str, Any]] = sorted(categories, key=lambda c: int(c["id"]))
         self.cat_id_to_label: dict[int, int] = {c: i for i, c in enumerate(sorted(cat_ids))}
         self.label_to_cat_id: dict[int, int] = {i: c for c, i in self.cat_id_to_label.items()}
         self.num_classes = len(cat_ids)
         self.transform = transform
         self.skipped: dict[str, int] = dict.fromkeys(self.SKIP_KINDS, 0)
+        self._skipped_ids: dict[str, list[str]] = {k: [] for k in self.SKIP_KINDS}
+
+        image_ids = [_int_field(img, "id", f"{src}: images[{i}]") for i, img in enumerate(images)]
+        _refuse_duplicates(image_ids, "image", src)
+        # every annotation checked before any image is probed: a broken file fails at once, naming the entry
+        parsed = [_parse_annotation(ann, f"{src}: annotations[{i}]", i) for i, ann in enumerate(annotations)]
+        _refuse_duplicates([a.ann_id for a in parsed if a.ann_id is not None], "annotation", src)
 
         # images: id -> (file name, (H, W)), keeping only readable ones
         self.image_ids: list[int] = []
         self._files: dict[int, str] = {}
         self._sizes: dict[int, tuple[int, int]] = {}
-        known_images: set[int] = set()
-        for i, img in enumerate(images):
+        known_images = set(image_ids)
+        for i, (img, image_id) in enumerate(zip(images, image_ids, strict=True)):
             where = f"{src}: images[{i}]"
-            image_id = int(_require(img, "id", where))
-            file_name = str(_require(img, "file_name", where))
-            known_images.add(image_id)
+            file_name = _require(img, "file_name", where)
+            if not isinstance(file_name, str) or not file_name:
+                raise ValueError(f"{where}: 'file_name' must be a non-empty string, got {file_name!r}")
             if check_images:
                 size = self._probe(self.images_dir / file_name)
                 if size is None:
                     continue
             else:
-                size = (int(_require(img, "height", where)), int(_require(img, "width", where)))
+                size = (_int_field(img, "height", where, positive=True), _int_field(img, "width", where, positive=True))
             self.image_ids.append(image_id)
             self._files[image_id] = file_name
             self._sizes[image_id] = size
+        if not self.image_ids:
+            raise ValueError(
+                f"{src}: none of the {len(images)} images listed in {self.annotation_file} was found and decodable "
+                f"in {self.images_dir} (missing_image={self.skipped['missing_image']}, "
+                f"undecodable_image={self.skipped['undecodable_image']})"
+            )
 
+        # the ground truth exactly as trained on and scored against (see to_coco): cleaned boxes in xyxy
         per_image: dict[int, tuple[list[list[float]], list[int]]] = {i: ([], []) for i in self.image_ids}
-        for i, ann in enumerate(annotations):
-            where = f"{src}: annotations[{i}]"
-            image_id = int(_require(ann, "image_id", where))
-            cat_id = int(_require(ann, "category_id", where))
-            bbox = _require(ann, "bbox", where)
-            if image_id not in known_images:
-                self.skipped["unknown_image"] += 1
+        self._gt_annotations: list[dict[str, Any]] = []
+        for ann in parsed:
+            if ann.image_id not in known_images:
+                self._skip("unknown_image", ann)
                 continue
-            if image_id not in per_image:  # its image was skipped: already counted there
+            if ann.image_id not in per_image:  # its image was skipped: already counted there
                 continue
-            if cat_id not in self.cat_id_to_label:
-                self.skipped["unknown_category"] += 1
+            if ann.category_id not in self.cat_id_to_label:
+                self._skip("unknown_category", ann)
                 continue
-            if int(ann.get("iscrowd", 0)):
-                self.skipped["crowd"] += 1
-                continue
-            box = self._clean_box(bbox, self._sizes[image_id])
+            box = self._clean_box(ann, self._sizes[ann.image_id])
             if box is None:
                 continue
-            per_image[image_id][0].append(box)
-            per_image[image_id][1].append(self.cat_id_to_label[cat_id])
+            area = ann.area
+            if area is not None and not (math.isfinite(area) and area > 0):
+                self._skip("bad_area", ann)
+                area = None
+            if area is None:
+                area = (box[2] - box[0]) * (box[3] - box[1])
+            self._gt_annotations.append(
+                {
+                    "id": ann.ann_id,
+                    "image_id": ann.image_id,
+                    "category_id": ann.category_id,
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "area": float(area),
+                    "iscrowd": int(ann.iscrowd),
+                }
+            )
+            if ann.iscrowd:  # an ignore region when scored, never a training box
+                self.skipped["crowd"] += 1
+                continue
+            per_image[ann.image_id][0].append(box)
+            per_image[ann.image_id][1].append(self.cat_id_to_label[ann.category_id])
         self._boxes = {k: torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for k, (b, _) in per_image.items()}
         self._labels = {k: torch.tensor(lab, dtype=torch.long) for k, (_, lab) in per_image.items()}
         self._warned_load = False
+        if not any(len(v) for v in self._labels.values()):
+            counts = ", ".join(f"{k}={v}" for k, v in self.skipped.items() if v)
+            raise ValueError(
+                f"{src}: no box is left on the {len(self.image_ids)} usable images after cleaning ({counts}): "
+                "there is nothing to train on and COCO AP is undefined"
+            )
         self._warn(f"{src}: ")
+
+    def _skip(self, kind: str, ann: _Annotation) -> None:
+        self.skipped[kind] += 1
+        self._skipped_ids[kind].append(str(ann.ann_id) if ann.ann_id is not None else f"annotations[{ann.index}]")
+
+    def to_coco(self) -> dict[str, Any]:
+        """The COCO ground truth this dataset trains and validates on (what :class:`CocoEvaluator` should score).
+
+        ``images``: the usable images (``height`` / ``width`` as loaded); ``annotations``: every kept box, as the
+        loader cleaned it (clipped to its image; dropped entries are absent), ``bbox`` [x, y, w, h] in the stored
+        image's pixels, ``area`` from the JSON when it is a positive number (COCO's mask area, which sets the
+        small / medium / large ranges) else the cleaned box's area, the JSON ``id`` (numbered after the largest
+        one when missing). Crowd regions are kept with ``iscrowd=1``: COCOeval ignores detections on them,
+        as on the official ground truth; they are never training boxes.
+        """
+        used = {a["id"] for a in self._gt_annotations if a["id"] is not None}
+        next_id = max(used, default=0) + 1
+        annotations = []
+        for a in self._gt_annotations:
+            a = dict(a)
+            if a["id"] is None:
+                a["id"], next_id = next_id, next_id + 1
+            annotations.append(a)
+        images = [
+            {"id": i, "file_name": self._files[i], "height": self._sizes[i][0], "width": self._sizes[i][1]}
+            for i in self.image_ids
+        ]
+        return {"images": images, "annotations": annotations, "categories": copy.deepcopy(self.categories)}
 
     def _probe(self, path: Path) -> tuple[int, int] | None:
         """(H, W) from the file header, or None (counted) when the file is missing or not an image."""
@@ -468,30 +619,26 @@ class CocoDetection(Dataset):
             return None
         return int(h), int(w)
 
-    def _clean_box(self, bbox: Any, size: tuple[int, int]) -> list[float] | None:
-        """xywh -> clipped xyxy, or None (counted) when the box is malformed, degenerate or fully outside."""
-        try:
-            x, y, w, h = (float(v) for v in bbox)
-        except (TypeError, ValueError):
-            self.skipped["degenerate_box"] += 1
-            return None
+    def _clean_box(self, ann: _Annotation, size: tuple[int, int]) -> list[float] | None:
+        """xywh -> clipped xyxy, or None (counted) when the box is degenerate or fully outside its (H, W) image."""
+        x, y, w, h = ann.bbox
         if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-            self.skipped["degenerate_box"] += 1
+            self._skip("degenerate_box", ann)
             return None
         H, W = size
         x0, y0, x1, y1 = x, y, x + w, y + h
         cx0, cy0, cx1, cy1 = min(max(x0, 0.0), W), min(max(y0, 0.0), H), min(max(x1, 0.0), W), min(max(y1, 0.0), H)
         if cx1 <= cx0 or cy1 <= cy0:
-            self.skipped["outside_box"] += 1
+            self._skip("outside_box", ann)
             return None
         if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
-            self.skipped["clipped_box"] += 1
+            self._skip("clipped_box", ann)
         return [cx0, cy0, cx1, cy1]
 
     def _warn(self, prefix: str) -> None:
         counts = {k: v for k, v in self.skipped.items() if v}
         if counts:
-            detail = ", ".join(f"{k}={v}" for k, v in counts.items())
+            detail = ", ".join(f"{k}={v}{_id_list(self._skipped_ids.get(k, []))}" for k, v in counts.items())
             warnings.warn(f"{prefix}CocoDetection repaired or skipped bad input: {detail}", stacklevel=3)
 
     def __len__(self) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CocoEvaluator", "METRIC_NAMES", "rescale_boxes"]
+__all__ = ["CocoEvaluator", "METRIC_NAMES", "load_ground_truth", "rescale_boxes"]
 
 # The first six entries of COCOeval.stats, in order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -59,13 +59,62 @@ def _as_numpy(x: Any, name: str, ndim: int) -> np.ndarray:
     return arr
 
 
+def load_ground_truth(coco_gt: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    """A COCO ground truth (a dict or a JSON path) checked and completed for ``COCOeval``; a deep copy.
+
+    Refused with a ``ValueError`` naming the file (or "COCO ground truth") and the entry: a missing or empty
+    ``images`` / ``annotations`` / ``categories``, ids that are not JSON integers, duplicate image or category
+    ids (listed), a ``bbox`` that is not 4 numbers (with the annotation id), an ``iscrowd`` other than 0 / 1.
+    Completed: ``area`` = box area when missing, zero, negative or not finite; ``iscrowd`` = 0 when missing;
+    annotation ids renumbered from 1 when any is missing, not positive or repeated (COCOeval treats id 0 as
+    "unmatched"). The checks are those of :class:`~ckakd.detection.data.CocoDetection`."""
+    from ckakd.detection.data import _int_field, _parse_annotation, _refuse_duplicates
+
+    src = "COCO ground truth"
+    if isinstance(coco_gt, str | Path):
+        path = Path(coco_gt)
+        if not path.is_file():
+            raise FileNotFoundError(f"COCO ground-truth file not found: {path}")
+        src = str(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                coco_gt = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{src}: not valid JSON ({exc})") from exc
+    if not isinstance(coco_gt, Mapping):
+        raise TypeError(f"coco_gt must be a COCO dict or a path, got {type(coco_gt).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in coco_gt:
+            raise ValueError(f"{src}: missing required key {key!r}")
+        if not isinstance(coco_gt[key], list):
+            raise ValueError(f"{src}: {key!r} must be a list, got {type(coco_gt[key]).__name__}")
+        if not coco_gt[key]:
+            raise ValueError(f"{src}: {key!r} is empty: COCOeval needs {key}")
+    gt = copy.deepcopy(dict(coco_gt))
+    _refuse_duplicates(
+        [_int_field(c, "id", f"{src}: categories[{i}]") for i, c in enumerate(gt["categories"])], "category", src
+    )
+    _refuse_duplicates([_int_field(m, "id", f"{src}: images[{i}]") for i, m in enumerate(gt["images"])], "image", src)
+    anns = gt["annotations"]
+    parsed = [_parse_annotation(a, f"{src}: annotations[{i}]", i) for i, a in enumerate(anns)]
+    ids = [p.ann_id for p in parsed]
+    renumber = any(i is None or i <= 0 for i in ids) or len(set(ids)) != len(ids)
+    for i, (a, p) in enumerate(zip(anns, parsed, strict=True)):
+        if renumber:
+            a["id"] = i + 1
+        a["iscrowd"] = int(p.iscrowd)
+        if p.area is None or not (math.isfinite(p.area) and p.area > 0):
+            a["area"] = p.bbox[2] * p.bbox[3]
+    gt.setdefault("info", {})
+    return gt
+
+
 class CocoEvaluator:
     """Accumulate per-image predictions and score them against COCO ground truth with ``COCOeval`` (bbox).
 
     ``coco_gt``: a COCO ground-truth dict (``images``, ``annotations``, ``categories``; e.g.
-    :meth:`SyntheticDigitsDetection.to_coco`) or the path of such a JSON file. Annotations without
-    ``area`` get their box area, without ``iscrowd`` get 0; annotation ids are renumbered from 1 when
-    missing or not positive (COCOeval treats id 0 as "unmatched").
+    :meth:`SyntheticDigitsDetection.to_coco`, :meth:`CocoDetection.to_coco` — the cleaned ground truth a
+    model trains on) or the path of such a JSON file, checked and completed by :func:`load_ground_truth`.
 
     ``label_to_cat_id``: maps contiguous labels to category ids (a dict, or a sequence indexed by label);
     default: label ``i`` is the ``i``-th smallest category id (the mapping :class:`CocoDetection` uses).
@@ -73,7 +122,10 @@ class CocoEvaluator:
     Only images passed to :meth:`update` are evaluated. :meth:`compute` returns ``{"AP", "AP50", "AP75",
     "APs", "APm", "APl"}`` as floats in [0, 1]; a metric COCOeval leaves undefined (-1: no ground truth in
     that area range) is reported as 0.0, and the raw 12 ``COCOeval.stats`` are kept in ``self.stats``.
-    With no predictions at all every metric is 0.0. pycocotools' printing is suppressed unless
+    With no predictions at all every metric is 0.0. An image given again to :meth:`update` keeps its first
+    detections (counted in ``self.repeated``): a padded ``DistributedSampler`` shard, or the loader's
+    substitute for an undecodable image, repeats images, whose copies would score as false positives.
+    pycocotools' printing is suppressed unless
     ``verbose=True``.
     """
 
@@ -84,19 +136,9 @@ class CocoEvaluator:
         verbose: bool = False,
     ) -> None:
         self._COCO, self._COCOeval = _import_pycocotools()
-        if isinstance(coco_gt, str | Path):
-            path = Path(coco_gt)
-            if not path.is_file():
-                raise FileNotFoundError(f"COCO ground-truth file not found: {path}")
-            with open(path, encoding="utf-8") as f:
-                coco_gt = json.load(f)
-        if not isinstance(coco_gt, Mapping):
-            raise TypeError(f"coco_gt must be a COCO dict or a path, got {type(coco_gt).__name__}")
-        for key in ("images", "annotations", "categories"):
-            if key not in coco_gt:
-                raise ValueError(f"COCO ground truth is missing required key {key!r}")
+        gt = load_ground_truth(coco_gt)
         self.verbose = bool(verbose)
-        self.gt_dict = self._normalise(dict(coco_gt))
+        self.gt_dict = gt
         with self._quiet():
             self.coco_gt = self._COCO()
             self.coco_gt.dataset = self.gt_dict
@@ -114,22 +156,6 @@ class CocoEvaluator:
         self._gt_image_ids = {int(img["id"]) for img in self.gt_dict["images"]}
         self.reset()
 
-    @staticmethod
-    def _normalise(gt: dict[str, Any]) -> dict[str, Any]:
-        gt = copy.deepcopy(gt)
-        anns = gt["annotations"]
-        renumber = any(int(a.get("id", 0)) <= 0 for a in anns) or len({a.get("id") for a in anns}) != len(anns)
-        for i, a in enumerate(anns):
-            for key in ("image_id", "category_id", "bbox"):
-                if key not in a:
-                    raise ValueError(f"COCO ground truth: annotations[{i}] is missing required key {key!r}")
-            if renumber:
-                a["id"] = i + 1
-            a.setdefault("iscrowd", 0)
-            a.setdefault("area", float(a["bbox"][2]) * float(a["bbox"][3]))
-        gt.setdefault("info", {})
-        return gt
-
     def _quiet(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if self.verbose else contextlib.redirect_stdout(io.StringIO())
 
@@ -137,6 +163,8 @@ class CocoEvaluator:
         """Forget all predictions."""
         self.results: list[dict[str, Any]] = []
         self.image_ids: list[int] = []
+        self._seen: set[int] = set()
+        self.repeated = 0
         self.stats: list[float] = []
 
     def update(self, predictions: Sequence[Mapping[str, Any]], image_ids: Sequence[int] | Tensor) -> None:
@@ -158,10 +186,15 @@ class CocoEvaluator:
                 raise ValueError(
                     f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores and {len(labels)} labels differ"
                 )
+            unknown = sorted({int(v) for v in labels} - set(self.label_to_cat_id))
+            if unknown:
+                raise ValueError(f"image {image_id}: label {unknown[0]} has no category id in label_to_cat_id")
+            if image_id in self._seen:  # scored once: a repeat would count its detections as false positives
+                self.repeated += 1
+                continue
             self.image_ids.append(image_id)
+            self._seen.add(image_id)
             for box, score, label in zip(boxes, scores, labels, strict=True):
-                if int(label) not in self.label_to_cat_id:
-                    raise ValueError(f"image {image_id}: label {int(label)} has no category id in label_to_cat_id")
                 x0, y0, x1, y1 = (float(v) for v in box)
                 self.results.append(
                     {

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ckakd.detection.evaluation import METRIC_NAMES, CocoEvaluator, rescale_boxes
+from ckakd.detection.evaluation import METRIC_NAMES, CocoEvaluator, load_ground_truth, rescale_boxes
 from ckakd.train import distributed as dist
 
 __all__ = ["DetectionTask", "detector_of", "coco_ground_truth", "predict"]
@@ -29,7 +29,10 @@ def detector_of(model: nn.Module) -> nn.Module:
 
 
 def coco_ground_truth(dataset: Any) -> dict[str, Any] | str | None:
-    """COCO ground truth of ``dataset``: ``to_coco()`` when it has one, else its ``annotation_file``."""
+    """COCO ground truth of ``dataset``: ``to_coco()`` when it has one, else its ``annotation_file``.
+
+    For :class:`~ckakd.detection.data.CocoDetection` that is the cleaned ground truth (clipped boxes, dropped
+    entries absent), the boxes the model is trained and validated on, not the raw JSON."""
     if hasattr(dataset, "to_coco"):
         return dataset.to_coco()
     path = getattr(dataset, "annotation_file", None)
@@ -85,8 +88,9 @@ class DetectionTask:
     """``Trainer`` task for detectors and detection distillers (see the module docstring).
 
     Args:
-        coco_gt: COCO ground truth of the validation set (a dict or a JSON path); default: from the validation
-            loader's dataset (``to_coco()`` or ``annotation_file``).
+        coco_gt: COCO ground truth of the validation set (a dict or a JSON path), checked here, before any
+            training (:func:`~ckakd.detection.evaluation.load_ground_truth`); default: from the validation
+            loader's dataset (``to_coco()``, else ``annotation_file``).
         label_to_cat_id: contiguous label -> COCO category id; default: the dataset's ``label_to_cat_id``.
         gather: under DDP, score the detections of all ranks (their loaders hold disjoint shards); ``False``
             scores this process's loader alone (a full validation set evaluated on one rank).
@@ -102,7 +106,7 @@ class DetectionTask:
     def __init__(
         self, coco_gt: Any = None, label_to_cat_id: Mapping[int, int] | None = None, gather: bool = True
     ) -> None:
-        self.coco_gt = coco_gt
+        self.coco_gt = load_ground_truth(coco_gt) if coco_gt is not None else None
         self.label_to_cat_id = label_to_cat_id
         self.gather = bool(gather)
 
