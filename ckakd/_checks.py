@@ -2,19 +2,167 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 
 def check_float_tensor(name: str, t: object) -> Tensor:
+    if t is None:
+        raise TypeError(f"{name} must be a torch.Tensor, got None")
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype} (shape {tuple(t.shape)})")
     return t
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` must be a Python (or numpy) bool; returns it as ``bool``."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
+    """``value`` must be an integer (bools are refused: ``iters=True`` is a mistake, not 1), >= ``minimum``."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def check_real(
+    name: str, value: object, *, minimum: float | None = None, strict: bool = False, allow_inf: bool = False
+) -> float:
+    """``value`` must be a real number (bools and complex numbers refused), not NaN, finite unless
+    ``allow_inf``, and >= ``minimum`` (> ``minimum`` when ``strict``). Returns it as ``float``.
+
+    0-dim real tensors are accepted (their value is read: one host sync).
+    """
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+    return value
+
+
+def check_weight(name: str, value: object) -> float:
+    """A loss weight: a finite real number >= 0."""
+    return check_real(name, value, minimum=0.0)
+
+
+def check_positive(name: str, value: object) -> float:
+    """A finite real number > 0 (temperatures, regularization strengths, tolerances)."""
+    return check_real(name, value, minimum=0.0, strict=True)
+
+
+def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
+    """``value`` must be one of the strings ``allowed``."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def check_int_pair(name: str, value: object) -> tuple[int, int]:
+    """A positive int or a pair of positive ints (bools and floats refused) -> (a, b)."""
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    pair = (value, value) if is_int else tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(pair) != 2 or not all(
+        isinstance(p, numbers.Integral) and not isinstance(p, bool) and type(p).__name__ != "bool_" and p >= 1
+        for p in pair
+    ):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def check_labels(name: str, t: object, n: int, num_classes: int, device: torch.device, ref: str) -> Tensor:
+    """Integer class labels (n,) in [0, num_classes) on ``device`` (bool, float and complex refused).
+
+    ``ref`` names the tensor whose batch size n is matched (for the message).
+    """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be an integer tensor of class labels ({n},), got {type(t).__name__}")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must be an integer tensor of class labels ({n},), got dtype {t.dtype}")
+    if t.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match {ref}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"inputs must be on one device, got {ref} on {device}, {name} on {t.device}")
+    if n and bool(((t < 0) | (t >= num_classes)).any()):
+        raise ValueError(f"{name} labels must be in [0, {num_classes}), got values outside ({name} of shape {(n,)})")
+    return t
+
+
+def check_logit_pair(
+    name_s: str, s: object, name_t: str, t: object, *, batch: int | None = None, batch_of: str = ""
+) -> None:
+    """Student and teacher logits: float tensors (B, K) of one shape on one device, B >= 1.
+
+    ``batch``: the B they must have (``batch_of`` names where it comes from). A logit tensor of shape (K, B)
+    is reported as a probable transpose.
+    """
+    check_float_tensor(name_s, s)
+    check_float_tensor(name_t, t)
+    check_same_device(**{name_s: s, name_t: t})
+    check_rank(name_s, s, (2,), "(B, K)")
+    check_rank(name_t, t, (2,), "(B, K)")
+    if batch is not None:
+        for name, z in ((name_s, s), (name_t, t)):
+            if z.shape[0] != batch:
+                hint = ", did you pass the transpose?" if z.shape[1] == batch else ""
+                raise ValueError(
+                    f"{name} must have shape (B, K) with B={batch} (the batch size of {batch_of or 'the features'}), "
+                    f"got {tuple(z.shape)}" + (f" = (K, B){hint}" if hint else "")
+                )
+    if s.shape != t.shape:
+        hint = ""
+        if s.shape == t.shape[::-1] and s.shape[0] != s.shape[1]:
+            hint = f"; one of them is (K, B), did you pass the transpose of {name_s} or {name_t}?"
+        raise ValueError(
+            f"{name_s} and {name_t} must have the same shape (B, K), got {tuple(s.shape)} and {tuple(t.shape)}{hint}"
+        )
+    if s.shape[0] == 0:
+        raise ValueError(f"{name_s} and {name_t} are an empty batch (shape {tuple(s.shape)}); B must be >= 1")
+
+
+def to_float_tensor(name: str, value: object) -> Tensor:
+    """A tensor, or a numpy array / nested sequence converted with ``torch.as_tensor`` (integer and bool
+    data become the default float dtype); refuses complex and non-numeric data."""
+    if not isinstance(value, Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as e:
+            kind = type(value).__name__
+            raise TypeError(f"{name} must be a tensor or an array-like of numbers, got {kind}: {e}") from None
+    if value.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {value.dtype} (shape {tuple(value.shape)})")
+    if not value.is_floating_point():
+        value = value.to(torch.get_default_dtype())
+    return value
+
+
+@contextlib.contextmanager
+def autocast_off(*tensors: Tensor) -> Iterator[None]:
+    """Disable autocast for the devices of ``tensors`` (numerically sensitive parts run in the dtype their
+    inputs were cast to, not in fp16/bf16)."""
+    with contextlib.ExitStack() as stack:
+        for kind in dict.fromkeys(t.device.type for t in tensors):
+            if kind in ("cpu", "cuda", "xpu", "mps"):
+                stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+        yield
 
 
 def check_rank(name: str, t: Tensor, ranks: Sequence[int], expected: str, hint: str = "") -> None:
@@ -53,8 +201,7 @@ MIN_SAMPLES = {"centered": 2, "debiased": 4, "uncentered": 1, "biased": 2, "unbi
 
 
 def check_mode(mode: str, allowed: Sequence[str]) -> None:
-    if mode not in allowed:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, allowed))}; got {mode!r}")
+    check_choice("mode", mode, allowed)
 
 
 def check_min_samples(name: str, t: Tensor, n: int, mode: str, what: str = "samples (rows)") -> None:
@@ -65,6 +212,9 @@ def check_min_samples(name: str, t: Tensor, n: int, mode: str, what: str = "samp
 
 def as_pairs(name_s: str, feats_s, name_t: str, feats_t) -> list[tuple[Tensor, Tensor]]:
     """Accept a tensor pair or two equal-length sequences of tensors; return a list of pairs."""
+    for name, f in ((name_s, feats_s), (name_t, feats_t)):
+        if not isinstance(f, (Tensor, Iterable)) or isinstance(f, (str, bytes)):
+            raise TypeError(f"{name} must be a tensor or a sequence of tensors, got {type(f).__name__}")
     if isinstance(feats_s, Tensor) != isinstance(feats_t, Tensor):
         raise TypeError(f"{name_s} and {name_t} must both be tensors or both be sequences of tensors")
     if isinstance(feats_s, Tensor):

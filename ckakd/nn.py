@@ -1,12 +1,24 @@
-"""``nn.Module`` wrappers around the functional losses (thin: they hold options and a weight)."""
+"""``nn.Module`` wrappers around the functional losses (thin: they hold options and a weight).
+
+Every option is validated in the constructor (with the checks the functional losses use), so a wrong
+weight, mode or size fails where the module is built, not at its first call.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
+from ckakd import _checks
 from ckakd import functional as F_
-from ckakd.wasserstein import wkd_feature_loss
-from ckakd.wkd import wkd_logit_loss
+from ckakd.ops import _backend
+from ckakd.ops.alignment import MODES
+from ckakd.ops.patch import REDUCTIONS
+from ckakd.wasserstein import COVARIANCES, wkd_feature_loss
+from ckakd.wkd import _check_cost, _check_solver_args, wkd_logit_loss
+
+ArrayLike = Any  # numpy arrays, nested sequences of numbers
 
 __all__ = ["CKALoss", "PatchCKALoss", "RCKALoss", "MMDLoss", "WKDLogitLoss", "WKDFeatureLoss"]
 
@@ -16,7 +28,9 @@ class CKALoss(nn.Module):
 
     def __init__(self, weight: float = 1.0, *, mode: str = "centered", backend: str = "auto") -> None:
         super().__init__()
-        self.weight, self.mode, self.backend = weight, mode, backend
+        self.weight = _checks.check_weight("weight", weight)
+        self.mode = _checks.check_choice("mode", mode, MODES)
+        self.backend = _checks.check_choice("backend", backend, _backend.BACKENDS)
 
     def forward(self, x, y) -> Tensor:
         return self.weight * F_.cka_loss(x, y, mode=self.mode, backend=self.backend)
@@ -38,8 +52,11 @@ class PatchCKALoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.weight, self.patch_size, self.reduce = weight, patch_size, reduce
-        self.mode, self.backend = mode, backend
+        self.weight = _checks.check_weight("weight", weight)
+        self.patch_size = _checks.check_int_pair("patch_size", patch_size)
+        self.reduce = _checks.check_choice("reduce", reduce, REDUCTIONS + ("mix",))
+        self.mode = _checks.check_choice("mode", mode, MODES)
+        self.backend = _checks.check_choice("backend", backend, _backend.BACKENDS)
 
     def forward(self, f_s, f_t) -> Tensor:
         return self.weight * F_.patch_cka_loss(
@@ -51,11 +68,37 @@ class PatchCKALoss(nn.Module):
 
 
 class RCKALoss(nn.Module):
-    """RCKA: alpha·FCKA + beta·(intra-LCKA + inter-LCKA); add your CE separately. See ``ckakd.rcka_loss``."""
+    """RCKA: alpha·FCKA + beta·(intra-LCKA + inter-LCKA); add your CE separately. See ``ckakd.rcka_loss``.
 
-    def __init__(self, alpha: float = 5.0, beta: float = 5.0, *, mode: str = "centered", backend: str = "auto") -> None:
+    ``with_l2_norm`` / ``soften`` + ``temperature``: the options of the authors' code (Zhou et al., IJCAI
+    2024) for the logit terms, off by default (the paper's formula); see ``ckakd.rcka_loss``.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 5.0,
+        beta: float = 5.0,
+        *,
+        mode: str = "centered",
+        with_l2_norm: bool = False,
+        soften: bool = False,
+        temperature: float | None = None,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
-        self.alpha, self.beta, self.mode, self.backend = alpha, beta, mode, backend
+        self.alpha = _checks.check_weight("alpha", alpha)
+        self.beta = _checks.check_weight("beta", beta)
+        self.mode = _checks.check_choice("mode", mode, MODES)
+        self.with_l2_norm = _checks.check_bool("with_l2_norm", with_l2_norm)
+        self.soften = _checks.check_bool("soften", soften)
+        if self.with_l2_norm and self.mode == "debiased":
+            raise ValueError("with_l2_norm=True is not defined for mode='debiased'")
+        if self.soften and temperature is None:
+            raise ValueError("soften=True needs a temperature (softmax(z / temperature)), got temperature=None")
+        if not self.soften and temperature is not None:
+            raise ValueError(f"temperature={temperature!r} is only used with soften=True; pass soften=True or drop it")
+        self.temperature = None if temperature is None else _checks.check_positive("temperature", temperature)
+        self.backend = _checks.check_choice("backend", backend, _backend.BACKENDS)
 
     def forward(self, feats_s, feats_t, logits_s: Tensor, logits_t: Tensor) -> Tensor:
         return F_.rcka_loss(
@@ -66,11 +109,16 @@ class RCKALoss(nn.Module):
             alpha=self.alpha,
             beta=self.beta,
             mode=self.mode,
+            with_l2_norm=self.with_l2_norm,
+            soften=self.soften,
+            temperature=self.temperature,
             backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, mode={self.mode!r}"
+        extra = f", with_l2_norm={self.with_l2_norm}" if self.with_l2_norm else ""
+        extra += f", soften=True, temperature={self.temperature}" if self.soften else ""
+        return f"alpha={self.alpha}, beta={self.beta}, mode={self.mode!r}{extra}"
 
 
 class MMDLoss(nn.Module):
@@ -78,7 +126,8 @@ class MMDLoss(nn.Module):
 
     def __init__(self, weight: float = 1.0, *, backend: str = "auto") -> None:
         super().__init__()
-        self.weight, self.backend = weight, backend
+        self.weight = _checks.check_weight("weight", weight)
+        self.backend = _checks.check_choice("backend", backend, _backend.BACKENDS)
 
     def forward(self, x, y) -> Tensor:
         return self.weight * F_.mmd_loss(x, y, backend=self.backend)
@@ -89,14 +138,15 @@ class WKDLogitLoss(nn.Module):
 
     ``forward(logits_s, logits_t, target=None)``; with ``target`` the target class is separated (WKD's
     default). See ``ckakd.wkd_logit_loss``. Public-code settings: CIFAR-100 T=8, gamma=600; ImageNet T=2,
-    gamma=30; eps=0.05, 10 iterations.
+    gamma=30; eps=0.05, 10 iterations. ``cost``: a (C, C) finite nonnegative tensor, numpy array or nested
+    sequence (array-likes are converted; integer data to the default float dtype).
     """
 
     cost: Tensor
 
     def __init__(
         self,
-        cost: Tensor,
+        cost: Tensor | ArrayLike,
         *,
         temperature: float = 2.0,
         gamma: float = 1.0,
@@ -106,15 +156,14 @@ class WKDLogitLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        cost = _checks.to_float_tensor("cost", cost)
+        _check_cost(cost, cost.shape[0] if cost.dim() == 2 else -1, cost.device)
         self.register_buffer("cost", cost.detach().clone())
-        self.temperature, self.gamma, self.eps, self.iters, self.tol, self.backend = (
-            temperature,
-            gamma,
-            eps,
-            iters,
-            tol,
-            backend,
-        )
+        self.temperature = _checks.check_positive("temperature", temperature)
+        self.gamma = _checks.check_weight("gamma", gamma)
+        _check_solver_args(eps, iters, tol, 1000)
+        self.eps, self.iters, self.tol = float(eps), int(iters), None if tol is None else float(tol)
+        self.backend = _checks.check_choice("backend", backend, _backend.SINKHORN_BACKENDS)
 
     def forward(self, logits_s: Tensor, logits_t: Tensor, target: Tensor | None = None) -> Tensor:
         return wkd_logit_loss(
@@ -154,7 +203,11 @@ class WKDFeatureLoss(nn.Module):
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.weight, self.grid, self.mean_weight, self.cov, self.eps = weight, grid, mean_weight, cov, eps
+        self.weight = _checks.check_weight("weight", weight)
+        self.grid = _checks.check_int_pair("grid", grid)
+        self.mean_weight = _checks.check_weight("mean_weight", mean_weight)
+        self.cov = _checks.check_choice("cov", cov, COVARIANCES)
+        self.eps = _checks.check_real("eps", eps, minimum=0.0)
 
     def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
         return self.weight * wkd_feature_loss(

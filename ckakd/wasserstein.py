@@ -26,25 +26,59 @@ COVARIANCES = ("diag", "full")
 
 
 class _SqrtmPSD(torch.autograd.Function):
+    """Forward and backward in the input's dtype (fp32 / fp64; callers cast) with autocast off.
+
+    Matrices with a NaN or infinite entry give an all-NaN root and an all-NaN gradient (``eigh`` would
+    raise on them); the others in the batch are unaffected.
+    """
+
     @staticmethod
     def forward(ctx, a: Tensor) -> Tensor:
-        w, v = torch.linalg.eigh((a + a.mT) / 2)
-        s = w.clamp_min(0).sqrt()
-        ctx.save_for_backward(v, s)
-        return (v * s.unsqueeze(-2)) @ v.mT
+        with _checks.autocast_off(a):
+            a = (a + a.mT) / 2
+            bad = ~torch.isfinite(a).flatten(-2).all(-1)  # (...,)
+            has_bad = bool(bad.any())
+            if has_bad:
+                eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+                a = torch.where(bad[..., None, None], eye, a)
+            w, v = torch.linalg.eigh(a)
+            s = w.clamp_min(0).sqrt()
+            out = (v * s.unsqueeze(-2)) @ v.mT
+            if has_bad:
+                out = out.masked_fill(bad[..., None, None], float("nan"))
+        ctx.save_for_backward(v, s, bad)
+        ctx.has_bad = has_bad
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> Tensor:
-        v, s = ctx.saved_tensors
-        denom = s.unsqueeze(-1) + s.unsqueeze(-2)
-        # Treat s_i + s_j below rounding level of the largest root as 0 (pseudo-inverse): finite gradients.
-        tol = s.amax(-1, keepdim=True).unsqueeze(-1) * (s.shape[-1] * torch.finfo(s.dtype).eps)
-        ok = denom > tol
-        inv = torch.where(ok, 1.0 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(denom))
-        # The Sylvester operator is self-adjoint; symmetrizing follows from the forward's (A + Aᵀ)/2.
-        g = v.mT @ ((grad + grad.mT) / 2) @ v
-        return v @ (g * inv) @ v.mT
+        v, s, bad = ctx.saved_tensors
+        with _checks.autocast_off(grad):
+            grad = grad.to(v.dtype)
+            denom = s.unsqueeze(-1) + s.unsqueeze(-2)
+            # Treat s_i + s_j below rounding level of the largest root as 0 (pseudo-inverse): finite gradients.
+            tol = s.amax(-1, keepdim=True).unsqueeze(-1) * (s.shape[-1] * torch.finfo(s.dtype).eps)
+            ok = denom > tol
+            inv = torch.where(ok, 1.0 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+            # The Sylvester operator is self-adjoint; symmetrizing follows from the forward's (A + Aᵀ)/2.
+            g = v.mT @ ((grad + grad.mT) / 2) @ v
+            out = v @ (g * inv) @ v.mT
+            if ctx.has_bad:
+                out = out.masked_fill(bad[..., None, None], float("nan"))
+        return out
+
+
+def _pow2_scale(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """A power of two close to max |t| over ``dims`` (kept), detached; 1 where that is 0 or not finite.
+
+    Dividing by a power of two is exact, so scaling by it changes no digit of normal-range inputs while
+    keeping squares and products of huge (or tiny) values inside the dtype's range.
+    """
+    m = t.detach().abs().amax(dim=dims, keepdim=True)
+    ok = torch.isfinite(m) & (m > 0)
+    exponent = torch.frexp(torch.where(ok, m, torch.ones_like(m))).exponent
+    return torch.where(ok, torch.ldexp(torch.ones_like(m), exponent), torch.ones_like(m))
 
 
 def sqrtm_psd(a: Tensor) -> Tensor:
@@ -52,13 +86,17 @@ def sqrtm_psd(a: Tensor) -> Tensor:
 
     The input is symmetrized ((A + Aᵀ)/2) and its negative eigenvalues (rounding) are clamped to 0.
     Differentiable (first order) with a gradient that stays finite for repeated and zero eigenvalues.
-    fp16/bf16 inputs are computed in fp32 and cast back.
+    fp16/bf16 inputs are computed in fp32 (also under autocast) and cast back. Matrices with NaN/inf
+    entries give NaN (values and gradients); huge or tiny finite ones are scaled by a power of two first.
     """
     _checks.check_float_tensor("a", a)
     if a.dim() < 2 or a.shape[-1] != a.shape[-2]:
         raise ValueError(f"a must have shape (..., n, n) (square matrices), got {tuple(a.shape)}")
     acc = _checks.accumulation_dtype(a)
-    return _SqrtmPSD.apply(a.to(acc)).to(a.dtype)
+    with _checks.autocast_off(a):
+        x = a.to(acc)
+        c = _pow2_scale(x, (-2, -1))  # sqrt(c·A) = sqrt(c)·sqrt(A); c is a power of 4 times 1 or 2
+        return (_SqrtmPSD.apply(x / c) * c.sqrt()).to(a.dtype)
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
@@ -102,10 +140,17 @@ def _trace(a: Tensor) -> Tensor:
 
 
 def _full_cov_term(cov1: Tensor, cov2: Tensor) -> Tensor:
-    """tr(Σ1 + Σ2 - 2 (Σ1^½ Σ2 Σ1^½)^½) for (..., d, d) covariances."""
+    """tr(Σ1 + Σ2 - 2 (Σ1^½ Σ2 Σ1^½)^½) for (..., d, d) covariances (autocast off).
+
+    The term is homogeneous of degree 1 in (Σ1, Σ2): both are divided by one power of two c near their
+    largest entry and the result multiplied by c, so huge or tiny covariances neither overflow in
+    Σ1^½ Σ2 Σ1^½ nor make ``eigh`` fail. NaN/inf entries give NaN.
+    """
+    c = torch.maximum(_pow2_scale(cov1, (-2, -1)), _pow2_scale(cov2, (-2, -1)))
+    cov1, cov2 = cov1 / c, cov2 / c
     s1 = _SqrtmPSD.apply(cov1)
     cross = _trace(_SqrtmPSD.apply(s1 @ cov2 @ s1))
-    return _trace(cov1) + _trace(cov2) - 2.0 * cross
+    return (_trace(cov1) + _trace(cov2) - 2.0 * cross) * c[..., 0, 0]
 
 
 def gaussian_wasserstein(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> Tensor:
@@ -114,30 +159,31 @@ def gaussian_wasserstein(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -
     mu1, mu2: (..., d) (leading dims broadcast). cov: either (..., d) VARIANCES (diagonal covariance),
     W₂² = ‖μ1 - μ2‖² + ‖√v1 - √v2‖², or (..., d, d) symmetric PSD matrices,
     W₂² = ‖μ1 - μ2‖² + tr(Σ1 + Σ2 - 2 (Σ1^½ Σ2 Σ1^½)^½) (one diagonal and one full is allowed).
-    Returns (...,) clamped at >= 0; fp32 for fp16/bf16/fp32 inputs, fp64 for fp64. Negative variances
-    or eigenvalues are treated as 0, and zero ones get a zero gradient (the true one is infinite).
+    Returns (...,) clamped at >= 0; fp32 for fp16/bf16/fp32 inputs, fp64 for fp64, also under autocast
+    (computed with autocast off; gradients in the inputs' dtypes). Negative variances or eigenvalues are
+    treated as 0, and zero ones get a zero gradient (the true one is infinite). NaN (or inf) entries give
+    NaN for the affected Gaussians, with NaN gradients, never an exception; huge or tiny finite covariances
+    are rescaled by a power of two internally (a result beyond the dtype's range is inf).
     """
     full1, full2 = _gaussian_args(mu1, cov1, mu2, cov2)
     acc = _checks.accumulation_dtype(mu1, cov1, mu2, cov2)
-    mu1, cov1, mu2, cov2 = (t.to(acc) for t in (mu1, cov1, mu2, cov2))
-    mean_term = (mu1 - mu2).square().sum(-1)
-    if not (full1 or full2):
-        cov_term = (_safe_sqrt(cov1) - _safe_sqrt(cov2)).square().sum(-1)
-    else:
-        cov1 = cov1 if full1 else torch.diag_embed(cov1)
-        cov2 = cov2 if full2 else torch.diag_embed(cov2)
-        cov_term = _full_cov_term(cov1, cov2)
-    return (mean_term + cov_term).clamp_min(0)
+    with _checks.autocast_off(mu1, cov1, mu2, cov2):
+        mu1, cov1, mu2, cov2 = (t.to(acc) for t in (mu1, cov1, mu2, cov2))
+        mean_term = (mu1 - mu2).square().sum(-1)
+        if not (full1 or full2):
+            cov_term = (_safe_sqrt(cov1) - _safe_sqrt(cov2)).square().sum(-1)
+        else:
+            cov1 = cov1 if full1 else torch.diag_embed(cov1)
+            cov2 = cov2 if full2 else torch.diag_embed(cov2)
+            cov_term = _full_cov_term(cov1, cov2)
+        return (mean_term + cov_term).clamp_min(0)
 
 
 # --------------------------------------------------------------------------------------------- WKD-F
 
 
 def _grid_pair(grid) -> tuple[int, int]:
-    g = (grid, grid) if isinstance(grid, int) else tuple(grid) if isinstance(grid, (tuple, list)) else ()
-    if len(g) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in g):
-        raise ValueError(f"grid must be a positive int or a pair of positive ints, got {grid!r}")
-    return g
+    return _checks.check_int_pair("grid", grid)
 
 
 def cell_bounds(size: int, g: int) -> list[tuple[int, int]]:
@@ -212,13 +258,12 @@ def wkd_feature_loss(
     γ_F=0.08, mean_weight=4, grid=1 on CIFAR-100 and γ_F=0.02, mean_weight=2, grid=4 on ImageNet.
     """
     _checks.check_feature_map_pair(f_s, f_t)
-    if cov not in COVARIANCES:
-        raise ValueError(f"cov must be one of {', '.join(map(repr, COVARIANCES))}; got {cov!r}")
-    if mean_weight < 0:
-        raise ValueError(f"mean_weight must be >= 0, got {mean_weight}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    _checks.check_choice("cov", cov, COVARIANCES)
+    mean_weight = _checks.check_weight("mean_weight", mean_weight)
+    eps = _checks.check_real("eps", eps, minimum=0.0)
     gh, gw = _grid_pair(grid)
+    if f_s.shape[0] == 0 or f_s.shape[1] == 0:
+        raise ValueError(f"f_s and f_t must have B >= 1 and C >= 1, got an empty batch {tuple(f_s.shape)}")
     h, w = f_s.shape[-2:]
     if gh > h or gw > w:
         raise ValueError(f"grid {(gh, gw)} is larger than the feature map ({h}, {w}) of f_s {tuple(f_s.shape)}")
@@ -231,11 +276,23 @@ def wkd_feature_loss(
         )
     acc = _checks.accumulation_dtype(f_s, f_t)
     full = cov == "full"
-    mu_s, cov_s = _cell_stats(f_s.to(acc), gh, gw, full, eps)
-    mu_t, cov_t = _cell_stats(f_t.to(acc), gh, gw, full, eps)
-    mean_term = (mu_s - mu_t).square().sum(-1)
-    if full:
-        cov_term = _full_cov_term(cov_s, cov_t).clamp_min(0)
-    else:
-        cov_term = (_safe_sqrt(cov_s) - _safe_sqrt(cov_t)).square().sum(-1)
-    return (mean_weight * mean_term + cov_term).mean()
+    with _checks.autocast_off(f_s, f_t):
+        xs, xt = f_s.to(acc), f_t.to(acc)
+        # Per sample, one power of two c near max |f| of both maps: the loss terms are homogeneous of
+        # degree 2 in the features (eps scales with them), so the statistics of x / c times c² are exact
+        # and squares of huge features do not overflow (nor does eigh fail on inf covariances).
+        c = torch.maximum(_pow2_scale(xs, (1, 2, 3)), _pow2_scale(xt, (1, 2, 3)))  # (B, 1, 1, 1)
+        c2 = c.square().reshape(-1, 1)  # (B, 1), against the (B, G) per-cell terms
+        eps_c = eps / c2.unsqueeze(-1)  # (B, 1, 1), against the (B, G, C) variances
+        mu_s, cov_s = _cell_stats(xs / c, gh, gw, full, 0.0)
+        mu_t, cov_t = _cell_stats(xt / c, gh, gw, full, 0.0)
+        if full:
+            eye = torch.eye(f_s.shape[1], dtype=acc, device=f_s.device)
+            eps_c = eps_c.unsqueeze(-1) * eye  # (B, 1, C, C)
+        cov_s, cov_t = cov_s + eps_c, cov_t + eps_c
+        mean_term = (mu_s - mu_t).square().sum(-1)
+        if full:
+            cov_term = _full_cov_term(cov_s, cov_t).clamp_min(0)
+        else:
+            cov_term = (_safe_sqrt(cov_s) - _safe_sqrt(cov_t)).square().sum(-1)
+        return ((mean_weight * mean_term + cov_term) * c2).mean()

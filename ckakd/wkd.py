@@ -23,6 +23,12 @@ from ckakd.ops.sinkhorn import sinkhorn_converged, sinkhorn_fixed
 __all__ = ["sinkhorn", "wkd_logit_loss"]
 
 
+def _row_sum_tolerance(dtype: torch.dtype) -> float:
+    """Allowed |row sum - 1| of a histogram: 1e-3, plus the rounding of fp16/bf16 storage (a softmax rounded
+    to bf16 sums to 1 only within ~2⁻⁸)."""
+    return 1e-3 + (torch.finfo(dtype).eps if dtype in (torch.float16, torch.bfloat16) else 0.0)
+
+
 def _check_histograms(p: Tensor, q: Tensor, validate: bool) -> tuple[Tensor, Tensor, bool]:
     _checks.check_float_tensor("p", p)
     _checks.check_float_tensor("q", q)
@@ -31,10 +37,12 @@ def _check_histograms(p: Tensor, q: Tensor, validate: bool) -> tuple[Tensor, Ten
     _checks.check_rank("q", q, (1, 2), "(C,) or (B, C)")
     if p.shape != q.shape:
         raise ValueError(f"p and q must have the same shape (B, C), got {tuple(p.shape)} and {tuple(q.shape)}")
+    if p.shape[-1] == 0:
+        raise ValueError(f"p and q must have at least one class (C >= 1), got shape {tuple(p.shape)}")
     batched = p.dim() == 2
     if not batched:
         p, q = p.unsqueeze(0), q.unsqueeze(0)
-    if validate:
+    if validate and p.shape[0] > 0:
         for name, h in (("p", p), ("q", q)):
             if bool((h < 0).any()):
                 raise ValueError(
@@ -42,10 +50,11 @@ def _check_histograms(p: Tensor, q: Tensor, validate: bool) -> tuple[Tensor, Ten
                 )
             sums = h.sum(1, dtype=torch.float64)
             worst = (sums - 1).abs().max().item()
-            if not worst <= 1e-3:  # also catches NaN
+            tol = _row_sum_tolerance(h.dtype)
+            if not worst <= tol:  # also catches NaN
                 raise ValueError(
-                    f"rows of {name} must sum to 1 (histograms), got row sums off by up to {worst:.3g} "
-                    f"({name} of shape {tuple(h.shape)})"
+                    f"rows of {name} must sum to 1 (histograms, within {tol:.3g}), got row sums off by up to "
+                    f"{worst:.3g} ({name} of shape {tuple(h.shape)})"
                 )
     return p, q, batched
 
@@ -119,18 +128,20 @@ _COST_CACHE = _CostCache()
 
 
 def _check_solver_args(eps: float, iters: int, tol: float | None, max_iter: int) -> None:
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
-    if tol is not None and not tol > 0:
-        raise ValueError(f"tol must be > 0 (or None for fixed iterations), got {tol}")
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    _checks.check_positive("eps", eps)
+    _checks.check_int("iters", iters, minimum=1)
+    if tol is not None:
+        _checks.check_positive("tol", tol)
+    _checks.check_int("max_iter", max_iter, minimum=1)
 
 
 def _solve(p, q, cost, eps, iters, tol, max_iter, backend, u0=None) -> Tensor:
     """Validated inputs (B, C) -> (B,) transport costs. Computes in fp32 for half inputs (as WKD does)."""
+    with _checks.autocast_off(p, q):
+        return _solve_fp(p, q, cost, eps, iters, tol, max_iter, backend, u0)
+
+
+def _solve_fp(p, q, cost, eps, iters, tol, max_iter, backend, u0) -> Tensor:
     work = torch.float64 if torch.float64 in (p.dtype, q.dtype) else torch.float32
     p, q = p.to(work), q.to(work)
     resolved = _backend.resolve_sinkhorn(backend, p.device)
@@ -166,12 +177,18 @@ def sinkhorn(
     are not converged: the count, order and start are part of the loss.
     Converged mode (``tol`` given): log-domain iterations until the column marginal error (L1) is below
     ``tol`` or ``max_iter``; stable for small ε; envelope (dual-potential) gradient.
-    Zero-mass classes (p_i = q_i = 0) are allowed. ``validate`` checks p, q are histograms (one host sync).
+    Zero-mass classes (p_i = q_i = 0) are allowed. ``validate`` checks p, q are histograms (one host sync;
+    fp16/bf16 rows may be off by their rounding, 1e-3 + eps of the dtype). An empty batch (0, C) gives (0,).
+    Computed in fp32 for fp16/bf16 inputs (fp64 for fp64), also under autocast; gradients in the input dtype.
     backend: "auto" (the C++/CUDA extension when built, else torch), "torch", "cpp", "cuda".
     """
     p2, q2, batched = _check_histograms(p, q, validate)
     _check_cost(cost, p2.shape[1], p2.device)
     _check_solver_args(eps, iters, tol, max_iter)
+    _checks.check_bool("validate", validate)
+    if p2.shape[0] == 0:  # an empty batch: no problems, an empty (0,) result (still part of the graph)
+        work = _checks.accumulation_dtype(p2, q2)
+        return (p2.to(work).sum(1) + q2.to(work).sum(1)) * 0
     out = _solve(p2, q2, cost, eps, iters, tol, max_iter, backend)
     return out if batched else out[0]
 
@@ -196,18 +213,12 @@ def wkd_logit_loss(
     the public code); the WD runs over the other C−1 classes renormalized, and the result is
     loss_t + gamma · WD. Public-code settings: CIFAR-100 R32x4→R8x4 T=8, gamma=600 (cosine decay from
     epoch 150); ImageNet R34→R18 T=2, gamma=30; eps=0.05, 10 iterations.
+    logits: (B, C) with B >= 1; returns a scalar in fp32 (fp64 for fp64 logits), also under autocast, with
+    gradients in the logits' dtype. temperature > 0 and gamma >= 0 finite; target: integer labels (B,).
     """
-    _checks.check_float_tensor("logits_s", logits_s)
-    _checks.check_float_tensor("logits_t", logits_t)
-    _checks.check_same_device(logits_s=logits_s, logits_t=logits_t)
-    _checks.check_rank("logits_s", logits_s, (2,), "(B, C)")
-    if logits_s.shape != logits_t.shape:
-        raise ValueError(
-            f"logits_s and logits_t must have the same shape (B, C), got {tuple(logits_s.shape)} and "
-            f"{tuple(logits_t.shape)}"
-        )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _checks.check_logit_pair("logits_s", logits_s, "logits_t", logits_t)
+    temperature = _checks.check_positive("temperature", temperature)
+    gamma = _checks.check_weight("gamma", gamma)
     B, C = logits_s.shape
     _check_cost(cost, C, logits_s.device)
     _check_solver_args(eps, iters, tol, 1000)
@@ -217,22 +228,9 @@ def wkd_logit_loss(
         p, q = F.softmax(zs / temperature, dim=1), F.softmax(zt / temperature, dim=1)
         return gamma * _solve(p, q, cost, eps, iters, tol, 1000, backend).mean()
 
-    if not isinstance(target, Tensor) or target.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(
-            f"target must be an integer tensor of class labels (B,), got {getattr(target, 'dtype', type(target))}"
-        )
-    if target.shape != (B,):
-        raise ValueError(
-            f"target must have shape ({B},) to match logits_s {tuple(logits_s.shape)}, got {tuple(target.shape)}"
-        )
-    if target.device != logits_s.device:
-        raise ValueError(f"inputs must be on one device, got logits_s on {logits_s.device}, target on {target.device}")
+    _checks.check_labels("target", target, B, C, logits_s.device, f"logits_s {tuple(logits_s.shape)}")
     if C < 3:
         raise ValueError(f"target separation needs at least 3 classes (C - 1 >= 2 for the OT part), got C={C}")
-    if bool(((target < 0) | (target >= C)).any()):
-        raise ValueError(
-            f"target labels must be in [0, {C}), got values outside (target of shape {tuple(target.shape)})"
-        )
     y = target.long()[:, None]
     loss_t = -(F.softmax(zt, dim=1).gather(1, y).detach() * F.log_softmax(zs, dim=1).gather(1, y)).mean()
     keep = torch.ones_like(zs, dtype=torch.bool).scatter_(1, y, False)
