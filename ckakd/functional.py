@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ckakd import _checks
-from ckakd.ops import _backend, _gram
+from ckakd.ops import _backend
 from ckakd.ops.alignment import MODES, alignment_stats
 from ckakd.ops.gram import centered_gram as _centered_gram_op
 from ckakd.ops.patch import REDUCTIONS, patch_alignment_stats, problem_shape
@@ -30,9 +30,6 @@ __all__ = [
     "cka_loss",
     "patch_cka",
     "patch_cka_loss",
-    "patch_grid",
-    "fit_patch_size",
-    "PATCH_RESIZE",
     "rcka_loss",
     "mmd_loss",
 ]
@@ -66,11 +63,9 @@ def _batched_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, bool]:
     return x, y, batched
 
 
-def _stats(x: Tensor, y: Tensor, mode: str, backend: str) -> tuple[Tensor, Tensor]:
-    """(stats (b, 3) fp64, exponents (b, 2)) of x·2^-e_x, y·2^-e_y (see ``ckakd.ops.alignment``)."""
+def _stats(x: Tensor, y: Tensor, mode: str, backend: str) -> Tensor:
     backend = _backend.resolve(backend, x)
-    out = alignment_stats(x, y, mode, backend)
-    return out[0], out[5]
+    return alignment_stats(x, y, mode, backend)[0]
 
 
 def _cka_from_stats(stats: Tensor) -> Tensor:
@@ -109,17 +104,14 @@ def hsic(x: Tensor, y: Tensor, *, mode: str = "biased", backend: str = "auto") -
 
     biased:   tr(K H L H) / (n-1)²                         (n >= 2)
     unbiased: Song et al.'s unbiased estimator, ⟨U(K), U(L)⟩ / (n(n-3))   (n >= 4)
-    HSIC scales as |x|²|y|²: it is computed from features rescaled by powers of two and scaled back in
-    float64, so the value is right wherever it is representable in the output dtype (fp32 for fp16/bf16/
-    fp32 inputs): ±inf (not NaN) where it overflows, 0 where it underflows (|HSIC| < ~1e-45 in fp32).
     """
     _checks.check_mode(mode, ("biased", "unbiased"))
     xb, yb, batched = _batched_pair(x, y)
     n = xb.shape[1]
     _checks.check_min_samples("x", x, n, mode)
-    stats, exps = _stats(xb, yb, "centered" if mode == "biased" else "debiased", backend)
+    stats = _stats(xb, yb, "centered" if mode == "biased" else "debiased", backend)
     scale = (n - 1) ** 2 if mode == "biased" else n * (n - 3)
-    value = (_gram.mul_pow2(stats[:, 0] / scale, 2 * (exps[:, 0] + exps[:, 1]))).to(_out_dtype(x, y))
+    value = (stats[:, 0].double() / scale).to(_out_dtype(x, y))
     return value if batched else value[0]
 
 
@@ -128,16 +120,13 @@ def cka(x: Tensor, y: Tensor, *, mode: str = "centered", backend: str = "auto") 
 
     mode: "centered" (the paper's CKA, default), "debiased" (U-centered, Kornblith's unbiased form, may be
     slightly negative, n >= 4) or "uncentered" (plain kernel alignment, the RCKA authors' code).
-    Differentiable in both arguments (twice: double backward is supported). Constant features (zero
-    variance; in "uncentered" mode all-zero features) and an empty feature set (d = 0) give 0 with a zero
-    gradient. Scale-invariant in each argument and computed so: correct at any feature scale the input
-    dtype can hold (fp32: ~1e-30 to ~1e30 and beyond).
+    Differentiable in both arguments. Constant features give 0 with a zero gradient.
     backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch" or "triton".
     """
     _checks.check_mode(mode, MODES)
     xb, yb, batched = _batched_pair(x, y)
     _checks.check_min_samples("x", x, xb.shape[1], mode)
-    value = _cka_from_stats(_stats(xb, yb, mode, backend)[0]).to(_out_dtype(x, y))
+    value = _cka_from_stats(_stats(xb, yb, mode, backend)).to(_out_dtype(x, y))
     return value if batched else value[0]
 
 
@@ -154,11 +143,6 @@ def _flatten_pair(i: int, s: Tensor, t: Tensor, names: tuple[str, str]) -> tuple
         )
     if s.shape[0] != t.shape[0]:
         raise ValueError(f"{ns} and {nt} must have the same batch size, got {tuple(s.shape)} and {tuple(t.shape)}")
-    if s.shape[0] == 0:
-        raise ValueError(
-            f"{ns} and {nt} have an empty batch (shapes {tuple(s.shape)} and {tuple(t.shape)}); these losses "
-            "need samples (CKA at least 2: it is undefined for fewer)"
-        )
     return s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
 
 
@@ -182,68 +166,11 @@ def cka_loss(x: FeaturePairs, y: FeaturePairs, *, mode: str = "centered", backen
     return total
 
 
-# How a map side that is not a multiple of the patch is resized before it is cut into patches:
-# "nearest": to the nearest multiple (ckakd's historical rule); "ceil": up to the next multiple, a side smaller
-# than the patch up to one patch (the rule of the PCKA authors' code, Zhou et al., IJCAI 2024, mmrazor
-# cka_loss.py: ``div_sixteen_mul``).
-PATCH_RESIZE = ("nearest", "ceil")
-# Fewest patches for which a patch CKA is informative: centered CKA of 2 samples is identically 1, debiased
-# HSIC needs 4 samples, uncentered CKA of 1 sample is identically 1.
-MIN_PATCHES = {"centered": 3, "debiased": 4, "uncentered": 2}
-
-
-def _check_resize(resize: str) -> None:
-    if resize not in PATCH_RESIZE:
-        raise ValueError(f"resize must be one of {', '.join(map(repr, PATCH_RESIZE))}; got {resize!r}")
-
-
-def patch_grid(hw: Sequence[int], patch_size: int | Sequence[int], resize: str = "nearest") -> tuple[int, int]:
-    """(H', W'): the size an (H, W) map is bilinearly resized to before it is cut into patches.
-
-    ``"nearest"``: each side to the nearest multiple of the patch (at least one patch); ``"ceil"``: up to the
-    next multiple (the authors' rule; e.g. 100 x 168 with 16 x 16 patches: 112 x 176, "nearest" 96 x 160)."""
-    _check_resize(resize)
-    ph, pw = _patch_size(patch_size)
-    h, w = int(hw[0]), int(hw[1])
-    if resize == "ceil":
-        return -(-h // ph) * ph, -(-w // pw) * pw
-    return max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw)
-
-
-def fit_patch_size(
-    hw: Sequence[int], patch_size: int | Sequence[int], *, mode: str = "centered", resize: str = "nearest"
-) -> tuple[int, int]:
-    """The patch used on an (H, W) map: ``patch_size`` itself when the map, resized by ``resize``, holds at
-    least ``MIN_PATCHES[mode]`` patches (the authors never change the patch); otherwise the larger side of
-    the patch is halved (the height on ties) until it does, or the patch is 1 x 1. With ``"nearest"`` the
-    patch is first clipped to the map (that rule cannot upsample a map to one patch)."""
-    _check_resize(resize)
-    ph, pw = _patch_size(patch_size)
-    h, w = int(hw[0]), int(hw[1])
-    if resize == "nearest":
-        ph, pw = min(ph, h), min(pw, w)
-    need = MIN_PATCHES.get(mode, 2)
-
-    def count(a: int, b: int) -> int:
-        gh, gw = patch_grid((h, w), (a, b), resize)
-        return (gh // a) * (gw // b)
-
-    while count(ph, pw) < need and (ph > 1 or pw > 1):
-        if ph >= pw and ph > 1:
-            ph = max(1, ph // 2)
-        else:
-            pw = max(1, pw // 2)
-    return ph, pw
-
-
-def _resize_to_patches(f: Tensor, name: str, ph: int, pw: int, resize: str = "nearest") -> Tensor:
+def _resize_to_patches(f: Tensor, name: str, ph: int, pw: int) -> Tensor:
     h, w = f.shape[-2:]
-    if resize == "nearest" and (h < ph or w < pw):
-        raise ValueError(
-            f"patch_size ({ph}, {pw}) is larger than the feature map {name} of shape {tuple(f.shape)} "
-            "(resize='ceil' upsamples it to one patch, as the PCKA authors do)"
-        )
-    th, tw = patch_grid((h, w), (ph, pw), resize)
+    if h < ph or w < pw:
+        raise ValueError(f"patch_size ({ph}, {pw}) is larger than the feature map {name} of shape {tuple(f.shape)}")
+    th, tw = max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw)
     if (th, tw) == (h, w):
         return f
     return F.interpolate(f, size=(th, tw), mode="bilinear", align_corners=False)
@@ -261,21 +188,18 @@ def patch_cka(
     reduce: str = "channel",
     mode: str = "centered",
     backend: str = "auto",
-    resize: str = "nearest",
 ) -> Tensor:
     """Per-problem CKA values (G,) of one feature level (B, C, H, W) cut into patches (PCKA, seed §3.4).
 
-    The maps are bilinearly resized to a multiple of the patch size (``resize``, see :func:`patch_grid`);
-    patches are the samples. reduce: "channel" (G = C, the seed's choice), "batch" (G = B) or "spatial"
-    (G = ph·pw).
+    The maps are bilinearly resized to the nearest multiple of the patch size; patches are the samples.
+    reduce: "channel" (G = C, the seed's choice), "batch" (G = B) or "spatial" (G = ph·pw).
     """
     ph, pw = _patch_size(patch_size)
-    _check_resize(resize)
     _checks.check_mode(mode, MODES)
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {', '.join(map(repr, REDUCTIONS))} here; got {reduce!r}")
     _checks.check_feature_map_pair(f_s, f_t)
-    f_s, f_t = _resize_to_patches(f_s, "f_s", ph, pw, resize), _resize_to_patches(f_t, "f_t", ph, pw, resize)
+    f_s, f_t = _resize_to_patches(f_s, "f_s", ph, pw), _resize_to_patches(f_t, "f_t", ph, pw)
     g, p, _ = problem_shape(tuple(f_s.shape), ph, pw, reduce)
     _checks.check_min_samples("f_s", f_s, p, mode, what=f"patches of size {(ph, pw)}")
     resolved = _backend.resolve(backend, f_s)
@@ -296,13 +220,11 @@ def patch_cka_loss(
     reduce: str = "channel",
     mode: str = "centered",
     backend: str = "auto",
-    resize: str = "nearest",
 ) -> Tensor:
     """PCKA loss: mean over problems of (1 - CKA), summed over feature levels (lists of (B, C, H, W)).
 
     reduce="mix" (seed Table 5): level 0 averages over the batch, level 1 over space, later levels over
-    channels. resize: "nearest" (default) or "ceil" (the PCKA authors' rule, which also upsamples a map
-    smaller than the patch to one patch), see :func:`patch_grid`.
+    channels.
     """
     if reduce not in REDUCTIONS + ("mix",):
         raise ValueError(f"reduce must be one of 'channel', 'batch', 'spatial', 'mix'; got {reduce!r}")
@@ -310,7 +232,7 @@ def patch_cka_loss(
     total = None
     for level, (s, t) in enumerate(pairs):
         r = _MIX_ORDER[min(level, 2)] if reduce == "mix" else reduce
-        values = patch_cka(s, t, patch_size=patch_size, reduce=r, mode=mode, backend=backend, resize=resize)
+        values = patch_cka(s, t, patch_size=patch_size, reduce=r, mode=mode, backend=backend)
         term = 1.0 - values.mean()
         total = term if total is None else total + term
     return total
@@ -423,18 +345,15 @@ def mmd_loss(x: FeaturePairs, y: FeaturePairs, *, backend: str = "auto") -> Tens
 
     N²·(E_ij⟨x̂_i, x̂_j⟩ - E_ij⟨ŷ_i, ŷ_j⟩)² with rows scaled as in its Appendix C.2,
     x̂ = x / sqrt(‖XᵀX‖_F); uncentered (for centered features both expectations vanish). It is a lower
-    bound of Σ_ij(⟨x̂_i,x̂_j⟩ - ⟨ŷ_i,ŷ_j⟩)² = 2·(1 - uncentered CKA). Features flattened to (N, -1), N >= 1;
-    lists of pairs are summed. Invariant to the scale of x and of y (x̂ is), and computed from features
-    rescaled by powers of two: correct at any scale the input dtype holds. All-zero features give x̂ = 0.
+    bound of Σ_ij(⟨x̂_i,x̂_j⟩ - ⟨ŷ_i,ŷ_j⟩)² = 2·(1 - uncentered CKA). Features flattened to (N, -1);
+    lists of pairs are summed.
     """
     total = None
     for xs, ys in _pairs(x, y, ("x", "y")):
         n = xs.shape[0]
-        stats, exps = _stats(xs.unsqueeze(0), ys.unsqueeze(0), "uncentered", backend)
-        stats, exps = stats[0], exps[0]
-        # sums of the rescaled rows x·2^-e_x (the op's stats are those of the rescaled features)
-        sum_x = xs.sum(0, dtype=torch.float64) * _gram.exp2(-exps[0], torch.float64)
-        sum_y = ys.sum(0, dtype=torch.float64) * _gram.exp2(-exps[1], torch.float64)
+        stats = _stats(xs.unsqueeze(0), ys.unsqueeze(0), "uncentered", backend)[0].double()
+        sum_x = xs.sum(0, dtype=_checks.accumulation_dtype(xs)).double()
+        sum_y = ys.sum(0, dtype=_checks.accumulation_dtype(ys)).double()
         # E_ij<x̂_i, x̂_j> = ‖Σ_i x_i‖² / (N² ‖X Xᵀ‖_F)
         mean_kx = sum_x.square().sum() / (n**2 * torch.sqrt(stats[1].clamp_min(torch.finfo(torch.float64).tiny)))
         mean_ky = sum_y.square().sum() / (n**2 * torch.sqrt(stats[2].clamp_min(torch.finfo(torch.float64).tiny)))
