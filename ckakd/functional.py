@@ -30,6 +30,9 @@ __all__ = [
     "cka_loss",
     "patch_cka",
     "patch_cka_loss",
+    "patch_grid",
+    "fit_patch_size",
+    "PATCH_RESIZE",
     "rcka_loss",
     "mmd_loss",
 ]
@@ -166,18 +169,78 @@ def cka_loss(x: FeaturePairs, y: FeaturePairs, *, mode: str = "centered", backen
     return total
 
 
-def _resize_to_patches(f: Tensor, name: str, ph: int, pw: int) -> Tensor:
+# How a map side that is not a multiple of the patch is resized before it is cut into patches:
+# "nearest": to the nearest multiple (ckakd's historical rule); "ceil": up to the next multiple, a side smaller
+# than the patch up to one patch (the rule of the PCKA authors' code, Zhou et al., IJCAI 2024, mmrazor
+# cka_loss.py: ``div_sixteen_mul``).
+PATCH_RESIZE = ("nearest", "ceil")
+# Fewest patches for which a patch CKA is informative: centered CKA of 2 samples is identically 1, debiased
+# HSIC needs 4 samples, uncentered CKA of 1 sample is identically 1.
+MIN_PATCHES = {"centered": 3, "debiased": 4, "uncentered": 2}
+
+
+def _check_resize(resize: str) -> None:
+    if resize not in PATCH_RESIZE:
+        raise ValueError(f"resize must be one of {', '.join(map(repr, PATCH_RESIZE))}; got {resize!r}")
+
+
+def patch_grid(hw: Sequence[int], patch_size: int | Sequence[int], resize: str = "nearest") -> tuple[int, int]:
+    """(H', W'): the size an (H, W) map is bilinearly resized to before it is cut into patches.
+
+    ``"nearest"``: each side to the nearest multiple of the patch (at least one patch); ``"ceil"``: up to the
+    next multiple (the authors' rule; e.g. 100 x 168 with 16 x 16 patches: 112 x 176, "nearest" 96 x 160)."""
+    _check_resize(resize)
+    ph, pw = _patch_size(patch_size)
+    h, w = int(hw[0]), int(hw[1])
+    if resize == "ceil":
+        return -(-h // ph) * ph, -(-w // pw) * pw
+    return max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw)
+
+
+def fit_patch_size(
+    hw: Sequence[int], patch_size: int | Sequence[int], *, mode: str = "centered", resize: str = "nearest"
+) -> tuple[int, int]:
+    """The patch used on an (H, W) map: ``patch_size`` itself when the map, resized by ``resize``, holds at
+    least ``MIN_PATCHES[mode]`` patches (the authors never change the patch); otherwise the larger side of
+    the patch is halved (the height on ties) until it does, or the patch is 1 x 1. With ``"nearest"`` the
+    patch is first clipped to the map (that rule cannot upsample a map to one patch)."""
+    _check_resize(resize)
+    ph, pw = _patch_size(patch_size)
+    h, w = int(hw[0]), int(hw[1])
+    if resize == "nearest":
+        ph, pw = min(ph, h), min(pw, w)
+    need = MIN_PATCHES.get(mode, 2)
+
+    def count(a: int, b: int) -> int:
+        gh, gw = patch_grid((h, w), (a, b), resize)
+        return (gh // a) * (gw // b)
+
+    while count(ph, pw) < need and (ph > 1 or pw > 1):
+        if ph >= pw and ph > 1:
+            ph = max(1, ph // 2)
+        else:
+            pw = max(1, pw // 2)
+    return ph, pw
+
+
+def _resize_to_patches(f: Tensor, name: str, ph: int, pw: int, resize: str = "nearest") -> Tensor:
     h, w = f.shape[-2:]
-    if h < ph or w < pw:
-        raise ValueError(f"patch_size ({ph}, {pw}) is larger than the feature map {name} of shape {tuple(f.shape)}")
-    th, tw = max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw)
+    if resize == "nearest" and (h < ph or w < pw):
+        raise ValueError(
+            f"patch_size ({ph}, {pw}) is larger than the feature map {name} of shape {tuple(f.shape)} "
+            "(resize='ceil' upsamples it to one patch, as the PCKA authors do)"
+        )
+    th, tw = patch_grid((h, w), (ph, pw), resize)
     if (th, tw) == (h, w):
         return f
     return F.interpolate(f, size=(th, tw), mode="bilinear", align_corners=False)
 
 
 def _patch_size(patch_size) -> tuple[int, int]:
-    return _checks.check_int_pair("patch_size", patch_size)
+    ps = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    if len(ps) != 2 or not all(isinstance(p, int) and p >= 1 for p in ps):
+        raise ValueError(f"patch_size must be an int or a pair of positive ints, got {patch_size!r}")
+    return ps
 
 
 def patch_cka(
@@ -188,18 +251,21 @@ def patch_cka(
     reduce: str = "channel",
     mode: str = "centered",
     backend: str = "auto",
+    resize: str = "nearest",
 ) -> Tensor:
     """Per-problem CKA values (G,) of one feature level (B, C, H, W) cut into patches (PCKA, seed §3.4).
 
-    The maps are bilinearly resized to the nearest multiple of the patch size; patches are the samples.
-    reduce: "channel" (G = C, the seed's choice), "batch" (G = B) or "spatial" (G = ph·pw).
+    The maps are bilinearly resized to a multiple of the patch size (``resize``, see :func:`patch_grid`);
+    patches are the samples. reduce: "channel" (G = C, the seed's choice), "batch" (G = B) or "spatial"
+    (G = ph·pw).
     """
     ph, pw = _patch_size(patch_size)
+    _check_resize(resize)
     _checks.check_mode(mode, MODES)
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {', '.join(map(repr, REDUCTIONS))} here; got {reduce!r}")
     _checks.check_feature_map_pair(f_s, f_t)
-    f_s, f_t = _resize_to_patches(f_s, "f_s", ph, pw), _resize_to_patches(f_t, "f_t", ph, pw)
+    f_s, f_t = _resize_to_patches(f_s, "f_s", ph, pw, resize), _resize_to_patches(f_t, "f_t", ph, pw, resize)
     g, p, _ = problem_shape(tuple(f_s.shape), ph, pw, reduce)
     _checks.check_min_samples("f_s", f_s, p, mode, what=f"patches of size {(ph, pw)}")
     resolved = _backend.resolve(backend, f_s)
@@ -220,11 +286,13 @@ def patch_cka_loss(
     reduce: str = "channel",
     mode: str = "centered",
     backend: str = "auto",
+    resize: str = "nearest",
 ) -> Tensor:
     """PCKA loss: mean over problems of (1 - CKA), summed over feature levels (lists of (B, C, H, W)).
 
     reduce="mix" (seed Table 5): level 0 averages over the batch, level 1 over space, later levels over
-    channels.
+    channels. resize: "nearest" (default) or "ceil" (the PCKA authors' rule, which also upsamples a map
+    smaller than the patch to one patch), see :func:`patch_grid`.
     """
     if reduce not in REDUCTIONS + ("mix",):
         raise ValueError(f"reduce must be one of 'channel', 'batch', 'spatial', 'mix'; got {reduce!r}")
@@ -232,40 +300,10 @@ def patch_cka_loss(
     total = None
     for level, (s, t) in enumerate(pairs):
         r = _MIX_ORDER[min(level, 2)] if reduce == "mix" else reduce
-        values = patch_cka(s, t, patch_size=patch_size, reduce=r, mode=mode, backend=backend)
+        values = patch_cka(s, t, patch_size=patch_size, reduce=r, mode=mode, backend=backend, resize=resize)
         term = 1.0 - values.mean()
         total = term if total is None else total + term
     return total
-
-
-def _row_normalized_cka(x: Tensor, y: Tensor, mode: str) -> Tensor:
-    """CKA of row-normalized Grams (the RCKA authors' ``with_l2_norm``), x (n, dx), y (n, dy) -> scalar.
-
-    K = X Xᵀ (``mode="uncentered"``) or Xc Xcᵀ with the columns centered (``"centered"``); row i of K is
-    divided by sqrt(K_ii) (K'_ij = K_ij / sqrt(K_ii), not symmetric), then
-    CKA = ⟨K', L'⟩_F / (‖K'‖_F ‖L'‖_F). Rows with K_ii = 0 are zero (zero gradient), constant features give
-    0 as in ``cka``. Computed in fp32 (fp64 for fp64 inputs) with autocast off; explicit n×n Grams.
-    """
-    acc = _checks.accumulation_dtype(x, y)
-    with _checks.autocast_off(x, y):
-        grams = []
-        for f in (x.to(acc), y.to(acc)):
-            if mode == "centered":
-                f = f - f.mean(0, keepdim=True)
-            k = f @ f.T
-            d = k.diagonal()
-            pos = d > 0
-            scale = torch.where(pos, torch.where(pos, d, torch.ones_like(d)).rsqrt(), torch.zeros_like(d))
-            grams.append(k * scale[:, None])
-        k, l = grams
-        stats = torch.stack([(k * l).sum(), (k * k).sum(), (l * l).sum()])
-    return _cka_from_stats(stats).to(_out_dtype(x, y))
-
-
-def _logit_cka(zs: Tensor, zt: Tensor, mode: str, with_l2_norm: bool, backend: str) -> Tensor:
-    if with_l2_norm:
-        return _row_normalized_cka(zs, zt, mode)
-    return cka(zs, zt, mode=mode, backend=backend)
 
 
 def rcka_loss(
@@ -277,63 +315,33 @@ def rcka_loss(
     alpha: float = 5.0,
     beta: float = 5.0,
     mode: str = "centered",
-    with_l2_norm: bool = False,
-    soften: bool = False,
-    temperature: float | None = None,
     backend: str = "auto",
     return_parts: bool = False,
 ) -> Tensor | dict[str, Tensor]:
-    """RCKA distillation loss (Zhou et al., IJCAI 2024, Eq. 4-8, without the CE term).
+    """RCKA distillation loss (seed Eq. 4-8, without the CE term).
 
     alpha·Σ_levels (1 - CKA(F_s, F_t)) + beta·[(1 - CKA(z_s, z_t)) + (1 - CKA(z_sᵀ, z_tᵀ))]
-    feats_*: (B, ...) tensors or lists of them (flattened to (B, -1)); logits_*: (B, K), the same B.
+    feats_*: (B, ...) tensors or lists of them (flattened to (B, -1)); logits_*: (B, K).
     The inter-class term treats the K classes as samples (K >= 2 needed; same K for both nets).
-    Defaults alpha = beta = 5 (the paper's appendix B).
-
-    Options of the authors' code (``CenterKernelAlignmentRKD``), for the two logit terms only:
-    ``with_l2_norm``: each Gram row i is divided by sqrt(K_ii) before the alignment,
-    ⟨K', L'⟩ / (‖K'‖‖L'‖) with K'_ij = K_ij / sqrt(K_ii) (the authors' default is True; they apply it to
-    uncentered Grams, ``mode="uncentered"``; with ``"centered"`` the Grams of the centered logits are
-    normalized; not defined for ``"debiased"``). ``soften``: the intra-class term (over the batch) compares
-    softmax(z/temperature) instead of the logits, the inter-class term keeps the raw logits, as in the
-    authors' code; needs ``temperature``. Both default off here (the paper's formula).
-    ``return_parts`` gives a dict with "fcka", "intra_lcka", "inter_lcka" (unweighted) and "loss".
+    Defaults alpha = beta = 5 (the seed's ImageNet setting). ``return_parts`` gives a dict with
+    "fcka", "intra_lcka", "inter_lcka" (unweighted) and "loss".
     """
-    _checks.check_mode(mode, MODES)
-    alpha = _checks.check_weight("alpha", alpha)
-    beta = _checks.check_weight("beta", beta)
-    with_l2_norm = _checks.check_bool("with_l2_norm", with_l2_norm)
-    soften = _checks.check_bool("soften", soften)
-    return_parts = _checks.check_bool("return_parts", return_parts)
-    if with_l2_norm and mode == "debiased":
-        raise ValueError("with_l2_norm=True is not defined for mode='debiased' (U-centered Grams have a zero diagonal)")
-    if soften:
-        if temperature is None:
-            raise ValueError("soften=True needs a temperature (softmax(z / temperature)), got temperature=None")
-        temperature = _checks.check_positive("temperature", temperature)
-    elif temperature is not None:
-        raise ValueError(f"temperature={temperature!r} is only used with soften=True; pass soften=True or drop it")
-    pairs = _pairs(feats_s, feats_t, ("feats_s", "feats_t"))
-    b = pairs[0][0].shape[0]
-    _checks.check_logit_pair("logits_s", logits_s, "logits_t", logits_t, batch=b, batch_of="feats_s")
-    for i, (xs, _) in enumerate(pairs):
-        if xs.shape[0] != b:
-            raise ValueError(
-                f"feats_s[{i}] must have the batch size B={b} of feats_s[0] and the logits, got {tuple(xs.shape)}"
-            )
-    k = logits_s.shape[1]
-    _checks.check_min_samples("logits_s", logits_s, b, mode, what="samples (rows, the batch)")
-    _checks.check_min_samples("logits_s", logits_s, k, mode, what="classes (columns, the inter-class samples)")
+    _checks.check_float_tensor("logits_s", logits_s)
+    _checks.check_float_tensor("logits_t", logits_t)
+    _checks.check_rank("logits_s", logits_s, (2,), "(B, K)")
+    _checks.check_rank("logits_t", logits_t, (2,), "(B, K)")
+    if logits_s.shape != logits_t.shape:
+        raise ValueError(
+            f"logits_s and logits_t must have the same shape (B, K), got {tuple(logits_s.shape)} and "
+            f"{tuple(logits_t.shape)}"
+        )
     fcka = None
-    for xs, ys in pairs:
+    for xs, ys in _pairs(feats_s, feats_t, ("feats_s", "feats_t")):
+        _checks.check_min_samples("feats_s", xs, xs.shape[0], mode)
         term = 1.0 - cka(xs, ys, mode=mode, backend=backend)
         fcka = term if fcka is None else fcka + term
-    zs, zt = logits_s, logits_t
-    if soften:
-        work = _checks.accumulation_dtype(zs, zt)
-        zs, zt = (zs.to(work) / temperature).softmax(1), (zt.to(work) / temperature).softmax(1)
-    intra = 1.0 - _logit_cka(zs, zt, mode, with_l2_norm, backend)
-    inter = 1.0 - _logit_cka(logits_s.T, logits_t.T, mode, with_l2_norm, backend)
+    intra = 1.0 - cka(logits_s, logits_t, mode=mode, backend=backend)
+    inter = 1.0 - cka(logits_s.T, logits_t.T, mode=mode, backend=backend)
     loss = alpha * fcka + beta * (intra + inter)
     if return_parts:
         return {"loss": loss, "fcka": fcka, "intra_lcka": intra, "inter_lcka": inter}
