@@ -237,10 +237,7 @@ def _resize_to_patches(f: Tensor, name: str, ph: int, pw: int, resize: str = "ne
 
 
 def _patch_size(patch_size) -> tuple[int, int]:
-    ps = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
-    if len(ps) != 2 or not all(isinstance(p, int) and p >= 1 for p in ps):
-        raise ValueError(f"patch_size must be an int or a pair of positive ints, got {patch_size!r}")
-    return ps
+    return _checks.check_int_pair("patch_size", patch_size)
 
 
 def patch_cka(
@@ -306,6 +303,36 @@ def patch_cka_loss(
     return total
 
 
+def _row_normalized_cka(x: Tensor, y: Tensor, mode: str) -> Tensor:
+    """CKA of row-normalized Grams (the RCKA authors' ``with_l2_norm``), x (n, dx), y (n, dy) -> scalar.
+
+    K = X Xᵀ (``mode="uncentered"``) or Xc Xcᵀ with the columns centered (``"centered"``); row i of K is
+    divided by sqrt(K_ii) (K'_ij = K_ij / sqrt(K_ii), not symmetric), then
+    CKA = ⟨K', L'⟩_F / (‖K'‖_F ‖L'‖_F). Rows with K_ii = 0 are zero (zero gradient), constant features give
+    0 as in ``cka``. Computed in fp32 (fp64 for fp64 inputs) with autocast off; explicit n×n Grams.
+    """
+    acc = _checks.accumulation_dtype(x, y)
+    with _checks.autocast_off(x, y):
+        grams = []
+        for f in (x.to(acc), y.to(acc)):
+            if mode == "centered":
+                f = f - f.mean(0, keepdim=True)
+            k = f @ f.T
+            d = k.diagonal()
+            pos = d > 0
+            scale = torch.where(pos, torch.where(pos, d, torch.ones_like(d)).rsqrt(), torch.zeros_like(d))
+            grams.append(k * scale[:, None])
+        k, l = grams
+        stats = torch.stack([(k * l).sum(), (k * k).sum(), (l * l).sum()])
+    return _cka_from_stats(stats).to(_out_dtype(x, y))
+
+
+def _logit_cka(zs: Tensor, zt: Tensor, mode: str, with_l2_norm: bool, backend: str) -> Tensor:
+    if with_l2_norm:
+        return _row_normalized_cka(zs, zt, mode)
+    return cka(zs, zt, mode=mode, backend=backend)
+
+
 def rcka_loss(
     feats_s: FeaturePairs,
     feats_t: FeaturePairs,
@@ -315,33 +342,63 @@ def rcka_loss(
     alpha: float = 5.0,
     beta: float = 5.0,
     mode: str = "centered",
+    with_l2_norm: bool = False,
+    soften: bool = False,
+    temperature: float | None = None,
     backend: str = "auto",
     return_parts: bool = False,
 ) -> Tensor | dict[str, Tensor]:
-    """RCKA distillation loss (seed Eq. 4-8, without the CE term).
+    """RCKA distillation loss (Zhou et al., IJCAI 2024, Eq. 4-8, without the CE term).
 
     alpha·Σ_levels (1 - CKA(F_s, F_t)) + beta·[(1 - CKA(z_s, z_t)) + (1 - CKA(z_sᵀ, z_tᵀ))]
-    feats_*: (B, ...) tensors or lists of them (flattened to (B, -1)); logits_*: (B, K).
+    feats_*: (B, ...) tensors or lists of them (flattened to (B, -1)); logits_*: (B, K), the same B.
     The inter-class term treats the K classes as samples (K >= 2 needed; same K for both nets).
-    Defaults alpha = beta = 5 (the seed's ImageNet setting). ``return_parts`` gives a dict with
-    "fcka", "intra_lcka", "inter_lcka" (unweighted) and "loss".
+    Defaults alpha = beta = 5 (the paper's appendix B).
+
+    Options of the authors' code (``CenterKernelAlignmentRKD``), for the two logit terms only:
+    ``with_l2_norm``: each Gram row i is divided by sqrt(K_ii) before the alignment,
+    ⟨K', L'⟩ / (‖K'‖‖L'‖) with K'_ij = K_ij / sqrt(K_ii) (the authors' default is True; they apply it to
+    uncentered Grams, ``mode="uncentered"``; with ``"centered"`` the Grams of the centered logits are
+    normalized; not defined for ``"debiased"``). ``soften``: the intra-class term (over the batch) compares
+    softmax(z/temperature) instead of the logits, the inter-class term keeps the raw logits, as in the
+    authors' code; needs ``temperature``. Both default off here (the paper's formula).
+    ``return_parts`` gives a dict with "fcka", "intra_lcka", "inter_lcka" (unweighted) and "loss".
     """
-    _checks.check_float_tensor("logits_s", logits_s)
-    _checks.check_float_tensor("logits_t", logits_t)
-    _checks.check_rank("logits_s", logits_s, (2,), "(B, K)")
-    _checks.check_rank("logits_t", logits_t, (2,), "(B, K)")
-    if logits_s.shape != logits_t.shape:
-        raise ValueError(
-            f"logits_s and logits_t must have the same shape (B, K), got {tuple(logits_s.shape)} and "
-            f"{tuple(logits_t.shape)}"
-        )
+    _checks.check_mode(mode, MODES)
+    alpha = _checks.check_weight("alpha", alpha)
+    beta = _checks.check_weight("beta", beta)
+    with_l2_norm = _checks.check_bool("with_l2_norm", with_l2_norm)
+    soften = _checks.check_bool("soften", soften)
+    return_parts = _checks.check_bool("return_parts", return_parts)
+    if with_l2_norm and mode == "debiased":
+        raise ValueError("with_l2_norm=True is not defined for mode='debiased' (U-centered Grams have a zero diagonal)")
+    if soften:
+        if temperature is None:
+            raise ValueError("soften=True needs a temperature (softmax(z / temperature)), got temperature=None")
+        temperature = _checks.check_positive("temperature", temperature)
+    elif temperature is not None:
+        raise ValueError(f"temperature={temperature!r} is only used with soften=True; pass soften=True or drop it")
+    pairs = _pairs(feats_s, feats_t, ("feats_s", "feats_t"))
+    b = pairs[0][0].shape[0]
+    _checks.check_logit_pair("logits_s", logits_s, "logits_t", logits_t, batch=b, batch_of="feats_s")
+    for i, (xs, _) in enumerate(pairs):
+        if xs.shape[0] != b:
+            raise ValueError(
+                f"feats_s[{i}] must have the batch size B={b} of feats_s[0] and the logits, got {tuple(xs.shape)}"
+            )
+    k = logits_s.shape[1]
+    _checks.check_min_samples("logits_s", logits_s, b, mode, what="samples (rows, the batch)")
+    _checks.check_min_samples("logits_s", logits_s, k, mode, what="classes (columns, the inter-class samples)")
     fcka = None
-    for xs, ys in _pairs(feats_s, feats_t, ("feats_s", "feats_t")):
-        _checks.check_min_samples("feats_s", xs, xs.shape[0], mode)
+    for xs, ys in pairs:
         term = 1.0 - cka(xs, ys, mode=mode, backend=backend)
         fcka = term if fcka is None else fcka + term
-    intra = 1.0 - cka(logits_s, logits_t, mode=mode, backend=backend)
-    inter = 1.0 - cka(logits_s.T, logits_t.T, mode=mode, backend=backend)
+    zs, zt = logits_s, logits_t
+    if soften:
+        work = _checks.accumulation_dtype(zs, zt)
+        zs, zt = (zs.to(work) / temperature).softmax(1), (zt.to(work) / temperature).softmax(1)
+    intra = 1.0 - _logit_cka(zs, zt, mode, with_l2_norm, backend)
+    inter = 1.0 - _logit_cka(logits_s.T, logits_t.T, mode, with_l2_norm, backend)
     loss = alpha * fcka + beta * (intra + inter)
     if return_parts:
         return {"loss": loss, "fcka": fcka, "intra_lcka": intra, "inter_lcka": inter}
