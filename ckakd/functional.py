@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ckakd import _checks
-from ckakd.ops import _backend
+from ckakd.ops import _backend, _gram
 from ckakd.ops.alignment import MODES, alignment_stats
 from ckakd.ops.gram import centered_gram as _centered_gram_op
 from ckakd.ops.patch import REDUCTIONS, patch_alignment_stats, problem_shape
@@ -66,9 +66,11 @@ def _batched_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, bool]:
     return x, y, batched
 
 
-def _stats(x: Tensor, y: Tensor, mode: str, backend: str) -> Tensor:
+def _stats(x: Tensor, y: Tensor, mode: str, backend: str) -> tuple[Tensor, Tensor]:
+    """(stats (b, 3) fp64, exponents (b, 2)) of x·2^-e_x, y·2^-e_y (see ``ckakd.ops.alignment``)."""
     backend = _backend.resolve(backend, x)
-    return alignment_stats(x, y, mode, backend)[0]
+    out = alignment_stats(x, y, mode, backend)
+    return out[0], out[5]
 
 
 def _cka_from_stats(stats: Tensor) -> Tensor:
@@ -107,14 +109,17 @@ def hsic(x: Tensor, y: Tensor, *, mode: str = "biased", backend: str = "auto") -
 
     biased:   tr(K H L H) / (n-1)²                         (n >= 2)
     unbiased: Song et al.'s unbiased estimator, ⟨U(K), U(L)⟩ / (n(n-3))   (n >= 4)
+    HSIC scales as |x|²|y|²: it is computed from features rescaled by powers of two and scaled back in
+    float64, so the value is right wherever it is representable in the output dtype (fp32 for fp16/bf16/
+    fp32 inputs): ±inf (not NaN) where it overflows, 0 where it underflows (|HSIC| < ~1e-45 in fp32).
     """
     _checks.check_mode(mode, ("biased", "unbiased"))
     xb, yb, batched = _batched_pair(x, y)
     n = xb.shape[1]
     _checks.check_min_samples("x", x, n, mode)
-    stats = _stats(xb, yb, "centered" if mode == "biased" else "debiased", backend)
+    stats, exps = _stats(xb, yb, "centered" if mode == "biased" else "debiased", backend)
     scale = (n - 1) ** 2 if mode == "biased" else n * (n - 3)
-    value = (stats[:, 0].double() / scale).to(_out_dtype(x, y))
+    value = (_gram.mul_pow2(stats[:, 0] / scale, 2 * (exps[:, 0] + exps[:, 1]))).to(_out_dtype(x, y))
     return value if batched else value[0]
 
 
@@ -123,13 +128,16 @@ def cka(x: Tensor, y: Tensor, *, mode: str = "centered", backend: str = "auto") 
 
     mode: "centered" (the paper's CKA, default), "debiased" (U-centered, Kornblith's unbiased form, may be
     slightly negative, n >= 4) or "uncentered" (plain kernel alignment, the RCKA authors' code).
-    Differentiable in both arguments. Constant features give 0 with a zero gradient.
+    Differentiable in both arguments (twice: double backward is supported). Constant features (zero
+    variance; in "uncentered" mode all-zero features) and an empty feature set (d = 0) give 0 with a zero
+    gradient. Scale-invariant in each argument and computed so: correct at any feature scale the input
+    dtype can hold (fp32: ~1e-30 to ~1e30 and beyond).
     backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch" or "triton".
     """
     _checks.check_mode(mode, MODES)
     xb, yb, batched = _batched_pair(x, y)
     _checks.check_min_samples("x", x, xb.shape[1], mode)
-    value = _cka_from_stats(_stats(xb, yb, mode, backend)).to(_out_dtype(x, y))
+    value = _cka_from_stats(_stats(xb, yb, mode, backend)[0]).to(_out_dtype(x, y))
     return value if batched else value[0]
 
 
@@ -146,6 +154,11 @@ def _flatten_pair(i: int, s: Tensor, t: Tensor, names: tuple[str, str]) -> tuple
         )
     if s.shape[0] != t.shape[0]:
         raise ValueError(f"{ns} and {nt} must have the same batch size, got {tuple(s.shape)} and {tuple(t.shape)}")
+    if s.shape[0] == 0:
+        raise ValueError(
+            f"{ns} and {nt} have an empty batch (shapes {tuple(s.shape)} and {tuple(t.shape)}); these losses "
+            "need samples (CKA at least 2: it is undefined for fewer)"
+        )
     return s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
 
 
@@ -410,15 +423,18 @@ def mmd_loss(x: FeaturePairs, y: FeaturePairs, *, backend: str = "auto") -> Tens
 
     N²·(E_ij⟨x̂_i, x̂_j⟩ - E_ij⟨ŷ_i, ŷ_j⟩)² with rows scaled as in its Appendix C.2,
     x̂ = x / sqrt(‖XᵀX‖_F); uncentered (for centered features both expectations vanish). It is a lower
-    bound of Σ_ij(⟨x̂_i,x̂_j⟩ - ⟨ŷ_i,ŷ_j⟩)² = 2·(1 - uncentered CKA). Features flattened to (N, -1);
-    lists of pairs are summed.
+    bound of Σ_ij(⟨x̂_i,x̂_j⟩ - ⟨ŷ_i,ŷ_j⟩)² = 2·(1 - uncentered CKA). Features flattened to (N, -1), N >= 1;
+    lists of pairs are summed. Invariant to the scale of x and of y (x̂ is), and computed from features
+    rescaled by powers of two: correct at any scale the input dtype holds. All-zero features give x̂ = 0.
     """
     total = None
     for xs, ys in _pairs(x, y, ("x", "y")):
         n = xs.shape[0]
-        stats = _stats(xs.unsqueeze(0), ys.unsqueeze(0), "uncentered", backend)[0].double()
-        sum_x = xs.sum(0, dtype=_checks.accumulation_dtype(xs)).double()
-        sum_y = ys.sum(0, dtype=_checks.accumulation_dtype(ys)).double()
+        stats, exps = _stats(xs.unsqueeze(0), ys.unsqueeze(0), "uncentered", backend)
+        stats, exps = stats[0], exps[0]
+        # sums of the rescaled rows x·2^-e_x (the op's stats are those of the rescaled features)
+        sum_x = xs.sum(0, dtype=torch.float64) * _gram.exp2(-exps[0], torch.float64)
+        sum_y = ys.sum(0, dtype=torch.float64) * _gram.exp2(-exps[1], torch.float64)
         # E_ij<x̂_i, x̂_j> = ‖Σ_i x_i‖² / (N² ‖X Xᵀ‖_F)
         mean_kx = sum_x.square().sum() / (n**2 * torch.sqrt(stats[1].clamp_min(torch.finfo(torch.float64).tiny)))
         mean_ky = sum_y.square().sum() / (n**2 * torch.sqrt(stats[2].clamp_min(torch.finfo(torch.float64).tiny)))

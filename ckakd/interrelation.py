@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ckakd import _checks
+from ckakd.ops import _gram
 
 __all__ = [
     "KERNELS",
@@ -48,8 +49,17 @@ def _check_kernel(kernel: str, allowed=KERNELS) -> None:
         raise ValueError(f"kernel must be one of {', '.join(map(repr, allowed))}; got {kernel!r}")
 
 
+def _rescaled(x: Tensor) -> Tensor:
+    """x (m, ...) with every x[i] divided by a power of two 2^e_i, max|x[i]| in [1/2, 1) (exact): the
+    similarities below are invariant to it, and it keeps squares and products of fp32 features from
+    overflowing (|x| ≳ 1e19) or underflowing into denormals (|x| ≲ 1e-19)."""
+    return _gram.mul_pow2(x, -_gram.pow2_exponent(x))
+
+
 def _normalized_rows(x: Tensor) -> Tensor:
-    """Rows scaled to unit L2 norm; all-zero rows stay zero."""
+    """Rows (..., m, d) scaled to unit L2 norm at any magnitude; all-zero rows stay zero."""
+    shape = x.shape
+    x = _rescaled(x.reshape(-1, shape[-1])).reshape(shape)
     return F.normalize(x, dim=-1, eps=torch.finfo(x.dtype).tiny)
 
 
@@ -76,14 +86,20 @@ def _median_nonzero(values: Tensor) -> Tensor:
 
 
 def _class_grams(x: Tensor, kernel: str, degree: int) -> Tensor:
-    """Centered b×b Grams (C, b, b) of the class matrices x (C, b, d)."""
+    """Centered b×b Grams (C, b, b) of the class matrices x (C, b, d), each up to a positive factor
+    (the interrelation is invariant to one per class): the linear and RBF kernels see every class
+    rescaled by a power of two, the polynomial kernel's base is rescaled before the power."""
     if kernel == "cka":
+        x = _rescaled(x)
         xc = x - x.mean(1, keepdim=True)  # center the features, not the Gram (fp32 cancellation)
         return xc @ xc.mT
     x = x.double()  # nonlinear kernels: the Gram must be formed before centering, so use float64
     if kernel == "poly":
-        k = (x @ x.mT / x.shape[-1] + 1.0).pow(degree)
+        # (x·y/d + 1)^degree is not scale-invariant; dividing the base by a power of two per class first
+        # keeps the power finite (it overflows float64 for large features or degrees)
+        k = _rescaled(x @ x.mT / x.shape[-1] + 1.0).pow(degree)
     else:  # rbf; distances are offset-invariant, so compute them from centered features
+        x = _rescaled(x)  # exp(-d²/2σ²) with σ² ∝ d² is scale-invariant
         xc = x - x.mean(1, keepdim=True)
         d2 = torch.cdist(xc, xc, compute_mode="donot_use_mm_for_euclid_dist").square()
         iu = torch.triu_indices(x.shape[1], x.shape[1], 1, device=x.device)

@@ -1,6 +1,10 @@
 """``ckakd::centered_gram``: Kc = Xc Xcᵀ for batched features x (b, n, d), differentiable.
 
 Backward: ∂⟨G, Kc⟩/∂X = H (G + Gᵀ) Xc = [H (G + Gᵀ) H] Xc — one (n×n)·(n×d) product.
+
+Scale: the Gram is formed from x' = x·2^-e (max|x'| in [1/2, 1), see ``_gram.pow2_exponent``) and
+multiplied by 4^e exactly at the end, so Kc is correct wherever it is representable in fp32 and ±inf
+(never NaN from inf - inf) where it overflows; the backward applies the powers of two the same way.
 """
 
 from __future__ import annotations
@@ -13,42 +17,55 @@ from ckakd.ops import _gram
 
 
 @torch.library.custom_op("ckakd::centered_gram", mutates_args=())
-def centered_gram(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    """x (b, n, d) -> (Kc (b, n, n), column means (b, d)), fp32 (fp64 for fp64 input)."""
-    k, mean = _gram.gram(x, True, backend)
-    return k.to(_acc_dtype(x)), mean.to(_acc_dtype(x))
+def centered_gram(x: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """x (b, n, d) -> (Kc (b, n, n), column means (b, d), exponents e (b,) int32), fp32 (fp64 for fp64)."""
+    acc = _acc_dtype(x)
+    e = _gram.pow2_exponent(x)
+    k, mean = _gram.gram(x, True, backend, _gram.exp2(-e, acc))
+    return _gram.mul_pow2(k.to(acc), 2 * e), _gram.mul_pow2(mean.to(acc), e), e
 
 
 @centered_gram.register_fake
 def _(x, backend):
     b, n, d = x.shape
-    return x.new_empty((b, n, n), dtype=_acc_dtype(x)), x.new_empty((b, d), dtype=_acc_dtype(x))
+    acc = _acc_dtype(x)
+    return x.new_empty((b, n, n), dtype=acc), x.new_empty((b, d), dtype=acc), x.new_empty((b,), dtype=torch.int32)
 
 
 @torch.library.custom_op("ckakd::centered_gram_backward", mutates_args=())
-def centered_gram_backward(grad: Tensor, x: Tensor, mean: Tensor, backend: str) -> Tensor:
-    m = _gram.double_center(grad + grad.transpose(1, 2))
-    return _gram.gram_apply(m, x, mean, True, backend)
+def centered_gram_backward(grad: Tensor, x: Tensor, mean: Tensor, e: Tensor, backend: str) -> Tensor:
+    """grad (b, n, n) = ∂loss/∂Kc -> ∂loss/∂x (b, n, d) = 2^e·[H (G + Gᵀ) H] X'c, X'c = (x - mean)·2^-e."""
+    acc = _acc_dtype(x)
+    m = _gram.double_center(grad.to(acc) + grad.transpose(1, 2).to(acc))
+    e_m = _gram.pow2_exponent(m)
+    m = _gram.mul_pow2(m, -e_m)
+    mean_scaled = _gram.mul_pow2(mean, -e)
+    return _gram.gram_apply(m, x, mean_scaled, True, backend, _gram.exp2(-e, acc), e_m + e)
 
 
 @centered_gram_backward.register_fake
-def _(grad, x, mean, backend):
+def _(grad, x, mean, e, backend):
     return x.new_empty(x.shape)
 
 
 def _setup_context(ctx, inputs, output):
     x, backend = inputs
-    ctx.save_for_backward(x, output[1])
+    _, mean, e = output
+    ctx.save_for_backward(x, mean, e)
     ctx.backend = backend
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(mean, e)
     ctx.set_materialize_grads(False)  # no zero-filled grads for the non-differentiable outputs
 
 
-def _backward(ctx, grad_k, grad_mean):
-    x, mean = ctx.saved_tensors
+def _backward(ctx, grad_k, grad_mean, grad_e):
+    x, mean, e = ctx.saved_tensors
     if grad_k is None:
         return None, None
-    return centered_gram_backward(grad_k.contiguous(), x, mean, ctx.backend), None
+    if torch.is_grad_enabled():  # create_graph=True: the same formula in differentiable operations
+        xc = x.to(mean.dtype) - x.to(mean.dtype).mean(1, keepdim=True)
+        m = _gram.double_center(grad_k + grad_k.transpose(1, 2))
+        return (m.to(xc.dtype) @ xc).to(x.dtype), None
+    return centered_gram_backward(grad_k.contiguous(), x, mean, e, ctx.backend), None
 
 
 centered_gram.register_autograd(_backward, setup_context=_setup_context)
