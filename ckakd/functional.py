@@ -346,6 +346,25 @@ def _logit_cka(zs: Tensor, zt: Tensor, mode: str, with_l2_norm: bool, backend: s
     return cka(zs, zt, mode=mode, backend=backend)
 
 
+def rcka_logit_options(
+    mode: str, with_l2_norm: bool, soften: bool, temperature: float | None
+) -> tuple[bool, bool, float | None]:
+    """Validate the logit-term options of :func:`rcka_loss` (also used by ``nn.RCKALoss`` and the trainer's
+    RCKA / LCKA distillers); returns (with_l2_norm, soften, temperature as float or None)."""
+    _checks.check_mode(mode, MODES)
+    with_l2_norm = _checks.check_bool("with_l2_norm", with_l2_norm)
+    soften = _checks.check_bool("soften", soften)
+    if with_l2_norm and mode == "debiased":
+        raise ValueError("with_l2_norm=True is not defined for mode='debiased' (U-centered Grams have a zero diagonal)")
+    if soften:
+        if temperature is None:
+            raise ValueError("soften=True needs a temperature (softmax(z / temperature)), got temperature=None")
+        temperature = _checks.check_positive("temperature", temperature)
+    elif temperature is not None:
+        raise ValueError(f"temperature={temperature!r} is only used with soften=True; pass soften=True or drop it")
+    return with_l2_norm, soften, temperature
+
+
 def rcka_loss(
     feats_s: FeaturePairs,
     feats_t: FeaturePairs,
@@ -377,20 +396,10 @@ def rcka_loss(
     authors' code; needs ``temperature``. Both default off here (the paper's formula).
     ``return_parts`` gives a dict with "fcka", "intra_lcka", "inter_lcka" (unweighted) and "loss".
     """
-    _checks.check_mode(mode, MODES)
     alpha = _checks.check_weight("alpha", alpha)
     beta = _checks.check_weight("beta", beta)
-    with_l2_norm = _checks.check_bool("with_l2_norm", with_l2_norm)
-    soften = _checks.check_bool("soften", soften)
+    with_l2_norm, soften, temperature = rcka_logit_options(mode, with_l2_norm, soften, temperature)
     return_parts = _checks.check_bool("return_parts", return_parts)
-    if with_l2_norm and mode == "debiased":
-        raise ValueError("with_l2_norm=True is not defined for mode='debiased' (U-centered Grams have a zero diagonal)")
-    if soften:
-        if temperature is None:
-            raise ValueError("soften=True needs a temperature (softmax(z / temperature)), got temperature=None")
-        temperature = _checks.check_positive("temperature", temperature)
-    elif temperature is not None:
-        raise ValueError(f"temperature={temperature!r} is only used with soften=True; pass soften=True or drop it")
     pairs = _pairs(feats_s, feats_t, ("feats_s", "feats_t"))
     b = pairs[0][0].shape[0]
     _checks.check_logit_pair("logits_s", logits_s, "logits_t", logits_t, batch=b, batch_of="feats_s")

@@ -88,16 +88,9 @@ class RCKALoss(nn.Module):
         super().__init__()
         self.alpha = _checks.check_weight("alpha", alpha)
         self.beta = _checks.check_weight("beta", beta)
-        self.mode = _checks.check_choice("mode", mode, MODES)
-        self.with_l2_norm = _checks.check_bool("with_l2_norm", with_l2_norm)
-        self.soften = _checks.check_bool("soften", soften)
-        if self.with_l2_norm and self.mode == "debiased":
-            raise ValueError("with_l2_norm=True is not defined for mode='debiased'")
-        if self.soften and temperature is None:
-            raise ValueError("soften=True needs a temperature (softmax(z / temperature)), got temperature=None")
-        if not self.soften and temperature is not None:
-            raise ValueError(f"temperature={temperature!r} is only used with soften=True; pass soften=True or drop it")
-        self.temperature = None if temperature is None else _checks.check_positive("temperature", temperature)
+        self.mode = mode
+        options = F_.rcka_logit_options(mode, with_l2_norm, soften, temperature)
+        self.with_l2_norm, self.soften, self.temperature = options
         self.backend = _checks.check_choice("backend", backend, _backend.BACKENDS)
 
     def forward(self, feats_s, feats_t, logits_s: Tensor, logits_t: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 import ckakd
 from ckakd._checks import module_names, resolve_module
+from ckakd.functional import rcka_logit_options
 
 from .distributed import gather_batch
 from .hooks import FeatureHooks
@@ -252,6 +253,12 @@ def _conv1x1(c_in: int, c_out: int, *, bn: bool, relu: bool) -> nn.Sequential:
     if relu:
         layers.append(nn.ReLU(inplace=False))
     return nn.Sequential(*layers)
+
+
+def _rcka_logit_options(mode: str, with_l2_norm: bool, soften: bool, temperature: float | None) -> dict[str, Any]:
+    """The RCKA authors' logit-term options (``ckakd.rcka_loss``: with_l2_norm, soften, temperature), validated."""
+    l2, soft, t = rcka_logit_options(mode, with_l2_norm, soften, temperature)
+    return {"with_l2_norm": l2, "soften": soft, "temperature": t}
 
 
 def _check_mode(mode: str) -> str:
@@ -764,7 +771,8 @@ class FCKA(Distiller):
 
 class LCKA(Distiller):
     """Logit CKA, the logit part of ``ckakd.rcka_loss``: ``beta · [(1 − CKA(z_s, z_t)) + (1 − CKA(z_sᵀ, z_tᵀ))]``
-    (intra-class over the batch, inter-class over the classes). Loss key ``"lcka"``.
+    (intra-class over the batch, inter-class over the classes). ``with_l2_norm`` / ``soften`` + ``temperature``:
+    the RCKA authors' options (see ``ckakd.rcka_loss``). Loss key ``"lcka"``.
     """
 
     def __init__(
@@ -774,6 +782,9 @@ class LCKA(Distiller):
         *,
         beta: float = 5.0,
         mode: str = "centered",
+        with_l2_norm: bool = False,
+        soften: bool = False,
+        temperature: float | None = None,
         global_batch: bool = False,
         ce_weight: float = 1.0,
         input_shape: Sequence[int] | None = None,
@@ -781,6 +792,7 @@ class LCKA(Distiller):
         super().__init__(student, teacher, ce_weight=ce_weight, input_shape=input_shape)
         self._require_one_teacher()
         self.beta, self.mode, self.global_batch = float(beta), _check_mode(mode), bool(global_batch)
+        self.logit_options = _rcka_logit_options(self.mode, with_l2_norm, soften, temperature)
 
     def losses(self, x: Tensor, y: Tensor, logits_s: Tensor) -> dict[str, Tensor]:
         (z_t,) = self.teacher_logits(x)
@@ -788,7 +800,9 @@ class LCKA(Distiller):
         if self.global_batch:
             z_s, z_t = gather_batch(z_s), gather_batch(z_t)
         # rcka_loss needs a feature pair; the logits stand in (alpha=0; that part is not used)
-        parts = ckakd.rcka_loss(z_s, z_t, z_s, z_t, alpha=0.0, beta=self.beta, mode=self.mode, return_parts=True)
+        parts = ckakd.rcka_loss(
+            z_s, z_t, z_s, z_t, alpha=0.0, beta=self.beta, mode=self.mode, return_parts=True, **self.logit_options
+        )
         return {"lcka": self.beta * (parts["intra_lcka"] + parts["inter_lcka"])}
 
 
@@ -797,7 +811,8 @@ class RCKA(Distiller):
 
     Features are captured with :class:`FeatureHooks` on the given dotted module paths of each net (paired
     in order; default: the last of each model's ``stage_names``). ``global_batch=True`` gathers features
-    and logits over DDP ranks first. Returned losses: ``"fcka"`` (alpha-weighted) and ``"lcka"``
+    and logits over DDP ranks first. ``with_l2_norm`` / ``soften`` + ``temperature``: the RCKA authors' options
+    for the logit terms (see ``ckakd.rcka_loss``). Returned losses: ``"fcka"`` (alpha-weighted) and ``"lcka"``
     (beta-weighted). Call :meth:`remove_hooks` when done with the distiller.
     """
 
@@ -811,12 +826,16 @@ class RCKA(Distiller):
         alpha: float = 5.0,
         beta: float = 5.0,
         mode: str = "centered",
+        with_l2_norm: bool = False,
+        soften: bool = False,
+        temperature: float | None = None,
         global_batch: bool = False,
         ce_weight: float = 1.0,
         input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(student, teacher, ce_weight=ce_weight, input_shape=input_shape)
         self.mode = _check_mode(mode)
+        self.logit_options = _rcka_logit_options(self.mode, with_l2_norm, soften, temperature)
         self._setup_features(feature_paths_s, feature_paths_t)
         self.alpha, self.beta, self.global_batch = float(alpha), float(beta), bool(global_batch)
 
@@ -827,7 +846,15 @@ class RCKA(Distiller):
         if self.global_batch:
             z_s, z_t = gather_batch(z_s), gather_batch(z_t)
         parts = ckakd.rcka_loss(
-            feats_s, feats_t, z_s, z_t, alpha=self.alpha, beta=self.beta, mode=self.mode, return_parts=True
+            feats_s,
+            feats_t,
+            z_s,
+            z_t,
+            alpha=self.alpha,
+            beta=self.beta,
+            mode=self.mode,
+            return_parts=True,
+            **self.logit_options,
         )
         return {"fcka": self.alpha * parts["fcka"], "lcka": self.beta * (parts["intra_lcka"] + parts["inter_lcka"])}
 
