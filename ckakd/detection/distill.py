@@ -3,10 +3,11 @@
 Every loss takes lists of paired FPN levels ``(B, C, H, W)`` (student, teacher; same channels — use
 ``PatchMimic`` projectors when they differ) and works on all channels and patches at once (no Python loop
 over channels). Patches are ``(P_H, P_W)`` windows; maps whose size is not a multiple are resized
-bilinearly to the nearest multiple first, as ``ckakd.patch_cka_loss`` does.
+bilinearly to the nearest multiple first, as ``ckakd.patch_cka_loss`` does (PCKA: or up to the next
+multiple, ``resize="ceil"``, the rule of the authors' code).
 
 * ``pcka``: ``γ · ckakd.patch_cka_loss`` per level with the seed's four reductions (channel / batch /
-  spatial / mix) — the fused patch-CKA kernel on CUDA;
+  spatial / mix) — the fused patch-CKA kernel on CUDA — plus the authors' optional inter term;
 * ``kd_patch``: Hinton KD inside every (sample, channel, patch): softmax over the patch's positions at
   temperature τ, KL(teacher‖student)·τ² averaged (the seed's Table 7 "KD w/ patch");
 * ``at_patch``: attention transfer per patch: mean-square over channels, L2-normalized within the patch;
@@ -31,12 +32,16 @@ from torch import Tensor, nn
 
 import ckakd
 from ckakd import _checks
+from ckakd.functional import PATCH_RESIZE, fit_patch_size, patch_grid
 from ckakd.interrelation import InterrelationBuilder, interrelation
+from ckakd.ops.patch import to_problems
 
 __all__ = [
     "patchify",
     "level_patch_size",
     "pcka_loss",
+    "pcka_inter",
+    "default_resize",
     "kd_patch_loss",
     "mmd_patch_loss",
     "wkd_feature_fpn_loss",
@@ -89,11 +94,18 @@ def patchify(f: Tensor, patch_size: int | Sequence[int]) -> Tensor:
     bilinearly to the nearest multiple of the patch (at least one patch), as ``ckakd.patch_cka_loss`` does."""
     ph, pw = _size(patch_size)
     b, c, h, w = f.shape
-    nh, nw = max(1, round(h / ph)), max(1, round(w / pw))
-    if (nh * ph, nw * pw) != (h, w):
-        f = F.interpolate(f, size=(nh * ph, nw * pw), mode="bilinear", align_corners=False)
+    th, tw = patch_grid((h, w), (ph, pw), "nearest")
+    nh, nw = th // ph, tw // pw
+    if (th, tw) != (h, w):
+        f = F.interpolate(f, size=(th, tw), mode="bilinear", align_corners=False)
     x = f.reshape(b, c, nh, ph, nw, pw).permute(0, 1, 2, 4, 3, 5)
     return x.reshape(b, c, nh * nw, ph * pw)
+
+
+def default_resize(mode: str) -> str:
+    """The PCKA resize rule when none is given: ``"ceil"`` (the authors' rule) with their uncentered CKA,
+    ``"nearest"`` (ckakd's) otherwise."""
+    return "ceil" if mode == "uncentered" else "nearest"
 
 
 def pcka_loss(
@@ -104,30 +116,95 @@ def pcka_loss(
     reduce: str = "channel",
     gamma: float = 10.0,
     mode: str = "centered",
+    resize: str | None = None,
+    inter_weight: float = 0.0,
 ) -> Tensor:
-    """γ · Σ_levels PCKA (``ckakd.patch_cka_loss``); the seed's best γ is 10. ``reduce="mix"``: batch on the
-    first level, spatial on the second, channel on the rest; each level's patch from :func:`level_patch_size`."""
+    """γ · Σ_levels PCKA (``ckakd.patch_cka_loss``) + inter_weight · Σ_levels inter-PCKA (:func:`pcka_inter`).
+
+    f_s, f_t: one (B, C, H, W) map each or lists of per-level maps. The seed's best γ is 10. ``reduce="mix"``:
+    batch on the first level, spatial on the second, channel on the rest; each level's patch from
+    :func:`level_patch_size`. ``resize``: how a map is brought to a multiple of the patch, ``"nearest"`` or
+    ``"ceil"`` (up to the next multiple, a side smaller than the patch up to one patch: the authors' rule);
+    default :func:`default_resize` (``"ceil"`` for ``mode="uncentered"``, the authors' CKA, else ``"nearest"``).
+    On a 100 x 168 COCO P3 map with 16 x 16 patches "ceil" gives 112 x 176 and "nearest" 96 x 160.
+
+    ``inter_weight``: the weight of the authors' inter term (0: off). Their code (mmrazor
+    ``CenterKernelAlignmentRKD``) switches the term on with ``inter_weight`` but multiplies it by
+    ``intra_weight``; their COCO configs set both to 10, which ``gamma=10, inter_weight=10`` reproduces.
+    Their per-level loss is ``w · mean(−CKA)``; this one ``γ · mean(1 − CKA)`` (same gradients, +γ).
+    """
+    if reduce not in ("channel", "batch", "spatial", "mix"):
+        raise ValueError(f"reduce must be one of 'channel', 'batch', 'spatial', 'mix'; got {reduce!r}")
+    resize = default_resize(mode) if resize is None else resize
+    if resize not in PATCH_RESIZE:
+        raise ValueError(f"resize must be one of {', '.join(map(repr, PATCH_RESIZE))} or None; got {resize!r}")
+    inter_weight = float(inter_weight)
+    if not math.isfinite(inter_weight) or inter_weight < 0:
+        raise ValueError(f"inter_weight must be finite and >= 0, got {inter_weight}")
     pairs = _pairs(f_s, f_t)
     total = pairs[0][0].new_zeros(())
+    inter = pairs[0][0].new_zeros(())
     for level, (s, t) in enumerate(pairs):
         level_reduce = MIX_ORDER[min(level, len(MIX_ORDER) - 1)] if reduce == "mix" else reduce
-        size = level_patch_size(s.shape[-2:], patch_size)
-        total = total + ckakd.patch_cka_loss(s, t, patch_size=size, reduce=level_reduce, mode=mode)
-    return gamma * total
+        size = level_patch_size(s.shape[-2:], patch_size, mode=mode, resize=resize)
+        total = total + ckakd.patch_cka_loss(s, t, patch_size=size, reduce=level_reduce, mode=mode, resize=resize)
+        if inter_weight > 0:
+            values = pcka_inter(s, t, patch_size=size, reduce=level_reduce, mode=mode, resize=resize)
+            inter = inter + (1.0 - values.mean())
+    return gamma * total + inter_weight * inter if inter_weight > 0 else gamma * total
+
+
+def pcka_inter(
+    f_s: Tensor,
+    f_t: Tensor,
+    *,
+    patch_size: int | Sequence[int],
+    reduce: str = "channel",
+    mode: str = "uncentered",
+    resize: str = "ceil",
+) -> Tensor:
+    """Per-problem inter CKA values (G,) of one level: the transposed PCKA problems (the authors' inter term).
+
+    Each PCKA problem g is a (P, D) matrix X_g (P patches as samples; ``reduce="channel"``: D = B·P_H·P_W);
+    the inter term compares X_gᵀ (the D positions as samples, the P patches as features):
+    CKA = ‖X_s X_tᵀ‖²_F / (‖X_s X_sᵀ‖_F ‖X_t X_tᵀ‖_F) with, for ``mode="centered"``, each X row centered
+    over its D entries. ``"debiased"`` is not offered. Computed in fp32 (fp64 for fp64 inputs), autocast off.
+    """
+    if mode not in ("centered", "uncentered"):
+        raise ValueError(f"the PCKA inter term supports mode 'centered' or 'uncentered', got {mode!r}")
+    ph, pw = _size(patch_size)
+    pair = _pairs(f_s, f_t)[0]
+    acc = torch.float64 if torch.float64 in (f_s.dtype, f_t.dtype) else torch.float32
+    with torch.autocast(f_s.device.type, enabled=False):
+        xs, xt = [], []
+        for f, out in zip(pair, (xs, xt), strict=True):
+            f = f.to(acc)
+            size = patch_grid(f.shape[-2:], (ph, pw), resize)
+            if tuple(f.shape[-2:]) != size:
+                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+            x = to_problems(f, ph, pw, reduce)  # (G, P, D)
+            if mode == "centered":
+                x = x - x.mean(-1, keepdim=True)
+            out.append(x)
+        a, b = xs[0], xt[0]
+        cross = (a @ b.transpose(-1, -2)).square().sum((-1, -2))
+        norm_a = (a @ a.transpose(-1, -2)).square().sum((-1, -2)).sqrt()
+        norm_b = (b @ b.transpose(-1, -2)).square().sum((-1, -2)).sqrt()
+        values = cross / (norm_a * norm_b).clamp_min(torch.finfo(acc).tiny)
+    return values.to(torch.promote_types(f_s.dtype, f_t.dtype))
 
 
 MIX_ORDER = ("batch", "spatial", "channel")  # reduce="mix" (seed Table 5): level 0, level 1, later levels
 
 
-def level_patch_size(hw: Sequence[int], patch_size: int | Sequence[int]) -> tuple[int, int]:
-    """The patch for one FPN level: ``patch_size`` halved until the (H, W) map holds at least 2 patches
-    (centered CKA over one patch is undefined; RetinaNet's P6/P7 are tiny)."""
-    ph, pw = _size(patch_size)
-    h, w = int(hw[0]), int(hw[1])
-    ph, pw = min(ph, h), min(pw, w)
-    while max(1, round(h / ph)) * max(1, round(w / pw)) < 2 and (ph > 1 or pw > 1):
-        ph, pw = max(1, ph // 2), max(1, pw // 2)
-    return ph, pw
+def level_patch_size(
+    hw: Sequence[int], patch_size: int | Sequence[int], *, mode: str = "centered", resize: str = "nearest"
+) -> tuple[int, int]:
+    """The patch for one FPN level of size (H, W): :func:`ckakd.functional.fit_patch_size` (one rule for
+    ckakd: ``patch_size`` kept when the map, resized by ``resize``, holds enough patches for an informative
+    CKA of ``mode``, else its larger side halved; with ``"ceil"`` a map smaller than the patch is upsampled
+    to one patch, as the authors do)."""
+    return fit_patch_size(hw, _size(patch_size), mode=mode, resize=resize)
 
 
 def kd_patch_loss(f_s, f_t, *, patch_size=(4, 4), temperature: float = 1.0, weight: float = 1.0) -> Tensor:

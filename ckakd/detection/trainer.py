@@ -36,6 +36,7 @@ from ckakd.detection.distill import (
 )
 from ckakd.detection.evaluation import METRIC_NAMES
 from ckakd.detection.task import DetectionTask, coco_ground_truth, detector_of
+from ckakd.functional import PATCH_RESIZE
 from ckakd.train.engine import Trainer, TrainSettings
 from ckakd.train.hooks import FeatureHooks
 
@@ -62,6 +63,7 @@ DISTILL_METHODS = (
 )
 _WKD_L = ("wkd_l", "wkd_lf")
 _REDUCES = ("channel", "batch", "spatial", "mix")
+_PCKA_MODES = ("centered", "uncentered", "debiased")
 
 
 def _protocol(model: nn.Module, who: str) -> tuple[int, int, list[str]]:
@@ -118,6 +120,10 @@ class DetectionDistiller(nn.Module):
         weight: the loss weight (γ for PCKA, WKD-L's weight for wkd_l / wkd_lf); default 10 for PCKA, 30 for
             WKD-L (WKD's ImageNet γ), 1 otherwise.
         patch_size, reduce: the patch (P_H, P_W) and PCKA's reduction (channel / batch / spatial / mix).
+        mode, resize, inter_weight: PCKA's CKA (``"centered"`` | ``"uncentered"``, the authors' |
+            ``"debiased"``), resize rule (``"nearest"`` | ``"ceil"``, the authors'; default ``"ceil"`` with
+            ``"uncentered"``, else ``"nearest"``) and inter-term weight (0: off); see
+            :func:`~ckakd.detection.distill.pcka_loss`. PCKA methods only.
         mimic_weight: weight of the mimic MSE (``"pcka_mimic"``).
         levels: indices of the FPN levels to distil (default: all); WKD-L uses the cls logits of these levels.
         cost: WKD-L's class cost, (K, K) (``ckakd.cost_from_interrelation(detection_class_interrelation(
@@ -148,6 +154,9 @@ class DetectionDistiller(nn.Module):
         weight: float | None = None,
         patch_size: int | Sequence[int] = (4, 4),
         reduce: str = "channel",
+        mode: str = "centered",
+        resize: str | None = None,
+        inter_weight: float = 0.0,
         mimic_weight: float = 1.0,
         levels: Sequence[int] | None = None,
         cost: Tensor | None = None,
@@ -164,6 +173,17 @@ class DetectionDistiller(nn.Module):
             raise ValueError(f"method must be one of {DISTILL_METHODS}, got {method!r}")
         if reduce not in _REDUCES:
             raise ValueError(f"reduce must be one of {_REDUCES}, got {reduce!r}")
+        if mode not in _PCKA_MODES:
+            raise ValueError(f"mode must be one of {_PCKA_MODES}, got {mode!r}")
+        if resize is not None and resize not in PATCH_RESIZE:
+            raise ValueError(f"resize must be one of {PATCH_RESIZE} or None, got {resize!r}")
+        inter_weight = float(inter_weight)
+        if not math.isfinite(inter_weight) or inter_weight < 0:
+            raise ValueError(f"inter_weight must be finite and >= 0, got {inter_weight}")
+        if inter_weight > 0 and mode == "debiased":
+            raise ValueError("inter_weight > 0 needs mode 'centered' or 'uncentered' (the inter term is not debiased)")
+        if not method.startswith("pcka") and (mode != "centered" or resize is not None or inter_weight > 0):
+            raise ValueError(f"mode / resize / inter_weight are PCKA options; method={method!r} takes none of them")
         n_s, s_ch, s_default = _protocol(student, "student")
         n_t, t_ch, t_default = _protocol(teacher, "teacher")
         s_paths = list(
@@ -207,6 +227,7 @@ class DetectionDistiller(nn.Module):
         self.weight = float(weight if weight is not None else default_weight)
         self.patch_size = patch_size
         self.reduce = reduce
+        self.mode, self.resize, self.inter_weight = mode, resize, inter_weight
         self.mimic_weight = float(mimic_weight)
         s_chs = [int(s_shapes[i][0]) for i in self.levels]
         t_chs = [int(t_shapes[i][0]) for i in self.levels]
@@ -294,6 +315,9 @@ class DetectionDistiller(nn.Module):
                 patch_size=self.patch_size,
                 reduce=self.reduce,
                 gamma=self.weight,
+                mode=self.mode,
+                resize=self.resize,
+                inter_weight=self.inter_weight,
             )
             if self.method == "pcka_mimic":
                 out["mimic"] = self.mimic_weight * sum(
