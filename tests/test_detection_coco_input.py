@@ -233,3 +233,13 @@ def test_cleaned_ground_truth_survives_the_evaluator_unchanged(tmp_path):
     gt = ds.to_coco()
     evaluator = CocoEvaluator(copy.deepcopy(gt))
     assert [a["id"] for a in evaluator.gt_dict["annotations"]] == [a["id"] for a in gt["annotations"]]
+
+
+def test_json_size_that_disagrees_with_the_file_is_reported(tmp_path):
+    data = _clean_coco()
+    data["images"][1]["height"], data["images"][1]["width"] = 30, 30  # the file is 40 x 50
+    root, ann = _write(tmp_path, data)
+    with pytest.warns(UserWarning, match=r"size_mismatch=1 \(ids 11\)"):
+        ds = CocoDetection(root, ann)
+    assert ds.target(ds.image_ids.index(11))["orig_size"] == (H, W)
+    assert next(i for i in ds.to_coco()["images"] if i["id"] == 11)["height"] == H

@@ -435,14 +435,17 @@ class CocoDetection(Dataset):
       skipped (checked at construction from the file header when ``check_images=True``; a file that only
       fails when fully decoded is skipped at load time, returning the next good image instead);
     * ``crowd``: crowd annotations left out of the training targets;
-    * ``bad_area``: a zero, negative or non-finite ``area`` is replaced by the (cleaned) box area.
+    * ``bad_area``: a zero, negative or non-finite ``area`` is replaced by the (cleaned) box area;
+    * ``size_mismatch``: an image whose JSON ``height`` / ``width`` differ from its file's (the file's size
+      is used, for clipping and scoring alike; its ids are listed: its boxes may be in another frame).
 
     The counts are in ``dataset.skipped`` and reported in one ``UserWarning`` per dataset with the ids of
-    the annotations concerned (load-time decode failures in one more, the first time one happens; counts
-    from DataLoader worker processes stay in the workers). :meth:`to_coco` is the cleaned ground truth,
-    which :class:`~ckakd.detection.task.DetectionTask` scores against. ``check_images=False`` takes sizes
-    from the JSON ``height``/``width`` instead of the files. Missing ``images_dir`` or ``annotation_file``:
-    ``FileNotFoundError``. ``transform(image, target)`` is applied per item.
+    the annotations (images, for ``size_mismatch``) concerned (load-time decode failures in one more, the
+    first time one happens; counts from DataLoader worker processes stay in the workers). :meth:`to_coco`
+    is the cleaned ground truth, which :class:`~ckakd.detection.task.DetectionTask` scores against.
+    ``check_images=False`` takes sizes from the JSON ``height``/``width`` instead of the files. Missing
+    ``images_dir`` or ``annotation_file``: ``FileNotFoundError``. ``transform(image, target)`` is applied
+    per item.
     """
 
     SKIP_KINDS = (
@@ -455,6 +458,7 @@ class CocoDetection(Dataset):
         "undecodable_image",
         "crowd",
         "bad_area",
+        "size_mismatch",
     )
 
     def __init__(
@@ -517,6 +521,10 @@ class CocoDetection(Dataset):
                 size = self._probe(self.images_dir / file_name)
                 if size is None:
                     continue
+                stated = (img.get("height"), img.get("width"))
+                if all(_is_number(v) for v in stated) and tuple(int(v) for v in stated) != size:
+                    self.skipped["size_mismatch"] += 1  # the file's size is used; the boxes may be in another frame
+                    self._skipped_ids["size_mismatch"].append(str(image_id))
             else:
                 size = (_int_field(img, "height", where, positive=True), _int_field(img, "width", where, positive=True))
             self.image_ids.append(image_id)
