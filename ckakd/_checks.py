@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import math
 import numbers
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -163,6 +165,18 @@ def autocast_off(*tensors: Tensor) -> Iterator[None]:
             if kind in ("cpu", "cuda", "xpu", "mps"):
                 stack.enter_context(torch.autocast(device_type=kind, enabled=False))
         yield
+
+
+def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: run ``fn`` with autocast off on the devices of its tensor arguments (see ``autocast_off``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
+        with autocast_off(*tensors):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def check_rank(name: str, t: Tensor, ranks: Sequence[int], expected: str, hint: str = "") -> None:

@@ -108,6 +108,7 @@ def _class_grams(x: Tensor, kernel: str, degree: int) -> Tensor:
     return _center_gram(k)
 
 
+@_checks.without_autocast  # Grams in fp32 (fp64) under autocast too
 def interrelation(class_features: Tensor, *, kernel: str = "cka", degree: int = 2) -> Tensor:
     """Category interrelation matrix IR (C, C): symmetric, unit diagonal.
 

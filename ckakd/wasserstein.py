@@ -70,14 +70,15 @@ class _SqrtmPSD(torch.autograd.Function):
 
 
 def _pow2_scale(t: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """A power of two close to max |t| over ``dims`` (kept), detached; 1 where that is 0 or not finite.
+    """The power of two c with max |t| / c in [1, 2) over ``dims`` (kept), detached; 1 where max |t| is 0
+    or not finite. c is finite for every finite t (at most 2^127 in fp32).
 
     Dividing by a power of two is exact, so scaling by it changes no digit of normal-range inputs while
     keeping squares and products of huge (or tiny) values inside the dtype's range.
     """
     m = t.detach().abs().amax(dim=dims, keepdim=True)
     ok = torch.isfinite(m) & (m > 0)
-    exponent = torch.frexp(torch.where(ok, m, torch.ones_like(m))).exponent
+    exponent = torch.frexp(torch.where(ok, m, torch.ones_like(m))).exponent - 1
     return torch.where(ok, torch.ldexp(torch.ones_like(m), exponent), torch.ones_like(m))
 
 
@@ -100,9 +101,9 @@ def sqrtm_psd(a: Tensor) -> Tensor:
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
-    """sqrt(max(x, 0)) with a zero (not infinite or NaN) gradient at x <= 0."""
+    """sqrt(max(x, 0)) with a zero (not infinite or NaN) gradient at x <= 0; NaN stays NaN."""
     pos = x > 0
-    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), x.clamp(max=0) * 0)
 
 
 def _gaussian_args(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> tuple[bool, bool]:
@@ -150,7 +151,7 @@ def _full_cov_term(cov1: Tensor, cov2: Tensor) -> Tensor:
     cov1, cov2 = cov1 / c, cov2 / c
     s1 = _SqrtmPSD.apply(cov1)
     cross = _trace(_SqrtmPSD.apply(s1 @ cov2 @ s1))
-    return (_trace(cov1) + _trace(cov2) - 2.0 * cross) * c[..., 0, 0]
+    return (_trace(cov1) + _trace(cov2) - 2.0 * cross) * c[..., 0, 0]  # inf only where the value overflows
 
 
 def gaussian_wasserstein(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> Tensor:
@@ -254,7 +255,11 @@ def wkd_feature_loss(
     cov="full": C×C covariance Σ (+ eps·I), loss = mean over (batch, cells) of
         mean_weight·‖μs - μt‖² + tr(Σs + Σt - 2 (Σs^½ Σt Σs^½)^½)   (two C×C eigh per cell).
     With mean_weight=1 each term is ``gaussian_wasserstein`` of the cell Gaussians. Returns a scalar
-    (fp32, fp64 for fp64 inputs). The caller applies the loss weight γ_F; the WKD public code uses
+    (fp32, fp64 for fp64 inputs), also under autocast (computed with autocast off; gradients in the inputs'
+    dtype). NaN (or inf) features give a NaN loss with NaN gradients, never an exception. Each sample is
+    divided by a power of two near its largest |value| first and the loss scaled back in float64, so huge
+    or tiny features work (inf only where the loss exceeds the output dtype; finite gradients for
+    |f| < 2^64 in fp32). The caller applies the loss weight γ_F; the WKD public code uses
     γ_F=0.08, mean_weight=4, grid=1 on CIFAR-100 and γ_F=0.02, mean_weight=2, grid=4 on ImageNet.
     """
     _checks.check_feature_map_pair(f_s, f_t)
@@ -282,8 +287,9 @@ def wkd_feature_loss(
         # degree 2 in the features (eps scales with them), so the statistics of x / c times c² are exact
         # and squares of huge features do not overflow (nor does eigh fail on inf covariances).
         c = torch.maximum(_pow2_scale(xs, (1, 2, 3)), _pow2_scale(xt, (1, 2, 3)))  # (B, 1, 1, 1)
-        c2 = c.square().reshape(-1, 1)  # (B, 1), against the (B, G) per-cell terms
-        eps_c = eps / c2.unsqueeze(-1)  # (B, 1, 1), against the (B, G, C) variances
+        # c² in float64 (it overflows fp32 for |f| >= 2^64): (B, 1), against the (B, G) per-cell terms
+        c2 = c.to(torch.float64).square().reshape(-1, 1)
+        eps_c = (eps / c2.unsqueeze(-1)).to(acc)  # (B, 1, 1), against the (B, G, C) variances
         mu_s, cov_s = _cell_stats(xs / c, gh, gw, full, 0.0)
         mu_t, cov_t = _cell_stats(xt / c, gh, gw, full, 0.0)
         if full:
@@ -295,4 +301,5 @@ def wkd_feature_loss(
             cov_term = _full_cov_term(cov_s, cov_t).clamp_min(0)
         else:
             cov_term = (_safe_sqrt(cov_s) - _safe_sqrt(cov_t)).square().sum(-1)
-        return ((mean_weight * mean_term + cov_term) * c2).mean()
+        # scaled back in float64: exact, inf only where the loss itself overflows the output dtype
+        return ((mean_weight * mean_term + cov_term).to(torch.float64) * c2).mean().to(acc)
