@@ -109,32 +109,32 @@ def check_labels(name: str, t: object, n: int, num_classes: int, device: torch.d
 
 
 def check_logit_pair(
-    name_s: str, s: object, name_t: str, t: object, *, batch: int | None = None, batch_of: str = ""
+    name_s: str, s: object, name_t: str, t: object, *, batch: int | None = None, batch_of: str = "", k: str = "K"
 ) -> None:
     """Student and teacher logits: float tensors (B, K) of one shape on one device, B >= 1.
 
     ``batch``: the B they must have (``batch_of`` names where it comes from). A logit tensor of shape (K, B)
-    is reported as a probable transpose.
+    is reported as a probable transpose. ``k``: the letter the messages use for the classes.
     """
     check_float_tensor(name_s, s)
     check_float_tensor(name_t, t)
     check_same_device(**{name_s: s, name_t: t})
-    check_rank(name_s, s, (2,), "(B, K)")
-    check_rank(name_t, t, (2,), "(B, K)")
+    check_rank(name_s, s, (2,), f"(B, {k})")
+    check_rank(name_t, t, (2,), f"(B, {k})")
     if batch is not None:
         for name, z in ((name_s, s), (name_t, t)):
             if z.shape[0] != batch:
                 hint = ", did you pass the transpose?" if z.shape[1] == batch else ""
                 raise ValueError(
-                    f"{name} must have shape (B, K) with B={batch} (the batch size of {batch_of or 'the features'}), "
-                    f"got {tuple(z.shape)}" + (f" = (K, B){hint}" if hint else "")
+                    f"{name} must have shape (B, {k}) with B={batch} (the batch size of {batch_of or 'the features'}), "
+                    f"got {tuple(z.shape)}" + (f" = ({k}, B){hint}" if hint else "")
                 )
     if s.shape != t.shape:
         hint = ""
         if s.shape == t.shape[::-1] and s.shape[0] != s.shape[1]:
-            hint = f"; one of them is (K, B), did you pass the transpose of {name_s} or {name_t}?"
+            hint = f"; one of them is ({k}, B), did you pass the transpose of {name_s} or {name_t}?"
         raise ValueError(
-            f"{name_s} and {name_t} must have the same shape (B, K), got {tuple(s.shape)} and {tuple(t.shape)}{hint}"
+            f"{name_s} and {name_t} must have the same shape (B, {k}), got {tuple(s.shape)} and {tuple(t.shape)}{hint}"
         )
     if s.shape[0] == 0:
         raise ValueError(f"{name_s} and {name_t} are an empty batch (shape {tuple(s.shape)}); B must be >= 1")

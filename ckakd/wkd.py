@@ -216,7 +216,7 @@ def wkd_logit_loss(
     logits: (B, C) with B >= 1; returns a scalar in fp32 (fp64 for fp64 logits), also under autocast, with
     gradients in the logits' dtype. temperature > 0 and gamma >= 0 finite; target: integer labels (B,).
     """
-    _checks.check_logit_pair("logits_s", logits_s, "logits_t", logits_t)
+    _checks.check_logit_pair("logits_s", logits_s, "logits_t", logits_t, k="C")
     temperature = _checks.check_positive("temperature", temperature)
     gamma = _checks.check_weight("gamma", gamma)
     B, C = logits_s.shape

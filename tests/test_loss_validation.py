@@ -192,7 +192,7 @@ def test_wkd_logit_loss_target_must_be_integer_labels(cost, target, match):
 
 def test_wkd_logit_loss_checks_both_logits_and_empty_batches(cost):
     zs, zt = _logits(4)
-    with pytest.raises(ValueError, match=r"logits_t must have shape \(B, K\), got \(10,\)"):
+    with pytest.raises(ValueError, match=r"logits_t must have shape \(B, C\), got \(10,\)"):
         ckakd.wkd_logit_loss(zs, zt[0], cost)
     with pytest.raises(ValueError, match="empty batch"):
         ckakd.wkd_logit_loss(zs[:0], zt[:0], cost)
