@@ -47,10 +47,12 @@ def check_real(
     """``value`` must be a real number (bools and complex numbers refused), not NaN, finite unless
     ``allow_inf``, and >= ``minimum`` (> ``minimum`` when ``strict``). Returns it as ``float``.
 
-    0-dim real tensors are accepted (their value is read: one host sync).
+    0-dim real floating or integer tensors are accepted (their value is read: one host sync) and returned
+    as they are, so a weight that requires grad keeps its gradient.
     """
     if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
-        value = value.item()
+        check_real(name, value.item(), minimum=minimum, strict=strict, allow_inf=allow_inf)
+        return value  # type: ignore[return-value]
     if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
@@ -138,6 +140,8 @@ def check_logit_pair(
         )
     if s.shape[0] == 0:
         raise ValueError(f"{name_s} and {name_t} are an empty batch (shape {tuple(s.shape)}); B must be >= 1")
+    if s.shape[1] == 0:
+        raise ValueError(f"{name_s} and {name_t} have no classes (shape {tuple(s.shape)}); {k} must be >= 1")
 
 
 def to_float_tensor(name: str, value: object) -> Tensor:

@@ -76,6 +76,9 @@ def _pow2_scale(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     Dividing by a power of two is exact, so scaling by it changes no digit of normal-range inputs while
     keeping squares and products of huge (or tiny) values inside the dtype's range.
     """
+    if any(t.shape[d] == 0 for d in dims):  # nothing to scale (d = 0)
+        shape = [1 if i in {d % t.dim() for d in dims} else n for i, n in enumerate(t.shape)]
+        return torch.ones(shape, dtype=t.dtype, device=t.device)
     m = t.detach().abs().amax(dim=dims, keepdim=True)
     ok = torch.isfinite(m) & (m > 0)
     exponent = torch.frexp(torch.where(ok, m, torch.ones_like(m))).exponent - 1

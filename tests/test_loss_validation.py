@@ -300,3 +300,20 @@ def test_module_options_are_stored_validated():
     r = cnn.RCKALoss(alpha=1, beta=2, mode="uncentered", with_l2_norm=True, soften=True, temperature=4)
     assert (r.alpha, r.beta, r.temperature) == (1.0, 2.0, 4.0)
     assert "with_l2_norm=True" in repr(r) and "temperature=4.0" in repr(r)
+
+
+def test_tensor_weights_are_checked_and_keep_their_gradient():
+    fs, ft = _feats(6)
+    zs, zt = _logits(6)
+    alpha = torch.tensor(2.0, requires_grad=True)
+    ckakd.rcka_loss(fs, ft, zs, zt, alpha=alpha).backward()
+    assert alpha.grad is not None and torch.isfinite(alpha.grad)
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        ckakd.rcka_loss(fs, ft, zs, zt, alpha=torch.tensor(float("nan")))
+    with pytest.raises(TypeError, match="beta must be a real number"):
+        ckakd.rcka_loss(fs, ft, zs, zt, beta=torch.tensor(True))
+
+
+def test_logits_without_classes_are_a_clear_error():
+    with pytest.raises(ValueError, match="have no classes"):
+        ckakd.wkd_logit_loss(torch.zeros(2, 0), torch.zeros(2, 0), torch.zeros(0, 0))

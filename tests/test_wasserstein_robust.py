@@ -89,3 +89,14 @@ def test_gaussian_wasserstein_huge_covariances():
         assert out.item() == pytest.approx(ref.item() * scale, rel=1e-4)
     root = sqrtm_psd(cov1 * 1e36)
     torch.testing.assert_close(root.double() / 1e18, sqrtm_psd(cov1.double()), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_dimensional_gaussians_and_empty_batches():
+    empty = ckakd.gaussian_wasserstein(torch.zeros(0), torch.zeros(0, 0), torch.zeros(0), torch.zeros(0, 0))
+    assert empty.shape == () and empty.item() == 0.0
+    assert sqrtm_psd(torch.zeros(0, 0)).shape == (0, 0)
+    mu = torch.zeros(0, 4, requires_grad=True)
+    out = ckakd.gaussian_wasserstein(mu, torch.zeros(0, 4, 4), mu, torch.eye(4).expand(0, 4, 4))
+    assert out.shape == (0,)
+    out.sum().backward()
+    assert mu.grad.shape == (0, 4)
