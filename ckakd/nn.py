@@ -40,7 +40,7 @@ class CKALoss(nn.Module):
 
 
 class PatchCKALoss(nn.Module):
-    """PCKA for detection: weight · Σ_levels mean_problems (1 - CKA) over patches (seed γ = 10)."""
+    """PCKA for detection: weight · Σ_levels mean_problems (1 - CKA) over patches (γ = 10: Zhou et al., IJCAI 2024)."""
 
     def __init__(
         self,
@@ -115,7 +115,7 @@ class RCKALoss(nn.Module):
 
 
 class MMDLoss(nn.Module):
-    """weight · the MMD term of Theorem 2 (the seed's MMD baseline). See ``ckakd.mmd_loss``."""
+    """weight · the MMD term of Theorem 2 of Zhou et al. (IJCAI 2024), their MMD baseline. See ``ckakd.mmd_loss``."""
 
     def __init__(self, weight: float = 1.0, *, backend: str = "auto") -> None:
         super().__init__()

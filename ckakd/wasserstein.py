@@ -1,4 +1,5 @@
-"""Wasserstein distances between Gaussians and the WKD-F feature loss (WKD seed, continuous WD).
+"""Wasserstein distances between Gaussians and the WKD-F feature loss (continuous WD of Lv et al.,
+"Wasserstein Distance Rivals Kullback-Leibler Divergence for Knowledge Distillation", NeurIPS 2024).
 
 ``sqrtm_psd``: differentiable square root of symmetric PSD matrices. ``gaussian_wasserstein``: squared
 2-Wasserstein distance between (batches of) Gaussians with diagonal or full covariances.
