@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import types
 import warnings
 from pathlib import Path
@@ -62,9 +63,39 @@ def _jit() -> tuple[types.ModuleType | None, str]:
             verbose=False,
         )
     except Exception as exc:  # compiler missing, build error, ...
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return None, f"JIT build failed ({type(exc).__name__}: {first_line})"
+        return None, f"JIT build failed ({build_error_summary(exc)})"
     return module, f"JIT-built {JIT_NAME} from {CSRC}" + (" (with CUDA)" if with_cuda else " (CPU only)")
+
+
+_ERROR_LINE = re.compile(r"(\berror\b|^FAILED:|undefined reference|ninja: build stopped|command not found)", re.I)
+
+
+def build_error_summary(exc: BaseException, max_lines: int = 12) -> str:
+    """What a failed JIT build said, short: the exception's first line up to the build log (``Error building
+    extension 'x'``), then the compiler's and linker's own error lines (each with the source excerpt gcc/clang
+    print under it), not the warnings and the command lines around them."""
+    text = str(exc).strip()
+    head, _, log = text.partition("\n")
+    if ": " in head and not log:  # the log may start on the first line: "Error building extension 'x': [1/2] c++ .."
+        head, _, log = head.partition(": ")
+    elif ": [" in head:
+        head, _, first = head.partition(": ")
+        log = f"{first}\n{log}"
+    lines = log.splitlines()
+    picked: list[str] = []
+    for i, line in enumerate(lines):
+        if _ERROR_LINE.search(line) and "warning" not in line.lower():
+            picked.append(line.rstrip())
+            for follow in lines[i + 1 : i + 3]:  # gcc/clang: "   12 | code" and the caret line, right below
+                if not re.match(r"^\s*(\d+\s*)?\|", follow):
+                    break
+                picked.append(follow.rstrip())
+        if len(picked) >= max_lines:
+            break
+    if not picked:
+        picked = [ln.rstrip() for ln in lines[-max_lines:] if ln.strip()]
+    summary = f"{type(exc).__name__}: {head.strip()}"
+    return summary + ("".join(f"\n    {ln}" for ln in picked[:max_lines]) if picked else "")
 
 
 def _register_fakes() -> None:

@@ -139,17 +139,33 @@ def report(text: str) -> None:
         print(text)
 
 
-def run_guarded(command: str, body: Callable[[], None]) -> int:
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues the run ``argv`` started (``--resume`` added once)."""
+    import shlex
+
+    args = list(argv)
+    return "ckakd " + shlex.join(args if "--resume" in args else [*args, "--resume"])
+
+
+def run_guarded(command: str, body: Callable[[], None], *, resume_hint: str | None = None) -> int:
     """Run a command's ``body``: 0 on success, 2 on bad input (``ValueError`` / ``FileNotFoundError``, one
-    message on stderr), 1 on a non-finite loss (the last good epoch is in latest.pt)."""
+    message on stderr), 1 when training stopped (a non-finite loss: the last good epoch is in latest.pt; an output
+    that could not be written: disk full, read-only), 130 on Ctrl-C (one line, with ``resume_hint``: the command
+    that continues the run)."""
     from ckakd.train.engine import NonFiniteLossError
+    from ckakd.train.fileio import OutputError
 
     try:
         body()
+    except KeyboardInterrupt:
+        then = f"; continue with: {resume_hint}" if resume_hint else ""
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ckakd {command}: interrupted (Ctrl-C){then}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as exc:
         print(f"ckakd {command}: error: {exc}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, OutputError) as exc:
         print(f"ckakd {command}: stopped: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -157,6 +173,7 @@ def run_guarded(command: str, body: Callable[[], None]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     # key=value overrides may also follow the options (`ckakd eval cfg --checkpoint x optim.lr=1`)
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
@@ -178,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command.startswith("detect-"):
         from ckakd.detection.cli import run_detection_command
 
-        return run_detection_command(args)
+        return run_detection_command(args, argv)
     if args.command == "study":
         from ckakd.study import run_study_from_args
 
@@ -217,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"interrelation ({args.kernel}) written to {os.fspath(path)}")
 
-    return run_guarded(args.command, body)
+    hint = resume_command(argv) if args.command in ("train-teacher", "distill") else None
+    return run_guarded(args.command, body, resume_hint=hint)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,10 @@ def _teacher(out: Path, teacher_epochs: int | None, retrain: bool, progress: boo
 
 def write_report(out: Path, stem: str, results: dict[str, Any], table: str, files: list[str]) -> None:
     """``<stem>.json`` and ``<stem>.md`` under ``out``, then the table and where everything went."""
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=float))
-    (out / f"{stem}.md").write_text(table + "\n")
+    from ckakd.train.fileio import atomic_write_bytes
+
+    atomic_write_bytes(out / f"{stem}.json", json.dumps(results, indent=2, default=float).encode())
+    atomic_write_bytes(out / f"{stem}.md", (table + "\n").encode())
     print()
     print(table)
     print(f"\noutputs: {out}/ ({', '.join([f'{stem}.json', f'{stem}.md', *files])})")
@@ -90,13 +93,25 @@ def run_demo(
     from ckakd.train import runner
 
     if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    for flag, value in (("--epochs", epochs), ("--teacher-epochs", teacher_epochs)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     known = set(C.list_configs())
     unknown = [m for m in methods if f"digits/{m}" not in known]
     if unknown:
         shipped = sorted(n.split("/", 1)[1] for n in known if n.startswith("digits/") and n != "digits/base")
         raise ValueError(f"unknown demo method(s) {unknown}; shipped digits configs: {', '.join(shipped)}")
     out = Path(out).expanduser()
+    from ckakd.train.fileio import probe_writable
+
+    problem = probe_writable(out)
+    if problem:
+        raise ValueError(f"--out {out}: {problem}")
+    # every student config resolves (epochs included) before the teacher trains
+    extra = [] if epochs is None else [f"schedule.epochs={epochs}"]
+    for m in methods:
+        C.load_config(f"digits/{m}", [f"run.out_dir={out / 'students'}", *extra])
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ckpt, teacher = _teacher(out, teacher_epochs, retrain_teacher, progress)
@@ -130,7 +145,7 @@ def run_demo(
             overrides.append(f"schedule.epochs={epochs}")
         cfg = C.load_config(f"digits/{method}", overrides)
         start = time.perf_counter()
-        result = runner.distill(cfg)
+        result = runner.distill(cfg, baseline=True)  # the `ce` row is the student trained alone
         rows = _read_metrics(Path(result["out_dir"]))
         cka_cols = [k for k in (rows[-1] if rows else {}) if k.startswith("cka/")]
         runs.append(
@@ -229,6 +244,9 @@ def _plot(runs: list[dict[str, Any]], methods: list[str], path: Path) -> bool:
 
 
 def run_demo_from_args(args: argparse.Namespace) -> int:
+    """``ckakd demo``: 0 on success, 2 on bad arguments, 1 when an output cannot be written, 130 on Ctrl-C."""
+    from ckakd.train.fileio import OutputError
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         run_demo(
@@ -241,8 +259,16 @@ def run_demo_from_args(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except ValueError as exc:
-        print(f"ckakd demo: error: {exc}")
+        print(f"ckakd demo: error: {exc}", file=sys.stderr)
         return 2
+    except OutputError as exc:
+        print(f"ckakd demo: stopped: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "ckakd demo: interrupted (Ctrl-C); run it again to continue (a trained teacher is reused)", file=sys.stderr
+        )
+        return 130
     return 0
 
 

@@ -157,3 +157,190 @@ def test_console_script():
 def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "ckakd.cli", "info"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "backends:" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------ user reports
+
+
+def _copy_run(teacher: Path, tmp_path: Path) -> Path:
+    """A private copy of the fixture's teacher run (tests that resume must not touch the shared one)."""
+    shutil.copytree(teacher, tmp_path / "teacher")
+    return tmp_path / "teacher"
+
+
+def _teacher_args(out: Path, *extra: str) -> list[str]:
+    return ["train-teacher", "digits/teacher", f"run.out_dir={out}", "run.name=teacher", *TINY, *extra]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=1e9", "optim.lr: checkpoint 0.05, this run 1000000000.0"),  # was printed, then not used
+        ("optim.name=adamw", "optim.name: checkpoint 'sgd', this run 'adamw'"),  # was KeyError: 'step' in torch
+        ("model.name=resnet14", "model.name: checkpoint 'resnet8x4', this run 'resnet14'"),
+        ("schedule.epochs=3", "schedule.epochs 1 -> 3: the cosine schedule spreads over all epochs"),  # ran at lr 0
+    ],
+)
+def test_resume_refuses_changes_it_cannot_honour(teacher, tmp_path, capsys, override, message):
+    run = _copy_run(teacher, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    code, _, err = run_cli([*_teacher_args(tmp_path, override), "--resume"], capsys)
+    assert code == 2, err
+    assert message in err and "only these may change: run.name, run.out_dir, run.device, run.progress" in err
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # config.yaml not rewritten
+
+
+def test_resume_accepts_the_allowed_changes(teacher, tmp_path, capsys):
+    _copy_run(teacher, tmp_path)
+    code, out, err = run_cli([*_teacher_args(tmp_path, "train.log_every=3", "train.eval_every=2"), "--resume"], capsys)
+    assert code == 0, err
+    assert "epochs_run=0" in out
+
+
+def test_resume_with_another_distiller_names_both(teacher, tmp_path, capsys):
+    from ckakd.train.config import load_config
+
+    t = [f"teacher.name={load_config(teacher / 'config.yaml').model.name}", f"teacher.checkpoint={teacher / 'best.pt'}"]
+    common = [f"run.out_dir={tmp_path}", "run.name=student", *TINY, *t]
+    code, _, err = run_cli(["distill", "digits/kd", *common], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["distill", "digits/dkd", *common, "--resume"], capsys)
+    assert code == 2 and "distiller.name: checkpoint 'kd', this run 'dkd'" in err, err
+    code, _, err = run_cli(["distill", "digits/kd", *common, "model.name=resnet14", "--resume"], capsys)
+    assert code == 2 and "model.name: checkpoint 'resnet8', this run 'resnet14'" in err, err
+
+
+def test_distill_refuses_ce_no_teacher_and_empty_configs(tmp_path, capsys):
+    (tmp_path / "empty.yaml").write_text("# nothing here yet\n")
+    (tmp_path / "kd.yaml").write_text("base: digits/base\ndistiller:\n  name: kd\n")  # no teacher section
+    cases = [
+        (["distill", str(tmp_path / "empty.yaml")], "the config has no keys"),
+        (["distill", "digits/ce"], "distiller.name='ce' trains the student alone"),
+        (["distill", str(tmp_path / "kd.yaml")], "distiller 'kd' needs a teacher: set teacher.name"),
+        (["train-teacher", str(tmp_path / "empty.yaml")], "the config has no keys"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli([*args, f"run.out_dir={tmp_path}", *TINY], capsys)
+        assert code == 2 and message in err, (args, err)
+    assert not any(tmp_path.rglob("*.pt")) and not any(tmp_path.rglob("metrics.csv"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["train-teacher", "eval"])
+def test_cuda_without_gpu_is_refused_before_training(tmp_path, capsys, command, teacher):
+    extra = ["--checkpoint", str(teacher / "best.pt")] if command == "eval" else []
+    code, _, err = run_cli(
+        [command, "digits/teacher", f"run.out_dir={tmp_path}", "run.device=cuda", *TINY, *extra], capsys
+    )
+    assert code == 2 and "run.device='cuda' but" in err and "run.device=cpu" in err, err
+    assert not any(tmp_path.rglob("*.pt"))
+
+
+def test_unwritable_out_dir_and_escaping_run_name(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("a regular file")
+    code, _, err = run_cli(
+        ["train-teacher", "digits/teacher", f"run.out_dir={tmp_path / 'file.txt' / 'runs'}", *TINY], capsys
+    )
+    assert code == 2 and "run.out_dir=" in err and "file.txt is a file, not a folder" in err, err
+    inner = tmp_path / "a" / "b"
+    code, _, err = run_cli(
+        ["train-teacher", "digits/teacher", f"run.out_dir={inner}", "run.name=../../x", *TINY], capsys
+    )
+    assert code == 2 and "run.name: must name a folder inside run.out_dir" in err, err
+    assert not (tmp_path / "x").exists() and not any(tmp_path.rglob("*.pt"))
+
+
+def test_unwritable_out_dir_is_refused_by_a_probe(tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    def mkdtemp(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    code, _, err = run_cli(["train-teacher", "digits/teacher", f"run.out_dir={tmp_path}", *TINY], capsys)
+    assert code == 2 and "cannot create files in" in err and "Read-only file system [EROFS]" in err, err
+
+
+def test_disk_full_stops_with_one_message(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if ".latest.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    code, _, err = run_cli(_teacher_args(tmp_path), capsys)
+    assert code == 1, err
+    assert err.strip().count("\n") == 0 and "stopped: cannot write" in err and "latest.pt: No space left" in err
+    assert not list((tmp_path / "teacher").glob(".*.tmp"))
+
+
+def test_latest_pt_folder_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "teacher" / "latest.pt").mkdir(parents=True)
+    for resume in ([], ["--resume"]):
+        code, _, err = run_cli([*_teacher_args(tmp_path), *resume], capsys)
+        assert code == 2 and "latest.pt is a folder" in err, err
+    assert not (tmp_path / "teacher" / "metrics.jsonl").exists()  # no epoch was trained
+
+
+def test_ctrl_c_prints_the_resume_command_and_exits_130(tmp_path, capsys, monkeypatch):
+    import shlex
+
+    from ckakd.train.engine import Trainer
+
+    real = Trainer._run_epoch
+
+    def run_epoch(self, epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+        real(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_run_epoch", run_epoch)
+    args = [*_teacher_args(tmp_path), "schedule.epochs=2", "schedule.kind=constant"]
+    try:
+        code, _, err = run_cli(args, capsys)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped ckakd as a traceback")
+    assert code == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted (Ctrl-C)" in lines[0], err
+    command = lines[0].split("continue with: ", 1)[1]
+    assert command.startswith("ckakd train-teacher digits/teacher") and command.endswith("--resume")
+    from ckakd.train.engine import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "teacher" / "latest.pt")["epoch"] == 1
+    monkeypatch.setattr(Trainer, "_run_epoch", real)
+    code, out, err = run_cli(shlex.split(command)[1:], capsys)
+    assert code == 0 and "epochs_run=1" in out, err
+
+
+def test_binary_config_file_is_named(tmp_path, capsys):
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04\x14\x00\x00\x08\x08\x00\x9c\xff" * 10)
+    code, _, err = run_cli(["train-teacher", str(tmp_path / "model.pt"), *TINY], capsys)
+    assert code == 2 and f"{tmp_path / 'model.pt'}: not a YAML config" in err, err
+
+
+def test_unknown_key_suggests_the_right_section(capsys):
+    code, _, err = run_cli(["train-teacher", "digits/teacher", "train.epochs=3"], capsys)
+    assert code == 2 and "unknown config key 'train.epochs' (did you mean 'schedule.epochs'?)" in err
+
+
+def test_outputs_are_world_readable(teacher):
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("latest.pt", "best.pt", "metrics.csv", "metrics.jsonl", "config.yaml", "curves.png"):
+        assert (teacher / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_eval_of_a_checkpoint_folder_is_named(tmp_path, capsys):
+    (tmp_path / "best.pt").mkdir()
+    code, _, err = run_cli(["eval", "digits/teacher", "--checkpoint", str(tmp_path / "best.pt")], capsys)
+    assert code == 2 and f"{tmp_path / 'best.pt'} is a folder" in err, err

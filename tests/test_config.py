@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import os
 from pathlib import Path
 
 import pytest
@@ -391,7 +392,11 @@ def test_bad_files_and_names(tmp_path):
     with pytest.raises(ValueError, match=r"base: expected a config name or a relative path"):
         load_config(tmp_path / "int_base.yaml")
     _write(tmp_path / "empty.yaml", "")
-    assert load_config(tmp_path / "empty.yaml") == Config()
+    with pytest.raises(ValueError, match=r"empty\.yaml: the config has no keys .*240 epochs.*base: digits/kd"):
+        load_config(tmp_path / "empty.yaml")
+    _write(tmp_path / "comments.yaml", "# optim:\n#   lr: 0.1\n")
+    with pytest.raises(ValueError, match=r"comments\.yaml: the config has no keys"):
+        load_config(tmp_path / "comments.yaml", ["optim.lr=0.1"])
     _write(tmp_path / "typo.yaml", "optim:\n  weight_decy: 0.1\n")
     with pytest.raises(ValueError, match=r"'optim\.weight_decy' \(did you mean 'weight_decay'\?\)"):
         load_config(tmp_path / "typo.yaml")
@@ -455,3 +460,58 @@ def test_parse_and_apply_override_helpers():
     assert out == {"optim": {"lr": 0.2}, "model": {"kwargs": {"x": 1}}}
     assert raw == {"optim": {"lr": 0.1}}  # not modified in place
     assert apply_overrides({}, "run.seed=3") == {"run": {"seed": 3}}
+
+
+# ------------------------------------------------------------------------------------------ user reports
+
+
+def test_binary_config_file_is_named(tmp_path):
+    (tmp_path / "weights.yaml").write_bytes(b"\x80\x02}q\x00(X\x06\x00\x00\x00weights" + bytes(range(256)))
+    with pytest.raises(ValueError, match=r"weights\.yaml: not a YAML config \(a binary file\? byte 0x80 at offset 0"):
+        load_config(tmp_path / "weights.yaml")
+    (tmp_path / "nul.yaml").write_bytes(b"run:\n  name: a\x00b\n")
+    with pytest.raises(ValueError, match=r"nul\.yaml: not a YAML config \(a binary file: it contains NUL bytes"):
+        load_config(tmp_path / "nul.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, suggestion",
+    [
+        ("train.epochs=3", "'schedule.epochs'"),  # right name, wrong section
+        ("epochs=3", "'schedule.epochs'"),
+        ("lr=0.1", "'optim.lr'"),
+        ("run.epochs=3", "'schedule.epochs'"),
+        ("data.lr=0.1", "'optim.lr'"),
+        ("schedule.epoch=3", "'epochs'"),  # a typo within the section
+        ("model.checkpiont=x", "'checkpoint'"),
+    ],
+)
+def test_unknown_keys_get_close_match_suggestions(override, suggestion):
+    with pytest.raises(
+        ValueError, match=rf"unknown config key '{override.split('=')[0]}' \(did you mean {suggestion}\?\)"
+    ):
+        load_config("digits/kd", [override])
+
+
+def test_unknown_detection_key_suggests_from_the_detection_schema():
+    with pytest.raises(ValueError, match=r"'train\.min_size' \(did you mean 'data\.min_size'\?\)"):
+        load_config("detection/retinanet_student", ["train.min_size=3"])
+
+
+@pytest.mark.parametrize("name", ["../../x", "../x", "a/../../b", "/tmp/x", "~/x", ".", "a/.."])
+def test_run_name_cannot_leave_out_dir(name):
+    with pytest.raises(ValueError, match=r"run\.name: must name a folder inside run\.out_dir"):
+        load_config("digits/kd", [f"run.name={name}"])
+    assert load_config("digits/kd", ["run.name=group/kd-seed0"]).run.name == "group/kd-seed0"
+
+
+def test_saved_config_is_world_readable(tmp_path):
+    path = load_config("digits/kd").save(tmp_path / "config.yaml")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -151,3 +151,109 @@ def test_ddp_detection_training_and_gathered_coco_scoring(tmp_path):
         assert torch.equal(w0[k], w1[k]), k
     assert not (tmp_path / "rank1").exists()
     assert {"best.pt", "latest.pt", "metrics.csv", "cka.png"} <= {p.name for p in (tmp_path / "rank0").iterdir()}
+
+
+# ------------------------------------------------------------------------------------------------ resume under DDP
+
+ENGINE_WORKER = Path(__file__).with_name("_engine_worker.py")
+
+
+def _torchrun_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
+    env.pop("CKAKD_WORKER_SLEEP", None)
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)
+    return env
+
+
+def _torchrun(out: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--standalone"]
+    return subprocess.Popen(
+        [*cmd, str(ENGINE_WORKER), str(out), "--epochs", "3", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # the agent's own process group (the workers get sessions of their own)
+    )
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
+
+
+def test_ddp_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    """2 gloo processes killed with SIGKILL inside epoch 2, then resumed with --resume: the same weights and metrics
+    as an uninterrupted 2-process run (deterministic mode); rank 0 alone writes, every rank reads latest.pt; a resume
+    with another number of processes is refused before it trains."""
+    import signal
+    import time
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    logs = {name: tmp_path / f"io_{name}" for name in ("full", "killed", "resumed")}
+    for d in logs.values():
+        d.mkdir()
+    ref = _torchrun(full, env=_torchrun_env(CKAKD_WORKER_IO_LOG=str(logs["full"])))
+    slow = _torchrun(killed, env=_torchrun_env(CKAKD_WORKER_SLEEP="0.15", CKAKD_WORKER_IO_LOG=str(logs["killed"])))
+    position, pids = None, []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and slow.poll() is None:
+            prog = killed / "progress.txt"
+            if prog.exists() and (killed / "latest.pt").exists():
+                text = prog.read_text().split()
+                if len(text) == 2:
+                    position = tuple(int(v) for v in text)
+                    if position >= (1, 2):  # inside epoch 2 (0-based 1), two batches done
+                        break
+            time.sleep(0.02)
+        assert slow.poll() is None, f"torchrun ended early:\n{slow.stdout.read().decode()[-3000:]}"
+        pids = [int((logs["killed"] / f"pid_rank{r}.txt").read_text()) for r in range(WORLD)]
+        for pid in pids:  # torchrun starts each worker in a session of its own
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(slow.pid, signal.SIGKILL)
+    finally:
+        slow.wait(timeout=30)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
+    assert slow.returncode == -signal.SIGKILL and position is not None and position[0] == 1, position
+    ckpt_path = killed / "latest.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    assert ckpt["epoch"] == 1 and ckpt["world_size"] == WORLD and len(ckpt["rng"]) == WORLD
+    assert not (killed / "final.pt").exists()
+
+    # one process cannot continue a 2-process run: refused before any training, the checkpoint untouched
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_engine_worker", ENGINE_WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    before, deterministic = ckpt_path.read_bytes(), torch.are_deterministic_algorithms_enabled()
+    try:
+        trainer, _ = worker.build_trainer(killed, 3, True)
+        with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 1 .*--nproc_per_node 2"):
+            trainer.fit()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert ckpt_path.read_bytes() == before
+
+    resumed = _torchrun(killed, "--resume", env=_torchrun_env(CKAKD_WORKER_IO_LOG=str(logs["resumed"])))
+    out, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, out.decode()[-3000:]
+    out, _ = ref.communicate(timeout=240)
+    assert ref.returncode == 0, out.decode()[-3000:]
+
+    a, b = torch.load(full / "final.pt"), torch.load(killed / "final.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _rows(killed / "metrics.jsonl") == _rows(full / "metrics.jsonl")
+    assert [r["epoch"] for r in _rows(killed / "metrics.jsonl")] == [1, 2, 3]
+
+    io = {(name, r): (d / f"io_rank{r}.txt") for name, d in logs.items() for r in range(WORLD)}
+    text = {key: p.read_text().split("\n") if p.exists() else [] for key, p in io.items()}
+    for name in logs:
+        assert "write latest.pt" in text[(name, 0)], name  # rank 0 writes ...
+        assert not [line for line in text[(name, 1)] if line.startswith("write")], name  # ... and only rank 0
+    for r in range(WORLD):
+        assert "read latest.pt" in text[("resumed", r)], r  # every rank reads the checkpoint

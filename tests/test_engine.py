@@ -341,10 +341,152 @@ def test_resume_messages(tmp_path, caplog):
         result = Trainer(mlp(), tr, va, settings(tmp_path, epochs=1, resume=True)).fit()
     assert "no checkpoint" in caplog.text and result["epochs_run"] == 1
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ckakd.train"):
-        result = Trainer(mlp(), tr, va, settings(tmp_path, epochs=2, lr=0.05, resume=True)).fit()
-    assert "settings differ" in caplog.text and "lr 0.1 -> 0.05" in caplog.text
+    with caplog.at_level(logging.INFO, logger="ckakd.train"):
+        result = Trainer(mlp(), tr, va, settings(tmp_path, epochs=2, resume=True, log_every=7)).fit()
+    assert "resumed from" in caplog.text
     assert result["epochs_run"] == 1 and result["epochs_completed"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ resume refusals
+
+
+def _trained(tmp_path: Path, model_fn=mlp, **kw) -> Path:
+    tr, va = loaders(batch=32)
+    Trainer(model_fn(), tr, va, settings(tmp_path, epochs=1, max_train_batches=2, **kw)).fit()
+    return tmp_path / "latest.pt"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lr": 1e9}, "lr: checkpoint 0.1, this run 1000000000.0"),
+        ({"optimizer": "adamw"}, "optimizer: checkpoint 'sgd', this run 'adamw'"),  # was KeyError: 'step' in torch
+        ({"seed": 5}, "seed: checkpoint 0, this run 5"),
+        ({"schedule": "step", "milestones": (1,)}, "schedule: checkpoint 'constant', this run 'step'"),
+    ],
+)
+def test_resume_refuses_changed_settings_and_lists_what_may_change(tmp_path, change, message):
+    ckpt = _trained(tmp_path)
+    before = ckpt.read_bytes()
+    tr, va = loaders(batch=32)
+    trainer = Trainer(mlp(), tr, va, settings(tmp_path, epochs=2, max_train_batches=2, resume=True, **change))
+    with pytest.raises(ValueError, match="cannot resume") as info:
+        trainer.fit()
+    text = str(info.value)
+    assert message in text and str(ckpt) in text
+    assert "only these may change: epochs, out_dir, device, progress, log_every" in text
+    assert ckpt.read_bytes() == before and len(read_jsonl(tmp_path / "metrics.jsonl")) == 1  # nothing trained
+
+
+def test_resume_with_more_epochs_continues_the_step_schedule_exactly(tmp_path):
+    def run(out: Path, epochs: int, resume: bool = False):
+        tr, va = loaders(batch=32, augment=True)
+        model = scripted_kd()
+        s = settings(out, epochs=epochs, schedule="step", milestones=(2,), deterministic=True, max_train_batches=3)
+        s.resume = resume
+        Trainer(model, tr, va, s).fit()
+        return model
+
+    full = run(tmp_path / "full", 4)
+    run(tmp_path / "ext", 2)
+    extended = run(tmp_path / "ext", 4, resume=True)
+    assert extended.calls == [(2, 4), (3, 4)]
+    assert_same_state(full.student.state_dict(), extended.student.state_dict())
+    rows = read_jsonl(tmp_path / "ext" / "metrics.jsonl")
+    assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.1, 0.01, 0.01])
+    assert strip_times(rows) == strip_times(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
+
+
+def test_resume_refuses_epoch_changes_the_schedule_depends_on(tmp_path):
+    _trained(tmp_path, schedule="cosine")
+    tr, va = loaders(batch=32)
+    trainer = Trainer(mlp(), tr, va, settings(tmp_path, epochs=3, schedule="cosine", max_train_batches=2, resume=True))
+    with pytest.raises(ValueError, match=r"epochs 1 -> 3: the cosine schedule spreads over all epochs"):
+        trainer.fit()  # it used to run the new epochs from lr 0 (the end of the 1-epoch cosine)
+    tr, va = loaders(batch=32)
+    s = settings(tmp_path / "c", epochs=3, max_train_batches=2)
+    Trainer(mlp(), tr, va, s).fit()
+    s = settings(tmp_path / "c", epochs=2, max_train_batches=2, resume=True)
+    with pytest.raises(ValueError, match=r"epochs=2: the checkpoint has already completed 3 epochs"):
+        Trainer(mlp(), *loaders(batch=32), s).fit()
+
+
+def test_resume_refuses_another_model_or_distiller(tmp_path):
+    from ckakd.train.distillers import DKD
+
+    _trained(tmp_path, model_fn=scripted_kd)
+    student = scripted_kd().student  # the same student architecture: its weights would load without complaint
+    tr, va = loaders(batch=32)
+    s = settings(tmp_path, epochs=2, max_train_batches=2, resume=True)
+    with pytest.raises(
+        ValueError,
+        match=r"model: the checkpoint trained ScriptedKD \(student Sequential\), this run "
+        r"Sequential \(no distiller\)",
+    ):
+        Trainer(student, tr, va, s).fit()
+    dkd = DKD(scripted_kd().student, mlp(32))
+    with pytest.raises(ValueError, match=r"trained ScriptedKD \(student Sequential\), this run DKD \(student"):
+        Trainer(dkd, tr, va, s).fit()
+
+
+def test_resume_refuses_another_world_size(tmp_path):
+    ckpt = _trained(tmp_path)
+    payload = load_checkpoint(ckpt)
+    payload["world_size"], payload["rng"] = 2, payload["rng"] * 2  # as written by a 2-process torchrun run
+    save_checkpoint(ckpt, {k: v for k, v in payload.items() if k != "format"})
+    tr, va = loaders(batch=32)
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 1 .*torchrun --nproc_per_node 2"):
+        Trainer(mlp(), tr, va, settings(tmp_path, epochs=2, max_train_batches=2, resume=True)).fit()
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def test_latest_pt_folder_fails_before_training(tmp_path):
+    (tmp_path / "latest.pt").mkdir()
+    model = scripted_kd()
+    tr, va = loaders(batch=32)
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=r"latest\.pt is a folder"):
+            Trainer(model, tr, va, settings(tmp_path, epochs=1, resume=resume)).fit()
+    assert model.calls == []  # not a single epoch started
+
+
+def test_outputs_are_written_with_the_umask_mode_not_0600(tmp_path):
+    _trained(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("latest.pt", "best.pt", "metrics.csv", "metrics.jsonl", "curves.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_disk_full_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from ckakd.train.fileio import OutputError
+
+    _trained(tmp_path)
+    before = (tmp_path / "latest.pt").read_bytes()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if ".latest.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    tr, va = loaders(batch=32)
+    with pytest.raises(OutputError, match=r"cannot write .*latest\.pt: No space left on device \[ENOSPC\]"):
+        Trainer(mlp(), tr, va, settings(tmp_path, epochs=2, max_train_batches=2, resume=True)).fit()
+    assert (tmp_path / "latest.pt").read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_gpu_is_a_clear_error(tmp_path):
+    tr, va = loaders()
+    with pytest.raises(ValueError, match=r"device='cuda' but .*use device=auto or device=cpu"):
+        Trainer(mlp(), tr, va, settings(tmp_path, device="cuda"))
 
 
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
-from ckakd.cli import add_config_args, report, run_guarded
+from ckakd.cli import add_config_args, report, resume_command, run_guarded
 from ckakd.detection.demo import add_detect_demo_arguments, run_detect_demo_from_args
 
 __all__ = ["add_detection_commands", "run_detection_command"]
@@ -60,8 +61,9 @@ def _summary(result: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def run_detection_command(args: argparse.Namespace) -> int:
-    """Run one of the ``detect-*`` commands; 0 on success, 2 on bad input, 1 on a non-finite loss."""
+def run_detection_command(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """Run one of the ``detect-*`` commands (``argv``: the command line, for the resume hint after Ctrl-C); 0 on
+    success, 2 on bad input, 1 when training stopped (non-finite loss, unwritable output), 130 on Ctrl-C."""
     if args.command == "detect-demo":
         return run_detect_demo_from_args(args)
     from ckakd.detection import runner
@@ -83,4 +85,5 @@ def run_detection_command(args: argparse.Namespace) -> int:
             )
             print(f"interrelation ({args.kernel}, {args.source}) written to {os.fspath(path)}")
 
-    return run_guarded(args.command, body)
+    hint = resume_command(argv) if argv and args.command in ("detect-train", "detect-distill") else None
+    return run_guarded(args.command, body, resume_hint=hint)

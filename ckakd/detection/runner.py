@@ -19,7 +19,17 @@ from torch.utils.data import Dataset
 
 from ckakd.train.config import DetectionConfig
 from ckakd.train.engine import Trainer, seed_everything
-from ckakd.train.runner import ConfigError, _device, _load_cost, _load_weights, run_dir, train_settings
+from ckakd.train.fileio import OutputError
+from ckakd.train.runner import (
+    ConfigError,
+    _device,
+    _load_cost,
+    _load_weights,
+    _save_config,
+    check_run_resume,
+    preflight,
+    train_settings,
+)
 
 __all__ = [
     "DETECTOR_NAMES",
@@ -198,13 +208,6 @@ def build_detection_distiller(cfg: DetectionConfig, student: nn.Module, teacher:
         raise ConfigError(f"distiller: {exc}") from exc
 
 
-def _save_config(cfg: DetectionConfig) -> Path:
-    out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
-    return out
-
-
 def _cka_pairs(cfg: DetectionConfig, student: nn.Module, teacher: nn.Module | None) -> list[tuple[str, str]]:
     from ckakd.train.hooks import FeatureHooks
 
@@ -228,23 +231,33 @@ def train_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: Se
     from ckakd.detection.task import DetectionTask
 
     cfg = _require_detection(cfg)
+    preflight(cfg, resume=resume)
     data = build_detection_data(cfg)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     model = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
     if cfg.model.checkpoint:
         _load_weights(model, cfg.model.checkpoint, "model")
     train, val = detection_loaders(cfg, data)
-    out = _save_config(cfg)
     settings = train_settings(cfg, resume=resume)  # type: ignore[arg-type]
+    check_run_resume(cfg, settings, model)
+    out = _save_config(cfg)
     result = Trainer(model, train, val, settings, task=DetectionTask(), callbacks=callbacks).fit()
     return {**result, "out_dir": str(out)}
 
 
 def distill_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
-    """Distil ``cfg.teacher`` into ``cfg.model`` with ``cfg.distiller`` on ``cfg.data``."""
+    """Distil ``cfg.teacher`` into ``cfg.model`` with ``cfg.distiller`` on ``cfg.data``. Distiller ``none`` (the
+    student alone) is refused: that is ``detect-train``."""
     from ckakd.detection.task import DetectionTask
 
     cfg = _require_detection(cfg)
+    if cfg.distiller.name == "none":
+        raise ConfigError(
+            "distiller.name='none' trains the student alone (the teacher is not used): `detect-distill` needs a "
+            "distillation method (e.g. distiller.name=pcka with teacher.name and teacher.checkpoint); to train "
+            "without a teacher use `ckakd detect-train`"
+        )
+    preflight(cfg, resume=resume)
     data = build_detection_data(cfg)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     teacher = build_teacher_detector(cfg, data.num_classes)
@@ -254,8 +267,9 @@ def distill_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: 
     distiller = build_detection_distiller(cfg, student, teacher, data.num_classes)
     pairs = _cka_pairs(cfg, student, teacher)
     train, val = detection_loaders(cfg, data)
-    out = _save_config(cfg)
     settings = train_settings(cfg, resume=resume, cka_pairs=pairs)  # type: ignore[arg-type]
+    check_run_resume(cfg, settings, distiller)
+    out = _save_config(cfg)
     trainer = Trainer(
         distiller, train, val, settings, task=DetectionTask(), teacher_for_cka=teacher, callbacks=callbacks
     )
@@ -315,14 +329,17 @@ def compute_detection_interrelation(
         raise ConfigError(f"interrelation: {exc}") from exc
     ckpt = Path(cfg.teacher.checkpoint).expanduser()  # type: ignore[arg-type]
     path = Path(out) if out is not None else ckpt.parent / f"interrelation_{kernel}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_interrelation(
-        path,
-        ir.detach().float().cpu(),
-        kernel=kernel,
-        teacher=cfg.teacher.name,
-        checkpoint=str(ckpt),
-        source=source,
-        samples_per_class=samples_per_class,
-    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_interrelation(
+            path,
+            ir.detach().float().cpu(),
+            kernel=kernel,
+            teacher=cfg.teacher.name,
+            checkpoint=str(ckpt),
+            source=source,
+            samples_per_class=samples_per_class,
+        )
+    except OSError as exc:
+        raise OutputError(path, exc) from exc
     return path

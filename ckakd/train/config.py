@@ -1,4 +1,4 @@
-"""Typed YAML configs for the reference trainer (DESIGN.md §7).
+"""Typed YAML configs for the reference trainer.
 
 A config is a tree of dataclasses (:class:`Config`); YAML files may inherit from each other with
 ``base:`` and be patched with dotted ``key=value`` overrides::
@@ -21,11 +21,10 @@ import importlib.util
 import math
 import os
 import re
-import tempfile
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -84,6 +83,16 @@ def _non_empty(v: Any) -> str | None:
     return None if v is None or v.strip() else "must be a non-empty string"
 
 
+def _run_name(v: Any) -> str | None:
+    """A folder inside ``run.out_dir``: relative, no ``..`` component (``digits/kd-seed0`` is fine)."""
+    if not v.strip():
+        return "must be a non-empty string"
+    parts = PurePosixPath(v.replace("\\", "/")).parts
+    if v.startswith(("/", "\\", "~")) or (len(v) > 1 and v[1] == ":") or ".." in parts or all(p == "." for p in parts):
+        return "must name a folder inside run.out_dir (a relative path without '..', e.g. kd-seed0)"
+    return None
+
+
 def _check(fn: Callable[[Any], str | None]) -> dict[str, Any]:
     return {"check": fn}
 
@@ -95,7 +104,7 @@ def _check(fn: Callable[[Any], str | None]) -> dict[str, Any]:
 class RunConfig:
     """Run identity and execution: output folder ``out_dir/name``, seed, device, AMP, logging frontends."""
 
-    name: str = field(default="run", metadata=_check(_non_empty))
+    name: str = field(default="run", metadata=_check(_run_name))
     out_dir: str = field(default="runs", metadata=_check(_non_empty))
     seed: int = 0
     deterministic: bool = False
@@ -240,21 +249,10 @@ class Config:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the resolved YAML to ``path`` atomically (temporary file + rename); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from .fileio import atomic_write_bytes
+
         text = "# resolved ckakd trainer config (ckakd.train.config)\n" + self.to_yaml()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @dataclass
@@ -424,6 +422,54 @@ def _suggest(word: str, options: Sequence[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+def _schema_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of the dataclass schema ``cls`` (list items as ``teachers.0.name``)."""
+    out: list[str] = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        dotted, tp = _join(prefix, f.name), hints[f.name]
+        args = get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            out += _schema_keys(tp, dotted)
+        elif get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+            out += _schema_keys(args[0], f"{dotted}.0")
+        else:
+            out.append(dotted)
+    return out
+
+
+def _suggest_key(dotted: str, key: str, keys: Sequence[str]) -> str:
+    """``" (did you mean 'schedule.epochs'?)"`` for an unknown ``dotted`` key: schema keys with the same last
+    name first, then close last names, then close dotted keys."""
+    leaves: dict[str, list[str]] = {}
+    for k in keys:
+        leaves.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    matches = list(leaves.get(key, []))
+    if not matches:
+        for leaf in difflib.get_close_matches(key, list(leaves), n=3, cutoff=0.75):
+            matches += leaves[leaf]
+    if not matches:
+        matches = difflib.get_close_matches(dotted, list(keys), n=3, cutoff=0.6)
+    matches = [m for m in matches if m != dotted][:3]
+    return f" (did you mean {' or '.join(repr(m) for m in matches)}?)" if matches else ""
+
+
+class _UnknownKeyError(ValueError):
+    """An unknown key; :func:`config_from_dict` adds suggestions from the whole schema."""
+
+    def __init__(self, prefix: str, key: str, fields: list[str]) -> None:
+        self.prefix, self.key, self.fields = prefix, key, fields
+        super().__init__(self.text())
+
+    def text(self, root: type | None = None) -> str:
+        dotted = _join(self.prefix, self.key)
+        hint = _suggest(self.key, self.fields)
+        if not hint and root is not None:
+            hint = _suggest_key(dotted, self.key, _schema_keys(root))
+        level = f"under '{self.prefix}'" if self.prefix else "at the top level"
+        return f"unknown config key '{dotted}'{hint}; valid keys {level}: " + ", ".join(self.fields)
+
+
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
@@ -503,11 +549,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if not isinstance(key, str):
             raise ValueError(f"{where}: keys must be strings, got {_show(key)}")
         if key not in fields:
-            level = f"under '{prefix}'" if prefix else "at the top level"
-            raise ValueError(
-                f"unknown config key '{_join(prefix, key)}'{_suggest(key, list(fields))}; valid keys {level}: "
-                + ", ".join(fields)
-            )
+            raise _UnknownKeyError(prefix, key, list(fields))
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
@@ -546,7 +588,10 @@ def config_from_dict(d: Mapping[str, Any] | None) -> Config | DetectionConfig:
     if not isinstance(task, str) or task not in _TASKS:
         hint = _suggest(task, list(_TASKS)) if isinstance(task, str) else ""
         raise ValueError(f"task: expected one of {', '.join(map(repr, _TASKS))}, got {_show(task)}{hint}")
-    cfg = _build(_TASKS[task], d, "")
+    try:
+        cfg = _build(_TASKS[task], d, "")
+    except _UnknownKeyError as exc:
+        raise ValueError(exc.text(_TASKS[task])) from None
     _cross_check(cfg)
     if isinstance(cfg, DetectionConfig):
         if cfg.teacher.augment is not None:
@@ -660,7 +705,18 @@ def _load_file(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain[chain.index(path) :], path))
         raise ValueError(f"config inheritance cycle: {cycle}")
-    data = _yaml_load(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: not a YAML config (a binary file? byte {exc.object[exc.start]:#04x} at offset {exc.start} is "
+            "not UTF-8 text)"
+        ) from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    if "\x00" in text:
+        raise ValueError(f"{path}: not a YAML config (a binary file: it contains NUL bytes)")
+    data = _yaml_load(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -739,7 +795,14 @@ def load_config(path_or_name: str | os.PathLike, overrides: Sequence[str] = ()) 
     """Load a config: a YAML file path or a shipped name (``"digits/rcka"``), its ``base:`` chain merged
     underneath (child wins; mappings merged, lists replaced), then ``overrides`` (``"optim.lr=0.1"``)."""
     ref = os.fspath(path_or_name)
-    data = _load_file(_locate(ref, None), ())
+    path = _locate(ref, None)
+    data = _load_file(path, ())
+    if not data:
+        raise ValueError(
+            f"{path}: the config has no keys (empty, or only comments): every setting would be a default "
+            f"({ScheduleConfig().epochs} epochs of {DataConfig().name!r} with distiller {DistillerConfig().name!r} and "
+            "no teacher); start from a shipped config (a first line `base: digits/kd`; `ckakd configs` lists them)"
+        )
     if overrides:
         data = apply_overrides(data, overrides)
     return config_from_dict(data)

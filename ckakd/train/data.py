@@ -1,4 +1,4 @@
-"""Datasets, tensor augmentations and loaders for the reference trainer (DESIGN.md §7).
+"""Datasets, tensor augmentations and loaders for the reference trainer.
 
 Everything works on float image tensors of shape (C, H, W) with values in [0, 1]; nothing here
 downloads anything or depends on torchvision.

@@ -311,6 +311,9 @@ class Distiller(nn.Module):
     """
 
     accepts_views: bool = False
+    # True when a loss weight follows a schedule over ``total_epochs`` (the trainer then refuses to change the
+    # number of epochs on resume)
+    uses_total_epochs: bool = False
 
     def __init__(
         self,
@@ -1064,6 +1067,11 @@ class WKDLogit(Distiller):
                 f"cost is {tuple(self.cost.shape)} but the models predict C={num_classes} classes; the WKD-L cost "
                 f"must be (C, C) = ({num_classes}, {num_classes})"
             )
+
+    @property
+    def uses_total_epochs(self) -> bool:  # type: ignore[override]
+        """``gamma_schedule="cosine"`` decays gamma over the total epochs."""
+        return self.gamma_schedule != "constant"
 
     def _scheduled(self, weight: float) -> float:
         if self.gamma_schedule == "constant" or self.epoch is None or self.total_epochs is None:

@@ -1,4 +1,4 @@
-"""The reference trainer's loop (DESIGN.md §7), independent of any config format.
+"""The reference trainer's loop, independent of any config format.
 
 :class:`Trainer` trains either a :class:`~ckakd.train.distillers.Distiller` (anything with ``forward_train(x, y)
 -> (logits, {name: loss})``; the total loss is the sum of the dict, the optimizer gets its
@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from . import distributed as dist
+from .fileio import OutputError, append_text, atomic_write_bytes
 from .hooks import FeatureHooks
 
 __all__ = [
@@ -61,6 +61,12 @@ __all__ = [
     "epoch_seed",
     "save_checkpoint",
     "load_checkpoint",
+    "OutputError",
+    "RESUME_MAY_CHANGE",
+    "OUTPUT_FILES",
+    "check_device",
+    "check_output_paths",
+    "check_resume",
 ]
 
 logger = logging.getLogger("ckakd.train")
@@ -69,10 +75,19 @@ CHECKPOINT_FORMAT = "ckakd.train.checkpoint/v1"
 CKA_MAX_IMAGES = 512
 _OPTIMIZERS = ("sgd", "adamw")
 _SCHEDULES = ("step", "cosine", "constant")
-_RESUME_CHECKED = (  # settings whose change on resume breaks the continuation (warned about)
-    "lr", "optimizer", "momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma", "warmup_epochs",
-    "amp", "amp_dtype", "grad_clip", "seed", "deterministic", "max_train_batches",
+# TrainSettings fields that may differ between a checkpoint and the run resuming it (where and how the run is
+# logged, evaluated and saved, and the device); ``epochs`` too, under the conditions of :func:`check_resume`.
+# Every other field (optimizer, schedule, seed, AMP, ...) shaped the epochs already run: a change is refused.
+RESUME_MAY_CHANGE = (
+    "epochs", "out_dir", "device", "progress", "log_every", "eval_every", "save_every", "tensorboard", "resume",
+    "config", "find_unused_parameters",
 )  # fmt: skip
+# the same for the dotted keys of a ckakd config (``settings.config``); the rest must be as in the checkpoint
+CONFIG_MAY_CHANGE = (
+    "run.name", "run.out_dir", "run.device", "run.progress", "run.tensorboard", "train.log_every",
+    "train.eval_every", "train.save_every", "schedule.epochs",
+)  # fmt: skip
+OUTPUT_FILES = ("latest.pt", "best.pt", "metrics.csv", "metrics.jsonl", "config.yaml", "curves.png", "cka.png")
 _AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
@@ -226,34 +241,6 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     """``torch.save(payload)`` atomically (temp file in the same folder + fsync + ``os.replace``)."""
     if not isinstance(payload, dict):
@@ -262,7 +249,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     buf = io.BytesIO()
     torch.save(payload, buf)
     path = Path(path)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -303,6 +290,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, map
     ``ValueError`` naming missing/unexpected keys and shape mismatches when they do not fit.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -313,18 +302,132 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, map
         fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not a ckakd checkpoint (format {fmt!r}, expected {CHECKPOINT_FORMAT!r})")
     if model is not None:
-        targets = [(_student_of(model), ckpt.get("student"), "student")]
-        extra = _extra_of(model)
-        if extra is not None:
-            targets.append((extra, ckpt.get("extra") or {}, "extra"))
-        for module, state, what in targets:
-            if not isinstance(state, dict):
-                raise ValueError(f"{path} has no {what!r} state_dict")
-            problem = _state_dict_mismatch(module, state, f"{path}: {what!r}")
-            if problem:
-                raise ValueError(problem)
-        for module, state, _ in targets:
-            module.load_state_dict(state)
+        _apply_weights(ckpt, model, path)
+    return ckpt
+
+
+def _apply_weights(ckpt: dict, model: nn.Module, path: Path) -> None:
+    """Load a checkpoint dict's ``student`` (and ``extra``) weights into ``model`` (see :func:`load_checkpoint`)."""
+    targets = [(_student_of(model), ckpt.get("student"), "student")]
+    extra = _extra_of(model)
+    if extra is not None:
+        targets.append((extra, ckpt.get("extra") or {}, "extra"))
+    for module, state, what in targets:
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} has no {what!r} state_dict")
+        problem = _state_dict_mismatch(module, state, f"{path}: {what!r}")
+        if problem:
+            raise ValueError(problem)
+    for module, state, _ in targets:
+        module.load_state_dict(state)
+
+
+def _model_identity(model: nn.Module) -> dict[str, str]:
+    """What a checkpoint records of the model it trained: the class of the trained module (a Distiller or the
+    plain classifier) and of its student."""
+    return {"model": type(model).__name__, "student": type(_student_of(model)).__name__}
+
+
+def _describe_identity(ident: Mapping[str, Any]) -> str:
+    model, student = ident.get("model"), ident.get("student")
+    return f"{model} (student {student})" if model != student else f"{model} (no distiller)"
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+_UNSET = "<unset>"
+
+
+def check_resume(
+    path: str | os.PathLike,
+    settings: TrainSettings,
+    *,
+    world_size: int = 1,
+    model: nn.Module | None = None,
+    ckpt: dict | None = None,
+) -> dict | None:
+    """Check that the run described by ``settings`` (and ``model``) may continue from the checkpoint ``path``;
+    returns the loaded checkpoint (``None`` when ``path`` does not exist: a fresh start).
+
+    Raises ``ValueError`` listing every difference that would make the continuation something else than the run
+    the checkpoint belongs to: any setting outside :data:`RESUME_MAY_CHANGE` (with ``settings.config``, any
+    config key outside :data:`CONFIG_MAY_CHANGE`: the model, the distiller, the optimizer, the learning rate,
+    ...), the trained model's class, and the number of processes. ``epochs`` may grow or shrink (not below the
+    epochs completed) when the schedule does not depend on it: ``step`` / ``constant``, and a model without
+    ``uses_total_epochs`` (a loss weight scheduled over the total epochs).
+    """
+    path = Path(path)
+    if ckpt is None:
+        if not path.exists():
+            return None
+        if not path.is_file():
+            raise ValueError(f"{path} is a folder, not a checkpoint: move it away or choose another run.name")
+        ckpt = load_checkpoint(path, map_location="cpu")
+    new_settings = settings.to_dict()
+    old_settings = ckpt.get("settings") or {}
+    old_cfg, new_cfg = ckpt.get("config"), settings.config
+    by_config = isinstance(old_cfg, Mapping) and isinstance(new_cfg, Mapping)
+    conflicts: list[str] = []
+    if by_config:
+        old_flat, new_flat = _flatten(old_cfg), _flatten(_plain(new_cfg))
+        for key in sorted(set(old_flat) | set(new_flat)):
+            if key in CONFIG_MAY_CHANGE:
+                continue
+            a, b = old_flat.get(key, _UNSET), new_flat.get(key, _UNSET)
+            if a != b:
+                conflicts.append(f"{key}: checkpoint {a!r}, this run {b!r}")
+    else:
+        for key in new_settings:
+            if key in RESUME_MAY_CHANGE or key not in old_settings:
+                continue
+            if old_settings[key] != new_settings[key]:
+                conflicts.append(f"{key}: checkpoint {old_settings[key]!r}, this run {new_settings[key]!r}")
+        ident = ckpt.get("model_identity")
+        if model is not None and isinstance(ident, Mapping) and dict(ident) != _model_identity(model):
+            conflicts.append(
+                f"model: the checkpoint trained {_describe_identity(ident)}, this run "
+                f"{_describe_identity(_model_identity(model))}"
+            )
+    epochs_key = "schedule.epochs" if by_config else "epochs"
+    done, old_epochs, new_epochs = int(ckpt.get("epoch", 0)), old_settings.get("epochs"), int(settings.epochs)
+    if new_epochs < done:
+        conflicts.append(f"{epochs_key}={new_epochs}: the checkpoint has already completed {done} epochs")
+    elif old_epochs is not None and int(old_epochs) != new_epochs:
+        change = f"{epochs_key} {old_epochs} -> {new_epochs}"
+        if settings.schedule == "cosine":
+            conflicts.append(
+                f"{change}: the cosine schedule spreads over all epochs, so the {done} epochs already run followed "
+                "another curve (the epochs may change with the step or constant schedule)"
+            )
+        elif model is not None and getattr(model, "uses_total_epochs", False):
+            conflicts.append(
+                f"{change}: {type(model).__name__} schedules its loss weights over the total epochs, so the {done} "
+                "epochs already run followed another schedule"
+            )
+    old_world = int(ckpt.get("world_size") or 1)
+    if old_world != int(world_size):
+        how = f"torchrun --nproc_per_node {old_world}" if old_world > 1 else "one process (no torchrun)"
+        conflicts.append(
+            f"world size: the checkpoint was written by {old_world} process(es), this run has {world_size} (the data "
+            f"shards, the global batch and the per-rank RNG states depend on it); resume with {how}"
+        )
+    if conflicts:
+        allowed = CONFIG_MAY_CHANGE if by_config else [k for k in RESUME_MAY_CHANGE if k not in ("resume", "config")]
+        elsewhere = "another run.name" if by_config else "another out_dir"
+        raise ValueError(
+            f"cannot resume from {path}: {'; '.join(conflicts)}. On resume only these may change: {', '.join(allowed)} "
+            f"({epochs_key} only with a step or constant schedule); start a new run ({elsewhere}) to change anything "
+            "else"
+        )
     return ckpt
 
 
@@ -372,10 +475,45 @@ def _resolve_device(name: str | torch.device) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", dist.local_rank() if dist.env_world_size() > 1 else 0)
         return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
+    check_device(name)
+    return torch.device(name)
+
+
+def check_device(name: str | torch.device, key: str = "device") -> None:
+    """``ValueError`` naming ``key`` when ``name`` is not a usable device here (``cuda`` without a GPU, a
+    ``cuda:N`` beyond the visible GPUs, or not a device string at all); ``"auto"`` always passes."""
+    if isinstance(name, torch.device) or name == "auto":
+        device = name if isinstance(name, torch.device) else None
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"{key}={name!r} is not a device ('auto', 'cpu', 'cuda' or 'cuda:N'): {exc}") from None
+    if device is None or device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        why = (
+            f"this torch ({torch.__version__}) is built without CUDA"
+            if torch.version.cuda is None
+            else "no CUDA GPU is visible (driver missing, or CUDA_VISIBLE_DEVICES hides them)"
+        )
+        raise ValueError(f"{key}={str(name)!r} but {why}; use {key}=auto or {key}=cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"{key}={str(name)!r} but only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+
+
+def check_output_paths(out_dir: str | os.PathLike) -> None:
+    """``ValueError`` when one of the run's output files (:data:`OUTPUT_FILES`) exists in ``out_dir`` but is not a
+    regular file (a folder in its place would otherwise fail the first save, after an epoch of training)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"the run folder {out_dir} is a file, not a folder")
+    for name in OUTPUT_FILES:
+        p = out_dir / name
+        if p.exists() and not p.is_file():
+            kind = "a folder" if p.is_dir() else "not a regular file"
+            raise ValueError(f"{p} is {kind}; the run writes its {name} there: move it away or choose another run.name")
 
 
 def _autocast(device: torch.device, amp: bool, amp_dtype: str):
@@ -873,6 +1011,7 @@ class Trainer:
             "history": _plain(self.history),
             "rng": rng,
             "world_size": self.world_size,
+            "model_identity": _model_identity(self.model),
             "settings": self.settings.to_dict(),
             "config": _plain(self.settings.config) if self.settings.config is not None else None,
             "torch_version": str(torch.__version__),
@@ -884,18 +1023,20 @@ class Trainer:
 
     def _resume(self) -> None:
         path = self.out_dir / "latest.pt"
-        if not path.is_file():
+        if not path.exists():
             self._log(f"resume: no checkpoint at {path}; starting from scratch", logging.WARNING)
             return
-        ckpt = load_checkpoint(path, self.model, map_location="cpu")
-        old, new = ckpt.get("settings") or {}, self.settings.to_dict()
-        changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in _RESUME_CHECKED if k in old and old[k] != new[k]]
-        if ckpt.get("world_size", self.world_size) != self.world_size:
-            changed.append(f"world_size {ckpt['world_size']} -> {self.world_size}")
-        if changed:
-            self._log(f"resume: settings differ from {path}'s: {', '.join(changed)}", logging.WARNING)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        ckpt = check_resume(path, self.settings, world_size=self.world_size, model=self.model)
+        assert ckpt is not None
+        _apply_weights(ckpt, self.model, path)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise ValueError(
+                f"cannot resume from {path}: its optimizer/scheduler state does not fit this run's "
+                f"{self.settings.optimizer} optimizer over {len(self.params)} parameters ({type(exc).__name__}: {exc})"
+            ) from exc
         if ckpt.get("scaler") is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         self.history = list(ckpt.get("history") or [])
@@ -924,16 +1065,12 @@ class Trainer:
     def _write_metrics_files(self, *, rewrite: bool) -> None:
         if not self.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         jsonl = self.out_dir / "metrics.jsonl"
         if rewrite:
             text = "".join(json.dumps(r) + "\n" for r in self.history)
-            _atomic_write_bytes(jsonl, text.encode())
+            atomic_write_bytes(jsonl, text.encode())
         elif self.history:
-            with open(jsonl, "a", encoding="utf-8") as f:
-                f.write(json.dumps(self.history[-1]) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append_text(jsonl, json.dumps(self.history[-1]) + "\n")
         columns: list[str] = []
         for row in self.history:
             columns += [k for k in row if k not in columns]
@@ -944,7 +1081,7 @@ class Trainer:
         if columns:
             writer.writeheader()
             writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in self.history)
-        _atomic_write_bytes(self.out_dir / "metrics.csv", buf.getvalue().encode())
+        atomic_write_bytes(self.out_dir / "metrics.csv", buf.getvalue().encode())
 
     def _plot(self) -> None:
         if not self.is_main or not self.history:
@@ -973,7 +1110,7 @@ class Trainer:
         if val or train_acc:
             ax2.legend()
         fig.tight_layout()
-        fig.savefig(self.out_dir / "curves.png", dpi=100)
+        _savefig(fig, self.out_dir / "curves.png")
         keys = [f"cka/{s}~{t}" for s, t in self.settings.cka_pairs]
         if keys and self.teacher_for_cka is not None:
             fig = Figure(figsize=(6, 4))
@@ -988,7 +1125,7 @@ class Trainer:
             ax.set_title("teacher-student CKA")
             ax.legend(fontsize="small")
             fig.tight_layout()
-            fig.savefig(self.out_dir / "cka.png", dpi=100)
+            _savefig(fig, self.out_dir / "cka.png")
 
     # ------------------------------------------------------------------ training
 
@@ -1118,8 +1255,12 @@ class Trainer:
         ``epochs_completed``, ``train_time_s`` (over all epochs, resumed ones included), ``cka`` (last values),
         ``out_dir``; classification also ``best_top1``, ``final_top1``, ``final_top5``, ``final_val_loss``."""
         s = self.settings
+        check_output_paths(self.out_dir)  # on every rank: all of them stop, before any training
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(self.out_dir, exc) from exc
         if s.resume:
             self._resume()
         elif self.is_main and (self.out_dir / "latest.pt").exists():
@@ -1248,6 +1389,13 @@ class Trainer:
                     )
                 out[k] = _metric_value(v, f"callback {name}.on_epoch_end value {k!r}")
         return out
+
+
+def _savefig(fig: Any, path: Path) -> None:
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise OutputError(path, exc) from exc
 
 
 def _check_callbacks(callbacks: Sequence[Any]) -> list[Any]:

@@ -21,7 +21,17 @@ from torch.utils.data import Dataset
 from . import data as D
 from .config import Config
 from .distillers import build_distiller
-from .engine import Trainer, TrainSettings, evaluate, load_checkpoint, seed_everything
+from .engine import (
+    Trainer,
+    TrainSettings,
+    check_device,
+    check_output_paths,
+    check_resume,
+    evaluate,
+    load_checkpoint,
+    seed_everything,
+)
+from .fileio import OutputError, probe_writable
 from .hooks import FeatureHooks
 from .models import create_model, list_models
 
@@ -36,6 +46,8 @@ __all__ = [
     "train_transform",
     "train_settings",
     "run_dir",
+    "preflight",
+    "check_run_resume",
     "train_teacher",
     "cached_train_teacher",
     "distill",
@@ -172,12 +184,16 @@ def build_model(name: str | None, kwargs: dict, num_classes: int, in_channels: i
 
 def _load_weights(model: nn.Module, path: str, section: str) -> nn.Module:
     p = Path(path).expanduser()
+    key = "--checkpoint" if section == "checkpoint" else f"{section}.checkpoint"
+    if p.is_dir():
+        raise ConfigError(f"{key}: {p} is a folder, not a checkpoint file")
     if not p.is_file():
-        raise ConfigError(f"{section}.checkpoint: file not found: {p}")
+        raise ConfigError(f"{key}: file not found: {p}")
     try:
         load_checkpoint(p, model)
     except ValueError as exc:
-        raise ConfigError(f"{section}.checkpoint={str(p)!r} does not fit {section}.name: {exc}") from exc
+        fit = "model.name" if section == "checkpoint" else f"{section}.name"
+        raise ConfigError(f"{key}={str(p)!r} does not fit {fit}: {exc}") from exc
     return model
 
 
@@ -322,7 +338,51 @@ def _check_cka_pairs(cfg: Config, student: nn.Module, teacher: nn.Module | None)
 
 
 def run_dir(cfg: Config) -> Path:
-    return Path(cfg.run.out_dir).expanduser() / cfg.run.name
+    """``run.out_dir/run.name``: where a run writes (``run.name`` cannot leave ``run.out_dir``)."""
+    base = Path(cfg.run.out_dir).expanduser()
+    out = base / cfg.run.name
+    if os.path.commonpath([os.path.abspath(base), os.path.abspath(out)]) != os.path.abspath(base):
+        raise ConfigError(f"run.name={cfg.run.name!r} would write outside run.out_dir={cfg.run.out_dir!r}")
+    return out
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def preflight(cfg: Any, *, resume: bool = False) -> Path:
+    """The checks of a training run that need no data or model, before anything is built: ``run.device`` is usable
+    here, ``run.out_dir/run.name`` can be written (rank 0 probes it; nothing stays) and holds no folder where an
+    output file goes; with ``resume``, ``latest.pt`` (if present) is a readable checkpoint. Returns the run folder.
+    Raises :class:`ConfigError` naming the key."""
+    try:
+        check_device(cfg.run.device, "run.device")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out = run_dir(cfg)
+    if _rank() == 0:
+        problem = probe_writable(out)
+        if problem:
+            raise ConfigError(f"run.out_dir={cfg.run.out_dir!r} (run folder {out}): {problem}")
+    try:
+        check_output_paths(out)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return out
+
+
+def check_run_resume(cfg: Any, settings: TrainSettings, model: nn.Module | None = None) -> None:
+    """With ``settings.resume``: refuse (``ConfigError``) to continue ``run_dir(cfg)/latest.pt`` with a config that
+    differs from the checkpoint's outside the keys that may change on resume (see
+    :func:`~ckakd.train.engine.check_resume`). Called before the run's ``config.yaml`` is rewritten."""
+    if not settings.resume:
+        return
+    from . import distributed as dist
+
+    try:
+        check_resume(run_dir(cfg) / "latest.pt", settings, world_size=dist.env_world_size(), model=model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def train_settings(cfg: Config, *, resume: bool, cka_pairs: Sequence[tuple[str, str]] = ()) -> TrainSettings:
@@ -370,10 +430,13 @@ def _loaders(cfg: Config, bundle: DataBundle, train_transform: Any = None):
     return train, val
 
 
-def _save_config(cfg: Config) -> Path:
+def _save_config(cfg: Any) -> Path:
     out = run_dir(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes (before the group exists)
-        out.mkdir(parents=True, exist_ok=True)
+    if _rank() == 0:  # under torchrun only rank 0 writes (before the group exists)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(out, exc) from exc
         cfg.save(out / "config.yaml")
     return out
 
@@ -381,14 +444,17 @@ def _save_config(cfg: Config) -> Path:
 def train_teacher(cfg: Config, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
     """Train ``cfg.model`` with cross-entropy (no distiller); checkpoints in ``run_dir(cfg)``. ``callbacks`` go
     to the :class:`~ckakd.train.engine.Trainer`."""
+    preflight(cfg, resume=resume)
     bundle = build_data(cfg)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     model = build_model(cfg.model.name, cfg.model.kwargs, bundle.num_classes, bundle.input_shape[0], section="model")
     if cfg.model.checkpoint:
         _load_weights(model, cfg.model.checkpoint, "model")
     train, val = _loaders(cfg, bundle)
+    settings = train_settings(cfg, resume=resume)
+    check_run_resume(cfg, settings, model)
     out = _save_config(cfg)
-    result = Trainer(model, train, val, train_settings(cfg, resume=resume), callbacks=callbacks).fit()
+    result = Trainer(model, train, val, settings, callbacks=callbacks).fit()
     return {**result, "out_dir": str(out)}
 
 
@@ -404,9 +470,11 @@ def cached_train_teacher(cfg: Config, *, retrain: bool = False) -> tuple[Path, f
     tdir = run_dir(cfg)
     ckpt, saved = tdir / "best.pt", tdir / "config.yaml"
     reused = False
-    if not retrain and ckpt.is_file() and saved.is_file():
-        try:
+    latest = tdir / "latest.pt"
+    if not retrain and ckpt.is_file() and saved.is_file() and latest.is_file():
+        try:  # the same resolved config, and trained to the end (not an interrupted run)
             reused = load_config(saved).to_dict() == cfg.to_dict()
+            reused = reused and int(load_checkpoint(latest).get("epoch", 0)) >= cfg.schedule.epochs
         except ValueError:
             reused = False
     if not reused:
@@ -416,12 +484,20 @@ def cached_train_teacher(cfg: Config, *, retrain: bool = False) -> tuple[Path, f
     return ckpt, best, reused
 
 
-def distill(cfg: Config, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
+def distill(cfg: Config, *, resume: bool = False, callbacks: Sequence[Any] = (), baseline: bool = False) -> dict:
     """Distil ``cfg.teacher`` (+ ``cfg.teachers``) into ``cfg.model`` with ``cfg.distiller``.
 
     ``ensemble_kd`` with per-teacher ``augment`` trains on multi-view batches (:func:`build_train_views`).
-    ``callbacks`` go to the :class:`~ckakd.train.engine.Trainer`.
+    ``callbacks`` go to the :class:`~ckakd.train.engine.Trainer`. Distiller ``ce`` (the student alone, no
+    teacher) is refused unless ``baseline=True`` (the CE row of a comparison, as the demo trains it).
     """
+    if cfg.distiller.name == "ce" and not baseline:
+        raise ConfigError(
+            "distiller.name='ce' trains the student alone with cross-entropy (no teacher is used): `distill` needs a "
+            "distillation method (e.g. distiller.name=kd with teacher.name and teacher.checkpoint); to train "
+            "without a teacher use `ckakd train-teacher`"
+        )
+    preflight(cfg, resume=resume)
     bundle = build_data(cfg)
     views, teacher_views = build_train_views(cfg, bundle)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
@@ -433,8 +509,9 @@ def distill(cfg: Config, *, resume: bool = False, callbacks: Sequence[Any] = ())
     distiller = build_run_distiller(cfg, student, teachers, bundle, teacher_views=teacher_views)
     pairs = _check_cka_pairs(cfg, student, teachers[0] if teachers else None)
     train, val = _loaders(cfg, bundle, views)
-    out = _save_config(cfg)
     settings = train_settings(cfg, resume=resume, cka_pairs=pairs if teachers else ())
+    check_run_resume(cfg, settings, distiller)
+    out = _save_config(cfg)
     teacher_for_cka = teachers[0] if teachers else None
     result = Trainer(distiller, train, val, settings, teacher_for_cka=teacher_for_cka, callbacks=callbacks).fit()
     return {**result, "out_dir": str(out)}
@@ -451,8 +528,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | os.PathLike) -> dict:
 
 
 def _device(name: str) -> torch.device:
+    """``run.device`` as a torch device (``auto``: CUDA when available); :class:`ConfigError` when unusable here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        check_device(name, "run.device")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return torch.device(name)
 
 
@@ -511,6 +593,9 @@ def compute_interrelation(
     }
     if sharpen is not None:
         meta["sharpen"] = float(sharpen)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_interrelation(path, ir.cpu(), kernel=kernel, **meta)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_interrelation(path, ir.cpu(), kernel=kernel, **meta)
+    except OSError as exc:
+        raise OutputError(path, exc) from exc
     return path
