@@ -328,6 +328,8 @@ def _row_normalized_cka(x: Tensor, y: Tensor, mode: str) -> Tensor:
     with _checks.autocast_off(x, y):
         grams = []
         for f in (x.to(acc), y.to(acc)):
+            # exact power-of-two rescaling (the value is scale-invariant): fp32 Grams stay in range at any scale
+            f = _gram.mul_pow2(f[None], -_gram.pow2_exponent(f[None]))[0]
             if mode == "centered":
                 f = f - f.mean(0, keepdim=True)
             k = f @ f.T

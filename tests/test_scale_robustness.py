@@ -6,8 +6,8 @@ features (gradients: the reference gradient / scale). ``hsic`` and ``centered_gr
 they must be right wherever the true value is representable in the output dtype and ±inf (never NaN)
 where it overflows. Both backends run (Triton under the interpreter on the CPU).
 
-``python tests/test_scale_robustness.py`` prints the relative errors per function and scale (run it with
-``PYTHONPATH=<an older checkout>`` to measure that checkout instead).
+``TRITON_INTERPRET=1 python -m tests.test_scale_robustness`` prints the relative errors per function and
+scale (with ``PYTHONPATH=<an older checkout>``, run there, it measures that checkout).
 """
 
 from __future__ import annotations
@@ -104,6 +104,22 @@ def test_cka_independent_scales_per_input_and_batch_entry(backend_device):
     torch.testing.assert_close(out.double().cpu(), torch.full((3,), ref, dtype=torch.float64), atol=1e-5, rtol=5e-4)
     for i in range(3):
         assert _rel(gx[i], rgx / scales[i]) < FP32_GRAD_RTOL
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("mode", ["uncentered", "centered"])
+def test_rcka_logit_terms_with_l2_norm_across_scales(mode, scale):
+    """rcka_loss's logit terms with the authors' row-normalized Grams (``with_l2_norm``), fp32 at every
+    scale vs the same loss of the unscaled logits in float64 (before: NaN at 1e30, 1.0 at 1e-30)."""
+    z0, t0 = _pair(*SHAPES["logits"])
+    kw = dict(alpha=0.0, mode=mode, with_l2_norm=True, return_parts=True)
+    out, (gz, _) = _value_and_grads(
+        lambda a, b: ckakd.rcka_loss(a, b, a, b, **kw)["loss"], (z0 * scale).float(), (t0 * scale).float()
+    )
+    assert out.dtype == torch.float32
+    ref, (rgz, _) = _value_and_grads(lambda a, b: ckakd.rcka_loss(a, b, a, b, **kw)["loss"], z0, t0)
+    assert torch.isfinite(out) and out.item() == pytest.approx(ref.item(), rel=5e-4, abs=1e-5)
+    assert _rel(gz, rgz / scale) < FP32_GRAD_RTOL
 
 
 # fp16 holds |x| in ~[6e-5, 65504] (randn features reach ~4.5x their scale); bf16 has fp32's range.
@@ -366,7 +382,9 @@ def _measure() -> None:  # pragma: no cover - a report, run by hand
             out, grads = _value_and_grads(fn, *[(t * s).float() for t in inputs])
             ref, rgrads = _value_and_grads(ref_fn, *inputs)
             v = abs(out.double().item() - ref.item()) / abs(ref.item())
-            return f"{v:7.1e};{_rel(grads[0], rgrads[0] / s):7.1e}" if grad else f"{v:7.1e}"
+            if not grad:  # not scale-invariant: the value itself against the true one
+                return f"{out.item():8.2e} (true {ref.item():8.2e})"
+            return f"{v:7.1e};{_rel(grads[0], rgrads[0] / s):7.1e}"
         except Exception as exc:
             return f"{type(exc).__name__:>15}"
 
