@@ -1,8 +1,8 @@
 """Benchmark of ``ckakd.patch_cka_loss(f_s, f_t, patch_size=(16, 16), reduce=...)`` (PCKA), every reduce mode.
 
 f_s (B, C, H, W) requires grad, f_t does not. A case is a shape and a reduce mode ("channel": G = C problems
-of (P, B·16·16), the seed's choice; "batch": G = B problems of (P, C·16·16); "spatial": G = 16·16 problems of
-(P, B·C)), named ``<shape>-<reduce>``. Providers:
+of (P, B·16·16), the choice of Zhou et al., IJCAI 2024; "batch": G = B problems of (P, C·16·16); "spatial":
+G = 16·16 problems of (P, B·C)), named ``<shape>-<reduce>``. Providers:
 
 * ``ckakd`` (backend "auto": the fused batched Triton kernel on CUDA, batched torch products on CPU) and
   ``ckakd-torch`` (CUDA only: ckakd's pure-torch path);

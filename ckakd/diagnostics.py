@@ -1,4 +1,4 @@
-"""Diagnostics for knowledge distillation (DESIGN.md §3 "Diagnostics", seed 002).
+"""Diagnostics for knowledge distillation (Guo et al., "Why does Knowledge Distillation Work?").
 
 Measures of *fidelity* (how closely a student mimics its teacher(s)), *attention diversity* (how much the
 models' class-activation maps overlap) and *generalization*, usable on their own — any teacher(s), any
@@ -691,7 +691,7 @@ def cam(
     With f (B, C, h, w) the layer's map and ``model.classifier`` (an ``nn.Linear`` W (K, C), b (K,) applied
     after global average pooling of f):
 
-    - ``class_sum=True`` (paper-faithful, seed 002): CAM = Σ_c (W_c · f) + Σ_c b_c = (Σ_c W_c)·f + Σ_c b_c per
+    - ``class_sum=True`` (paper-faithful, Guo et al.): CAM = Σ_c (W_c · f) + Σ_c b_c = (Σ_c W_c)·f + Σ_c b_c per
       spatial position — whose spatial mean is Σ_c logit_c;
     - ``class_sum=False``: CAM of one class, W_t · f + b_t, for ``target`` (int or (B,); default: predicted).
 

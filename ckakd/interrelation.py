@@ -1,12 +1,12 @@
-"""Category interrelations (IR) and the WKD-L transport cost built from them (WKD seed, offline step).
+"""Category interrelations (IR) and the WKD-L transport cost built from them (WKD, Lv et al., NeurIPS 2024; offline).
 
-IR(C_i, C_j) compares teacher features of class i and class j. Kernels (the seed's ablation):
+IR(C_i, C_j) compares teacher features of class i and class j. Kernels (the WKD paper's ablation):
   "cka"      linear CKA between the class matrices X_i, X_j ∈ R^{b×d} (their b×b centered Grams)
   "poly"     the same with the kernel (x·y/d + 1)^degree
   "rbf"      the same with exp(-‖x - y‖² / (2σ²)), σ² = median nonzero squared distance within the class
   "centroid" cosine similarity of the class means
   "cosine"   cosine similarity of classifier weight rows (input (C, d), not features)
-The CKA-type kernels pair sample k of class i with sample k of class j, as the seed's formula does, so
+The CKA-type kernels pair sample k of class i with sample k of class j, as WKD's formula does, so
 every class needs the same number b of samples.
 
 ``InterrelationBuilder`` streams (features, labels) batches and keeps at most b rows per class

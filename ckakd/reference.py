@@ -124,7 +124,7 @@ def cka(x: Tensor, y: Tensor, *, mode: str = "centered", dtype: torch.dtype | No
 
 
 def cka_feature_space(x: Tensor, y: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
-    """Theorem 1 of the RCKA seed: |YᵀX|_F^2 / (|XᵀX|_F |YᵀY|_F) on column-centered features."""
+    """Theorem 1 of Zhou et al., IJCAI 2024: |YᵀX|_F^2 / (|XᵀX|_F |YᵀY|_F) on column-centered features."""
     x, y = _as(x, dtype), _as(y, dtype)
     x = x - x.mean(dim=0, keepdim=True)
     y = y - y.mean(dim=0, keepdim=True)
@@ -210,7 +210,7 @@ def patch_cka_loss(
 ) -> Tensor:
     """PCKA: mean over problems of 1 - CKA, summed over levels.
 
-    ``reduce="mix"`` (seed Table 5): level 0 uses batch, level 1 spatial, all later levels channel.
+    ``reduce="mix"`` (Zhou et al., IJCAI 2024, Table 5): level 0 uses batch, level 1 spatial, all later levels channel.
     """
     if isinstance(feats_s, Tensor):
         feats_s, feats_t = [feats_s], [feats_t]
@@ -271,7 +271,7 @@ def alignment_gap(x: Tensor, y: Tensor, *, dtype: torch.dtype | None = None) -> 
     return ((_normalized_gram(x) - _normalized_gram(y)) ** 2).sum()
 
 
-# --------------------------------------------------------------------------------------------- WKD (seed 001)
+# -------------------------------------------------------------------------------- WKD (Lv et al., NeurIPS 2024)
 
 __all__ += [
     "sqrtm_psd",

@@ -1,7 +1,7 @@
 """The ensemble-KD study of "Why does Knowledge Distillation Work?" on the embedded digits (by default).
 
 Two teachers T1, T2 (``digits/teacher`` with seeds 0 and 1, cached like the demo's) teach one student
-with ensemble KD over the seed's grid: each of T1, T2 and S sees its own weakly (w) or strongly (s)
+with ensemble KD over the paper's grid: each of T1, T2 and S sees its own weakly (w) or strongly (s)
 augmented view of every training image (T1{w,s} × T2{w,s} × S{w,s}), with vanilla and logit-standardized
 KD — 16 runs. Every epoch the trainer logs fidelity (top-1 agreement, KL(p_T‖p_S) at τ=1), mutual
 information and CAM IoU on the clean validation set (:class:`ckakd.diagnostics.DiagnosticsCallback`);
@@ -14,7 +14,7 @@ at the end each setting gets
 * the ensemble–student agreement, KL(p_ens‖p_S), Miller–Madow MI, the student's train–val accuracy gap
   and its validation accuracy.
 
-Writes ``study.json``, ``study.md`` and the seed's plots (``iou_fidelity_over_training.png``,
+Writes ``study.json``, ``study.md`` and the paper's plots (``iou_fidelity_over_training.png``,
 ``fidelity_vs_accuracy.png``, ``attention_overlays.png``) under ``--out``.
 
     ckakd study [--epochs N] [--settings T1wT2wSw,...] [--kd vanilla,standardized] [--out runs/study]
@@ -238,7 +238,7 @@ def _plots(results: dict[str, Any], out: Path, teachers_ckpts: tuple) -> list[st
 
     rows = results["rows"]
     written = []
-    # 1. IoU and fidelity over training (the seed's Figures 1-3), one line per setting
+    # 1. IoU and fidelity over training (the paper's Figures 1-3), one line per setting
     keys = [
         ("diag/iou/T1-S", "IoU(T1, S)"),
         ("diag/agree/ens-S", "agreement(ens, S)"),

@@ -32,7 +32,7 @@ if not _cuda_available():
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Tolerances (atol, rtol) per dtype, DESIGN §5.
+# Tolerances (atol, rtol) per dtype.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-8),
     torch.float32: (1e-5, 5e-4),

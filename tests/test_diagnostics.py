@@ -1,5 +1,5 @@
 """ckakd.diagnostics: fidelity, prediction MI, CAM / Grad-CAM attention IoU, affinity, ECE, layer CKA heatmap and
-the trainer callback (DESIGN.md §3 "Diagnostics", seed 002). Tiny models and random tensors only."""
+the trainer callback (Guo et al., "Why does Knowledge Distillation Work?"). Tiny models and random tensors only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Ensemble KD with per-model augmentation (seed 002): multi-view loaders, EnsembleKD on views, vanilla vs
+"""Ensemble KD with per-model augmentation (Guo et al.): multi-view loaders, EnsembleKD on views, vanilla vs
 logit-standardized KD, the trainer on multi-view batches, and the runner building the views from a config."""
 
 from __future__ import annotations

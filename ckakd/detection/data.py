@@ -1,4 +1,4 @@
-"""Detection datasets, box-aware transforms and loaders (DESIGN.md §7: no network, nothing downloaded).
+"""Detection datasets, box-aware transforms and loaders (no network access, nothing downloaded).
 
 Every dataset item is ``(image, target)``: ``image`` a float tensor (3, H, W) in [0, 1]; ``target`` a dict
 

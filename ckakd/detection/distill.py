@@ -1,4 +1,4 @@
-"""Feature distillation for detectors on FPN outputs: PCKA and the seed's "w/ patch" baselines.
+"""Feature distillation for detectors on FPN outputs: PCKA and the "w/ patch" baselines of Zhou et al., IJCAI 2024.
 
 Every loss takes lists of paired FPN levels ``(B, C, H, W)`` (student, teacher; same channels — use
 ``PatchMimic`` projectors when they differ) and works on all channels and patches at once (no Python loop
@@ -6,13 +6,13 @@ over channels). Patches are ``(P_H, P_W)`` windows; maps whose size is not a mul
 bilinearly to the nearest multiple first, as ``ckakd.patch_cka_loss`` does (PCKA: or up to the next
 multiple, ``resize="ceil"``, the rule of the authors' code).
 
-* ``pcka``: ``γ · ckakd.patch_cka_loss`` per level with the seed's four reductions (channel / batch /
+* ``pcka``: ``γ · ckakd.patch_cka_loss`` per level with the paper's four reductions (channel / batch /
   spatial / mix) — the fused patch-CKA kernel on CUDA — plus the authors' optional inter term;
 * ``kd_patch``: Hinton KD inside every (sample, channel, patch): softmax over the patch's positions at
-  temperature τ, KL(teacher‖student)·τ² averaged (the seed's Table 7 "KD w/ patch");
+  temperature τ, KL(teacher‖student)·τ² averaged (the paper's Table 7 "KD w/ patch");
 * ``at_patch``: attention transfer per patch: mean-square over channels, L2-normalized within the patch;
 * ``dist_patch``: DIST on patch distributions: 1 − Pearson over positions (inter) and over rows (intra);
-* ``mmd_patch``: the seed's MMD term per channel over patches; ``wkd_feature_fpn_loss``: WKD-F per level.
+* ``mmd_patch``: the paper's MMD term per channel over patches; ``wkd_feature_fpn_loss``: WKD-F per level.
 
 WKD-L on the classification branch (``wkd_logit_dense_loss``) takes the per-level class logits instead
 (``head_outputs(...)["cls_logits"]``); its ground cost comes from :func:`detection_class_interrelation`
@@ -121,7 +121,7 @@ def pcka_loss(
 ) -> Tensor:
     """γ · Σ_levels PCKA (``ckakd.patch_cka_loss``) + inter_weight · Σ_levels inter-PCKA (:func:`pcka_inter`).
 
-    f_s, f_t: one (B, C, H, W) map each or lists of per-level maps. The seed's best γ is 10. ``reduce="mix"``:
+    f_s, f_t: one (B, C, H, W) map each or lists of per-level maps. The paper's best γ is 10. ``reduce="mix"``:
     batch on the first level, spatial on the second, channel on the rest; each level's patch from
     :func:`level_patch_size`. ``resize``: how a map is brought to a multiple of the patch, ``"nearest"`` or
     ``"ceil"`` (up to the next multiple, a side smaller than the patch up to one patch: the authors' rule);
@@ -194,7 +194,7 @@ def pcka_inter(
     return values.to(torch.promote_types(f_s.dtype, f_t.dtype))
 
 
-MIX_ORDER = ("batch", "spatial", "channel")  # reduce="mix" (seed Table 5): level 0, level 1, later levels
+MIX_ORDER = ("batch", "spatial", "channel")  # reduce="mix" (PCKA paper, Table 5): level 0, level 1, later levels
 
 
 def level_patch_size(
@@ -252,9 +252,9 @@ def dist_patch_loss(
 
 
 def mmd_patch_loss(f_s, f_t, *, patch_size=(4, 4), weight: float = 1.0) -> Tensor:
-    """The RCKA seed's MMD term (``ckakd.mmd_loss``) on every channel's patch matrix at once: per channel c,
-    rows are the patches and features are (sample, in-patch position), as PCKA's ``reduce="channel"``;
-    mean over channels, summed over levels (the seed's Table 7 "MMD w/ patch")."""
+    """The MMD term of Zhou et al., IJCAI 2024 (``ckakd.mmd_loss``) on every channel's patch matrix at once: per
+    channel c, rows are the patches and features are (sample, in-patch position), as PCKA's ``reduce="channel"``;
+    mean over channels, summed over levels (the paper's Table 7 "MMD w/ patch")."""
     total = None
     for s, t in _pairs(f_s, f_t):
         terms = [_mmd_rows(patchify(f, patch_size).permute(1, 2, 0, 3).flatten(2)) for f in (s, t)]
@@ -378,8 +378,8 @@ def wkd_logit_dense_loss(
     ``weight · Σ w_i WD_i / Σ w_i`` with WD_i = ``ckakd.sinkhorn(p_s, p_t, cost, eps=eps, iters=iters)``
     (WKD's 10 fixed iterations at ε = 0.05; ``tol`` for the converged mode). Entropic WD is not 0 at
     p_s = p_t: the floor is the entropic self-transport cost ⟨P_ε(p_t, p_t), C⟩ (→ 0 as ε → 0).
-    T = 2 and weight 30 are WKD's ImageNet settings (DESIGN §3). No selected location in the batch: 0,
-    still attached to the student's graph (zero gradient).
+    T = 2 and weight 30 are WKD's ImageNet settings (the WKD authors' public code). No selected location in the
+    batch: 0, still attached to the student's graph (zero gradient).
     """
     zs, zt = _cls_levels(s_cls, t_cls)
     _checks.check_float_tensor("cost", cost)
@@ -482,11 +482,11 @@ def detection_class_interrelation(
     classification tower — the input of its classifier conv, the analogue of the penultimate features WKD
     computes IR from in classification (and of the RoI-head features of the Faster R-CNN it used for
     detection); ``"fpn"`` pools the FPN levels, shared with box regression. The kernels are
-    ``ckakd.interrelation``'s, streamed by :class:`ckakd.InterrelationBuilder`: "cka" (the seed's best), "poly",
+    ``ckakd.interrelation``'s, streamed by :class:`ckakd.InterrelationBuilder`: "cka" (WKD's best), "poly",
     "rbf" take ``samples_per_class`` boxes per class (``feature_layout="rows"``: one flattened C·S² row per
     box; "spatial": every RoI bin a row) and stop once every class has them; "centroid" reads the whole
     dataset (or ``max_images``). ``kernel="cosine"`` needs no data: cosine of the per-class weights of the
-    teacher's classifier conv (the seed's classifier-weight ablation; weaker than feature CKA there). The
+    teacher's classifier conv (WKD's classifier-weight ablation; weaker than feature CKA there). The
     teacher is run in eval mode, under no_grad, on ``device`` (default: its parameters' device); its mode is
     restored. A class with too few boxes raises ``ValueError`` naming it.
     """
@@ -564,7 +564,7 @@ PATCH_LOSSES = {
 
 
 class PatchMimic(nn.Module):
-    """Per-level 1×1 conv projectors student → teacher channels, plus the mimic MSE the seed adds to PCKA
+    """Per-level 1×1 conv projectors student → teacher channels, plus the mimic MSE Zhou et al. (IJCAI 2024) add to PCKA
     ("Ours + mimic", following DIST+mimic): ``forward(f_s) -> projected levels``, ``mimic_loss(f_s, f_t)``."""
 
     def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int]) -> None:
