@@ -117,7 +117,10 @@ def interrelation(class_features: Tensor, *, kernel: str = "cka", degree: int = 
     cka/poly/rbf: IR_ij = ⟨K̃_i, K̃_j⟩ / (‖K̃_i‖‖K̃_j‖) with K̃ the centered b×b Gram of class i
     (linear, (x·y/d + 1)^degree, or RBF with the class's median bandwidth); all C² pairs at once as
     G Gᵀ of the flattened normalized Grams (memory C·b²). A class with constant features has zero
-    similarity to the others. Returns fp32 (fp64 for fp64 input) on the input's device.
+    similarity to the others. Returns fp32 (fp64 for fp64 input) on the input's device. Every class (and
+    every weight row) is rescaled by a power of two first, so fp32 features at any scale the dtype holds
+    (~1e-30 ... 1e30 and beyond) give the IR of the unscaled features; poly is not scale-invariant and
+    gives that of the scaled ones, its base rescaled before the power so that it does not overflow.
     """
     _check_kernel(kernel)
     _checks.check_float_tensor("class_features", class_features)
