@@ -66,6 +66,31 @@ def _scaled(t: torch.Tensor, s: float, dtype: torch.dtype, device: str) -> torch
     return (t * s).to(device=device, dtype=dtype)
 
 
+# ----------------------------------------------------------------------------- power-of-two helpers
+
+
+def test_pow2_helpers_are_exact_and_saturate_correctly():
+    """exp2 is exact for every normal exponent; pow2_exponent puts max|x| in [1/2, 1) per entry (0 for
+    zero / NaN); mul_pow2 gives ±inf only on overflow, 0 on underflow, never inf·0 = NaN."""
+    from ckakd.ops._gram import exp2, mul_pow2, pow2_exponent
+
+    for dtype, lo, hi in ((torch.float32, -126, 127), (torch.float64, -1022, 1023)):
+        e = torch.arange(lo, hi + 1)
+        expected = torch.tensor([math.ldexp(1.0, int(i)) for i in e], dtype=torch.float64)
+        assert torch.equal(exp2(e, dtype).double(), expected)
+    x = torch.randn(4, 5, 7)
+    x[1] *= 1e30
+    x[2] = 0.0
+    x[3, 0, 0] = float("nan")
+    e = pow2_exponent(x.transpose(1, 2))  # any strides
+    assert e[2] == 0 and e[3] == 0
+    scaled = x[:2].abs().amax((1, 2)) * exp2(-e[:2], torch.float32)
+    assert ((scaled >= 0.5) & (scaled < 1)).all()
+    out = mul_pow2(torch.tensor([1e-30, 0.0, -3.0, 1e30, 1.5]), torch.tensor([300, 300, 300, -300, 200]))
+    assert out[:4].tolist() == [float("inf"), 0.0, float("-inf"), 0.0] and out[4] == float("inf")
+    assert mul_pow2(torch.tensor([2.0**-140]), torch.tensor([200])).item() == 2.0**60  # factor 2^200 > fp32 max
+
+
 # ------------------------------------------------------------------------------ CKA, every form and mode
 
 

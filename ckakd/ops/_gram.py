@@ -40,7 +40,10 @@ def pow2_exponent(x: Tensor) -> Tensor:
     if x.numel() == 0:
         return torch.zeros(b, dtype=torch.int32, device=x.device)
     acc = _acc_dtype(x)
-    amax = torch.linalg.vector_norm(x.reshape(b, -1), ord=float("inf"), dim=1).to(acc)
+    if x.dim() == 1:
+        amax = x.abs().to(acc)
+    else:  # a reduction over the trailing dims, no copy of a non-contiguous x (e.g. transposed logits)
+        amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=tuple(range(1, x.dim()))).to(acc)
     e = torch.frexp(amax).exponent.to(torch.int32)
     lim = 1021 if acc == torch.float64 else 125
     return torch.where(torch.isfinite(amax), e.clamp(-lim, lim), torch.zeros_like(e))
