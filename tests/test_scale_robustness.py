@@ -190,6 +190,22 @@ def test_patch_cka_value_and_grad_across_scales(backend_device, reduce, scale):
     assert _rel(gf, rgf / scale) < FP32_GRAD_RTOL and _rel(gg, rgg / scale) < FP32_GRAD_RTOL
 
 
+@pytest.mark.parametrize(("dtype", "scale"), LOW_PRECISION, ids=lambda v: str(v).replace("torch.", ""))
+def test_patch_cka_low_precision_across_scales(backend_device, dtype, scale):
+    """fp16/bf16 feature maps: PCKA of the rounded maps within the dtype's tolerance, finite gradients of
+    the input dtype (bf16 before the fix: NaN at 1e30)."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(3)
+    f0 = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    g0 = f0 + 0.6 * torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    f, g = _scaled(f0, scale, dtype, device), _scaled(g0, scale, dtype, device)
+    out, (gf, _) = _value_and_grads(lambda a, b: ckakd.patch_cka_loss(a, b, patch_size=2, backend=backend), f, g)
+    ref = R.patch_cka_loss(f.double().cpu() / scale, g.double().cpu() / scale, patch_size=(2, 2))
+    atol, rtol = TOLERANCES[dtype]
+    assert abs(out.double().item() - ref.item()) <= atol + rtol * abs(ref.item())
+    assert gf.dtype == dtype and torch.isfinite(gf).all()
+
+
 # --------------------------------------------------------------------------- HSIC and the centered Gram
 
 
