@@ -344,6 +344,12 @@ def test_constant_features_give_zero_at_any_scale(backend_device, mode, scale):
         out, (gx, gy) = _value_and_grads(lambda a, b: ckakd.cka(a, b, mode=mode, backend=backend), x, y)
         assert out.item() == 0.0
         assert gx.abs().max().item() == 0 and gy.abs().max().item() == 0
+    # patch-wise: a constant map gives PCKA 0 (loss 1) with zero gradients, at any scale
+    f = torch.full((2, 3, 4, 4), 0.0 if mode == "uncentered" else 5.0 * scale, device=device)
+    g = _scaled(torch.randn(2, 3, 4, 4, dtype=torch.float64), scale, torch.float32, device)
+    kw = dict(patch_size=2, mode=mode, backend=backend)
+    out, (gf, gg) = _value_and_grads(lambda a, b: ckakd.patch_cka_loss(a, b, **kw), f, g)
+    assert out.item() == 1.0 and gf.abs().max().item() == 0 and gg.abs().max().item() == 0
 
 
 @pytest.mark.parametrize("loss", ["cka_loss", "mmd_loss", "rcka_loss"])
