@@ -115,7 +115,7 @@ def test_centered_gram_forward_and_grad(backend_device, shape):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_large_offset_fp32(backend_device, mode):
-    """Features with mean 1000: centering the features before any product keeps fp32 exact (DESIGN §3)."""
+    """Features with mean 1000: centering the features before any product keeps fp32 exact."""
     backend, device = backend_device
     x0, y0 = torch.randn(24, 40, dtype=torch.float64), torch.randn(24, 30, dtype=torch.float64)
     y0 = y0 + 0.5 * x0[:, :30]
