@@ -344,3 +344,26 @@ def test_eval_of_a_checkpoint_folder_is_named(tmp_path, capsys):
     (tmp_path / "best.pt").mkdir()
     code, _, err = run_cli(["eval", "digits/teacher", "--checkpoint", str(tmp_path / "best.pt")], capsys)
     assert code == 2 and f"{tmp_path / 'best.pt'} is a folder" in err, err
+
+
+def test_paths_of_the_wrong_kind_are_named(teacher, tmp_path, capsys):
+    (tmp_path / "cifar").write_text("not a folder")
+    (tmp_path / "ir.pt").mkdir()
+    tname_args = ["teacher.name=resnet8x4", f"teacher.checkpoint={teacher / 'best.pt'}"]
+    cases = [
+        (["train-teacher", "digits/teacher", "data.name=cifar100", f"data.root={tmp_path / 'cifar'}"], "is a file"),
+        (["distill", "digits/wkd_l", *tname_args, f"distiller.cost={tmp_path / 'ir.pt'}"], "ir.pt is a folder"),
+        (["distill", "digits/kd", "teacher.name=resnet8x4", f"teacher.checkpoint={tmp_path / 'ir.pt'}"], "is a folder"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli([*args, f"run.out_dir={tmp_path / 'runs'}", *TINY], capsys)
+        assert code == 2 and message in err, (args, err)
+
+
+def test_tensorboard_without_its_package_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
+    code, _, err = run_cli(_teacher_args(tmp_path, "run.tensorboard=true"), capsys)
+    assert code == 2 and "run.tensorboard=true needs the `tensorboard` package" in err, err
+    assert not (tmp_path / "teacher").exists()

@@ -411,6 +411,25 @@ def test_resume_refuses_epoch_changes_the_schedule_depends_on(tmp_path):
         Trainer(mlp(), *loaders(batch=32), s).fit()
 
 
+def test_resume_refuses_epoch_changes_when_a_loss_weight_follows_them(tmp_path):
+    from ckakd.train.distillers import WKDLogit
+
+    def wkd(schedule: str) -> WKDLogit:
+        torch.manual_seed(0)
+        return WKDLogit(mlp(16), mlp(32), cost=1.0 - torch.eye(10), gamma_schedule=schedule, iters=2)
+
+    for schedule in ("cosine", "constant"):
+        out = tmp_path / schedule
+        tr, va = loaders(batch=32)
+        Trainer(wkd(schedule), tr, va, settings(out, epochs=1, max_train_batches=2)).fit()
+        trainer = Trainer(wkd(schedule), tr, va, settings(out, epochs=2, max_train_batches=2, resume=True))
+        if schedule == "cosine":
+            with pytest.raises(ValueError, match=r"epochs 1 -> 2: WKDLogit schedules its loss weights over the total"):
+                trainer.fit()
+        else:  # gamma does not depend on the epochs: the run may grow
+            assert trainer.fit()["epochs_completed"] == 2
+
+
 def test_resume_refuses_another_model_or_distiller(tmp_path):
     from ckakd.train.distillers import DKD
 

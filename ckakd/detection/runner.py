@@ -72,6 +72,10 @@ def _path(value: str | None, key: str, *, folder: bool) -> Path:
     if not value:
         raise ConfigError(f"{key} is required for data.name='coco'")
     p = Path(value).expanduser()
+    if folder and p.is_file():
+        raise ConfigError(f"{key}: {p} is a file, not an images folder")
+    if not folder and p.is_dir():
+        raise ConfigError(f"{key}: {p} is a folder, not an annotations file")
     if folder and not p.is_dir():
         raise ConfigError(f"{key}: folder not found: {p}")
     if not folder and not p.is_file():
@@ -231,7 +235,7 @@ def train_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: Se
     from ckakd.detection.task import DetectionTask
 
     cfg = _require_detection(cfg)
-    preflight(cfg, resume=resume)
+    preflight(cfg)
     data = build_detection_data(cfg)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     model = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
@@ -257,7 +261,7 @@ def distill_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: 
             "distillation method (e.g. distiller.name=pcka with teacher.name and teacher.checkpoint); to train "
             "without a teacher use `ckakd detect-train`"
         )
-    preflight(cfg, resume=resume)
+    preflight(cfg)
     data = build_detection_data(cfg)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     teacher = build_teacher_detector(cfg, data.num_classes)

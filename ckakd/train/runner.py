@@ -83,6 +83,8 @@ def _check_root(cfg: Config) -> Path:
     if not root:
         raise ConfigError(f"data.root is required for data.name={cfg.data.name!r} (the dataset folder)")
     path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"data.root: {path} is a file, not the dataset folder (data.name={cfg.data.name!r})")
     if not path.is_dir():
         raise ConfigError(f"data.root: folder not found: {path} (data.name={cfg.data.name!r})")
     return path
@@ -280,6 +282,8 @@ def _load_cost(cfg: Config, num_classes: int) -> torch.Tensor | None:
     from ckakd.interrelation import cost_from_interrelation, load_interrelation
 
     path = Path(cfg.distiller.cost).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"distiller.cost: {path} is a folder, not an interrelation file")
     if not path.is_file():
         raise ConfigError(f"distiller.cost: file not found: {path}")
     try:
@@ -350,15 +354,23 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def preflight(cfg: Any, *, resume: bool = False) -> Path:
-    """The checks of a training run that need no data or model, before anything is built: ``run.device`` is usable
-    here, ``run.out_dir/run.name`` can be written (rank 0 probes it; nothing stays) and holds no folder where an
-    output file goes; with ``resume``, ``latest.pt`` (if present) is a readable checkpoint. Returns the run folder.
-    Raises :class:`ConfigError` naming the key."""
+def preflight(cfg: Any) -> Path:
+    """The checks of a training run that need no data or model, before anything is built: ``run.device`` is
+    usable here, ``run.tensorboard`` has its package, ``run.out_dir/run.name`` can be written (rank 0 probes it;
+    nothing stays) and holds no folder where an output file goes. Returns the run folder; raises
+    :class:`ConfigError` naming the key."""
     try:
         check_device(cfg.run.device, "run.device")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.run.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(
+                f"run.tensorboard=true needs the `tensorboard` package ({exc}): pip install tensorboard, or set "
+                "run.tensorboard=false"
+            ) from None
     out = run_dir(cfg)
     if _rank() == 0:
         problem = probe_writable(out)
@@ -444,7 +456,7 @@ def _save_config(cfg: Any) -> Path:
 def train_teacher(cfg: Config, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
     """Train ``cfg.model`` with cross-entropy (no distiller); checkpoints in ``run_dir(cfg)``. ``callbacks`` go
     to the :class:`~ckakd.train.engine.Trainer`."""
-    preflight(cfg, resume=resume)
+    preflight(cfg)
     bundle = build_data(cfg)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     model = build_model(cfg.model.name, cfg.model.kwargs, bundle.num_classes, bundle.input_shape[0], section="model")
@@ -497,7 +509,7 @@ def distill(cfg: Config, *, resume: bool = False, callbacks: Sequence[Any] = (),
             "distillation method (e.g. distiller.name=kd with teacher.name and teacher.checkpoint); to train "
             "without a teacher use `ckakd train-teacher`"
         )
-    preflight(cfg, resume=resume)
+    preflight(cfg)
     bundle = build_data(cfg)
     views, teacher_views = build_train_views(cfg, bundle)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
