@@ -5,8 +5,8 @@ their statistics into HSIC / CKA values and losses.
 
 Shapes: ``centered_gram``, ``hsic`` and ``cka`` take (n, d) or batched (b, n, d) features with the n
 samples as rows. The losses (``cka_loss``, ``rcka_loss``, ``mmd_loss``) take features of any rank and
-flatten them to (n, -1) as the RCKA seed does ((B, C, H, W) -> (B, C·H·W)); lists of feature pairs
-are summed.
+flatten them to (n, -1) as the RCKA authors do (Zhou et al., IJCAI 2024): (B, C, H, W) -> (B, C·H·W);
+lists of feature pairs are summed.
 """
 
 from __future__ import annotations
@@ -263,10 +263,10 @@ def patch_cka(
     backend: str = "auto",
     resize: str = "nearest",
 ) -> Tensor:
-    """Per-problem CKA values (G,) of one feature level (B, C, H, W) cut into patches (PCKA, seed §3.4).
+    """Per-problem CKA values (G,) of one level (B, C, H, W) cut into patches (PCKA, Zhou et al., IJCAI 2024).
 
     The maps are bilinearly resized to a multiple of the patch size (``resize``, see :func:`patch_grid`);
-    patches are the samples. reduce: "channel" (G = C, the seed's choice), "batch" (G = B) or "spatial"
+    patches are the samples. reduce: "channel" (G = C, the paper's choice), "batch" (G = B) or "spatial"
     (G = ph·pw).
     """
     ph, pw = _patch_size(patch_size)
@@ -300,9 +300,9 @@ def patch_cka_loss(
 ) -> Tensor:
     """PCKA loss: mean over problems of (1 - CKA), summed over feature levels (lists of (B, C, H, W)).
 
-    reduce="mix" (seed Table 5): level 0 averages over the batch, level 1 over space, later levels over
-    channels. resize: "nearest" (default) or "ceil" (the PCKA authors' rule, which also upsamples a map
-    smaller than the patch to one patch), see :func:`patch_grid`.
+    reduce="mix" (Zhou et al., IJCAI 2024, Table 5): level 0 averages over the batch, level 1 over space,
+    later levels over channels. resize: "nearest" (default) or "ceil" (the PCKA authors' rule, which also
+    upsamples a map smaller than the patch to one patch), see :func:`patch_grid`.
     """
     if reduce not in REDUCTIONS + ("mix",):
         raise ValueError(f"reduce must be one of 'channel', 'batch', 'spatial', 'mix'; got {reduce!r}")
@@ -430,7 +430,7 @@ def rcka_loss(
 
 
 def mmd_loss(x: FeaturePairs, y: FeaturePairs, *, backend: str = "auto") -> Tensor:
-    """The MMD (Jensen-bound) term of the RCKA seed's Theorem 2, the seed's "MMD" baseline.
+    """The MMD (Jensen-bound) term of RCKA's Theorem 2 (Zhou et al., IJCAI 2024), its "MMD" baseline.
 
     N²·(E_ij⟨x̂_i, x̂_j⟩ - E_ij⟨ŷ_i, ŷ_j⟩)² with rows scaled as in its Appendix C.2,
     x̂ = x / sqrt(‖XᵀX‖_F); uncentered (for centered features both expectations vanish). It is a lower

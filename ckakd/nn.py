@@ -40,7 +40,11 @@ class CKALoss(nn.Module):
 
 
 class PatchCKALoss(nn.Module):
-    """PCKA for detection: weight · Σ_levels mean_problems (1 - CKA) over patches (γ = 10: Zhou et al., IJCAI 2024)."""
+    """PCKA for detection: weight · Σ_levels mean_problems (1 - CKA) over patches (γ = 10: Zhou et al., IJCAI 2024).
+
+    ``resize``: how a map is fitted to the patch (``ckakd.patch_grid``); default "ceil" (the authors' rule) for
+    ``mode="uncentered"`` (the authors' CKA), else "nearest".
+    """
 
     def __init__(
         self,
@@ -49,6 +53,7 @@ class PatchCKALoss(nn.Module):
         patch_size: int | tuple[int, int] = (16, 16),
         reduce: str = "channel",
         mode: str = "centered",
+        resize: str | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -56,15 +61,27 @@ class PatchCKALoss(nn.Module):
         self.patch_size = _checks.check_int_pair("patch_size", patch_size)
         self.reduce = _checks.check_choice("reduce", reduce, REDUCTIONS + ("mix",))
         self.mode = _checks.check_choice("mode", mode, MODES)
+        if resize is None:  # the authors' rule with the authors' (uncentered) CKA, ckakd's default otherwise
+            resize = "ceil" if self.mode == "uncentered" else "nearest"
+        self.resize = _checks.check_choice("resize", resize, F_.PATCH_RESIZE)
         self.backend = _checks.check_choice("backend", backend, _backend.BACKENDS)
 
     def forward(self, f_s, f_t) -> Tensor:
         return self.weight * F_.patch_cka_loss(
-            f_s, f_t, patch_size=self.patch_size, reduce=self.reduce, mode=self.mode, backend=self.backend
+            f_s,
+            f_t,
+            patch_size=self.patch_size,
+            reduce=self.reduce,
+            mode=self.mode,
+            backend=self.backend,
+            resize=self.resize,
         )
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, patch_size={self.patch_size}, reduce={self.reduce!r}, mode={self.mode!r}"
+        return (
+            f"weight={self.weight}, patch_size={self.patch_size}, reduce={self.reduce!r}, mode={self.mode!r}, "
+            f"resize={self.resize!r}"
+        )
 
 
 class RCKALoss(nn.Module):

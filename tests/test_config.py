@@ -48,7 +48,9 @@ DISTILLER_KWARGS: dict[str, set[str]] = {
         "global_batch",
         "ce_weight",
     },
-    "patch_cka": {"feature_paths_s", "feature_paths_t", "weight", "patch_size", "reduce", "mode", "ce_weight"},
+    "patch_cka": {
+        "feature_paths_s", "feature_paths_t", "weight", "patch_size", "reduce", "mode", "resize", "ce_weight"
+    },
     "mmd": {"feature_paths_s", "feature_paths_t", "weight", "global_batch", "ce_weight"},
     "wkd_l": {"T", "gamma", "use_target", "eps", "iters", "gamma_schedule", "decay_start", "sharpen", "ce_weight"},
     "wkd_f": {"feature_path_s", "feature_path_t", "weight", "mean_weight", "grid", "cov", "ce_weight"},

@@ -501,6 +501,37 @@ def test_patch_cka_matches_functional():
     torch.testing.assert_close(_eval_run(d, x, y)["patch_cka"], 10.0 * ref, atol=1e-5, rtol=1e-5)
 
 
+def test_patch_cka_resize_rule_is_the_functional_one():
+    """The trainer's PatchCKA fits patches with ckakd.functional.fit_patch_size (one rule for every caller) and
+    resizes like patch_cka_loss: "ceil" by default in uncentered mode. A 4x4 map with an 8x8 patch would be
+    upsampled to one patch; uncentered CKA needs 2, so the patch halves (larger side, height on ties) to 2x4.
+    A rule counting patches with floor on the unresized map (the trainer's old one) gives another patch."""
+    s, t = _pair("resnet14")
+    x, y = _xy(size=16)  # layer3 4x4
+    with torch.no_grad():
+        (f_s, _), (f_t, _) = _stages(s.eval(), x), _stages(t.eval(), x)
+    d = PatchCKA(s, t, ["layer3"], ["layer3"], reduce="channel", mode="uncentered", patch_size=8)
+    assert d.resize == "ceil"
+    patch = ckakd.functional.fit_patch_size((4, 4), 8, mode="uncentered", resize="ceil")
+    assert patch == (2, 4)
+    ref = ckakd.patch_cka_loss(f_s[2], f_t[2], patch_size=patch, reduce="channel", mode="uncentered", resize="ceil")
+    torch.testing.assert_close(_eval_run(d, x, y)["patch_cka"], 10.0 * ref, atol=1e-5, rtol=1e-5)
+    d = PatchCKA(s, t, ["layer3"], ["layer3"], reduce="channel", mode="uncentered", resize="nearest")
+    ref = ckakd.patch_cka_loss(f_s[2], f_t[2], patch_size=(2, 4), reduce="channel", mode="uncentered")
+    torch.testing.assert_close(_eval_run(d, x, y)["patch_cka"], 10.0 * ref, atol=1e-5, rtol=1e-5)
+    assert PatchCKA(s, t, ["layer3"], ["layer3"]).resize == "nearest"
+    with pytest.raises(ValueError, match="resize must be one of"):
+        PatchCKA(s, t, resize="floor")
+    m = ckakd.nn.PatchCKALoss(mode="uncentered")
+    assert m.resize == "ceil" and "resize='ceil'" in repr(m)
+    torch.testing.assert_close(
+        ckakd.nn.PatchCKALoss(patch_size=8, mode="uncentered", reduce="channel")(f_s[2], f_t[2]),
+        10.0 * ckakd.patch_cka_loss(f_s[2], f_t[2], patch_size=8, reduce="channel", mode="uncentered", resize="ceil"),
+    )
+    with pytest.raises(ValueError, match="resize"):
+        ckakd.nn.PatchCKALoss(resize="floor")
+
+
 def test_patch_cka_projector_needs_input_shape():
     s, t = _pair()  # stage channels differ
     x, y = _xy()

@@ -12,7 +12,7 @@ CKA and HSIC are cheap scalar functions of s (``ckakd.functional``), so autograd
 ∂s/∂x, ∂s/∂y, which are one (n×n)·(n×d) product per input:
     ∂/∂X [g·s] = M_x Xc,  M_x = 2·g₀·L̃ + 4·g₁·K̃   (double-centered in debiased mode).
 When d is small (dx + dy < n, e.g. the inter-class logit term) the torch path uses the equivalent
-feature-space form s = [‖YcᵀXc‖², ‖XcᵀXc‖², ‖YcᵀYc‖²] (Theorem 1 of the RCKA seed).
+feature-space form s = [‖YcᵀXc‖², ‖XcᵀXc‖², ‖YcᵀYc‖²] (Theorem 1 of RCKA (Zhou et al., IJCAI 2024)).
 
 The op also returns the matrices it built (Grams or feature-space products) and the column means,
 so that the backward never recomputes a Gram: they are (n×n) or (d×d), never (n×d).

@@ -3,7 +3,7 @@
 Features f (B, C, H, W) with H, W multiples of the patch (ph, pw) are cut into P = (H/ph)·(W/pw)
 patches, which are the samples of each problem. ``reduce`` picks what one problem is:
 
-* ``channel``  G = C problems, features (b, i, j): D = B·ph·pw  (the seed's best, Table 5)
+* ``channel``  G = C problems, features (b, i, j): D = B·ph·pw  (the best of Zhou et al., IJCAI 2024, Table 5)
 * ``batch``    G = B problems, features (c, i, j): D = C·ph·pw
 * ``spatial``  G = ph·pw problems (in-patch position), features (b, c): D = B·C
 

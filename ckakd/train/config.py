@@ -161,7 +161,7 @@ class ModelSpec:
 
     ``augment`` (``none|weak|strong``; ``None``: the student's view) is the augmentation of the images this
     teacher sees during ``ensemble_kd`` training, drawn independently of the student's (per-model
-    augmentation strength, seed 002's T1{w,s} T2{w,s} S{w,s} grid); ``None`` feeds the teacher the
+    augmentation strength, the T1{w,s} T2{w,s} S{w,s} grid of Guo et al.); ``None`` feeds the teacher the
     student's exact view. Other distillers refuse it.
     """
 

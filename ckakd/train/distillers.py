@@ -31,7 +31,7 @@ from torch import Tensor
 
 import ckakd
 from ckakd._checks import module_names, resolve_module
-from ckakd.functional import rcka_logit_options
+from ckakd.functional import MIN_PATCHES, PATCH_RESIZE, fit_patch_size, patch_grid, rcka_logit_options
 
 from .distributed import gather_batch
 from .hooks import FeatureHooks
@@ -67,7 +67,6 @@ __all__ = [
 _CKA_MODES = ("centered", "debiased", "uncentered")
 # Fewest samples (patches) that make a CKA informative: centered CKA of 2 samples is identically 1, so is
 # uncentered CKA of 1; debiased needs 4.
-_MIN_PATCHES = {"centered": 3, "debiased": 4, "uncentered": 2}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -866,24 +865,16 @@ _PATCH_REDUCTIONS = ("channel", "batch", "spatial", "mix")
 _MIX_ORDER = ("batch", "spatial", "channel")
 
 
-def _fit_patch(patch: tuple[int, int], h: int, w: int, min_patches: int) -> tuple[int, int]:
-    """Clip a patch size to an (h, w) map, then halve its larger side until the map holds ``min_patches``."""
-    ph, pw = min(patch[0], h), min(patch[1], w)
-    while (h // ph) * (w // pw) < min_patches and (ph > 1 or pw > 1):
-        if ph >= pw:
-            ph = max(1, ph // 2)
-        else:
-            pw = max(1, pw // 2)
-    return ph, pw
-
-
 class PatchCKA(Distiller):
     """Patch CKA (PCKA): ``weight · Σ_levels ckakd.patch_cka_loss(F_s, F_t)`` over paired (B, C, H, W) maps.
 
     ``reduce="mix"``: level 0 averages over the batch, level 1 over space, later levels over channels
-    (the seed's Table 5); otherwise "channel" | "batch" | "spatial" for every level. The patch size is
-    clipped to each feature map and shrunk until the map holds enough patches for an informative CKA
-    (3 for centered: centered CKA of 2 samples is identically 1; tiny maps of 8×8 inputs). If a pair's
+    (Zhou et al., IJCAI 2024, Table 5); otherwise "channel" | "batch" | "spatial" for every level. Each
+    map is resized by ``resize`` (``ckakd.patch_grid``: "nearest" multiple of the patch, or "ceil", the
+    authors' rule, which also upsamples a map smaller than the patch to one patch; default "ceil" for
+    ``mode="uncentered"``, the authors' setting, else "nearest"), and the patch is shrunk by
+    ``ckakd.functional.fit_patch_size`` until the map holds enough patches for an informative CKA
+    (``MIN_PATCHES``: 3 for centered, as centered CKA of 2 samples is identically 1). If a pair's
     channel counts differ, a conv1×1 projector student→teacher channels is built in ``self.extra``
     (needs ``input_shape``); differing spatial sizes are adaptive-average-pooled to the smaller. Paths
     default to the last ``stage_names``. Loss key ``"patch_cka"``.
@@ -900,6 +891,7 @@ class PatchCKA(Distiller):
         patch_size: int | tuple[int, int] = (4, 4),
         reduce: str = "mix",
         mode: str = "centered",
+        resize: str | None = None,
         ce_weight: float = 1.0,
         input_shape: Sequence[int] | None = None,
     ) -> None:
@@ -914,6 +906,11 @@ class PatchCKA(Distiller):
         if reduce not in _PATCH_REDUCTIONS:
             raise ValueError(f"reduce must be one of {', '.join(map(repr, _PATCH_REDUCTIONS))}; got {reduce!r}")
         self.mode = _check_mode(mode)
+        if resize is None:
+            resize = "ceil" if self.mode == "uncentered" else "nearest"
+        if resize not in PATCH_RESIZE:
+            raise ValueError(f"resize must be one of {', '.join(map(repr, PATCH_RESIZE))}; got {resize!r}")
+        self.resize = resize
         paths_s, paths_t = self._setup_features(feature_paths_s, feature_paths_t, hook=False)
         self.weight, self.patch_size, self.reduce = float(weight), ps, reduce
         self._proj_keys: list[str | None] = [None] * len(paths_s)
@@ -944,22 +941,23 @@ class PatchCKA(Distiller):
                 )
             f_s, f_t = _match_spatial(f_s, f_t)
             h, w = f_s.shape[-2:]
-            patch = _fit_patch(self.patch_size, h, w, _MIN_PATCHES[self.mode])
-            if (h // patch[0]) * (w // patch[1]) < _MIN_PATCHES[self.mode]:
+            patch = fit_patch_size((h, w), self.patch_size, mode=self.mode, resize=self.resize)
+            gh, gw = patch_grid((h, w), patch, self.resize)
+            if (gh // patch[0]) * (gw // patch[1]) < MIN_PATCHES[self.mode]:
                 raise ValueError(
                     f"PatchCKA: the feature maps at {path_s!r} / {path_t!r} are {h}x{w}, too small for mode="
-                    f"{self.mode!r} (needs at least {_MIN_PATCHES[self.mode]} patches); hook larger feature maps"
+                    f"{self.mode!r} (needs at least {MIN_PATCHES[self.mode]} patches); hook larger feature maps"
                 )
             reduce = _MIX_ORDER[min(i, 2)] if self.reduce == "mix" else self.reduce
-            term = ckakd.patch_cka_loss(f_s, f_t, patch_size=patch, reduce=reduce, mode=self.mode)
+            term = ckakd.patch_cka_loss(f_s, f_t, patch_size=patch, reduce=reduce, mode=self.mode, resize=self.resize)
             loss = term if loss is None else loss + term
         return {"patch_cka": self.weight * loss}
 
 
 class MMD(Distiller):
-    """The MMD baseline of the RCKA seed: ``weight · ckakd.mmd_loss(F_s, F_t)`` summed over the pairs
-    (features flattened to (B, −1)). ``global_batch=True`` gathers over DDP ranks first. Paths default to
-    the last ``stage_names``. Loss key ``"mmd"``.
+    """The MMD baseline of RCKA (Zhou et al., IJCAI 2024, Theorem 2): ``weight · ckakd.mmd_loss(F_s, F_t)``
+    summed over the pairs (features flattened to (B, −1)). ``global_batch=True`` gathers over DDP ranks
+    first. Paths default to the last ``stage_names``. Loss key ``"mmd"``.
     """
 
     def __init__(
