@@ -103,6 +103,7 @@ def test_choose_autotunes_on_gpu_once_per_key(monkeypatch):
         timed.append(ran[-1]["B"])
         return cost[ran[-1]["B"]]
 
+    monkeypatch.delenv("CKAKD_AUTOTUNE", raising=False)  # autotuning is on unless the environment turns it off
     monkeypatch.setattr(triton.testing, "do_bench", do_bench)
     monkeypatch.setattr(_launch, "device_guard", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
