@@ -4,8 +4,8 @@
 returns the transport cost ⟨P, C⟩ per row. ``wkd_logit_loss`` is WKD-L: the WD between the softened
 student and teacher predictions, optionally with target separation (the target class handled by a
 cross-entropy-like term, the remaining C−1 classes by WD), exactly as the WKD public code computes it but
-without its per-sample (C−1)×(C−1) cost copies: the target class gets zero mass in the shared C×C problem
-(DESIGN §3), which is the same problem.
+without its per-sample (C−1)×(C−1) cost copies: the target class gets zero mass in the shared C×C problem,
+which is the same problem (its row and column of the plan are zero, and the other classes keep their costs).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ckakd import _checks
 from ckakd.ops import _backend
-from ckakd.ops.sinkhorn import sinkhorn_converged, sinkhorn_fixed
+from ckakd.ops.sinkhorn import VALUES, fixed_kernels, sinkhorn_fixed, solve_converged, warn_if_kernel_underflows
 
 __all__ = ["sinkhorn", "wkd_logit_loss"]
 
@@ -118,6 +118,7 @@ class _CostCache:
             return entry[key]
         c = cost.detach().to(device=device, dtype=dtype)
         k = torch.exp(-c / eps)
+        warn_if_kernel_underflows(k, c, eps)
         result = (k, k * c)
         if entry is not None:
             entry[key] = result
@@ -135,22 +136,26 @@ def _check_solver_args(eps: float, iters: int, tol: float | None, max_iter: int)
     _checks.check_int("max_iter", max_iter, minimum=1)
 
 
-def _solve(p, q, cost, eps, iters, tol, max_iter, backend, u0=None) -> Tensor:
-    """Validated inputs (B, C) -> (B,) transport costs. Computes in fp32 for half inputs (as WKD does)."""
+def _solve(p, q, cost, eps, iters, tol, max_iter, backend, u0=None, value="transport") -> Tensor:
+    """Validated inputs (B, C) -> (B,) transport costs (``value``: which one in the converged mode). Computes in
+    fp32 for half inputs (as WKD does); a cost that requires grad gets its gradient."""
     with _checks.autocast_off(p, q):
-        return _solve_fp(p, q, cost, eps, iters, tol, max_iter, backend, u0)
+        return _solve_fp(p, q, cost, eps, iters, tol, max_iter, backend, u0, value)
 
 
-def _solve_fp(p, q, cost, eps, iters, tol, max_iter, backend, u0) -> Tensor:
+def _solve_fp(p, q, cost, eps, iters, tol, max_iter, backend, u0, value) -> Tensor:
     work = torch.float64 if torch.float64 in (p.dtype, q.dtype) else torch.float32
     p, q = p.to(work), q.to(work)
     resolved = _backend.resolve_sinkhorn(backend, p.device)
     if tol is not None:
-        c = cost.detach().to(device=p.device, dtype=work)
-        return sinkhorn_converged(
-            p.contiguous(), q.contiguous(), c.contiguous(), float(eps), float(tol), max_iter, resolved
-        )[0]
-    K, KC = _COST_CACHE.kernels(cost, eps, work, p.device)
+        c = cost.to(device=p.device, dtype=work)  # differentiable: a cost that requires grad gets one
+        return solve_converged(
+            p.contiguous(), q.contiguous(), c.contiguous(), float(eps), float(tol), max_iter, resolved, value
+        )
+    if cost.requires_grad and torch.is_grad_enabled():  # autograd through K = exp(-C/eps), K∘C: not cached
+        K, KC = fixed_kernels(cost, eps, work, p.device)
+    else:
+        K, KC = _COST_CACHE.kernels(cost, eps, work, p.device)
     if u0 is None:  # the uniform start, broadcast (stride 0) so the first product is one row, not a GEMM
         u0 = p.new_full((1, p.shape[1]), 1.0 / p.shape[1]).expand_as(p)
     else:
@@ -169,14 +174,22 @@ def sinkhorn(
     max_iter: int = 1000,
     backend: str = "auto",
     validate: bool = True,
+    value: str = "transport",
 ) -> Tensor:
     """Entropic OT transport cost ⟨P, C⟩ between histograms p and q: (C,) -> scalar, (B, C) -> (B,).
 
     Fixed mode (``tol=None``, the default): WKD's definition — ``iters`` linear-domain iterations from
     u₀ = 1/C, v then u, with 1e-8 guards; exact gradient through the unrolled iterations. Ten iterations
     are not converged: the count, order and start are part of the loss.
-    Converged mode (``tol`` given): log-domain iterations until the column marginal error (L1) is below
-    ``tol`` or ``max_iter``; stable for small ε; envelope (dual-potential) gradient.
+    Converged mode (``tol`` given): log-domain iterations (float64) on p, q rescaled to unit mass, until the
+    column marginal error (L1) is below ``tol`` (a RuntimeWarning when ``max_iter`` ends first). ``value``:
+    "transport" (default) ⟨P*, C⟩ of the entropic plan P*, what POT's ``sinkhorn2`` returns, → the exact OT cost
+    as ε → 0, with its exact gradient by implicit differentiation (one C×C solve per sample in the backward);
+    "entropic" ⟨P*, C⟩ + ε Σ P*(log P* − 1), whose gradient is the dual potentials (free). Both are formed from
+    log-domain quantities only: accurate for ε down to 1e-4 (costs in [0, 1]) and below, fp32 and fp64.
+    Gradients of the converged mode satisfy ⟨∂/∂p, p⟩ = ⟨∂/∂q, q⟩ = 0 and are 0 on zero-mass entries.
+    A cost with ``requires_grad`` gets its gradient in both modes (fixed: autograd through the iterations).
+    The fixed mode warns once per ε and dtype when exp(−C/ε) underflows (its value then tends to 0).
     Zero-mass classes (p_i = q_i = 0) are allowed. ``validate`` checks p, q are histograms (one host sync;
     fp16/bf16 rows may be off by their rounding, 1e-3 + eps of the dtype). An empty batch (0, C) gives (0,).
     Computed in fp32 for fp16/bf16 inputs (fp64 for fp64), also under autocast; gradients in the input dtype.
@@ -185,11 +198,14 @@ def sinkhorn(
     p2, q2, batched = _check_histograms(p, q, validate)
     _check_cost(cost, p2.shape[1], p2.device)
     _check_solver_args(eps, iters, tol, max_iter)
+    _checks.check_choice("value", value, VALUES)
+    if value != "transport" and tol is None:
+        raise ValueError(f"value={value!r} needs the converged mode (tol=...); the fixed mode returns <P, C>")
     _checks.check_bool("validate", validate)
     if p2.shape[0] == 0:  # an empty batch: no problems, an empty (0,) result (still part of the graph)
         work = _checks.accumulation_dtype(p2, q2)
         return (p2.to(work).sum(1) + q2.to(work).sum(1)) * 0
-    out = _solve(p2, q2, cost, eps, iters, tol, max_iter, backend)
+    out = _solve(p2, q2, cost, eps, iters, tol, max_iter, backend, value=value)
     return out if batched else out[0]
 
 

@@ -2,28 +2,31 @@
 // only: one implementation serves CPU and CUDA tensors (registered under CompositeExplicitAutograd). It is the
 // algorithm of `converged_potentials` / `_centered_potential` in ckakd/ops/sinkhorn.py, step for step:
 //
-//   float64 throughout; log K = -cost/eps, K = exp(log K); f = g = 0
+//   float64 throughout; p, q rescaled to unit mass; log K = -cost/eps, K = exp(log K); f = g = 0
 //   for it = 1..max_iter:
 //     g = eps (log q - LSE_i(f/eps + log K_ij))      // column half-iteration
 //     f = eps (log p - LSE_j(log K_ij + g/eps))      // row half-iteration
 //     every 10th iteration (and the last): err = max_b sum_j |P_b 1 - q_b|_j (column marginal, zero-mass
 //     columns of q count as 0); stop when err < tol
-//   value_b = sum_i exp(f_i/eps + LSE_j(log (K∘C)_ij + g_j/eps))   (every term a plan entry: no overflow)
-//   grad_p = f centered over the entries with p > 0 and finite f (others 0); grad_q likewise from g and q
+//   value_b = sum_i exp(f_i/eps + LSE_j(g_j/eps + log C_ij - C_ij/eps))   (log-domain only: log C - C/eps is
+//   never formed as log(exp(-C/eps) C), which underflows once C/eps > ~745)
 //
 // Each LSE is one (B x C)(C x C) matrix product of exp(w - rowmax(w)) with K, with no host sync. At small eps the
-// product of a sample can underflow to 0 (e.g. a zero-mass class far from all others); its potentials then turn
-// non-finite and stay so (NaN / inf propagate through the next row maximum; K <= 1 and exp(w - max) <= 1 rule out
-// overflow for a nonnegative cost) until the next check. The check (one host sync: .item() of the error, NaN when
-// a sample failed) restores the failed samples from the previous check's snapshot of (f, g) and iterates them
-// again, and from then on, with the exact log-sum-exp over a (rows, C, C) tensor in chunks of at most 2^24
-// elements; the other samples keep the shifted product. Every sample still runs `it` iterations. The final value's
-// LSE (with K∘C) recomputes exactly the samples whose product is not finite (one more sync).
+// product of a sample loses accuracy when its terms underflow: an output entry (with mass) whose sum S is below
+// n max(1, max K) 2^(-1022+53+2) (kLogFastFloor) is flagged, without a sync, as is a product that failed outright
+// (non-finite potentials, which stay so until the next check: NaN / inf propagate through the next row maximum).
+// The check (one host sync: .item() of the error, NaN when a sample was flagged) restores the flagged samples from
+// the previous check's snapshot of (f, g) and iterates them again, and from then on, with the exact log-sum-exp
+// over a (rows, C, C) tensor in chunks of at most 2^24 elements; the other samples keep the shifted product. Every
+// sample still runs `it` iterations. The final value's LSE recomputes exactly the flagged samples (one more sync).
+// The entropic value and all gradients (the envelope one and the implicit one of the transport value) are formed
+// from f and g by ckakd/ops/sinkhorn.py, for both backends.
 
 // Schema (namespace ckakd, registered here as a fragment of sinkhorn.cpp's library):
 //   sinkhorn_converged_forward(Tensor p, Tensor q, Tensor cost, float eps, float tol, int max_iter)
-//       -> (Tensor value (B,), Tensor grad_p (B, C), Tensor grad_q (B, C), Tensor info (2,))
-// value / grad_p / grad_q have p's dtype; info is float64 on p's device: [iterations, marginal error].
+//       -> (Tensor value (B,), Tensor f (B, C), Tensor g (B, C), Tensor info (2,))
+// value (the transport cost <P*, C>) and the potentials f, g of the unit-mass problem have p's dtype; info is
+// float64 on p's device: [iterations, marginal error].
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -32,6 +35,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 namespace ckakd {
 namespace {
@@ -39,6 +43,8 @@ namespace {
 constexpr const char* kOp = "ckakd::sinkhorn_converged_forward";
 constexpr int64_t kFallbackElements = int64_t{1} << 24;  // per chunk of the exact (rows, C, C) log-sum-exp
 constexpr int64_t kCheckEvery = 10;
+// log of 2^(-1022+53+2): see converged_potentials' LOG_FAST_FLOOR in ckakd/ops/sinkhorn.py
+const double kLogFastFloor = (-1022 + 53 + 2) * std::log(2.0);
 
 using ConvergedResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -70,48 +76,82 @@ at::Tensor safe_log(const at::Tensor& x) {
   return at::where(x > 0, x.log(), at::full({}, -std::numeric_limits<double>::infinity(), x.options()));
 }
 
+// Samples per chunk of the exact (samples, C, C) log-sum-exp: at most 2^24 elements.
+int64_t exact_step(const at::Tensor& lk) {
+  return std::max<int64_t>(1, kFallbackElements / std::max<int64_t>(1, lk.numel()));
+}
+
 // Rows `rows` (int64 (R,)) of out (B, C) <- the exact log(sum_j exp(w_rj + lk_ij)), as (rows, C, C) tensors in
 // chunks of at most 2^24 elements. No host sync.
 void exact_logsumexp_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& lk, const at::Tensor& rows) {
   const int64_t n = rows.numel();
-  const int64_t step = std::max<int64_t>(1, kFallbackElements / std::max<int64_t>(1, lk.numel()));
+  const int64_t step = exact_step(lk);
   for (int64_t s = 0; s < n; s += step) {
     const at::Tensor r = rows.slice(0, s, std::min(n, s + step));
     out.index_copy_(0, r, at::logsumexp(w.index_select(0, r).unsqueeze(1) + lk.unsqueeze(0), {2}));
   }
 }
 
+// 0-dim: the smallest log of a shifted product's sum over the (C, C) kernel k that is accurate. No host sync.
+at::Tensor fast_floor(const at::Tensor& k) {
+  return at::log(at::amax(k).clamp_min(1.0) * static_cast<double>(k.size(1))) + kLogFastFloor;
+}
+
 // log(sum_j exp(w_bj) K_ij) for all b, i; with `transpose`: log(sum_i exp(w_bi) K_ij) for all b, j. One shifted
-// product; the samples `exact` (int64 indices) are recomputed exactly. Never synchronizes with the host.
+// product; the samples `exact` (int64 indices) are recomputed exactly. With a defined `floor`, *lossy (B,) bool
+// marks the samples with an output entry of mass > 0 whose sum fell below it. Never synchronizes with the host.
 at::Tensor logsumexp_kernel(const at::Tensor& w, const at::Tensor& log_k, const at::Tensor& k, bool transpose,
-                            const at::Tensor& exact) {
-  const at::Tensor shift = at::amax(w, {1}, /*keepdim=*/true);
-  at::Tensor out = at::mm(at::exp(w - shift), transpose ? k : k.t()).log_().add_(shift);
+                            const at::Tensor& exact, const at::Tensor& floor = at::Tensor(),
+                            const at::Tensor& mass = at::Tensor(), at::Tensor* lossy = nullptr) {
   // lk[i, j]: the log K entry multiplying w_j for output i
-  if (exact.numel() > 0) exact_logsumexp_rows(out, w, transpose ? log_k.t() : log_k, exact);
+  const at::Tensor lk = transpose ? log_k.t() : log_k;
+  if (exact.defined() && exact.numel() == w.size(0)) {  // every sample exact: no product at all
+    std::vector<at::Tensor> parts;
+    for (const at::Tensor& chunk : w.split(exact_step(lk))) {
+      parts.push_back(at::logsumexp(chunk.unsqueeze(1) + lk.unsqueeze(0), {2}));
+    }
+    if (floor.defined()) *lossy = at::zeros({w.size(0)}, w.options().dtype(at::kBool));
+    return at::cat(parts);
+  }
+  const at::Tensor shift = at::amax(w, {1}, /*keepdim=*/true);
+  at::Tensor out = at::mm(at::exp(w - shift), transpose ? k : k.t()).log_();
+  if (floor.defined()) *lossy = out.lt(floor).logical_and_(mass > 0).any(/*dim=*/1);
+  out.add_(shift);
+  if (exact.defined() && exact.numel() > 0) exact_logsumexp_rows(out, w, lk, exact);
   return out;
 }
 
-// logsumexp_kernel with every sample whose shifted product is not finite recomputed exactly (one sync: nonzero).
-at::Tensor logsumexp_checked(const at::Tensor& w, const at::Tensor& log_k, const at::Tensor& k, bool transpose) {
-  at::Tensor out = logsumexp_kernel(w, log_k, k, transpose, at::Tensor());
-  const at::Tensor rows = out.isfinite().all(/*dim=*/1).logical_not_().nonzero().flatten();
-  exact_logsumexp_rows(out, w, transpose ? log_k.t() : log_k, rows);
+// logsumexp_kernel with every sample whose shifted product lost accuracy or is not finite where mass > 0
+// recomputed exactly (one sync: nonzero).
+at::Tensor logsumexp_checked(const at::Tensor& w, const at::Tensor& log_k, const at::Tensor& k, bool transpose,
+                             const at::Tensor& mass) {
+  at::Tensor lossy;
+  at::Tensor out = logsumexp_kernel(w, log_k, k, transpose, at::Tensor(), fast_floor(k), mass, &lossy);
+  const at::Tensor bad = lossy.logical_or_(out.isfinite().logical_not_().logical_and_(mass > 0).any(/*dim=*/1));
+  exact_logsumexp_rows(out, w, transpose ? log_k.t() : log_k, bad.nonzero().flatten());
   return out;
 }
 
 struct Problem {
-  at::Tensor p, q, log_p, log_q, log_k, k;
+  at::Tensor p, q, log_p, log_q, log_k, k, floor;
   double eps;
 };
 
 // n iterations from (f, g) (R, C) with the log marginals of those R samples; `exact`: indices (into the R) of
-// the samples on the exact log-sum-exp path.
+// the samples on the exact log-sum-exp path. With `lossy` (all B samples, no exact ones): *lossy (B,) bool marks
+// the samples whose shifted product lost accuracy in any half-iteration.
 void iterate(at::Tensor& f, at::Tensor& g, const at::Tensor& log_p, const at::Tensor& log_q, const Problem& pr,
-             int64_t n, const at::Tensor& exact) {
+             int64_t n, const at::Tensor& exact, at::Tensor* lossy = nullptr) {
+  const at::Tensor none;
   for (int64_t t = 0; t < n; ++t) {
-    g = pr.eps * (log_q - logsumexp_kernel(f / pr.eps, pr.log_k, pr.k, /*transpose=*/true, exact));
-    f = pr.eps * (log_p - logsumexp_kernel(g / pr.eps, pr.log_k, pr.k, /*transpose=*/false, exact));
+    at::Tensor lost_g, lost_f;
+    g = pr.eps * (log_q - logsumexp_kernel(f / pr.eps, pr.log_k, pr.k, /*transpose=*/true, exact,
+                                           lossy ? pr.floor : none, pr.q, &lost_g));
+    f = pr.eps * (log_p - logsumexp_kernel(g / pr.eps, pr.log_k, pr.k, /*transpose=*/false, exact,
+                                           lossy ? pr.floor : none, pr.p, &lost_f));
+    if (lossy != nullptr) {
+      *lossy = lossy->defined() ? lossy->logical_or_(lost_g).logical_or_(lost_f) : lost_g.logical_or(lost_f);
+    }
   }
 }
 
@@ -123,22 +163,17 @@ at::Tensor nonfinite(const at::Tensor& x, const at::Tensor& mass) {
 // The convergence check: (column marginal L1 error (B,), samples whose fast path failed (B,) bool).
 std::tuple<at::Tensor, at::Tensor> check(const at::Tensor& f, const at::Tensor& g, const Problem& pr,
                                          const at::Tensor& exact) {
-  const at::Tensor lse = logsumexp_kernel(f / pr.eps, pr.log_k, pr.k, /*transpose=*/true, exact);
+  at::Tensor lossy;
+  const at::Tensor lse =
+      logsumexp_kernel(f / pr.eps, pr.log_k, pr.k, /*transpose=*/true, exact, pr.floor, pr.q, &lossy);
   at::Tensor col = at::exp(lse + g / pr.eps);
   col = at::where(pr.q > 0, col, at::zeros_like(col));
   const at::Tensor err = (col - pr.q).abs().sum(1);
-  const at::Tensor bad =
-      nonfinite(f, pr.p).logical_or_(nonfinite(g, pr.q)).logical_or_(lse.isfinite().all(/*dim=*/1).logical_not_());
+  const at::Tensor bad = nonfinite(f, pr.p)
+                             .logical_or_(nonfinite(g, pr.q))
+                             .logical_or_(lse.isfinite().all(/*dim=*/1).logical_not_())
+                             .logical_or_(lossy);
   return {err, bad};
-}
-
-// Potentials on zero-mass (or non-finite) entries -> 0; the others centered by their mean.
-at::Tensor centered_potential(const at::Tensor& f, const at::Tensor& mass) {
-  const at::Tensor finite = f.isfinite().logical_and_(mass > 0);
-  const at::Tensor zero = at::zeros({}, f.options());
-  const at::Tensor count = finite.sum(1, /*keepdim=*/true).clamp_min(1);
-  const at::Tensor mean = at::where(finite, f, zero).sum(1, /*keepdim=*/true) / count;
-  return at::where(finite, f - mean, zero);
 }
 
 ConvergedResult sinkhorn_converged_forward(const at::Tensor& p_, const at::Tensor& q_, const at::Tensor& cost_,
@@ -146,8 +181,10 @@ ConvergedResult sinkhorn_converged_forward(const at::Tensor& p_, const at::Tenso
   check_args(p_, q_, cost_, eps, tol, max_iter);
   const auto out_dtype = p_.scalar_type();
   const int64_t B = p_.size(0), C = p_.size(1);
-  const at::Tensor p = p_.to(at::kDouble).contiguous();
-  const at::Tensor q = q_.to(at::kDouble).contiguous();
+  at::Tensor p = p_.to(at::kDouble);
+  at::Tensor q = q_.to(at::kDouble);
+  p = (p / p.sum(1, /*keepdim=*/true)).contiguous();  // unit mass (balanced OT)
+  q = (q / q.sum(1, /*keepdim=*/true)).contiguous();
   const at::Tensor c = cost_.to(at::kDouble).contiguous();
   const auto info_opts = p.options();  // float64 on p's device
   if (B == 0) {
@@ -155,7 +192,8 @@ ConvergedResult sinkhorn_converged_forward(const at::Tensor& p_, const at::Tenso
             at::zeros({2}, info_opts)};
   }
   const at::Tensor log_k = -c / eps;
-  const Problem pr{p, q, safe_log(p), safe_log(q), log_k, at::exp(log_k), eps};
+  const at::Tensor k = at::exp(log_k);
+  const Problem pr{p, q, safe_log(p), safe_log(q), log_k, k, fast_floor(k), eps};
   at::Tensor f = at::zeros_like(p);
   at::Tensor g = at::zeros_like(q);
   const auto long_opts = p.options().dtype(at::kLong);
@@ -167,10 +205,11 @@ ConvergedResult sinkhorn_converged_forward(const at::Tensor& p_, const at::Tenso
   int64_t it = 0;
   while (it < max_iter) {
     const int64_t n = std::min(kCheckEvery - it % kCheckEvery, max_iter - it);
-    iterate(f, g, pr.log_p, pr.log_q, pr, n, exact);
+    at::Tensor lossy;
+    iterate(f, g, pr.log_p, pr.log_q, pr, n, exact, &lossy);
     it += n;
     auto [errs, bad] = check(f, g, pr, exact);
-    bad.logical_and_(is_exact.logical_not());
+    bad.logical_or_(lossy).logical_and_(is_exact.logical_not());
     // the check's one host sync
     double status =
         at::where(bad.any(), std::numeric_limits<double>::quiet_NaN(), errs.max()).item<double>();
@@ -193,13 +232,14 @@ ConvergedResult sinkhorn_converged_forward(const at::Tensor& p_, const at::Tenso
     snap_it = it;
     if (err < tol) break;
   }
-  // <P, C> = sum_i exp(f_i/eps + log sum_j (K∘C)_ij exp(g_j/eps))
-  const at::Tensor kc = pr.k * c;
-  const at::Tensor row = logsumexp_checked(g / eps, safe_log(kc), kc, /*transpose=*/false);
+  // <P, C> = sum_i exp(f_i/eps + LSE_j(g_j/eps + log C_ij - C_ij/eps)), in the log domain only
+  const at::Tensor log_kc = at::where(c > 0, c.log() - c / eps,
+                                      at::full({}, -std::numeric_limits<double>::infinity(), c.options()));
+  const at::Tensor row = logsumexp_checked(g / eps, log_kc, log_kc.exp(), /*transpose=*/false, p);
   const at::Tensor value = at::exp(f / eps + row).nan_to_num(0.0).sum(1);
   const at::Tensor info = at::tensor({static_cast<double>(it), err}, at::TensorOptions().dtype(at::kDouble));
-  return {value.to(out_dtype).contiguous(), centered_potential(f, p).to(out_dtype).contiguous(),
-          centered_potential(g, q).to(out_dtype).contiguous(), info.to(info_opts.device())};
+  return {value.to(out_dtype).contiguous(), f.to(out_dtype).contiguous(), g.to(out_dtype).contiguous(),
+          info.to(info_opts.device())};
 }
 
 }  // namespace
@@ -208,7 +248,7 @@ ConvergedResult sinkhorn_converged_forward(const at::Tensor& p_, const at::Tenso
 TORCH_LIBRARY_FRAGMENT(ckakd, m) {
   m.def(
       "sinkhorn_converged_forward(Tensor p, Tensor q, Tensor cost, float eps, float tol, int max_iter) -> "
-      "(Tensor value, Tensor grad_p, Tensor grad_q, Tensor info)");
+      "(Tensor value, Tensor f, Tensor g, Tensor info)");
 }
 
 TORCH_LIBRARY_IMPL(ckakd, CompositeExplicitAutograd, m) {
