@@ -993,9 +993,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_selftest_from_args(args: argparse.Namespace) -> int:
     """Run the self-test with parsed ``args`` (see :func:`add_selftest_arguments`)."""
-    note = prepare_environment()  # before anything imports triton
+    note = prepare_environment()  # before anything imports triton (TRITON_INTERPRET stays: triton reads it once)
+    autotune_before = os.environ.get("CKAKD_AUTOTUNE")
     if not args.autotune:
         os.environ.setdefault("CKAKD_AUTOTUNE", "0")
+    try:
+        return _run_selftest(args, note)
+    finally:  # a caller's process keeps its own autotuning setting
+        if autotune_before is None:
+            os.environ.pop("CKAKD_AUTOTUNE", None)
+        else:
+            os.environ["CKAKD_AUTOTUNE"] = autotune_before
+
+
+def _run_selftest(args: argparse.Namespace, note: str) -> int:
     import ckakd
 
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -232,3 +232,13 @@ def test_dispatch_problems_rules():
         "expected only torch, but gram on triton ran",
         "no primitive ran on torch",
     ]
+
+
+def test_selftest_leaves_the_callers_autotune_setting(monkeypatch):
+    """The self-test turns autotuning off for its own run only: an in-process caller keeps its setting."""
+    monkeypatch.delenv("CKAKD_AUTOTUNE", raising=False)
+    assert selftest.main(["--list", "--only", "sinkhorn"]) == 0
+    assert "CKAKD_AUTOTUNE" not in os.environ
+    monkeypatch.setenv("CKAKD_AUTOTUNE", "1")
+    assert selftest.main(["--list", "--only", "sinkhorn"]) == 0
+    assert os.environ["CKAKD_AUTOTUNE"] == "1"
