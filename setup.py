@@ -74,6 +74,32 @@ def _torch_has_cuda() -> bool:
     return torch.version.cuda is not None
 
 
+# The optional dependencies. ``train``: the trainer (YAML configs, progress bars, the curves it plots); ``plot``:
+# the plots alone; ``detection``: the trainer plus COCO evaluation and image reading; ``demo``: everything
+# ``ckakd demo`` needs (the trainer and scikit-learn's bundled digits); ``test``: everything ``python -m pytest``
+# needs. ckakd/_cli_common.py maps a missing module to its extra: keep the two in step.
+TRAIN = ["pyyaml>=5.4", "tqdm", "matplotlib"]
+EXTRAS = {
+    "triton": ["triton>=3.6"],
+    "train": TRAIN,
+    "plot": ["matplotlib"],
+    "detection": [*TRAIN, "pycocotools", "pillow", "scikit-learn"],
+    "demo": [*TRAIN, "scikit-learn"],
+    "test": [
+        *TRAIN,
+        "pytest",
+        "pytest-benchmark",
+        "expecttest",
+        "scikit-learn",
+        "pot",
+        "pillow",
+        "triton>=3.6",
+        "ruff",
+        "pycocotools",
+    ],
+}
+
+
 def main() -> None:
     ext_modules, cmdclass = extension_modules()
     setup(
@@ -102,23 +128,10 @@ def main() -> None:
         cmdclass=cmdclass,
         # torch is deliberately not pinned here beyond a floor: an unpinned or newer requirement would make
         # pip replace the torch a user already has (GPU users have their own build).
-        install_requires=["torch>=2.4", "numpy", "pyyaml>=5.4", "tqdm", "matplotlib"],
-        extras_require={
-            "triton": ["triton>=3.6"],
-            "test": [
-                "pytest",
-                "pytest-benchmark",
-                "expecttest",
-                "scikit-learn",
-                "pot",
-                "pillow",
-                "triton>=3.6",
-                "ruff",
-                "pycocotools",
-            ],
-            "demo": ["scikit-learn"],
-            "detection": ["pycocotools", "pillow", "scikit-learn"],
-        },
+        # The losses need torch and numpy only; everything else is an extra (the CLI names the one to install
+        # when a command needs it, see ckakd/_cli_common.py).
+        install_requires=["torch>=2.4", "numpy"],
+        extras_require=EXTRAS,
         entry_points={"console_scripts": ["ckakd=ckakd.cli:main", "ckakd-demo=ckakd.demo:main"]},
     )
 

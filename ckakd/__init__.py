@@ -6,7 +6,14 @@ Functional API (see ``ckakd.functional``): ``centered_gram``, ``hsic``, ``cka``,
 ``interrelation``, ``cost_from_interrelation`` and the streamed builder (``ckakd.interrelation``);
 modules in ``ckakd.nn``; naive float64 formulas in ``ckakd.reference``; ``backends()`` tells which
 implementations are active.
+
+``import ckakd`` loads the loss core only (the modules above and ``ckakd.ops``). The rest (the trainer
+``ckakd.train``, ``ckakd.detection``, ``ckakd.diagnostics``, the apps ``ckakd.cli`` / ``demo`` / ``study`` /
+``selftest``, the Triton ``ckakd.kernels``) is imported on first attribute access (PEP 562), so their optional
+dependencies (pyyaml, tqdm, matplotlib, pycocotools, scikit-learn) are never needed to use the losses.
 """
+
+import importlib as _importlib
 
 from ckakd import nn, reference
 from ckakd.functional import (
@@ -56,3 +63,17 @@ __all__ = [
     "save_interrelation",
     "load_interrelation",
 ]
+
+# Subpackages / modules outside the loss core: ``ckakd.<name>`` imports them on first access (PEP 562).
+_LAZY_SUBMODULES = frozenset({"cli", "demo", "detection", "diagnostics", "kernels", "selftest", "study", "train"})
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return _importlib.import_module(f"{__name__}.{name}")  # the import binds it in globals() too
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy submodules are listed once imported (as the import system binds them), as before.
+    return sorted(globals())

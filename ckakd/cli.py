@@ -24,17 +24,19 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+# The shared helpers live in ckakd._cli_common (ckakd.detection.cli imports them from there, not from here);
+# re-exported under their old names.
+from ckakd._cli_common import (
+    add_config_args,
+    report,
+    resume_command,
+    run_guarded,
+    run_reporting_missing_extras,
+)
 
 __all__ = ["main", "build_parser"]
-
-
-def add_config_args(
-    p: argparse.ArgumentParser, config_help: str = "a YAML config file or a shipped config name (see `ckakd configs`)"
-) -> None:
-    """The ``CONFIG [key=value ...]`` positionals of the config-driven commands."""
-    p.add_argument("config", help=config_help)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,45 +135,10 @@ def _summary(result: dict) -> str:
     return " ".join(parts)
 
 
-def report(text: str) -> None:
-    """Print once: on rank 0 under torchrun."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(text)
-
-
-def resume_command(argv: Sequence[str]) -> str:
-    """The command line that continues the run ``argv`` started (``--resume`` added once)."""
-    import shlex
-
-    args = list(argv)
-    return "ckakd " + shlex.join(args if "--resume" in args else [*args, "--resume"])
-
-
-def run_guarded(command: str, body: Callable[[], None], *, resume_hint: str | None = None) -> int:
-    """Run a command's ``body``: 0 on success, 2 on bad input (``ValueError`` / ``FileNotFoundError``, one
-    message on stderr), 1 when training stopped (a non-finite loss: the last good epoch is in latest.pt; an output
-    that could not be written: disk full, read-only), 130 on Ctrl-C (one line, with ``resume_hint``: the command
-    that continues the run)."""
-    from ckakd.train.engine import NonFiniteLossError
-    from ckakd.train.fileio import OutputError
-
-    try:
-        body()
-    except KeyboardInterrupt:
-        then = f"; continue with: {resume_hint}" if resume_hint else ""
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"ckakd {command}: interrupted (Ctrl-C){then}", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"ckakd {command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, OutputError) as exc:
-        print(f"ckakd {command}: stopped: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``ckakd`` with ``argv``; the exit status. An optional dependency that is missing (see
+    ``ckakd._cli_common.EXTRAS``) ends the command with one line on stderr naming the extra that installs it, status 1.
+    """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # key=value overrides may also follow the options (`ckakd eval cfg --checkpoint x optim.lr=1`)
@@ -181,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    return run_reporting_missing_extras(args.command, lambda: _dispatch(args, argv))
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "info":
         _print_info(args.json)
         return 0

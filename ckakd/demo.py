@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ckakd._cli_common import run_reporting_missing_extras
+
 DEFAULT_METHODS = ("ce", "kd", "dkd", "rcka", "wkd_l", "wkd_lf")
 
 __all__ = ["DEFAULT_METHODS", "add_demo_arguments", "run_demo", "run_demo_from_args", "main"]
@@ -275,7 +277,8 @@ def run_demo_from_args(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ckakd demo", description=__doc__.split("\n\n")[0])
     add_demo_arguments(parser)
-    return run_demo_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_reporting_missing_extras("demo", lambda: run_demo_from_args(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

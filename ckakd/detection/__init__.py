@@ -1,33 +1,48 @@
 """Detection: box utilities, plain-PyTorch dense detectors (RetinaNet, FCOS on ResNet+FPN), torchvision adapters
-(torchvision imported only when one is built), the FPN / classification-branch distiller and the trainer task."""
+(torchvision imported only when one is built), the FPN / classification-branch distiller and the trainer task.
 
-from .adapters import TorchvisionDetector, build_torchvision_detector, torchvision_available
-from .boxes import (
-    BoxCoder,
-    batched_nms,
-    box_area,
-    box_iou,
-    clip_boxes,
-    generalized_box_iou,
-    giou_loss,
-    iou_loss,
-    nms,
-    remove_small_boxes,
-    sigmoid_focal_loss,
-)
-from .models import (
-    FCOS,
-    AnchorGenerator,
-    AnchorMatcher,
-    DenseDetector,
-    ResNetFPN,
-    RetinaNet,
-    fcos_assign,
-    fcos_centerness_targets,
-    fcos_points,
-)
-from .task import DetectionTask
-from .trainer import DetectionDistiller, evaluate_detector, train_detector
+The names below are imported from their submodules on first access (PEP 562): ``import ckakd.detection`` (e.g. by
+``ckakd.detection.cli``) does not load the detectors, the trainer task or ``ckakd.train``.
+"""
+
+import importlib as _importlib
+
+# name -> the submodule (of this package) that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("TorchvisionDetector", "build_torchvision_detector", "torchvision_available"), "adapters"),
+    **dict.fromkeys(
+        (
+            "BoxCoder",
+            "batched_nms",
+            "box_area",
+            "box_iou",
+            "clip_boxes",
+            "generalized_box_iou",
+            "giou_loss",
+            "iou_loss",
+            "nms",
+            "remove_small_boxes",
+            "sigmoid_focal_loss",
+        ),
+        "boxes",
+    ),
+    **dict.fromkeys(
+        (
+            "AnchorGenerator",
+            "AnchorMatcher",
+            "DenseDetector",
+            "FCOS",
+            "ResNetFPN",
+            "RetinaNet",
+            "fcos_assign",
+            "fcos_centerness_targets",
+            "fcos_points",
+        ),
+        "models",
+    ),
+    **dict.fromkeys(("DetectionTask",), "task"),
+    **dict.fromkeys(("DetectionDistiller", "evaluate_detector", "train_detector"), "trainer"),
+}
 
 __all__ = [
     "DetectionDistiller",
@@ -58,3 +73,37 @@ __all__ = [
     "remove_small_boxes",
     "sigmoid_focal_loss",
 ]
+
+
+# the submodules, also reachable as attributes (``ckakd.detection.trainer``) without an explicit import
+_SUBMODULES = frozenset(
+    [
+        "adapters",
+        "boxes",
+        "cli",
+        "data",
+        "demo",
+        "distill",
+        "evaluation",
+        "models",
+        "runner",
+        "task",
+        "trainer",
+        "visualize",
+    ]
+)
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"{__name__}.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})

@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ckakd.cli import add_config_args, report, resume_command, run_guarded
+from ckakd._cli_common import add_config_args, report, resume_command, run_guarded
 from ckakd.detection.demo import add_detect_demo_arguments, run_detect_demo_from_args
 
 __all__ = ["add_detection_commands", "run_detection_command"]
