@@ -116,6 +116,7 @@ def main() -> None:
         packages=[
             "ckakd",
             "ckakd.ops",
+            "ckakd.diagnostics",
             "ckakd.train",
             "ckakd.train.models",
             "ckakd.detection",
