@@ -34,6 +34,7 @@ __all__ = [
     "fit_patch_size",
     "PATCH_RESIZE",
     "rcka_loss",
+    "lcka_loss",
     "mmd_loss",
 ]
 
@@ -348,6 +349,26 @@ def _logit_cka(zs: Tensor, zt: Tensor, mode: str, with_l2_norm: bool, backend: s
     return cka(zs, zt, mode=mode, backend=backend)
 
 
+def _lcka_terms(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    mode: str,
+    with_l2_norm: bool,
+    soften: bool,
+    temperature: float | None,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """The two logit terms of RCKA (validated inputs): intra-class ``1 - CKA(z_s, z_t)`` (the batch as samples;
+    ``soften``: of softmax(z / temperature)) and inter-class ``1 - CKA(z_sᵀ, z_tᵀ)`` (the classes as samples)."""
+    zs, zt = logits_s, logits_t
+    if soften:
+        work = _checks.accumulation_dtype(zs, zt)
+        zs, zt = (zs.to(work) / temperature).softmax(1), (zt.to(work) / temperature).softmax(1)
+    intra = 1.0 - _logit_cka(zs, zt, mode, with_l2_norm, backend)
+    inter = 1.0 - _logit_cka(logits_s.T, logits_t.T, mode, with_l2_norm, backend)
+    return intra, inter
+
+
 def rcka_logit_options(
     mode: str, with_l2_norm: bool, soften: bool, temperature: float | None
 ) -> tuple[bool, bool, float | None]:
@@ -417,15 +438,43 @@ def rcka_loss(
     for xs, ys in pairs:
         term = 1.0 - cka(xs, ys, mode=mode, backend=backend)
         fcka = term if fcka is None else fcka + term
-    zs, zt = logits_s, logits_t
-    if soften:
-        work = _checks.accumulation_dtype(zs, zt)
-        zs, zt = (zs.to(work) / temperature).softmax(1), (zt.to(work) / temperature).softmax(1)
-    intra = 1.0 - _logit_cka(zs, zt, mode, with_l2_norm, backend)
-    inter = 1.0 - _logit_cka(logits_s.T, logits_t.T, mode, with_l2_norm, backend)
+    intra, inter = _lcka_terms(logits_s, logits_t, mode, with_l2_norm, soften, temperature, backend)
     loss = alpha * fcka + beta * (intra + inter)
     if return_parts:
         return {"loss": loss, "fcka": fcka, "intra_lcka": intra, "inter_lcka": inter}
+    return loss
+
+
+def lcka_loss(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    *,
+    beta: float = 1.0,
+    mode: str = "centered",
+    with_l2_norm: bool = False,
+    soften: bool = False,
+    temperature: float | None = None,
+    backend: str = "auto",
+    return_parts: bool = False,
+) -> Tensor | dict[str, Tensor]:
+    """Logit CKA, the logit part of :func:`rcka_loss`: ``beta · [(1 - CKA(z_s, z_t)) + (1 - CKA(z_sᵀ, z_tᵀ))]``.
+
+    logits_*: (B, K) of one shape; the intra-class term takes the B samples (B >= 2 for ``"centered"``), the
+    inter-class term the K classes as samples (same minimum). ``mode``, ``with_l2_norm``, ``soften`` and
+    ``temperature`` as in :func:`rcka_loss`; the terms are the ones it computes, bit for bit.
+    ``return_parts`` gives a dict with "intra_lcka", "inter_lcka" (unweighted) and "loss".
+    """
+    beta = _checks.check_weight("beta", beta)
+    with_l2_norm, soften, temperature = rcka_logit_options(mode, with_l2_norm, soften, temperature)
+    return_parts = _checks.check_bool("return_parts", return_parts)
+    _checks.check_logit_pair("logits_s", logits_s, "logits_t", logits_t)
+    b, k = logits_s.shape
+    _checks.check_min_samples("logits_s", logits_s, b, mode, what="samples (rows, the batch)")
+    _checks.check_min_samples("logits_s", logits_s, k, mode, what="classes (columns, the inter-class samples)")
+    intra, inter = _lcka_terms(logits_s, logits_t, mode, with_l2_norm, soften, temperature, backend)
+    loss = beta * (intra + inter)
+    if return_parts:
+        return {"loss": loss, "intra_lcka": intra, "inter_lcka": inter}
     return loss
 
 
