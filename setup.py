@@ -118,6 +118,7 @@ def main() -> None:
             "ckakd.ops",
             "ckakd.diagnostics",
             "ckakd.train",
+            "ckakd.train.distillers",
             "ckakd.train.models",
             "ckakd.detection",
             "ckakd.kernels",

@@ -366,3 +366,19 @@ def test_missing_pyyaml_in_a_fresh_interpreter(tmp_path):
     assert lines[0].startswith("ckakd configs: error: pyyaml is not installed") and "ckakd[train]" in lines[0]
     assert lines[1].startswith("ckakd demo: error: pyyaml is not installed") and "ckakd[train]" in lines[1]
     assert not (tmp_path / "demo").exists()
+
+
+def test_setup_lists_every_package():
+    """A non-editable install only ships the packages setup.py names: every ckakd folder with an __init__.py
+    must be there (a package split into a folder and not listed would vanish from a wheel)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "setup.py").read_text()
+    listed = set(ast.literal_eval(re.search(r"packages=(\[[^\]]*\])", text).group(1)))
+    found = {
+        ".".join(init.parent.relative_to(root).parts)
+        for init in (root / "ckakd").rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert found - listed == set(), f"packages missing from setup.py: {sorted(found - listed)}"
