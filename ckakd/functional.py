@@ -7,6 +7,9 @@ Shapes: ``centered_gram``, ``hsic`` and ``cka`` take (n, d) or batched (b, n, d)
 samples as rows. The losses (``cka_loss``, ``rcka_loss``, ``mmd_loss``) take features of any rank and
 flatten them to (n, -1) as the RCKA authors do (Zhou et al., IJCAI 2024): (B, C, H, W) -> (B, C·H·W);
 lists of feature pairs are summed.
+
+The logit and feature KD losses (``kd_loss``, ``lskd_loss``, ``dkd_loss``, ``dist_loss``, ``standardize_logits``;
+``at_loss``, ``fitnet_loss``) are defined in ``ckakd.logit_kd`` / ``ckakd.feature_kd`` and exported here too.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ckakd import _checks
+from ckakd.feature_kd import at_loss, fitnet_loss
+from ckakd.logit_kd import dist_loss, dkd_loss, kd_loss, lskd_loss, standardize_logits
 from ckakd.ops import _backend, _gram
 from ckakd.ops.alignment import MODES, alignment_stats
 from ckakd.ops.gram import centered_gram as _centered_gram_op
-from ckakd.ops.patch import REDUCTIONS, patch_alignment_stats, problem_shape
+from ckakd.ops.patch import PATCH_MIX_ORDER, REDUCTIONS, mix_reduction, patch_alignment_stats, problem_shape
 
 __all__ = [
     "centered_gram",
@@ -33,9 +38,18 @@ __all__ = [
     "patch_grid",
     "fit_patch_size",
     "PATCH_RESIZE",
+    "PATCH_MIX_ORDER",
+    "mix_reduction",
     "rcka_loss",
     "lcka_loss",
     "mmd_loss",
+    "kd_loss",
+    "lskd_loss",
+    "dkd_loss",
+    "dist_loss",
+    "standardize_logits",
+    "at_loss",
+    "fitnet_loss",
 ]
 
 FeaturePairs = Tensor | Sequence[Tensor]
@@ -286,9 +300,6 @@ def patch_cka(
     return _cka_from_stats(stats).to(_out_dtype(f_s, f_t))
 
 
-_MIX_ORDER = ("batch", "spatial", "channel")
-
-
 def patch_cka_loss(
     f_s: FeaturePairs,
     f_t: FeaturePairs,
@@ -310,7 +321,7 @@ def patch_cka_loss(
     pairs = _checks.as_pairs("f_s", f_s, "f_t", f_t)
     total = None
     for level, (s, t) in enumerate(pairs):
-        r = _MIX_ORDER[min(level, 2)] if reduce == "mix" else reduce
+        r = mix_reduction(level) if reduce == "mix" else reduce
         values = patch_cka(s, t, patch_size=patch_size, reduce=r, mode=mode, backend=backend, resize=resize)
         term = 1.0 - values.mean()
         total = term if total is None else total + term

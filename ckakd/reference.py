@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ckakd.ops.patch import mix_reduction
+
 __all__ = [
     "centering_matrix",
     "centered_gram",
@@ -196,9 +198,6 @@ def patch_cka(
     return torch.stack([cka(a, b, mode=mode, dtype=a.dtype) for a, b in zip(xs, xt, strict=True)])
 
 
-_MIX_ORDER = ("batch", "spatial", "channel")
-
-
 def patch_cka_loss(
     feats_s: Tensor | Sequence[Tensor],
     feats_t: Tensor | Sequence[Tensor],
@@ -216,7 +215,7 @@ def patch_cka_loss(
         feats_s, feats_t = [feats_s], [feats_t]
     total = 0.0
     for level, (fs, ft) in enumerate(zip(feats_s, feats_t, strict=True)):
-        r = _MIX_ORDER[min(level, 2)] if reduce == "mix" else reduce
+        r = mix_reduction(level) if reduce == "mix" else reduce
         values = patch_cka(fs, ft, patch_size=patch_size, reduce=r, mode=mode, dtype=dtype)
         total = total + (1.0 - values).mean()
     return total
@@ -493,3 +492,120 @@ def entropic_ot(p: Tensor, q: Tensor, cost: Tensor, eps: float, *, max_iter: int
             break
     plan = torch.exp((f[:, None] + g[None, :] - cost) / eps)
     return (plan * cost).sum() + eps * (plan * (torch.log(plan) - 1)).sum()
+
+
+# ----------------------------------------------------------------- logit and feature KD (KD, LSKD, DKD, DIST, AT)
+
+__all__ += ["standardize_logits", "kd_loss", "lskd_loss", "dkd_loss", "dist_loss", "at_loss", "fitnet_loss"]
+
+
+def _softmax(z: Tensor) -> Tensor:
+    e = torch.exp(z - z.max(dim=1, keepdim=True).values)
+    return e / e.sum(dim=1, keepdim=True)
+
+
+def standardize_logits(z: Tensor, eps: float = 1e-7, *, dtype: torch.dtype | None = None) -> Tensor:
+    """(z - mean) / (std + eps) per row, std the unbiased standard deviation over the K classes."""
+    z = _as(z, dtype)
+    k = z.shape[1]
+    mean = z.sum(dim=1, keepdim=True) / k
+    std = torch.sqrt(((z - mean) ** 2).sum(dim=1, keepdim=True) / (k - 1))
+    return (z - mean) / (std + eps)
+
+
+def kd_loss(
+    z_s: Tensor, z_t: Tensor, T: float = 4.0, *, standardize: bool = False, dtype: torch.dtype | None = None
+) -> Tensor:
+    """T² · mean_b Σ_k p_t log(p_t / p_s), p = softmax(z / T) (logits (B, K); standardized first if asked)."""
+    z_s, z_t = _as(z_s, dtype), _as(z_t, dtype)
+    if standardize:
+        z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
+    p_s, p_t = _softmax(z_s / T), _softmax(z_t / T)
+    return (p_t * (torch.log(p_t) - torch.log(p_s))).sum(dim=1).mean() * T**2
+
+
+def lskd_loss(z_s: Tensor, z_t: Tensor, T: float = 2.0, *, dtype: torch.dtype | None = None) -> Tensor:
+    """KD on per-sample standardized logits (Sun et al. 2024)."""
+    return kd_loss(z_s, z_t, T, standardize=True, dtype=dtype)
+
+
+def dkd_loss(
+    z_s: Tensor,
+    z_t: Tensor,
+    y: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    T: float = 4.0,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """DKD in probability space (Zhao et al. 2022): binary (target, rest) KL and the KL of the softmax
+    renormalized over the non-target classes, each · T², averaged over the batch."""
+    z_s, z_t = _as(z_s, dtype), _as(z_t, dtype)
+    gt = F.one_hot(y.long(), z_s.shape[1]).to(z_s.dtype)
+    p_s, p_t = _softmax(z_s / T), _softmax(z_t / T)
+    b_s = torch.stack([(p_s * gt).sum(1), (p_s * (1 - gt)).sum(1)], dim=1)
+    b_t = torch.stack([(p_t * gt).sum(1), (p_t * (1 - gt)).sum(1)], dim=1)
+    tckd = (b_t * (torch.log(b_t) - torch.log(b_s))).sum(1).mean() * T**2
+    q_s = p_s * (1 - gt) / b_s[:, 1:]
+    q_t = p_t * (1 - gt) / b_t[:, 1:]
+    keep = gt == 0
+    nckd = torch.where(keep, q_t * (torch.log(q_t) - torch.log(q_s)), torch.zeros_like(q_t)).sum(1).mean() * T**2
+    return alpha * tckd + beta * nckd
+
+
+def _pearson_columns(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation of the columns of a and b (n, m) -> (m,), DIST's eps in the denominator."""
+    a = a - a.sum(0) / a.shape[0]
+    b = b - b.sum(0) / b.shape[0]
+    return (a * b).sum(0) / (torch.sqrt((a * a).sum(0)) * torch.sqrt((b * b).sum(0)) + eps)
+
+
+def dist_loss(
+    z_s: Tensor,
+    z_t: Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    T: float = 1.0,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """DIST (Huang et al. 2022): T² · [β (1 − mean_b ρ(p_s[b], p_t[b])) + γ (1 − mean_c ρ(p_s[:, c], p_t[:, c]))]."""
+    z_s, z_t = _as(z_s, dtype), _as(z_t, dtype)
+    p_s, p_t = _softmax(z_s / T), _softmax(z_t / T)
+    inter = 1 - _pearson_columns(p_s.T, p_t.T).mean()
+    intra = 1 - _pearson_columns(p_s, p_t).mean()
+    return T**2 * (beta * inter + gamma * intra)
+
+
+def _pool_to(f: Tensor, h: int, w: int) -> Tensor:
+    """Adaptive average pooling (B, C, H, W) -> (B, C, h, w) with PyTorch's bins, one window at a time."""
+    rows = adaptive_bounds(f.shape[-2], h)
+    cols = adaptive_bounds(f.shape[-1], w)
+    out = f.new_empty(f.shape[0], f.shape[1], h, w)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            out[:, :, i, j] = f[:, :, r0:r1, c0:c1].mean(dim=(-2, -1))
+    return out
+
+
+def _match_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
+    h, w = min(f_s.shape[-2], f_t.shape[-2]), min(f_s.shape[-1], f_t.shape[-1])
+    return _pool_to(f_s, h, w), _pool_to(f_t, h, w)
+
+
+def at_loss(f_s: Tensor, f_t: Tensor, p: float = 2.0, *, dtype: torch.dtype | None = None) -> Tensor:
+    """Attention transfer: a(f) = m / max(‖m‖, 1e-12) with m = mean_c f^p flattened per sample; mean (a_s − a_t)²."""
+    f_s, f_t = _match_spatial(_as(f_s, dtype), _as(f_t, dtype))
+
+    def att(f: Tensor) -> Tensor:
+        m = (f**p).mean(dim=1).reshape(f.shape[0], -1)
+        return m / torch.sqrt((m * m).sum(dim=1, keepdim=True)).clamp_min(1e-12)
+
+    return ((att(f_s) - att(f_t)) ** 2).mean()
+
+
+def fitnet_loss(f_s: Tensor, f_t: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
+    """FitNets hint: mean squared difference after adaptive-average-pooling to the smaller spatial size."""
+    f_s, f_t = _match_spatial(_as(f_s, dtype), _as(f_t, dtype))
+    return ((f_s - f_t) ** 2).mean()

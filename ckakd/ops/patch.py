@@ -26,6 +26,15 @@ from ckakd.ops import _gram
 from ckakd.ops._backend import record_dispatch
 
 REDUCTIONS = ("channel", "batch", "spatial")
+# reduce="mix" (Zhou et al., IJCAI 2024, Table 5): the reduction of level 0, level 1 and every later level.
+PATCH_MIX_ORDER = ("batch", "spatial", "channel")
+
+
+def mix_reduction(level: int) -> str:
+    """The reduction ``reduce="mix"`` uses at feature level ``level`` (0-based): batch, spatial, then channel."""
+    return PATCH_MIX_ORDER[min(level, len(PATCH_MIX_ORDER) - 1)]
+
+
 # Permutations of the 6-D view (B, C, nph, ph, npw, pw) into (problem..., patch..., feature...).
 _PERMUTATIONS = {
     "channel": (1, 2, 4, 0, 3, 5),

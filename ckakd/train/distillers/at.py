@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import torch.nn as nn
 from torch import Tensor
 
+from ckakd.feature_kd import at_loss
+
 from .base import FeatureDistiller, _check_feature_map
-from .losses import at_loss
 from .registry import register_distiller
 
 __all__ = ["AT"]

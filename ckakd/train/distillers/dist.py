@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import torch.nn as nn
 from torch import Tensor
 
+from ckakd.logit_kd import dist_loss
+
 from .base import Distiller
-from .losses import dist_loss
 from .registry import register_distiller
 
 __all__ = ["DIST"]

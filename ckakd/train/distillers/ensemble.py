@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ckakd.logit_kd import _kd_to_probs, kd_loss, standardize_logits
+
 from .base import Distiller, _teacher_list
-from .losses import _kd_to_probs, kd_loss, standardize_logits
 from .registry import register_distiller
 
 __all__ = ["STUDENT_VIEW", "EnsembleKD"]

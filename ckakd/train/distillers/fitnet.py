@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
+from ckakd.feature_kd import fitnet_loss
+
 from .base import FeatureDistiller
-from .losses import _match_spatial
 from .registry import register_distiller
 
 __all__ = ["FitNet"]
@@ -45,5 +45,4 @@ class FitNet(FeatureDistiller):
     def losses(self, x: Tensor, y: Tensor, logits_s: Tensor) -> dict[str, Tensor]:
         self.teacher_logits(x)
         (f_s,), (f_t,) = self._hooked()
-        f_s, f_t = _match_spatial(self.extra["proj"](f_s), f_t)
-        return {"fitnet": self.hint_weight * F.mse_loss(f_s, f_t)}
+        return {"fitnet": self.hint_weight * fitnet_loss(self.extra["proj"](f_s), f_t)}

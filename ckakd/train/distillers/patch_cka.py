@@ -8,17 +8,16 @@ import torch.nn as nn
 from torch import Tensor
 
 import ckakd
-from ckakd.functional import MIN_PATCHES, PATCH_RESIZE, fit_patch_size, patch_grid
+from ckakd.feature_kd import match_spatial as _match_spatial
+from ckakd.functional import MIN_PATCHES, PATCH_RESIZE, fit_patch_size, mix_reduction, patch_grid
 
 from .base import FeatureDistiller, _check_feature_map, _check_mode
-from .losses import _match_spatial
 from .registry import register_distiller
 
 __all__ = ["PatchCKA"]
 
 
 _PATCH_REDUCTIONS = ("channel", "batch", "spatial", "mix")
-_MIX_ORDER = ("batch", "spatial", "channel")
 
 
 @register_distiller("patch_cka")
@@ -99,7 +98,7 @@ class PatchCKA(FeatureDistiller):
                     f"PatchCKA: the feature maps at {path_s!r} / {path_t!r} are {h}x{w}, too small for mode="
                     f"{self.mode!r} (needs at least {MIN_PATCHES[self.mode]} patches); hook larger feature maps"
                 )
-            reduce = _MIX_ORDER[min(i, 2)] if self.reduce == "mix" else self.reduce
+            reduce = mix_reduction(i) if self.reduce == "mix" else self.reduce
             term = ckakd.patch_cka_loss(f_s, f_t, patch_size=patch, reduce=reduce, mode=self.mode, resize=self.resize)
             loss = term if loss is None else loss + term
         return {"patch_cka": self.weight * loss}

@@ -10,9 +10,10 @@ import torch.nn as nn
 from torch import Tensor
 
 import ckakd
+from ckakd.feature_kd import match_spatial as _match_spatial
 
 from .base import Distiller, FeatureDistiller, _check_feature_map
-from .losses import _match_spatial, cosine_decay_weight
+from .losses import cosine_decay_weight
 from .registry import register_distiller
 
 __all__ = ["WKDLogit", "WKDFeature", "WKDLogitFeature"]

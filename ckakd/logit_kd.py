@@ -1,0 +1,116 @@
+"""Logit distillation losses: Hinton KD, logit-standardized KD (LSKD), decoupled KD (DKD) and DIST.
+
+Every loss takes student and teacher logits ``z_s``, ``z_t`` of shape (B, K) (one shape, one device) and
+returns a scalar averaged over the batch. They run in the inputs' dtype (no autocast change); float64
+formulas to test them against are in ``ckakd.reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ckakd import _checks
+
+__all__ = ["standardize_logits", "kd_loss", "lskd_loss", "dkd_loss", "dist_loss"]
+
+
+def standardize_logits(z: Tensor, eps: float = 1e-7) -> Tensor:
+    """Logit standardization (Sun et al. 2024): ``(z - mean) / (std + eps)`` per sample (row).
+
+    z: (B, K) -> (B, K). ``std`` is the unbiased standard deviation over the classes, as in the authors' code.
+    """
+    _checks.check_float_tensor("z", z)
+    mean = z.mean(dim=-1, keepdim=True)
+    std = z.std(dim=-1, keepdim=True)
+    return (z - mean) / (std + eps)
+
+
+def kd_loss(z_s: Tensor, z_t: Tensor, T: float = 4.0, *, standardize: bool = False) -> Tensor:
+    """Hinton KD: ``KL(p_t ‖ p_s) · T²`` with ``p = softmax(z / T)``, averaged over the batch (batchmean).
+
+    z_s, z_t: (B, K) logits -> scalar. ``standardize=True`` standardizes both nets' logits per sample first
+    (logit-standardized KD, :func:`lskd_loss`).
+    """
+    _checks.check_logit_pair("z_s", z_s, "z_t", z_t)
+    _checks.check_positive("temperature T", T)
+    _checks.check_bool("standardize", standardize)
+    if standardize:
+        z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
+    log_p_s = F.log_softmax(z_s / T, dim=1)
+    log_p_t = F.log_softmax(z_t / T, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T**2
+
+
+def lskd_loss(z_s: Tensor, z_t: Tensor, T: float = 2.0) -> Tensor:
+    """Logit-standardized KD (Sun et al. 2024): :func:`kd_loss` on per-sample standardized logits.
+
+    z_s, z_t: (B, K) -> scalar. The paper uses T=2 (and KD weight 9).
+    """
+    return kd_loss(z_s, z_t, T, standardize=True)
+
+
+def _kd_to_probs(z_s: Tensor, p_t: Tensor, T: float) -> Tensor:
+    """``KL(p_t ‖ softmax(z_s/T)) · T²`` (batchmean) for given teacher probabilities p_t (B, K)."""
+    log_p_s = F.log_softmax(z_s / T, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * T**2
+
+
+def dkd_loss(z_s: Tensor, z_t: Tensor, y: Tensor, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0) -> Tensor:
+    """Decoupled KD (Zhao et al. 2022): ``alpha · TCKD + beta · NCKD``, both ``· T²`` and batch-averaged.
+
+    z_s, z_t: (B, K) logits, y: (B,) integer labels in [0, K) -> scalar.
+    TCKD: KL between the binary (target, non-target) distributions of teacher and student.
+    NCKD: KL between the distributions over the non-target classes (target class removed).
+    Computed in log space (no ``log`` of a probability, no ``-1000`` masking trick).
+    """
+    _checks.check_logit_pair("z_s", z_s, "z_t", z_t)
+    _checks.check_labels("y", y, z_s.shape[0], z_s.shape[1], z_s.device, "z_s")
+    _checks.check_real("alpha", alpha)
+    _checks.check_real("beta", beta)
+    _checks.check_positive("temperature T", T)
+    B = z_s.shape[0]
+    y = y.long().view(-1, 1)
+    gt = torch.zeros_like(z_s, dtype=torch.bool).scatter_(1, y, True)
+    zs, zt = z_s / T, z_t / T
+    log_ps, log_pt = F.log_softmax(zs, dim=1), F.log_softmax(zt, dim=1)
+    neg_inf = torch.finfo(zs.dtype).min
+
+    def binary(log_p: Tensor) -> Tensor:
+        log_gt = log_p.gather(1, y)
+        log_other = torch.logsumexp(log_p.masked_fill(gt, neg_inf), dim=1, keepdim=True)
+        return torch.cat([log_gt, log_other], dim=1)
+
+    bs, bt = binary(log_ps), binary(log_pt)
+    tckd = (bt.exp() * (bt - bs)).sum() / B * T**2
+    ls2 = F.log_softmax(zs.masked_fill(gt, neg_inf), dim=1)
+    lt2 = F.log_softmax(zt.masked_fill(gt, neg_inf), dim=1)
+    pt2 = lt2.exp()  # exactly 0 at the target class
+    nckd = (pt2 * (lt2 - ls2)).masked_fill(gt, 0.0).sum() / B * T**2
+    return alpha * tckd + beta * nckd
+
+
+def _pearson(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation of ``a`` and ``b`` (one shape) along ``dim``, ``eps`` added to the denominator
+    (DIST's form): ``Σ â b̂ / (‖â‖ ‖b̂‖ + eps)`` with â, b̂ centered along ``dim``; ``dim`` is reduced."""
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
+
+
+def dist_loss(z_s: Tensor, z_t: Tensor, beta: float = 1.0, gamma: float = 1.0, T: float = 1.0) -> Tensor:
+    """DIST (Huang et al. 2022): ``T² · [beta · inter + gamma · intra]`` on ``p = softmax(z / T)``.
+
+    z_s, z_t: (B, K) logits -> scalar.
+    inter = 1 − mean_b Pearson(p_s[b, :], p_t[b, :]) (per sample, across classes);
+    intra = 1 − mean_c Pearson(p_s[:, c], p_t[:, c]) (per class, across the batch).
+    """
+    _checks.check_logit_pair("z_s", z_s, "z_t", z_t)
+    _checks.check_real("beta", beta)
+    _checks.check_real("gamma", gamma)
+    _checks.check_positive("temperature T", T)
+    p_s, p_t = F.softmax(z_s / T, dim=1), F.softmax(z_t / T, dim=1)
+    inter = 1.0 - _pearson(p_s, p_t, 1).mean()
+    intra = 1.0 - _pearson(p_s.T, p_t.T, 1).mean()
+    return T**2 * (beta * inter + gamma * intra)
