@@ -1,7 +1,9 @@
 """ckakd: fast, exact knowledge-distillation losses built on centered kernel alignment and optimal transport.
 
 Functional API (see ``ckakd.functional``): ``centered_gram``, ``hsic``, ``cka``, ``cka_loss``,
-``patch_cka``, ``patch_cka_loss``, ``rcka_loss``, ``mmd_loss``; Wasserstein distillation: ``sinkhorn``,
+``patch_cka``, ``patch_cka_loss``, ``rcka_loss``, ``lcka_loss``, ``mmd_loss``; the logit and feature KD
+baselines ``kd_loss``, ``lskd_loss``, ``dkd_loss``, ``dist_loss``, ``at_loss``, ``fitnet_loss``
+(``ckakd.logit_kd``, ``ckakd.feature_kd``); Wasserstein distillation: ``sinkhorn``,
 ``wkd_logit_loss`` (``ckakd.wkd``), ``wkd_feature_loss``, ``gaussian_wasserstein`` (``ckakd.wasserstein``),
 ``interrelation``, ``cost_from_interrelation`` and the streamed builder (``ckakd.interrelation``);
 modules in ``ckakd.nn``; naive float64 formulas in ``ckakd.reference``; ``backends()`` tells which
@@ -16,11 +18,13 @@ dependencies (pyyaml, tqdm, matplotlib, pycocotools, scikit-learn) are never nee
 import importlib as _importlib
 
 from ckakd import nn, reference
+from ckakd.feature_kd import at_loss, fitnet_loss
 from ckakd.functional import (
     centered_gram,
     cka,
     cka_loss,
     hsic,
+    lcka_loss,
     mmd_loss,
     patch_cka,
     patch_cka_loss,
@@ -34,6 +38,7 @@ from ckakd.interrelation import (
     load_interrelation,
     save_interrelation,
 )
+from ckakd.logit_kd import dist_loss, dkd_loss, kd_loss, lskd_loss, standardize_logits
 from ckakd.ops import backends
 from ckakd.wasserstein import gaussian_wasserstein, wkd_feature_loss
 from ckakd.wkd import sinkhorn, wkd_logit_loss
@@ -51,6 +56,14 @@ __all__ = [
     "patch_cka",
     "patch_cka_loss",
     "rcka_loss",
+    "lcka_loss",
+    "kd_loss",
+    "lskd_loss",
+    "dkd_loss",
+    "dist_loss",
+    "standardize_logits",
+    "at_loss",
+    "fitnet_loss",
     "reference",
     "sinkhorn",
     "wkd_logit_loss",
