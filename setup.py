@@ -119,6 +119,7 @@ def main() -> None:
             "ckakd.diagnostics",
             "ckakd.train",
             "ckakd.train.distillers",
+            "ckakd.train.engine",
             "ckakd.train.models",
             "ckakd.detection",
             "ckakd.kernels",

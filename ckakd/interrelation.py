@@ -16,6 +16,7 @@ every class needs the same number b of samples.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ckakd import _checks
+from ckakd._fileio import atomic_write
 from ckakd.ops import _gram
 
 __all__ = [
@@ -407,14 +409,9 @@ def save_interrelation(path: str | os.PathLike, ir: Tensor, *, kernel: str | Non
         "ir": ir.detach().cpu().clone(),
         "meta": meta,
     }
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write(path, buf.getvalue())
 
 
 def load_interrelation(path: str | os.PathLike, *, map_location: Any = "cpu") -> tuple[Tensor, dict[str, Any]]:

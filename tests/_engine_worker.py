@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -70,9 +71,12 @@ def log_io(folder: Path) -> None:
 
         return logged
 
+    # the package and each of its modules that looks a name up (ckakd.train.engine.checkpoint, .metrics_log, ...)
+    modules = [engine] + [m for n, m in list(sys.modules.items()) if n.startswith(engine.__name__ + ".")]
     for name, what in (("atomic_write_bytes", "write"), ("append_text", "write"), ("load_checkpoint", "read")):
-        if hasattr(engine, name):  # (a trainer without append_text appends with a plain open(), not logged)
-            setattr(engine, name, wrap(getattr(engine, name), what))
+        for module in modules:  # where the engine's modules look the name up
+            if hasattr(module, name):  # (a trainer without append_text appends with a plain open(), not logged)
+                setattr(module, name, wrap(getattr(module, name), what))
 
 
 def build_trainer(out_dir: Path, epochs: int, resume: bool) -> tuple[Trainer, nn.Module]:

@@ -156,7 +156,7 @@ class DetectionTask:
         amp: bool = False,
         amp_dtype: str = "bfloat16",
     ) -> dict[str, Any]:
-        from ckakd.train.engine import _autocast
+        from ckakd.train.engine import autocast
 
         det = detector_of(model)
         was_training = det.training
@@ -166,7 +166,7 @@ class DetectionTask:
         try:
             for batch in loader:
                 images, targets, sizes = self.move(batch, device)
-                with _autocast(device, amp, amp_dtype):
+                with autocast(device, amp, amp_dtype):
                     i, p = predict(det, images, targets, sizes)
                 ids += i
                 preds += p

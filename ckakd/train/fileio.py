@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .._fileio import atomic_write, file_mode
+
 __all__ = ["OutputError", "atomic_write_bytes", "append_text", "file_mode", "probe_writable"]
 
 
@@ -30,48 +32,16 @@ class OutputError(RuntimeError):
         )
 
 
-def file_mode() -> int:
-    """The mode ``open(path, "w")`` gives a new file: ``0o666`` minus the process umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, ``os.replace``; mode as
-    :func:`file_mode`. Raises :class:`OutputError` (naming ``path``) on any ``OSError``."""
+    """Write ``data`` to ``path`` atomically (:func:`ckakd._fileio.atomic_write`: a temp file in the same folder,
+    fsync, ``os.replace``; mode as :func:`file_mode`), creating the folder. Raises :class:`OutputError` (naming
+    ``path``) on any ``OSError``."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        return atomic_write(path, data)
     except OSError as exc:
         raise OutputError(path, exc) from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), file_mode())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise OutputError(path, exc) from exc
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:

@@ -29,6 +29,7 @@ from .engine import (
     check_resume,
     evaluate,
     load_checkpoint,
+    resolve_device,
     seed_everything,
 )
 from .fileio import OutputError, probe_writable
@@ -540,14 +541,12 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | os.PathLike) -> dict:
 
 
 def _device(name: str) -> torch.device:
-    """``run.device`` as a torch device (``auto``: CUDA when available); :class:`ConfigError` when unusable here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``run.device`` as a torch device (:func:`~ckakd.train.engine.resolve_device`; ``auto``: CUDA when available);
+    :class:`ConfigError` when unusable here."""
     try:
-        check_device(name, "run.device")
+        return resolve_device(name, "run.device")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return torch.device(name)
 
 
 def compute_interrelation(

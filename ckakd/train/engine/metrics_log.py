@@ -1,0 +1,126 @@
+"""What a run writes besides checkpoints: ``metrics.jsonl`` / ``metrics.csv`` (:func:`write_metrics_files`), the
+plots ``curves.png`` / ``cka.png`` (:func:`plot_curves`; matplotlib is imported there only), progress messages
+(:func:`log_message`) and the check that the run's output files (:data:`OUTPUT_FILES`) can be written
+(:func:`check_output_paths`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..fileio import OutputError, append_text, atomic_write_bytes
+
+__all__ = [
+    "OUTPUT_FILES",
+    "check_output_paths",
+    "log_message",
+    "logger",
+    "plot_curves",
+    "savefig",
+    "write_metrics_files",
+]
+
+logger = logging.getLogger("ckakd.train")
+
+OUTPUT_FILES = ("latest.pt", "best.pt", "metrics.csv", "metrics.jsonl", "config.yaml", "curves.png", "cka.png")
+
+
+def check_output_paths(out_dir: str | os.PathLike) -> None:
+    """``ValueError`` when one of the run's output files (:data:`OUTPUT_FILES`) exists in ``out_dir`` but is not a
+    regular file (a folder in its place would otherwise fail the first save, after an epoch of training)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"the run folder {out_dir} is a file, not a folder")
+    for name in OUTPUT_FILES:
+        p = out_dir / name
+        if p.exists() and not p.is_file():
+            kind = "a folder" if p.is_dir() else "not a regular file"
+            raise ValueError(f"{p} is {kind}; the run writes its {name} there: move it away or choose another run.name")
+
+
+def log_message(msg: str, level: int = logging.INFO, *, progress: bool = False) -> None:
+    """``msg`` through tqdm (``progress``: it does not break the progress bar) or the ``ckakd.train`` logger."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg)
+    else:
+        logger.log(level, msg)
+
+
+def write_metrics_files(out_dir: Path, history: Sequence[dict], *, rewrite: bool) -> None:
+    """``metrics.jsonl`` (``rewrite``: all of ``history``, atomically; else its last row appended) and ``metrics.csv``
+    (always rewritten atomically; columns in order of first appearance, ``epoch_time_s`` last)."""
+    jsonl = out_dir / "metrics.jsonl"
+    if rewrite:
+        text = "".join(json.dumps(r) + "\n" for r in history)
+        atomic_write_bytes(jsonl, text.encode())
+    elif history:
+        append_text(jsonl, json.dumps(history[-1]) + "\n")
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    if "epoch_time_s" in columns:  # keys first seen in a later epoch (callbacks) go before the time column
+        columns = [c for c in columns if c != "epoch_time_s"] + ["epoch_time_s"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
+    if columns:
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in history)
+    atomic_write_bytes(out_dir / "metrics.csv", buf.getvalue().encode())
+
+
+def plot_curves(
+    out_dir: Path, history: Sequence[dict], metric: str, metric_label: str, cka_keys: Sequence[str] = ()
+) -> None:
+    """``curves.png`` (train loss; validation and train ``metric``) and, with ``cka_keys``, ``cka.png``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in history]
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(epochs, [r["train/loss"] for r in history], marker=".", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.set_title("train loss")
+    val = [(r["epoch"], r[f"val/{metric}"]) for r in history if r.get(f"val/{metric}") is not None]
+    if val:
+        ax2.plot(*zip(*val, strict=True), marker=".", label=f"val {metric}")
+    train_acc = [(r["epoch"], r[f"train/{metric}"]) for r in history if r.get(f"train/{metric}") is not None]
+    if train_acc:
+        ax2.plot(*zip(*train_acc, strict=True), marker=".", alpha=0.6, label=f"train {metric}")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel(metric_label)
+    if val or train_acc:
+        ax2.legend()
+    fig.tight_layout()
+    savefig(fig, out_dir / "curves.png")
+    if cka_keys:
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        for k in cka_keys:
+            pts = [(r["epoch"], r[k]) for r in history if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=".", label=k[4:])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("linear CKA (teacher vs student)")
+        ax.set_title("teacher-student CKA")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        savefig(fig, out_dir / "cka.png")
+
+
+def savefig(fig: Any, path: Path) -> None:
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise OutputError(path, exc) from exc

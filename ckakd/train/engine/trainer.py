@@ -1,0 +1,518 @@
+"""The reference trainer's loop, independent of any config format.
+
+:class:`Trainer` trains either a :class:`~ckakd.train.distillers.Distiller` (anything with ``forward_train(x, y)
+-> (logits, {name: loss})``; the total loss is the sum of the dict, the optimizer gets its
+``learnable_parameters()``) or a plain classifier (cross-entropy, loss key ``"ce"``: teacher training).
+
+Per epoch it reseeds the loaders from ``(seed, epoch)``, trains with optional AMP and gradient clipping,
+evaluates, logs the teacher–student CKA of ``cka_pairs`` on a fixed validation subset, appends a row to
+``metrics.csv`` / ``metrics.jsonl`` (with what the ``callbacks`` return) and writes ``latest.pt`` / ``best.pt``
+atomically. Training batches may be multi-view (``({view: Tensor}, y)``, see
+:class:`~ckakd.train.data.MultiView`) for distillers that take them. ``resume=True``
+continues from ``out_dir/latest.pt`` (in deterministic mode bitwise-identically to an uninterrupted run).
+Under ``torchrun`` (``WORLD_SIZE > 1``) it runs DDP; only rank 0 writes files.
+
+What a batch is, how the training forward is called and how validation is scored is a *task*
+(:class:`ClassificationTask` by default: ``(x, y)`` batches, top-1; the detection trainer passes
+``ckakd.detection.task.DetectionTask``: ``(images, targets, sizes)`` batches, COCO AP). Everything else
+(optimizer, schedule and step warmup, AMP, clipping, DDP, checkpoints, resume, logs, plots, callbacks, CKA) is
+shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .. import distributed as dist
+from ..fileio import OutputError
+from .callbacks import TrainerCallback, check_callbacks, run_epoch_callbacks
+from .checkpoint import apply_weights, check_resume, clone_cpu, extra_of, model_identity, save_checkpoint, student_of
+from .cka_probe import CKA_MAX_IMAGES, check_cka_paths, collect_images, measure_cka
+from .device import autocast, collective_device, resolve_device
+from .loaders import distributed_loader, reseed_loader, wrap_ddp
+from .metrics_log import check_output_paths, log_message, logger, plot_curves, write_metrics_files
+from .schedule import apply_step_warmup, build_optimizer, lr_factor
+from .seeding import rng_state, seed_everything, set_rng_state
+from .settings import AMP_DTYPES, TrainSettings, plain
+from .task import ClassificationTask, Task, TrainStep, missing_task_members
+
+__all__ = ["NonFiniteLossError", "Trainer", "TrainerCallback"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN/inf: :meth:`Trainer.fit` stops; ``latest.pt`` holds the last good epoch."""
+
+
+class Trainer:
+    """Train ``model`` on ``train_loader``, evaluating on ``val_loader`` (see the module docstring).
+
+    ``teacher_for_cka``: the network whose features the ``cka_pairs`` teacher paths refer to (default: the
+    Distiller's first teacher, if any). Batches are ``(x, y)``, where the training ``x`` may also be a
+    ``{view: Tensor}`` mapping (multi-view batches; the model must be a distiller that takes them); under DDP
+    the loaders' per-rank batch size is kept and their samplers are replaced by distributed ones.
+    ``callbacks``: objects with ``on_epoch_end(trainer, epoch)`` and/or ``on_fit_end(trainer)`` (see
+    :class:`TrainerCallback`), called in order. ``task``: batches, training forward and validation (default
+    :class:`ClassificationTask`; see there for the protocol).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: DataLoader,
+        val_loader: Iterable | None,
+        settings: TrainSettings,
+        *,
+        teacher_for_cka: nn.Module | None = None,
+        callbacks: Sequence[Any] = (),
+        task: Task | None = None,
+    ) -> None:
+        self.task: Task = ClassificationTask() if task is None else task
+        missing = missing_task_members(self.task)
+        if missing:
+            raise TypeError(f"task {type(self.task).__name__} lacks {missing} (see ClassificationTask)")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(settings, TrainSettings):
+            raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
+        self.callbacks: list[Any] = check_callbacks(callbacks)
+        self.settings = s = settings
+        self.out_dir = Path(s.out_dir)
+        self.epoch: int | None = None  # the 0-based epoch running (or last run); None before fit()
+
+        # --- processes, device, seeds
+        device_hint = "cpu" if str(s.device) == "cpu" or not torch.cuda.is_available() else "cuda"
+        self._owns_group = False
+        if dist.env_world_size() > 1 and not dist.is_distributed():
+            self._owns_group = dist.init_from_env("nccl" if device_hint == "cuda" else "gloo")
+        self.distributed = dist.is_distributed() and dist.world_size() > 1
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.is_main = self.rank == 0
+        self.device = resolve_device(s.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        seed_everything(s.seed + self.rank, s.deterministic)
+
+        # --- model, optimizer, schedule, AMP
+        self.model = model.to(self.device)
+        self.student = student_of(model)
+        self.is_distiller = callable(getattr(model, "forward_train", None))
+        learnable = model.learnable_parameters() if hasattr(model, "learnable_parameters") else model.parameters()
+        seen: set[int] = set()
+        self.params: list[nn.Parameter] = []
+        for p in learnable:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                self.params.append(p)
+        if not self.params:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters")
+        self.optimizer: torch.optim.Optimizer = build_optimizer(self.params, s)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(s, e))
+        use_scaler = bool(s.amp) and AMP_DTYPES[s.amp_dtype] == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+
+        # --- loaders
+        self.train_loader = self._distributed_loader(train_loader, train=True) if self.distributed else train_loader
+        self.val_loader = (
+            self._distributed_loader(val_loader, train=False)
+            if self.distributed and val_loader is not None
+            else val_loader
+        )
+
+        # --- the training forward (DDP-wrapped under torchrun)
+        self._step_module: nn.Module = TrainStep(model, self.task)
+        if self.distributed:
+            self._step_module = wrap_ddp(self._step_module, self.device, s.find_unused_parameters)
+
+        # --- CKA logging
+        self.teacher_for_cka = teacher_for_cka
+        if self.teacher_for_cka is None and s.cka_pairs and len(getattr(model, "teachers", ())) > 0:
+            self.teacher_for_cka = model.teachers[0]
+        self._cka_images: Tensor | None = None
+        if s.cka_pairs:
+            if self.teacher_for_cka is None:
+                logger.warning("cka_pairs given but there is no teacher: teacher-student CKA is not logged")
+            else:
+                check_cka_paths(self.student, self.teacher_for_cka, s.cka_pairs)  # path errors now, not later
+                self.teacher_for_cka.to(self.device).requires_grad_(False).eval()
+                if val_loader is None:
+                    raise ValueError("cka_pairs need a val_loader (CKA is measured on validation images)")
+                if self.is_main:
+                    self._cka_images = collect_images(val_loader, CKA_MAX_IMAGES, self.task)
+
+        # --- logging outputs
+        self._tb = None
+        if s.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ImportError(
+                    f"tensorboard=True needs the `tensorboard` package ({exc}); install it or set tensorboard=False"
+                ) from exc
+            if self.is_main:
+                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+        self.history: list[dict] = []
+        self.best_value: float | None = None  # best validation ``task.metric`` so far
+        self.best_epoch: int | None = None
+        self.start_epoch = 0
+        self._pending: dict | None = None  # last good epoch's state when it was not written to latest.pt
+        self._global_step = 0  # optimizer steps taken over the whole run (resumed ones included)
+
+    # ------------------------------------------------------------------ loaders
+
+    def _distributed_loader(self, loader: Any, *, train: bool) -> Any:
+        s = self.settings
+        return distributed_loader(loader, train=train, world_size=self.world_size, rank=self.rank, seed=s.seed)
+
+    def _reseed_loader(self, loader: Any, epoch: int) -> None:
+        """Make epoch ``epoch``'s order and augmentations depend only on (seed, epoch[, rank])."""
+        reseed_loader(loader, epoch, seed=self.settings.seed, rank=self.rank)
+
+    @property
+    def best_top1(self) -> float | None:
+        """Best validation top-1 (classification; ``best_value`` of the task's metric in general)."""
+        return self.best_value
+
+    # ------------------------------------------------------------------ logging
+
+    def _log(self, msg: str, level: int = logging.INFO) -> None:
+        if self.is_main:
+            log_message(msg, level, progress=self.settings.progress)
+
+    # ------------------------------------------------------------------ CKA
+
+    @torch.no_grad()
+    def measure_cka(self) -> dict[str, float]:
+        """``{"cka/<student path>~<teacher path>": CKA}`` on the fixed validation subset (rank 0 only)."""
+        if self._cka_images is None or self.teacher_for_cka is None:
+            return {}
+        return measure_cka(self.student, self.teacher_for_cka, self._cka_images, self.settings.cka_pairs, self.device)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _payload(self) -> dict:
+        """The full training state (collective under DDP: every rank's RNG state is gathered)."""
+        rng = dist.all_gather_object(rng_state()) if self.distributed else [rng_state()]
+        extra = extra_of(self.model)
+        return {
+            "epoch": len(self.history),
+            "global_step": self._global_step,
+            "student": self.student.state_dict(),
+            "extra": extra.state_dict() if extra is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "metric": self.task.metric,
+            "best_value": self.best_value,
+            "best_top1": self.best_value if self.task.metric == "top1" else None,
+            "best_epoch": self.best_epoch,
+            "history": plain(self.history),
+            "rng": rng,
+            "world_size": self.world_size,
+            "model_identity": model_identity(self.model),
+            "settings": self.settings.to_dict(),
+            "config": plain(self.settings.config) if self.settings.config is not None else None,
+            "torch_version": str(torch.__version__),
+        }
+
+    def _write(self, name: str, payload: dict) -> None:
+        if self.is_main:
+            save_checkpoint(self.out_dir / name, payload)
+
+    def _resume(self) -> None:
+        path = self.out_dir / "latest.pt"
+        if not path.exists():
+            self._log(f"resume: no checkpoint at {path}; starting from scratch", logging.WARNING)
+            return
+        ckpt = check_resume(path, self.settings, world_size=self.world_size, model=self.model)
+        assert ckpt is not None
+        apply_weights(ckpt, self.model, path)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise ValueError(
+                f"cannot resume from {path}: its optimizer/scheduler state does not fit this run's "
+                f"{self.settings.optimizer} optimizer over {len(self.params)} parameters ({type(exc).__name__}: {exc})"
+            ) from exc
+        if ckpt.get("scaler") is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.history = list(ckpt.get("history") or [])
+        best = ckpt.get("best_value", ckpt.get("best_top1"))
+        if ckpt.get("metric", "top1") != self.task.metric:
+            self._log(
+                f"resume: {path} tracked best {ckpt.get('metric')!r}, this run tracks {self.task.metric!r}: "
+                "best.pt restarts",
+                logging.WARNING,
+            )
+            best = None
+        self.best_value, self.best_epoch = best, (ckpt.get("best_epoch") if best is not None else None)
+        self.start_epoch = int(ckpt["epoch"])
+        self._global_step = int(ckpt.get("global_step") or 0)
+        if len(self.history) != self.start_epoch:
+            self.history = [r for r in self.history if int(r["epoch"]) <= self.start_epoch]
+        rngs = ckpt.get("rng") or []
+        if rngs:
+            set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+        for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            g["lr"] = lr
+        self._log(f"resumed from {path} after epoch {self.start_epoch}")
+
+    # ------------------------------------------------------------------ metrics files
+
+    def _write_metrics_files(self, *, rewrite: bool) -> None:
+        if self.is_main:
+            write_metrics_files(self.out_dir, self.history, rewrite=rewrite)
+
+    def _plot(self) -> None:
+        if not self.is_main or not self.history:
+            return
+        metric = self.task.metric
+        cka_keys = [f"cka/{s}~{t}" for s, t in self.settings.cka_pairs] if self.teacher_for_cka is not None else []
+        plot_curves(self.out_dir, self.history, metric, getattr(self.task, "metric_label", metric), cka_keys)
+
+    # ------------------------------------------------------------------ training
+
+    def _train_epoch(self, epoch: int) -> dict:
+        s = self.settings
+        self._step_module.train()  # Distiller.train keeps the teachers in eval mode
+        if callable(getattr(self.model, "set_epoch", None)):
+            self.model.set_epoch(epoch, s.epochs)
+        self._reseed_loader(self.train_loader, epoch)
+        try:
+            n_batches = len(self.train_loader)
+        except TypeError:
+            n_batches = None
+        if s.max_train_batches is not None:
+            n_batches = s.max_train_batches if n_batches is None else min(n_batches, s.max_train_batches)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=n_batches,
+            desc=f"epoch {epoch + 1}/{s.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not (s.progress and self.is_main),
+        )
+        term_sums: dict[str, list[float]] = {}  # name -> [sum of loss * batch size, samples where present]
+        totals = [0.0, 0.0, 0.0]  # sum of total loss * batch size, correct top-1, samples
+        hard_labels = True
+        norms: list[float] = []
+        try:
+            for step, batch in enumerate(self.train_loader):
+                if s.max_train_batches is not None and step >= s.max_train_batches:
+                    break
+                batch = self.task.move(batch, self.device)
+                with autocast(self.device, s.amp, s.amp_dtype):
+                    losses, counts = self._step_module(batch)
+                if not losses:
+                    raise ValueError(f"{type(self.model).__name__}.forward_train returned no losses")
+                names = list(losses)
+                total = sum(v.float() for v in losses.values())
+                vals = torch.stack([total.detach()] + [v.detach().float().reshape(()) for v in losses.values()])
+                vals_cpu = vals.cpu().double()
+                self._check_finite(vals_cpu, ["total", *names], epoch, step)
+                self.optimizer.zero_grad(set_to_none=True)
+                self._apply_step_warmup()
+                self.scaler.scale(total).backward()
+                if s.grad_clip is not None:
+                    self.scaler.unscale_(self.optimizer)
+                    norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+                    norms.append(float(norm))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self._global_step += 1
+                bs = int(counts["n"])
+                hard_labels = hard_labels and "correct" in counts
+                correct = float(counts["correct"]) if "correct" in counts else 0.0
+                v = vals_cpu.tolist()
+                totals[0] += v[0] * bs
+                totals[1] += correct
+                totals[2] += bs
+                for name, val in zip(names, v[1:], strict=True):
+                    acc = term_sums.setdefault(name, [0.0, 0.0])
+                    acc[0] += val * bs
+                    acc[1] += bs
+                bar.update(1)
+                running = {"loss": f"{totals[0] / totals[2]:.4f}"}
+                if hard_labels:
+                    running["acc"] = f"{100.0 * totals[1] / totals[2]:.1f}"
+                if not bar.disable and (s.log_every <= 1 or step % s.log_every == 0):
+                    bar.set_postfix(running)
+                elif not s.progress and s.log_every > 0 and (step + 1) % s.log_every == 0 and self.is_main:
+                    text = " ".join(f"{k} {v}" for k, v in running.items())
+                    logger.info("epoch %d step %d: %s", epoch + 1, step + 1, text)
+        finally:
+            bar.close()
+        names = list(term_sums)
+        if self.distributed:  # the union of the ranks' loss names, in a common order
+            names = []
+            for rank_names in dist.all_gather_object(list(term_sums)):
+                names += [n for n in rank_names if n not in names]
+        vec = torch.tensor(totals + [x for n in names for x in term_sums.get(n, [0.0, 0.0])], dtype=torch.float64)
+        if self.distributed:
+            vec = dist.all_reduce_sum(vec.to(collective_device(self.device))).cpu()
+        n = float(vec[2])
+        if n == 0:
+            raise ValueError(f"epoch {epoch + 1}: the training loader yielded no batches")
+        out = {"train/loss": float(vec[0]) / n}
+        for i, name in enumerate(names):
+            term, count = float(vec[3 + 2 * i]), float(vec[4 + 2 * i])
+            out[f"train/{name}"] = term / count if count > 0 else float("nan")
+        if hard_labels:  # only when every batch reported top-1 hits (hard labels, classification)
+            out["train/top1"] = 100.0 * float(vec[1]) / n
+        if norms:
+            out["train/grad_norm"] = float(np.mean(norms))
+        return out
+
+    def _apply_step_warmup(self) -> None:
+        """``warmup_steps``: scale the scheduled lr by 0.1 -> 1 linearly over the first optimizer steps (see
+        :func:`~ckakd.train.engine.schedule.apply_step_warmup`)."""
+        apply_step_warmup(self.optimizer, self.scheduler, self._global_step, self.settings.warmup_steps)
+
+    def _check_finite(self, vals: Tensor, names: list[str], epoch: int, step: int) -> None:
+        bad_local = [n for n, v in zip(names, vals.tolist(), strict=True) if not math.isfinite(v)]
+        n_bad = len(bad_local)
+        if self.distributed:
+            flag = torch.tensor([float(n_bad)], dtype=torch.float64, device=collective_device(self.device))
+            n_bad = int(dist.all_reduce_sum(flag).item())
+        if n_bad == 0:
+            return
+        terms = ", ".join(f"{n}={v}" for n, v in zip(names, vals.tolist(), strict=True) if not math.isfinite(v))
+        where = f" on rank {self.rank}" if self.distributed else ""
+        detail = f"non-finite terms{where}: {terms}" if bad_local else f"non-finite loss on another rank ({n_bad})"
+        done = len(self.history)
+        kept = f"{self.out_dir / 'latest.pt'} holds the last good epoch ({done})" if done else "no epoch completed"
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {epoch + 1}, step {step + 1} (global step {self._global_step + 1}): {detail}; "
+            f"training stopped, {kept}"
+        )
+
+    def fit(self) -> dict:
+        """Run the remaining epochs; returns ``metric`` (the task's), ``best_value``, ``best_epoch``, ``final_val``
+        (the last epoch's ``val/*`` values, keys without the prefix), ``final_train_loss``, ``epochs_run``,
+        ``epochs_completed``, ``train_time_s`` (over all epochs, resumed ones included), ``cka`` (last values),
+        ``out_dir``; classification also ``best_top1``, ``final_top1``, ``final_top5``, ``final_val_loss``."""
+        s = self.settings
+        check_output_paths(self.out_dir)  # on every rank: all of them stop, before any training
+        if self.is_main:
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(self.out_dir, exc) from exc
+        if s.resume:
+            self._resume()
+        elif self.is_main and (self.out_dir / "latest.pt").exists():
+            self._log(f"{self.out_dir / 'latest.pt'} exists and resume=False: starting over", logging.WARNING)
+        self._write_metrics_files(rewrite=True)
+        epochs_run = 0
+        try:
+            for epoch in range(self.start_epoch, s.epochs):
+                self._run_epoch(epoch)
+                epochs_run += 1
+        except BaseException:
+            if self._pending is not None:  # the last good epoch was not in latest.pt yet
+                self._write("latest.pt", self._pending)
+                self._pending = None
+            raise
+        finally:
+            if self._tb is not None:
+                self._tb.flush()
+        if self._pending is not None:
+            self._write("latest.pt", self._pending)
+            self._pending = None
+        self._plot()
+        if self._tb is not None:
+            self._tb.close()
+        for cb in self.callbacks:
+            hook = getattr(cb, "on_fit_end", None)
+            if callable(hook):
+                hook(self)
+        last = self.history[-1] if self.history else {}
+        result: dict[str, Any] = {
+            "metric": self.task.metric,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "final_val": {k[4:]: v for k, v in last.items() if k.startswith("val/")},
+            "final_train_loss": last.get("train/loss"),
+            "epochs_run": epochs_run,
+            "epochs_completed": len(self.history),
+            "train_time_s": float(sum(r.get("epoch_time_s", 0.0) for r in self.history)),
+            "cka": {k: v for k, v in last.items() if k.startswith("cka/")},
+            "out_dir": str(self.out_dir),
+        }
+        if self.task.metric == "top1":
+            result.update(
+                best_top1=self.best_value,
+                final_top1=last.get("val/top1"),
+                final_top5=last.get("val/top5"),
+                final_val_loss=last.get("val/loss"),
+            )
+        if self._owns_group:
+            dist.barrier()
+            dist.cleanup()
+        return result
+
+    def _run_epoch(self, epoch: int) -> None:
+        s = self.settings
+        t0 = time.perf_counter()
+        self.epoch = epoch
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        train = self._train_epoch(epoch)
+        if self.distributed:
+            dist.broadcast_buffers(self.model)  # rank 0's BatchNorm statistics everywhere
+        last_epoch = epoch + 1 == s.epochs
+        val: dict | None = None
+        if self.val_loader is not None and ((epoch + 1) % s.eval_every == 0 or last_epoch):
+            val = self.task.evaluate(self.model, self.val_loader, self.device, amp=s.amp, amp_dtype=s.amp_dtype)
+        cka = self.measure_cka()
+        self.scheduler.step()
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **train}
+        if val is not None:
+            row.update({f"val/{k}": v for k, v in val.items()})
+        row.update(cka)
+        extra = self._run_epoch_callbacks(epoch, row)
+        row.update(extra)
+        row["epoch_time_s"] = time.perf_counter() - t0
+        self.history.append(row)
+        score = None if val is None else val.get(self.task.metric)
+        improved = score is not None and (self.best_value is None or score > self.best_value)
+        if improved:
+            self.best_value, self.best_epoch = float(score), epoch + 1
+        save_now = (epoch + 1) % s.save_every == 0 or last_epoch
+        if improved or save_now or s.save_every > 1:
+            payload = self._payload()
+            if improved:
+                self._write("best.pt", payload)
+            if save_now:
+                self._write("latest.pt", payload)
+                self._pending = None
+            elif self.is_main:
+                self._pending = clone_cpu(payload)
+        self._write_metrics_files(rewrite=False)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, int | float):
+                    self._tb.add_scalar(k, v, epoch + 1)
+        msg = f"epoch {epoch + 1}/{s.epochs}  lr {lr:.4g}  loss {train['train/loss']:.4f}"
+        if score is not None:
+            msg += f"  val {self.task.metric} {score:.2f}"
+        msg += "".join(f"  {k} {v:.3f}" for k, v in cka.items())
+        msg += "".join(f"  {k} {v:.4g}" for k, v in extra.items() if v is not None)
+        msg += f"  ({row['epoch_time_s']:.1f}s)"
+        self._log(msg)
+
+    def _run_epoch_callbacks(self, epoch: int, row: dict[str, Any]) -> dict[str, float | None]:
+        """Call every callback's ``on_epoch_end``; their merged, checked values (see :class:`TrainerCallback`)."""
+        return run_epoch_callbacks(self.callbacks, self, epoch, row)
