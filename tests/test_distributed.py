@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,12 +183,25 @@ def _rows(path: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
 
 
+def _dead_within(pid: int, timeout: float) -> bool:
+    """True once ``pid`` has exited (gone, or a zombie awaiting its parent) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if "zombie" in Path(f"/proc/{pid}/status").read_text():
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 def test_ddp_sigkill_then_resume_is_bitwise_identical(tmp_path):
     """2 gloo processes killed with SIGKILL inside epoch 2, then resumed with --resume: the same weights and metrics
     as an uninterrupted 2-process run (deterministic mode); rank 0 alone writes, every rank reads latest.pt; a resume
     with another number of processes is refused before it trains."""
     import signal
-    import time
 
     full, killed = tmp_path / "full", tmp_path / "killed"
     logs = {name: tmp_path / f"io_{name}" for name in ("full", "killed", "resumed")}
@@ -214,8 +228,8 @@ def test_ddp_sigkill_then_resume_is_bitwise_identical(tmp_path):
         os.killpg(slow.pid, signal.SIGKILL)
     finally:
         slow.wait(timeout=30)
-    for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
+    for pid in pids:  # SIGKILL is delivered asynchronously: on a loaded machine death can take a moment
+        assert _dead_within(pid, 30.0), f"worker {pid} still running 30 s after SIGKILL"
     assert slow.returncode == -signal.SIGKILL and position is not None and position[0] == 1, position
     ckpt_path = killed / "latest.pt"
     ckpt = load_checkpoint(ckpt_path)
