@@ -1,4 +1,4 @@
-"""Tests of the Triton Gram and Frobenius-sum kernels (``ckakd.kernels.gram``, ``.hsic``) against float64 formulas.
+"""Tests of the Triton Gram and Frobenius-sum kernels (``ckakd.kernels.gram``, ``.frobenius``) against float64 formulas.
 
 Without CUDA they run under the Triton CPU interpreter (``TRITON_INTERPRET=1``, set by conftest), so
 shapes are small; on a CUDA machine a missing Triton or kernels package fails this module (conftest's
@@ -18,7 +18,7 @@ from tests.kernel_helpers import LOW, _assert_close, _randn, _ref_dots, _ref_gra
 
 kernels = require_kernels()
 gram_mod = importlib.import_module("ckakd.kernels.gram")
-hsic_mod = importlib.import_module("ckakd.kernels.hsic")
+frobenius_mod = importlib.import_module("ckakd.kernels.frobenius")
 _launch = importlib.import_module("ckakd.kernels._launch")
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,10 +273,10 @@ def test_column_mean_each_candidate(triton_device, poisoned_empty, monkeypatch, 
     torch.testing.assert_close(mean.double(), mean_ref, atol=1.2e-4, rtol=0)  # ~2 ulp of 1000 in fp32
 
 
-@pytest.mark.parametrize("index", range(len(hsic_mod.FROBENIUS_CONFIGS)))
+@pytest.mark.parametrize("index", range(len(frobenius_mod.FROBENIUS_CONFIGS)))
 def test_frobenius_dots_each_candidate(triton_device, poisoned_empty, monkeypatch, index):
-    config = hsic_mod.FROBENIUS_CONFIGS[index]
-    monkeypatch.setattr(hsic_mod, "FROBENIUS_CONFIGS", [config])
+    config = frobenius_mod.FROBENIUS_CONFIGS[index]
+    monkeypatch.setattr(frobenius_mod, "FROBENIUS_CONFIGS", [config])
     k = _randn((3, 90, 90), triton_device)
     l = _randn((3, 90, 90), triton_device) + 0.5 * k
     for num_blocks in (None, 2):
@@ -407,7 +407,7 @@ def test_huge_shapes_launch_within_grid_limits(monkeypatch, kind, shape, kwargs,
     recording) has a grid inside CUDA's limits and arguments that cover the problem; with the SM count of
     an H200 the split heuristics are active too."""
     monkeypatch.setattr(gram_mod, "num_sms", lambda device: sms)
-    monkeypatch.setattr(hsic_mod, "num_sms", lambda device: sms)
+    monkeypatch.setattr(frobenius_mod, "num_sms", lambda device: sms)
     launches = _record(lambda: _launch_huge(kind, shape, kwargs))
     expected = {"forward": "_gram_kernel", "backward": "_gram_backward_kernel", "dots": "_frobenius_dots_kernel"}
     assert expected[kind] in {name for name, *_ in launches}
