@@ -23,7 +23,7 @@ CUDA tensors). Both synchronize with the host once per convergence check (every 
 per iteration (see ``converged_potentials``). Accuracy does not depend on ε: a sample whose shifted matrix
 product loses accuracy to underflow is detected and moved to an exact log-sum-exp.
 
-A cost that requires grad: the fixed mode's backward then also returns ∂/∂K, ∂/∂(K∘C) (``fixed_backward_full``,
+A cost that requires grad: the fixed mode's backward then also returns ∂/∂K, ∂/∂(K∘C) (``fixed_backward_torch``,
 torch ops for every backend) and autograd carries them to the cost; the fixed mode warns once per ε and dtype
 when K = exp(−C/ε) underflows (``warn_if_kernel_underflows``).
 """
@@ -82,30 +82,11 @@ def fixed_backward_torch(
     b_hist: Tensor,
     w: Tensor,
     need_q: bool = True,
-):
-    """Reverse mode through the unrolled iterations; w = v_T KCᵀ from the forward. grad (B,) -> (grad_p, grad_q).
-
-    Without ``need_q`` the last step stops after grad_p (v̄₁ only feeds grad_q) and grad_q has shape (0,).
-    """
-    grad_p, grad_q, _, _ = fixed_backward_full(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, need_q, False)
-    return grad_p, grad_q
-
-
-def fixed_backward_full(
-    grad: Tensor,
-    p: Tensor,
-    q: Tensor,
-    K: Tensor,
-    KC: Tensor,
-    u_hist: Tensor,
-    v_hist: Tensor,
-    a_hist: Tensor,
-    b_hist: Tensor,
-    w: Tensor,
-    need_q: bool,
-    need_kernel: bool,
+    need_kernel: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """``fixed_backward_torch`` that with ``need_kernel`` also returns grad_K, grad_KC (C, C) (else None):
+    """Reverse mode through the unrolled iterations; w = v_T KCᵀ from the forward. grad (B,) -> (grad_p, grad_q,
+    grad_K, grad_KC). Without ``need_q`` the last step stops after grad_p (v̄₁ only feeds grad_q) and grad_q has
+    shape (0,). With ``need_kernel`` it also returns grad_K, grad_KC (C, C) (else None):
     ∂/∂KC = (g∘u_T)ᵀ v_T; each a_t = u_{t−1} K + δ adds u_{t−1}ᵀ ā_t and each b_t = v_t Kᵀ + δ adds b̄_tᵀ v_t to ∂/∂K.
     (The cost's gradient follows by autograd through K = exp(−C/ε), K∘C.)"""
     iters = v_hist.shape[0]
@@ -179,7 +160,7 @@ def sinkhorn_fixed_grad(
 ) -> tuple[Tensor, Tensor]:
     record_dispatch("sinkhorn_fixed_backward", backend)
     if backend == "torch":
-        return fixed_backward_torch(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, need_q)
+        return fixed_backward_torch(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, need_q)[:2]
     gp, gq = _ext_ops().sinkhorn_fixed_backward(grad, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, need_q)
     return gp, gq
 
@@ -204,7 +185,7 @@ def _fixed_backward(ctx, grad_cost, *unused):
     p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w = ctx.saved_tensors
     need_q = ctx.needs_input_grad[1]  # the teacher's histogram usually needs none: one product fewer
     if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:  # a cost that requires grad: torch ops, any backend
-        gp, gq, gk, gkc = fixed_backward_full(
+        gp, gq, gk, gkc = fixed_backward_torch(
             grad_cost.contiguous(), p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, need_q, True
         )
         return gp, (gq if need_q else None), gk, gkc, None, None, None
