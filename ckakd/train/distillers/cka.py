@@ -89,8 +89,7 @@ class LCKA(Distiller):
         z_s = logits_s
         if self.global_batch:
             z_s, z_t = gather_batch(z_s), gather_batch(z_t)
-        parts = lcka_loss(z_s, z_t, beta=self.beta, mode=self.mode, return_parts=True, **self.logit_options)
-        return {"lcka": self.beta * (parts["intra_lcka"] + parts["inter_lcka"])}
+        return {"lcka": lcka_loss(z_s, z_t, beta=self.beta, mode=self.mode, **self.logit_options)}
 
 
 @register_distiller("rcka")
