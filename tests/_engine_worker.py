@@ -57,6 +57,24 @@ class SlowKD(KD):
         return super().forward_train(x, y)
 
 
+def wait_for_progress(out_dir: Path, proc, timeout: float, target: tuple[int, int] = (1, 2)) -> tuple[int, int] | None:
+    """Poll ``out_dir/progress.txt`` (written by a slowed worker, see ``CKAKD_WORKER_SLEEP``) until the worker has
+    reached (epoch index, batch) ``target`` with a ``latest.pt`` on disk, ``proc`` (a Popen) ended, or ``timeout``
+    seconds passed; the last position read (None if none)."""
+    position = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        prog = out_dir / "progress.txt"
+        if prog.exists() and (out_dir / "latest.pt").exists():
+            text = prog.read_text().split()
+            if len(text) == 2:
+                position = (int(text[0]), int(text[1]))
+                if position >= target:
+                    break
+        time.sleep(0.02)
+    return position
+
+
 def log_io(folder: Path) -> None:
     """Record the trainer's file writes and checkpoint reads of this rank in ``folder/io_rank<r>.txt``."""
     rank = os.environ.get("RANK", "0")

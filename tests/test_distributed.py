@@ -16,6 +16,7 @@ import torch.nn as nn
 import ckakd
 from ckakd.train import distributed as dist
 from ckakd.train.engine import load_checkpoint
+from tests._engine_worker import wait_for_progress
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_ddp_worker.py")
@@ -211,16 +212,7 @@ def test_ddp_sigkill_then_resume_is_bitwise_identical(tmp_path):
     slow = _torchrun(killed, env=_torchrun_env(CKAKD_WORKER_SLEEP="0.15", CKAKD_WORKER_IO_LOG=str(logs["killed"])))
     position, pids = None, []
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and slow.poll() is None:
-            prog = killed / "progress.txt"
-            if prog.exists() and (killed / "latest.pt").exists():
-                text = prog.read_text().split()
-                if len(text) == 2:
-                    position = tuple(int(v) for v in text)
-                    if position >= (1, 2):  # inside epoch 2 (0-based 1), two batches done
-                        break
-            time.sleep(0.02)
+        position = wait_for_progress(killed, slow, 180)  # inside epoch 2 (0-based 1), two batches done
         assert slow.poll() is None, f"torchrun ended early:\n{slow.stdout.read().decode()[-3000:]}"
         pids = [int((logs["killed"] / f"pid_rank{r}.txt").read_text()) for r in range(WORLD)]
         for pid in pids:  # torchrun starts each worker in a session of its own

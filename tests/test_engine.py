@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +33,7 @@ from ckakd.train.engine import (
     save_checkpoint,
     seed_everything,
 )
+from tests._engine_worker import wait_for_progress
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_engine_worker.py")
@@ -519,18 +519,8 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
         cwd=REPO,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 120
-    position = None
     try:
-        while time.monotonic() < deadline and slow.poll() is None:
-            prog = killed / "progress.txt"
-            if prog.exists() and (killed / "latest.pt").exists():
-                text = prog.read_text().split()
-                if len(text) == 2:
-                    position = tuple(int(v) for v in text)
-                    if position >= (1, 2):  # inside epoch 2 (0-based 1), two batches done
-                        break
-            time.sleep(0.02)
+        position = wait_for_progress(killed, slow, 120)  # inside epoch 2 (0-based 1), two batches done
         assert slow.poll() is None, f"worker ended early: {slow.stderr.read().decode()[-2000:]}"
         os.kill(slow.pid, signal.SIGKILL)
     finally:
