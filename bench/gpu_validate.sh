@@ -240,12 +240,12 @@ fi
 # ----------------------------------------------------------------------------------------------- stage 3, part 1
 # The Triton-only test files start now: they need no extension, and Triton compiles on the CPU during the build.
 TEST_RESERVE=$((DRY ? 60 : 230))   # what the stages after the tests need at least
-KERNEL_FILES=(tests/test_kernels.py tests/test_patch_cka_kernels.py tests/test_kernel_launch.py)
-OTHER_FILES=(tests/test_sinkhorn_ext.py tests/test_cka.py tests/test_patch_cka.py tests/test_fast_paths.py)
+KERNEL_FILES=(tests/ops/test_gram_kernels.py tests/ops/test_patch_alignment_stats_kernels.py tests/ops/test_kernel_launch.py)
+OTHER_FILES=(tests/ops/test_sinkhorn_ext.py tests/losses/test_cka.py tests/losses/test_patch_cka.py tests/ops/test_fast_paths.py)
 PYTEST_MARK=(-m "not slow")   # the slow JIT-fallback test rebuilds the whole extension (minutes with nvcc)
 if ((DRY)); then
-  KERNEL_FILES=(tests/test_kernel_launch.py tests/test_kernels.py)
-  OTHER_FILES=(tests/test_sinkhorn_ext.py tests/test_patch_cka.py)
+  KERNEL_FILES=(tests/ops/test_kernel_launch.py tests/ops/test_gram_kernels.py)
+  OTHER_FILES=(tests/ops/test_sinkhorn_ext.py tests/losses/test_patch_cka.py)
   DRY_K_A="grid_limits or empty_grid or 1x7x37 or bad_input"
   DRY_K_B="schemas or status_and_has_cuda or 1x2 or bad_inputs"
 fi
@@ -254,7 +254,7 @@ mapfile -t KERNEL_FILES < <(existing "${KERNEL_FILES[@]}")
 mapfile -t OTHER_FILES < <(existing "${OTHER_FILES[@]}")
 GPU_MARKED=()  # files with gpu-marked tests beyond those: only their -m gpu tests (GPU runs only)
 if ((!DRY)); then
-  mapfile -t GPU_MARKED < <(grep -l "mark.gpu" tests/test_*.py 2>/dev/null \
+  mapfile -t GPU_MARKED < <(grep -rl --include="test_*.py" "mark.gpu" tests 2>/dev/null | sort \
     | grep -v -x -F -f <(printf '%s\n' "${KERNEL_FILES[@]}" "${OTHER_FILES[@]}"))
 fi
 SAVED_SHARDS=$SHARDS

@@ -9,7 +9,7 @@ import ckakd
 from ckakd import reference as R
 from ckakd.ops import track_dispatch
 from ckakd.ops.patch import from_problems, to_problems
-from tests.test_cka import _close, _grads
+from tests.losses.test_cka import _close, _grads
 
 REDUCTIONS = ["channel", "batch", "spatial"]
 # (shape, patch): aligned; odd sizes that need resizing (10x9 -> 9x9 with 3x3 patches).
