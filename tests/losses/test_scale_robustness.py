@@ -6,7 +6,7 @@ features (gradients: the reference gradient / scale). ``hsic`` and ``centered_gr
 they must be right wherever the true value is representable in the output dtype and ±inf (never NaN)
 where it overflows. Both backends run (Triton under the interpreter on the CPU).
 
-``TRITON_INTERPRET=1 python -m tests.test_scale_robustness`` prints the relative errors per function and
+``TRITON_INTERPRET=1 python -m tests.losses.test_scale_robustness`` prints the relative errors per function and
 scale (with ``PYTHONPATH=<an older checkout>``, run there, it measures that checkout).
 """
 
