@@ -117,6 +117,7 @@ def main() -> None:
             "ckakd",
             "ckakd.ops",
             "ckakd.diagnostics",
+            "ckakd.reference",
             "ckakd.train",
             "ckakd.train.distillers",
             "ckakd.train.engine",
