@@ -41,10 +41,12 @@ _EXPORTS: dict[str, str] = {
         "models",
     ),
     **dict.fromkeys(("DetectionTask",), "task"),
-    **dict.fromkeys(("DetectionDistiller", "evaluate_detector", "train_detector"), "trainer"),
+    **dict.fromkeys(("DISTILL_METHODS", "DetectionDistiller"), "distillers"),
+    **dict.fromkeys(("evaluate_detector", "train_detector"), "trainer"),
 }
 
 __all__ = [
+    "DISTILL_METHODS",
     "DetectionDistiller",
     "DetectionTask",
     "TorchvisionDetector",
@@ -84,6 +86,7 @@ _SUBMODULES = frozenset(
         "data",
         "demo",
         "distill",
+        "distillers",
         "evaluation",
         "models",
         "runner",

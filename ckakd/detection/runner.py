@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
+from ckakd.detection.distillers import DISTILL_METHODS, DetectionDistiller
 from ckakd.train.config import DetectionConfig
 from ckakd.train.engine import Trainer, seed_everything
 from ckakd.train.fileio import OutputError
@@ -191,9 +192,8 @@ def build_teacher_detector(cfg: DetectionConfig, num_classes: int) -> nn.Module:
 
 
 def build_detection_distiller(cfg: DetectionConfig, student: nn.Module, teacher: nn.Module, num_classes: int) -> Any:
-    """``DetectionDistiller(student, teacher, method=distiller.name, cost=<WKD-L cost>, **distiller.kwargs)``."""
-    from ckakd.detection.trainer import DISTILL_METHODS, DetectionDistiller
-
+    """``DetectionDistiller(student, teacher, method=distiller.name, cost=<WKD-L cost>, **distiller.kwargs)``: the
+    method registered as ``distiller.name`` in the detection distiller registry (:mod:`ckakd.detection.distillers`)."""
     method = cfg.distiller.name
     if method not in DISTILL_METHODS:
         raise ConfigError(f"distiller.name={method!r}: choose one of {', '.join(DISTILL_METHODS)}")

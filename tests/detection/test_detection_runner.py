@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckakd import cli
+from ckakd.apps import cli
 from ckakd.detection import runner
 from ckakd.detection.trainer import DetectionDistiller
 from ckakd.interrelation import save_interrelation
@@ -261,7 +261,7 @@ def test_synthetic_configs_are_the_demo_settings():
     import inspect
     import math
 
-    from ckakd.detection.demo import run_detect_demo
+    from ckakd.apps.detect_demo import run_detect_demo
 
     d = {k: v.default for k, v in inspect.signature(run_detect_demo).parameters.items()}
     teacher, student = load_config("detection/retinanet_teacher"), load_config("detection/retinanet_student")

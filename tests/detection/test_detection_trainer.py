@@ -127,7 +127,7 @@ def test_non_finite_loss_raises(tmp_path):
 
 
 def test_detect_demo_tiny_writes_results(tmp_path):
-    from ckakd.detection.demo import run_detect_demo
+    from ckakd.apps.detect_demo import run_detect_demo
 
     res = run_detect_demo(
         epochs=1,
