@@ -119,6 +119,7 @@ def main() -> None:
             "ckakd.diagnostics",
             "ckakd.reference",
             "ckakd.train",
+            "ckakd.train.data",
             "ckakd.train.distillers",
             "ckakd.train.engine",
             "ckakd.train.models",

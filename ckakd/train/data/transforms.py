@@ -1,172 +1,17 @@
-"""Datasets, tensor augmentations and loaders for the reference trainer.
-
-Everything works on float image tensors of shape (C, H, W) with values in [0, 1]; nothing here
-downloads anything or depends on torchvision.
-"""
+"""Tensor augmentations: every transform is called as ``t(x (C, H, W), generator=None) -> (C, H', W')``
+(those without randomness as ``t(x)``); :func:`call_transform` passes the generator to those that take it."""
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
-import pickle
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-
-__all__ = [
-    "Cifar100Dataset",
-    "CenterCrop",
-    "Compose",
-    "Cutout",
-    "ImageFolderDataset",
-    "MultiView",
-    "RandAugmentLite",
-    "RandomCropFlip",
-    "RandomResizedCrop",
-    "Resize",
-    "Normalize",
-    "load_digits_dataset",
-    "make_loader",
-    "strong_augment",
-    "weak_augment",
-]
 
 Transform = Callable[..., Tensor]
-
-
-# --------------------------------------------------------------------------------------------
-# Datasets
-# --------------------------------------------------------------------------------------------
-
-
-def load_digits_dataset(split: str = "train", val_fraction: float = 0.25, seed: int = 0) -> TensorDataset:
-    """scikit-learn's bundled digits as ``TensorDataset(images (N, 1, 8, 8) float in [0, 1], labels (N,) long)``.
-
-    The split is stratified per class with a fixed seed, so it is deterministic and the train and
-    val parts are disjoint and together cover all 1,797 images.
-    """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.as_tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # (N, 1, 8, 8)
-    labels = torch.as_tensor(digits.target, dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
-    val_idx: list[Tensor] = []
-    train_idx: list[Tensor] = []
-    for c in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == c, as_tuple=False).flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=gen)]
-        n_val = int(round(val_fraction * idx.numel()))
-        val_idx.append(idx[:n_val])
-        train_idx.append(idx[n_val:])
-    chosen = torch.sort(torch.cat(train_idx if split == "train" else val_idx)).values
-    return TensorDataset(images[chosen].contiguous(), labels[chosen].contiguous())
-
-
-class Cifar100Dataset(Dataset):
-    """CIFAR-100 from the standard python-pickle folder ``root/cifar-100-python/{train,test}``.
-
-    Items are ``(image (3, 32, 32) float in [0, 1], fine label int)``; ``transform`` is applied to the
-    float tensor. ``root`` may also point at the ``cifar-100-python`` folder itself. Never downloads.
-    """
-
-    base_folder = "cifar-100-python"
-
-    def __init__(self, root: str | Path, train: bool = True, transform: Transform | None = None) -> None:
-        root = Path(root)
-        folder = root if root.name == self.base_folder else root / self.base_folder
-        path = folder / ("train" if train else "test")
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"CIFAR-100 file not found: expected {path} (the python-pickle release extracted under {root}); "
-                "this loader never downloads"
-            )
-        with open(path, "rb") as f:
-            entry: dict[bytes, Any] = pickle.load(f, encoding="bytes")
-        data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        self.data = torch.from_numpy(data.copy())  # (N, 3, 32, 32) uint8
-        self.targets: list[int] = [int(t) for t in entry[b"fine_labels"]]
-        if len(self.targets) != self.data.shape[0]:
-            raise ValueError(f"{path}: {self.data.shape[0]} images but {len(self.targets)} labels")
-        self.classes: list[str] = []
-        meta = folder / "meta"
-        if meta.is_file():
-            with open(meta, "rb") as f:
-                names = pickle.load(f, encoding="bytes").get(b"fine_label_names", [])
-            self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return self.data.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        x = self.data[index].float().div_(255.0)
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, self.targets[index]
-
-
-class ImageFolderDataset(Dataset):
-    """Class-per-subfolder images (``root/<class>/**/<file>``) loaded with PIL.
-
-    Class names are sorted and mapped to indices 0..K-1. Items are ``(image (C, H, W) float in
-    [0, 1], class index)``, with C = 3 for ``mode="RGB"`` (default) or 1 for ``mode="L"``.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        transform: Transform | None = None,
-        extensions: Sequence[str] = (".png", ".jpg", ".jpeg"),
-        mode: str = "RGB",
-    ) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
-        exts = tuple(e.lower() for e in extensions)
-        self.classes: list[str] = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        self.class_to_idx: dict[str, int] = {c: i for i, c in enumerate(self.classes)}
-        self.samples: list[tuple[Path, int]] = []
-        for c in self.classes:
-            files = sorted(p for p in (self.root / c).rglob("*") if p.is_file() and p.suffix.lower() in exts)
-            self.samples.extend((p, self.class_to_idx[c]) for p in files)
-        if not self.samples:
-            raise ValueError(f"no images with extensions {exts} found in class subfolders of {self.root}")
-        self.targets: list[int] = [t for _, t in self.samples]
-        self.transform = transform
-        self.mode = mode
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        from PIL import Image
-
-        path, target = self.samples[index]
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert(self.mode), dtype=np.uint8)
-        x = torch.from_numpy(arr.copy())
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-        x = x.float().div_(255.0)
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, target
-
-
-# --------------------------------------------------------------------------------------------
-# Tensor augmentations: every transform is called as t(x (C, H, W), generator=None) -> (C, H', W')
-# --------------------------------------------------------------------------------------------
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -441,7 +286,7 @@ class Compose:
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         for t in self.transforms:
-            x = _call_transform(t, x, generator)
+            x = call_transform(t, x, generator)
         return x
 
 
@@ -501,14 +346,15 @@ class MultiView:
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for name, t in self.views.items():
-            out[name] = x if t is None else _call_transform(t, x, generator)
+            out[name] = x if t is None else call_transform(t, x, generator)
         return out
 
     def __repr__(self) -> str:
         return f"MultiView({self.views!r})"
 
 
-def _accepts_generator(t: Transform) -> bool:
+def accepts_generator(t: Transform) -> bool:
+    """Whether ``t`` takes a ``generator=`` keyword (the seeded transforms here, or any callable naming it)."""
     if isinstance(t, RandomCropFlip | Cutout | RandAugmentLite | Compose | RandomResizedCrop | MultiView):
         return True
     try:
@@ -518,103 +364,6 @@ def _accepts_generator(t: Transform) -> bool:
     return "generator" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _call_transform(t: Transform, x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return t(x, generator=generator) if _accepts_generator(t) else t(x)
-
-
-# --------------------------------------------------------------------------------------------
-# Loader
-# --------------------------------------------------------------------------------------------
-
-
-class _TransformCollate:
-    """Collate ``[(x (C, H, W), y), ...]`` into ``(X (B, C, H', W'), Y (B,))``, transforming each x first.
-
-    A transform returning a mapping (:class:`MultiView`) gives ``({name: (B, C, H', W')}, Y)`` instead.
-    Owns a generator seeded from ``seed`` so the augmentation stream is reproducible (per worker, the
-    worker's copy is re-seeded with its id in ``_worker_init``).
-    """
-
-    def __init__(self, transform: Transform | None, seed: int) -> None:
-        self.transform = transform
-        self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, batch: list[tuple[Any, Any]]) -> tuple[Tensor | dict[str, Tensor], Tensor]:
-        xs: list[Any] = []
-        ys = []
-        for x, y in batch:
-            x = torch.as_tensor(x)
-            if self.transform is not None:
-                x = _call_transform(self.transform, x, self.generator)
-            xs.append(x)
-            ys.append(torch.as_tensor(y))
-        return _stack(xs), torch.stack(ys).long()
-
-
-def _stack(xs: list[Any]) -> Tensor | dict[str, Tensor]:
-    """Stack per-sample tensors, or per-sample ``{view: tensor}`` mappings view by view."""
-    if not xs or not isinstance(xs[0], Mapping):
-        return torch.stack(xs)
-    names = list(xs[0])
-    for i, x in enumerate(xs):
-        if not isinstance(x, Mapping) or list(x) != names:
-            got = list(x) if isinstance(x, Mapping) else type(x).__name__
-            raise ValueError(f"multi-view collate: sample {i} has views {got}, sample 0 has {names}")
-    out = {}
-    for name in names:
-        try:
-            out[name] = torch.stack([x[name] for x in xs])
-        except RuntimeError as exc:
-            shapes = sorted({tuple(x[name].shape) for x in xs})
-            raise ValueError(f"multi-view collate: view {name!r} has different shapes in one batch: {shapes}") from exc
-    return out
-
-
-def _worker_init(collate: _TransformCollate, worker_id: int) -> None:
-    """Re-seed the worker's copy of the collate generator (picklable via ``functools.partial``)."""
-    collate.generator.manual_seed(collate.seed + 1_000_003 * (worker_id + 1))
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    num_workers: int = 0,
-    drop_last: bool = False,
-    transform: Transform | None = None,
-) -> DataLoader:
-    """DataLoader with a seeded shuffling generator and a collate applying ``transform`` per sample.
-
-    Yields ``(X (B, C, H, W) float, Y (B,) long)``; with ``transform=MultiView({...})`` X is a
-    ``dict[str, Tensor]`` with one (B, C, H, W) entry per view. Two loaders built with the same arguments
-    yield the same batches (order and augmentations), for ``num_workers=0`` and for fixed ``num_workers > 0``.
-    """
-    return seeded_loader(
-        dataset, batch_size, shuffle, seed, _TransformCollate(transform, seed + 1), num_workers, drop_last
-    )
-
-
-def seeded_loader(
-    dataset: Dataset,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    collate: Any,
-    num_workers: int = 0,
-    drop_last: bool = False,
-) -> DataLoader:
-    """DataLoader whose shuffling draws from ``loader.generator`` (seeded with ``seed``) and whose ``collate``
-    (an object with ``.generator`` and ``.seed``, e.g. a transform-applying collate) is re-seeded per worker.
-    The trainer reseeds both per epoch, which makes runs and resumes reproducible."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=functools.partial(_worker_init, collate) if num_workers > 0 else None,
-    )
+def call_transform(t: Transform, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``t(x, generator=generator)`` when ``t`` takes a generator, else ``t(x)``: (C, H, W) -> ``t``'s output."""
+    return t(x, generator=generator) if accepts_generator(t) else t(x)
