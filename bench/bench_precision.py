@@ -1,6 +1,6 @@
 """Speed and accuracy of the Gram kernels' ``tl.dot`` input precisions: ``ieee``, ``tf32x3``, ``tf32``.
 
-For each shape ``(n, d)`` (the GPU shapes of ``bench_centered_gram`` / ``bench_cka``) and each precision,
+For each shape ``(n, d)`` (the GPU shapes of ``bench_centered_gram`` / ``bench_alignment_stats``) and each precision,
 times ``ckakd.kernels.gram_forward`` + ``gram_backward`` — the Triton work of ``centered_gram``'s forward
 and backward — with ``triton.testing.do_bench``, and reports the relative Frobenius error of the Gram
 ``K = Xc Xcᵀ`` and of the backward product ``M Xc`` against float64 references computed from the same

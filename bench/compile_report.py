@@ -18,15 +18,15 @@ How it works
    what they choose on the GPU.
 3. The shapes (``--sweep``, default all three):
    ``tests``: the literal shapes of the kernel test files (``tests/ops/test_gram_kernels.py``,
-   ``tests/ops/test_patch_alignment_stats_kernels.py``, read with ``ast``), each with the patch sizes, reduces, centers,
-   dtypes, ``need_*`` pairs and launcher keywords (``split_k=3``, ``block_d=16`` ...) of its own test function,
-   patch inputs in the tests' layouts; ``bench``: the ``CASES`` / ``SHAPES`` of every ``bench/bench_*.py``
-   as its op calls the launchers (``cka``, ``centered_gram``, ``precision``, ``patch_cka``), in
-   fp32/fp16/bf16; ``tables``: a sweep that reaches every candidate of every launch table -- Gram sizes in
-   every bucket (n = 7, 24, 48, 200; fp32 centered and not, bf16 centered, each at every dot precision; fp16
-   centered) and, for patch CKA, every ``P_PAD`` (16 ... ``MAX_PATCHES``) x ``reduce`` x ``center`` in fp32
-   (backward with both gradients; student-only when centered; teacher-only for channel), fp16/bf16 centered
-   for channel and spatial. That is a covering design, not the full cross product (which compiles ~4x
+   ``tests/ops/test_patch_alignment_stats_kernels.py``, read with ``ast``), each with the patch sizes, reduces,
+   centers, dtypes, ``need_*`` pairs and launcher keywords (``split_k=3``, ``block_d=16`` ...) of its own test
+   function, patch inputs in the tests' layouts; ``bench``: the ``CASES`` / ``SHAPES`` of every ``bench/bench_*.py``
+   as its op calls the launchers (``alignment_stats``, ``centered_gram``, ``precision``, ``patch_alignment_stats``),
+   in fp32/fp16/bf16; ``tables``: a sweep that reaches every candidate of every launch table -- Gram sizes in every
+   bucket (n = 7, 24, 48, 200; fp32 centered and not, bf16 centered, each at every dot precision; fp16 centered) and,
+   for patch CKA, every ``P_PAD`` (16 ... ``MAX_PATCHES``) x ``reduce`` x ``center`` in fp32 (backward with both
+   gradients; student-only when centered; teacher-only for channel), fp16/bf16 centered for channel and spatial. That
+   is a covering design, not the full cross product (which compiles ~4x
    longer for variants that differ only in their load instructions); ``tests/test_compile_report.py``
    checks that it reaches every table entry, every ``P_PAD`` / ``reduce`` / ``center`` / ``need_*`` and
    every input dtype.
@@ -793,7 +793,7 @@ class Sweep:
             src = f"bench:{op}"
             cases = dict(getattr(mod, "CASES", None) or getattr(mod, "SHAPES", {}))
             for dtype, dims in itertools.product(DTYPES, cases.values()):
-                if op == "cka":  # ckakd.cka(x (n, dx), y (n, dy)): two Grams, one Frobenius sum, grad of x only
+                if op == "alignment_stats":  # ckakd.cka(x (n, dx), y (n, dy)): two Grams, one Frobenius sum, grad x
                     n, dx, dy = dims
                     out += self.gram_calls((1, n, dx), dtype, True, src)
                     out += self.gram_calls((1, n, dy), dtype, True, src, launchers=("gram_forward",))
@@ -804,7 +804,7 @@ class Sweep:
                 elif op == "precision":  # kernels.gram_forward / gram_backward at every dot precision
                     n, d = dims
                     out += self.gram_calls((1, n, d), dtype, True, src, strings=True)
-                elif op == "patch_cka":  # patch_cka_loss: resized to multiples of the patch, frozen teacher
+                elif op == "patch_alignment_stats":  # patch_cka_loss: resized to multiples of the patch, frozen teacher
                     patch = tuple(getattr(mod, "PATCH", (16, 16)))
                     resize = getattr(mod, "resized_hw", None)
                     b, c, h, w, *rest = dims

@@ -402,7 +402,7 @@ if want bench; then
   else
     quick=()
     (($(left) < 240)) && quick=(--quick) && NOTE[bench]="--quick presets (little time left)"
-    ops=(cka patch_cka centered_gram sinkhorn)
+    ops=(alignment_stats patch_alignment_stats centered_gram sinkhorn)
     n=${#ops[@]}
     later=10
     [[ -f bench/bench_precision.py ]] && later=50

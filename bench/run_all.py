@@ -1,22 +1,33 @@
-"""Run every ckakd benchmark (cka, centered_gram, patch_cka, sinkhorn) with the shared flags; one CSV, all tables.
+"""Run every ckakd benchmark (one per op) with the shared flags; one CSV, all tables.
+
+Ops: alignment_stats (timed through ``ckakd.cka``), centered_gram, patch_alignment_stats (through
+``ckakd.patch_cka_loss``), sinkhorn (through ``ckakd.wkd_logit_loss``).
 
 python bench/run_all.py --quick              # minutes on 2 CPU cores
 python bench/run_all.py --device cpu         # the CPU presets
 python bench/run_all.py --device cuda        # the GPU presets (default when CUDA is available)
-python bench/run_all.py --ops cka --shapes n256-d16k --providers ckakd,reference --modes full
+python bench/run_all.py --ops alignment_stats --shapes n256-d16k --providers ckakd,reference --modes full
 """
 
 from __future__ import annotations
 
 import sys
 
+import bench_alignment_stats
 import bench_centered_gram
-import bench_cka
-import bench_patch_cka
+import bench_patch_alignment_stats
 import bench_sinkhorn
 import common
 
-BENCHES = {b.op: b for b in (bench_cka.BENCH, bench_centered_gram.BENCH, bench_patch_cka.BENCH, bench_sinkhorn.BENCH)}
+BENCHES = {
+    b.op: b
+    for b in (
+        bench_alignment_stats.BENCH,
+        bench_centered_gram.BENCH,
+        bench_patch_alignment_stats.BENCH,
+        bench_sinkhorn.BENCH,
+    )
+}
 
 
 def main(argv: list[str] | None = None) -> int:

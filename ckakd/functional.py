@@ -23,10 +23,16 @@ from torch import Tensor
 from ckakd import _checks
 from ckakd.feature_kd import at_loss, fitnet_loss
 from ckakd.logit_kd import dist_loss, dkd_loss, kd_loss, lskd_loss, standardize_logits
-from ckakd.ops import _backend, _gram
-from ckakd.ops.alignment import MODES, alignment_stats
-from ckakd.ops.gram import centered_gram as _centered_gram_op
-from ckakd.ops.patch import PATCH_MIX_ORDER, REDUCTIONS, mix_reduction, patch_alignment_stats, problem_shape
+from ckakd.ops import _backend, _gram_primitives
+from ckakd.ops.alignment_stats import MODES, alignment_stats
+from ckakd.ops.centered_gram import centered_gram as _centered_gram_op
+from ckakd.ops.patch_alignment_stats import (
+    PATCH_MIX_ORDER,
+    REDUCTIONS,
+    mix_reduction,
+    patch_alignment_stats,
+    problem_shape,
+)
 
 __all__ = [
     "centered_gram",
@@ -82,7 +88,7 @@ def _batched_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, bool]:
 
 
 def _stats(x: Tensor, y: Tensor, mode: str, backend: str) -> tuple[Tensor, Tensor]:
-    """(stats (b, 3) fp64, exponents (b, 2)) of x·2^-e_x, y·2^-e_y (see ``ckakd.ops.alignment``)."""
+    """(stats (b, 3) fp64, exponents (b, 2)) of x·2^-e_x, y·2^-e_y (see ``ckakd.ops.alignment_stats``)."""
     backend = _backend.resolve(backend, x)
     out = alignment_stats(x, y, mode, backend)
     return out[0], out[5]
@@ -134,7 +140,7 @@ def hsic(x: Tensor, y: Tensor, *, mode: str = "biased", backend: str = "auto") -
     _checks.check_min_samples("x", x, n, mode)
     stats, exps = _stats(xb, yb, "centered" if mode == "biased" else "debiased", backend)
     scale = (n - 1) ** 2 if mode == "biased" else n * (n - 3)
-    value = (_gram.mul_pow2(stats[:, 0] / scale, 2 * (exps[:, 0] + exps[:, 1]))).to(_out_dtype(x, y))
+    value = (_gram_primitives.mul_pow2(stats[:, 0] / scale, 2 * (exps[:, 0] + exps[:, 1]))).to(_out_dtype(x, y))
     return value if batched else value[0]
 
 
@@ -341,7 +347,7 @@ def _row_normalized_cka(x: Tensor, y: Tensor, mode: str) -> Tensor:
         grams = []
         for f in (x.to(acc), y.to(acc)):
             # exact power-of-two rescaling (the value is scale-invariant): fp32 Grams stay in range at any scale
-            f = _gram.mul_pow2(f[None], -_gram.pow2_exponent(f[None]))[0]
+            f = _gram_primitives.mul_pow2(f[None], -_gram_primitives.pow2_exponent(f[None]))[0]
             if mode == "centered":
                 f = f - f.mean(0, keepdim=True)
             k = f @ f.T
@@ -504,8 +510,8 @@ def mmd_loss(x: FeaturePairs, y: FeaturePairs, *, backend: str = "auto") -> Tens
         stats, exps = _stats(xs.unsqueeze(0), ys.unsqueeze(0), "uncentered", backend)
         stats, exps = stats[0], exps[0]
         # sums of the rescaled rows x·2^-e_x (the op's stats are those of the rescaled features)
-        sum_x = xs.sum(0, dtype=torch.float64) * _gram.exp2(-exps[0], torch.float64)
-        sum_y = ys.sum(0, dtype=torch.float64) * _gram.exp2(-exps[1], torch.float64)
+        sum_x = xs.sum(0, dtype=torch.float64) * _gram_primitives.exp2(-exps[0], torch.float64)
+        sum_y = ys.sum(0, dtype=torch.float64) * _gram_primitives.exp2(-exps[1], torch.float64)
         # E_ij<x̂_i, x̂_j> = ‖Σ_i x_i‖² / (N² ‖X Xᵀ‖_F)
         mean_kx = sum_x.square().sum() / (n**2 * torch.sqrt(stats[1].clamp_min(torch.finfo(torch.float64).tiny)))
         mean_ky = sum_y.square().sum() / (n**2 * torch.sqrt(stats[2].clamp_min(torch.finfo(torch.float64).tiny)))

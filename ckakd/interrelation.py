@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ckakd import _checks
 from ckakd._fileio import atomic_write
-from ckakd.ops import _gram
+from ckakd.ops import _gram_primitives
 
 __all__ = [
     "KERNELS",
@@ -55,7 +55,7 @@ def _rescaled(x: Tensor) -> Tensor:
     """x (m, ...) with every x[i] divided by a power of two 2^e_i, max|x[i]| in [1/2, 1) (exact): the
     similarities below are invariant to it, and it keeps squares and products of fp32 features from
     overflowing (|x| ≳ 1e19) or underflowing into denormals (|x| ≲ 1e-19)."""
-    return _gram.mul_pow2(x, -_gram.pow2_exponent(x))
+    return _gram_primitives.mul_pow2(x, -_gram_primitives.pow2_exponent(x))
 
 
 def _normalized_rows(x: Tensor) -> Tensor:

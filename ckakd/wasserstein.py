@@ -1,107 +1,24 @@
 """Wasserstein distances between Gaussians and the WKD-F feature loss (continuous WD of Lv et al.,
 "Wasserstein Distance Rivals Kullback-Leibler Divergence for Knowledge Distillation", NeurIPS 2024).
 
-``sqrtm_psd``: differentiable square root of symmetric PSD matrices. ``gaussian_wasserstein``: squared
-2-Wasserstein distance between (batches of) Gaussians with diagonal or full covariances.
+``sqrtm_psd`` (defined in :mod:`ckakd.ops.sqrtm_psd`, re-exported here): differentiable square root of
+symmetric PSD matrices. ``gaussian_wasserstein``: squared 2-Wasserstein distance between (batches of)
+Gaussians with diagonal or full covariances.
 ``wkd_feature_loss``: WKD-F, per-channel Gaussians of feature maps over grid cells.
-
-Matrix square root: ``torch.linalg.eigh`` with the eigenvalues clamped at 0, and a custom backward
-that solves the Sylvester equation Y dY + dY Y = dA in the eigenbasis: dY' = dA' / (s_i + s_j),
-s = sqrt(eigenvalues). Unlike differentiating through ``eigh`` (whose backward divides by
-λ_i - λ_j), this is exact and finite for repeated eigenvalues; pairs with s_i + s_j = 0 (a null space,
-where the true derivative is infinite) get a zero gradient. Newton–Schulz was not chosen: it needs
-normalization, many iterations for ill-conditioned inputs, and does not converge on singular ones.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ckakd import _checks
+from ckakd.ops._gram_primitives import pow2_scale
+from ckakd.ops.sqrtm_psd import SqrtmPSD, sqrtm_psd
 
 __all__ = ["sqrtm_psd", "gaussian_wasserstein", "wkd_feature_loss"]
 
 COVARIANCES = ("diag", "full")
-
-
-class _SqrtmPSD(torch.autograd.Function):
-    """Forward and backward in the input's dtype (fp32 / fp64; callers cast) with autocast off.
-
-    Matrices with a NaN or infinite entry give an all-NaN root and an all-NaN gradient (``eigh`` would
-    raise on them); the others in the batch are unaffected.
-    """
-
-    @staticmethod
-    def forward(ctx, a: Tensor) -> Tensor:
-        with _checks.autocast_off(a):
-            a = (a + a.mT) / 2
-            bad = ~torch.isfinite(a).flatten(-2).all(-1)  # (...,)
-            has_bad = bool(bad.any())
-            if has_bad:
-                eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-                a = torch.where(bad[..., None, None], eye, a)
-            w, v = torch.linalg.eigh(a)
-            s = w.clamp_min(0).sqrt()
-            out = (v * s.unsqueeze(-2)) @ v.mT
-            if has_bad:
-                out = out.masked_fill(bad[..., None, None], float("nan"))
-        ctx.save_for_backward(v, s, bad)
-        ctx.has_bad = has_bad
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:
-        v, s, bad = ctx.saved_tensors
-        with _checks.autocast_off(grad):
-            grad = grad.to(v.dtype)
-            denom = s.unsqueeze(-1) + s.unsqueeze(-2)
-            # Treat s_i + s_j below rounding level of the largest root as 0 (pseudo-inverse): finite gradients.
-            tol = s.amax(-1, keepdim=True).unsqueeze(-1) * (s.shape[-1] * torch.finfo(s.dtype).eps)
-            ok = denom > tol
-            inv = torch.where(ok, 1.0 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(denom))
-            # The Sylvester operator is self-adjoint; symmetrizing follows from the forward's (A + Aᵀ)/2.
-            g = v.mT @ ((grad + grad.mT) / 2) @ v
-            out = v @ (g * inv) @ v.mT
-            if ctx.has_bad:
-                out = out.masked_fill(bad[..., None, None], float("nan"))
-        return out
-
-
-def _pow2_scale(t: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """The power of two c with max |t| / c in [1, 2) over ``dims`` (kept), detached; 1 where max |t| is 0
-    or not finite. c is finite for every finite t (at most 2^127 in fp32).
-
-    Dividing by a power of two is exact, so scaling by it changes no digit of normal-range inputs while
-    keeping squares and products of huge (or tiny) values inside the dtype's range.
-    """
-    if any(t.shape[d] == 0 for d in dims):  # nothing to scale (d = 0)
-        shape = [1 if i in {d % t.dim() for d in dims} else n for i, n in enumerate(t.shape)]
-        return torch.ones(shape, dtype=t.dtype, device=t.device)
-    m = t.detach().abs().amax(dim=dims, keepdim=True)
-    ok = torch.isfinite(m) & (m > 0)
-    exponent = torch.frexp(torch.where(ok, m, torch.ones_like(m))).exponent - 1
-    return torch.where(ok, torch.ldexp(torch.ones_like(m), exponent), torch.ones_like(m))
-
-
-def sqrtm_psd(a: Tensor) -> Tensor:
-    """Principal square root of symmetric positive semi-definite matrices, (..., n, n) -> (..., n, n).
-
-    The input is symmetrized ((A + Aᵀ)/2) and its negative eigenvalues (rounding) are clamped to 0.
-    Differentiable (first order) with a gradient that stays finite for repeated and zero eigenvalues.
-    fp16/bf16 inputs are computed in fp32 (also under autocast) and cast back. Matrices with NaN/inf
-    entries give NaN (values and gradients); huge or tiny finite ones are scaled by a power of two first.
-    """
-    _checks.check_float_tensor("a", a)
-    if a.dim() < 2 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"a must have shape (..., n, n) (square matrices), got {tuple(a.shape)}")
-    acc = _checks.accumulation_dtype(a)
-    with _checks.autocast_off(a):
-        x = a.to(acc)
-        c = _pow2_scale(x, (-2, -1))  # sqrt(c·A) = sqrt(c)·sqrt(A); c is a power of 4 times 1 or 2
-        return (_SqrtmPSD.apply(x / c) * c.sqrt()).to(a.dtype)
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
@@ -151,10 +68,10 @@ def _full_cov_term(cov1: Tensor, cov2: Tensor) -> Tensor:
     largest entry and the result multiplied by c, so huge or tiny covariances neither overflow in
     Σ1^½ Σ2 Σ1^½ nor make ``eigh`` fail. NaN/inf entries give NaN.
     """
-    c = torch.maximum(_pow2_scale(cov1, (-2, -1)), _pow2_scale(cov2, (-2, -1)))
+    c = torch.maximum(pow2_scale(cov1, (-2, -1)), pow2_scale(cov2, (-2, -1)))
     cov1, cov2 = cov1 / c, cov2 / c
-    s1 = _SqrtmPSD.apply(cov1)
-    cross = _trace(_SqrtmPSD.apply(s1 @ cov2 @ s1))
+    s1 = SqrtmPSD.apply(cov1)
+    cross = _trace(SqrtmPSD.apply(s1 @ cov2 @ s1))
     return (_trace(cov1) + _trace(cov2) - 2.0 * cross) * c[..., 0, 0]  # inf only where the value overflows
 
 
@@ -290,7 +207,7 @@ def wkd_feature_loss(
         # Per sample, one power of two c near max |f| of both maps: the loss terms are homogeneous of
         # degree 2 in the features (eps scales with them), so the statistics of x / c times c² are exact
         # and squares of huge features do not overflow (nor does eigh fail on inf covariances).
-        c = torch.maximum(_pow2_scale(xs, (1, 2, 3)), _pow2_scale(xt, (1, 2, 3)))  # (B, 1, 1, 1)
+        c = torch.maximum(pow2_scale(xs, (1, 2, 3)), pow2_scale(xt, (1, 2, 3)))  # (B, 1, 1, 1)
         # c² in float64 (it overflows fp32 for |f| >= 2^64): (B, 1), against the (B, G) per-cell terms
         c2 = c.to(torch.float64).square().reshape(-1, 1)
         eps_c = (eps / c2.unsqueeze(-1)).to(acc)  # (B, 1, 1), against the (B, G, C) variances

@@ -46,7 +46,7 @@ def _ref_dots(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
 
 
 def _problems(f: torch.Tensor, ph: int, pw: int, reduce: str) -> torch.Tensor:
-    """(G, P, D) problem matrices of a (B, C, H, W) tensor, feature order as in kernels.patch_cka."""
+    """(G, P, D) problem matrices of a (B, C, H, W) tensor, feature order as in kernels.patch_alignment_stats."""
     B, C, H, W = f.shape
     v = f.reshape(B, C, H // ph, ph, W // pw, pw)  # b c pi i pj j
     P = (H // ph) * (W // pw)

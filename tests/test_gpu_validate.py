@@ -63,7 +63,8 @@ def test_bad_arguments_exit_2(tmp_path):
 def test_dry_run_end_to_end(tmp_path):
     """Every stage runs (reduced) or says what it would run; at most 8 files; a summary row per stage."""
     out = tmp_path / "out"
-    res = _validate(tmp_path, str(out), "--dry", GPU_VALIDATE_BENCH_ARGS="--ops cka --providers ckakd,reference")
+    bench_args = "--ops alignment_stats --providers ckakd,reference"
+    res = _validate(tmp_path, str(out), "--dry", GPU_VALIDATE_BENCH_ARGS=bench_args)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files
@@ -78,7 +79,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert int(suites.get("tests")) > 20 and suites.get("failures") == "0" and suites.get("errors") == "0"
     assert len(suites) >= 2  # several pytest processes, merged
     rows = list(csv.DictReader((out / "bench.csv").open()))
-    assert rows and all(r["device"] for r in rows) and {r["op"] for r in rows} == {"cka"}
+    assert rows and all(r["device"] for r in rows) and {r["op"] for r in rows} == {"alignment_stats"}
     log = (out / "validate.log").read_text()
     for marker in ("01-env", "02-build", "pytest-kernels-1", "04-selftest", "05-sanitizer", "06-checks-3-bigoffset"):
         assert marker in log, marker
@@ -94,7 +95,7 @@ def test_failed_stage_does_not_stop_the_others_and_fails_the_run(tmp_path):
         str(out),
         "--dry",
         GPU_VALIDATE_STAGES="env,build,bench",
-        GPU_VALIDATE_BENCH_ARGS="--ops cka --providers ckakd",
+        GPU_VALIDATE_BENCH_ARGS="--ops alignment_stats --providers ckakd",
         TRITON_INTERPRET="0",
         timeout=600,
     )

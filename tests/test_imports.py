@@ -103,12 +103,13 @@ def test_import_ckakd_loads_the_loss_core_only():
 
 def test_cli_modules_load_no_trainer_or_detector_at_import():
     """``ckakd.detection.cli`` (imported by ``ckakd --help``) needs argparse helpers and the demo's arguments, not
-    the detectors, the trainer or the optional dependencies; ``ckakd.ops.gram`` adds nothing to the root's core."""
+    the detectors, the trainer or the optional dependencies; ``ckakd.ops.centered_gram`` adds nothing to the root's
+    core."""
     det = _fresh_import("ckakd.detection.cli")
     assert not _under(det["ckakd"], ("ckakd.train", "ckakd.cli", "ckakd.diagnostics", "ckakd.detection.trainer"))
     assert not _under(det["ckakd"], ("ckakd.detection.models", "ckakd.detection.task")), det["ckakd"]
     assert not _under(det["new"], HEAVY)
-    assert _fresh_import("ckakd.ops.gram")["ckakd"] == _fresh_import("ckakd")["ckakd"]
+    assert _fresh_import("ckakd.ops.centered_gram")["ckakd"] == _fresh_import("ckakd")["ckakd"]
 
 
 # ---------------------------------------------------------------------------------- (b) static import graph
@@ -213,7 +214,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_cycle_in_ckakd():
     graph = import_graph(PACKAGE)
     # not vacuous: known edges are seen (absolute, relative and `from ckakd import module`)
-    assert "ckakd.ops.gram" in graph["ckakd.functional"] and "ckakd._checks" in graph["ckakd.functional"]
+    assert "ckakd.ops.centered_gram" in graph["ckakd.functional"] and "ckakd._checks" in graph["ckakd.functional"]
     assert "ckakd.train.hooks" in graph["ckakd.train"]
     assert "ckakd._cli_common" in graph["ckakd.detection.cli"]
     cycle = find_cycle(graph)

@@ -19,6 +19,7 @@ launch configuration picked from a per-kernel candidate list, and recordable wit
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -112,3 +113,47 @@ def recording(callback: Callable[..., None]) -> Iterator[None]:
         yield
     finally:
         _recorder.remove(callback)
+
+
+# ---------------------------------------------------------------------------------------------------
+# shared by the launchers: SM count, dot precision, candidate tables
+# ---------------------------------------------------------------------------------------------------
+
+# tl.dot input precision for fp32 operands (``"ieee"``: exact fp32 FMA; ``"tf32x3"``: three TF32 products,
+# close to fp32; ``"tf32"``: a 10-bit significand). ``bench/bench_precision.py`` measures each.
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+DOT_PRECISION = "ieee"  # the default
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Number of streaming multiprocessors of ``device``; 1 off-GPU (the interpreter runs programs
+    one after the other, so fewer, larger programs are faster there)."""
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 1
+
+
+def check_precision(precision: str) -> None:
+    """Raise ``ValueError`` unless ``precision`` is one of :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def pow2_clamp(v: int, lo: int, hi: int) -> int:
+    """``next_power_of_2(v)`` (at least 1) clamped to ``[lo, hi]``."""
+    return max(lo, min(hi, 1 << (max(int(v), 1) - 1).bit_length()))  # = triton.next_power_of_2
+
+
+def capped_configs(configs: list[dict[str, int]], key: str, cap: int) -> list[dict[str, int]]:
+    """``configs`` with ``config[key]`` capped at ``cap``, duplicates removed (order kept)."""
+    out: list[dict[str, int]] = []
+    for config in configs:
+        c = dict(config, **{key: min(config[key], cap)})
+        if c not in out:
+            out.append(c)
+    return out

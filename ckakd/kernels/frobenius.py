@@ -27,8 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import choose, launch
-from .gram import num_sms
+from ._launch import choose, launch, num_sms
 
 __all__ = ["FROBENIUS_CONFIGS", "frobenius_dots"]
 

@@ -280,8 +280,8 @@ def test_teacher_gradient_not_computed():
 
 
 def test_opcheck_alignment_and_gram_ops():
-    from ckakd.ops.alignment import alignment_stats
-    from ckakd.ops.gram import centered_gram
+    from ckakd.ops.alignment_stats import alignment_stats
+    from ckakd.ops.centered_gram import centered_gram
 
     for n, dx, dy in [(6, 5, 4), (20, 3, 2)]:
         for mode in MODES:
@@ -292,7 +292,7 @@ def test_opcheck_alignment_and_gram_ops():
 
 
 def test_opcheck_triton_path(triton_device):
-    from ckakd.ops.alignment import alignment_stats
+    from ckakd.ops.alignment_stats import alignment_stats
 
     x = torch.randn(1, 8, 16, device=triton_device, requires_grad=True)
     y = torch.randn(1, 8, 16, device=triton_device, requires_grad=True)
@@ -460,12 +460,12 @@ def test_gpu_big_shapes(shape):
 def test_torch_path_centered_gram_is_fp32_exact_at_a_large_offset(batch):
     """Features with mean 1000: the torch path subtracts row 0 before the mean (a rounded fp32 mean is off by
     ~3e-5 and shifted every centered value: 2e-5 of the Gram's scale before), so the Gram keeps fp32 accuracy."""
-    from ckakd.ops import _gram
+    from ckakd.ops import _gram_primitives
 
     shape = (64, 300) if batch is None else (batch, 64, 300)
     x = (torch.randn(shape, dtype=torch.float64) + 1000.0).float()
     x3 = x if batch else x[None]
-    k, mean = _gram.gram(x3, True, "torch")
+    k, mean = _gram_primitives.gram(x3, True, "torch")
     ref = torch.stack([R.centered_gram(t.double()) for t in x3])
     assert ((k.double() - ref).abs().max() / ref.abs().max()).item() < 2e-6
     torch.testing.assert_close(mean.double(), x3.double().mean(1), atol=1e-4, rtol=0)

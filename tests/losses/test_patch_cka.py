@@ -8,7 +8,7 @@ import torch
 import ckakd
 from ckakd import reference as R
 from ckakd.ops import track_dispatch
-from ckakd.ops.patch import from_problems, to_problems
+from ckakd.ops.patch_alignment_stats import from_problems, to_problems
 from tests.losses.test_cka import _close, _grads
 
 REDUCTIONS = ["channel", "batch", "spatial"]
@@ -93,7 +93,7 @@ def test_gradcheck_patch_cka(reduce):
 
 
 def test_opcheck_patch_op():
-    from ckakd.ops.patch import patch_alignment_stats
+    from ckakd.ops.patch_alignment_stats import patch_alignment_stats
 
     f_s = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     f_t = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)

@@ -72,7 +72,7 @@ def _scaled(t: torch.Tensor, s: float, dtype: torch.dtype, device: str) -> torch
 def test_pow2_helpers_are_exact_and_saturate_correctly():
     """exp2 is exact for every normal exponent; pow2_exponent puts max|x| in [1/2, 1) per entry (0 for
     zero / NaN); mul_pow2 gives ±inf only on overflow, 0 on underflow, never inf·0 = NaN."""
-    from ckakd.ops._gram import exp2, mul_pow2, pow2_exponent
+    from ckakd.ops._gram_primitives import exp2, mul_pow2, pow2_exponent
 
     for dtype, lo, hi in ((torch.float32, -126, 127), (torch.float64, -1022, 1023)):
         e = torch.arange(lo, hi + 1)

@@ -22,6 +22,7 @@ import pytest
 from tests.conftest import HAS_CUDA, fast_path_problems
 
 REPO = Path(__file__).resolve().parents[2]
+GRAM_KERNELS = "tests/ops/test_gram_kernels.py"
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the fast paths are required on CUDA machines only")
@@ -60,19 +61,20 @@ def _run_pytest(tmp_path: Path, assume_cuda: bool, *args: str) -> subprocess.Com
 
 @pytest.mark.skipif(HAS_CUDA, reason="simulates a CUDA machine on a CPU one")
 def test_missing_fast_paths_fail_on_a_cuda_machine_and_skip_on_a_cpu_one(tmp_path):
-    files = ("tests/ops/test_gram_kernels.py", "tests/ops/test_sinkhorn_ext.py", "tests/ops/test_fast_paths.py::" + _ACTIVE)
+    files = (GRAM_KERNELS, "tests/ops/test_sinkhorn_ext.py", "tests/ops/test_fast_paths.py::" + _ACTIVE)
     cuda = _run_pytest(tmp_path, True, "-rA", *files)
     out = cuda.stdout
     assert cuda.returncode not in (0, 5), out[-3000:]
     # the kernel tests cannot import triton: a collection error, not a skip
-    assert "ERROR tests/ops/test_gram_kernels.py" in out and "import of triton halted" in out, out[-3000:]
+    assert f"ERROR {GRAM_KERNELS}" in out and "import of triton halted" in out, out[-3000:]
     # the CPU-only extension is refused on a CUDA machine
-    assert "ERROR tests/ops/test_sinkhorn_ext.py" in out and "must be built with CUDA on a CUDA machine" in out, out[-3000:]
+    assert "ERROR tests/ops/test_sinkhorn_ext.py" in out, out[-3000:]
+    assert "must be built with CUDA on a CUDA machine" in out, out[-3000:]
     # pytest stops at collection errors; the backend check itself, run alone, fails naming triton
     alone = _run_pytest(tmp_path, True, "tests/ops/test_fast_paths.py::" + _ACTIVE)
     assert alone.returncode == 1, alone.stdout[-3000:]
     assert "fast paths inactive on a CUDA machine: triton" in alone.stdout, alone.stdout[-3000:]
-    cpu = _run_pytest(tmp_path, False, "tests/ops/test_gram_kernels.py", "tests/ops/test_patch_alignment_stats_kernels.py")
+    cpu = _run_pytest(tmp_path, False, GRAM_KERNELS, "tests/ops/test_patch_alignment_stats_kernels.py")
     assert cpu.returncode in (0, 5) and "skipped" in cpu.stdout and "passed" not in cpu.stdout, cpu.stdout[-2000:]
 
 

@@ -18,6 +18,8 @@ from tests.kernel_helpers import LOW, _assert_close, _randn, _ref_dots, _ref_gra
 
 kernels = require_kernels()
 gram_mod = importlib.import_module("ckakd.kernels.gram")
+gram_backward_mod = importlib.import_module("ckakd.kernels.gram_backward")
+column_mean_mod = importlib.import_module("ckakd.kernels.column_mean")
 frobenius_mod = importlib.import_module("ckakd.kernels.frobenius")
 _launch = importlib.import_module("ckakd.kernels._launch")
 
@@ -238,11 +240,11 @@ def test_gram_forward_each_candidate(triton_device, poisoned_empty, monkeypatch,
     assert torch.equal(mean, torch.zeros_like(mean))
 
 
-@pytest.mark.parametrize("bucket,index", _table_ids(gram_mod.GRAM_BWD_CONFIGS), ids=lambda v: str(v))
+@pytest.mark.parametrize("bucket,index", _table_ids(gram_backward_mod.GRAM_BWD_CONFIGS), ids=lambda v: str(v))
 def test_gram_backward_each_candidate(triton_device, poisoned_empty, monkeypatch, bucket, index):
     """Each backward candidate, forced: several row blocks (n = 150) and column blocks (d = 150)."""
-    config = gram_mod.GRAM_BWD_CONFIGS[bucket][index]
-    monkeypatch.setitem(gram_mod.GRAM_BWD_CONFIGS, bucket, [config])
+    config = gram_backward_mod.GRAM_BWD_CONFIGS[bucket][index]
+    monkeypatch.setitem(gram_backward_mod.GRAM_BWD_CONFIGS, bucket, [config])
     n = _BUCKET_ROWS[bucket]
     x = _randn((2, n, 150), triton_device, offset=10.0)
     m = _randn((2, n, n), triton_device)
@@ -255,18 +257,18 @@ def test_gram_backward_each_candidate(triton_device, poisoned_empty, monkeypatch
 
 
 @pytest.mark.parametrize("row_split", [1, 3])
-@pytest.mark.parametrize("index", range(len(gram_mod.COLUMN_MEAN_CONFIGS)))
+@pytest.mark.parametrize("index", range(len(column_mean_mod.COLUMN_MEAN_CONFIGS)))
 def test_column_mean_each_candidate(triton_device, poisoned_empty, monkeypatch, index, row_split):
     """Each column-mean candidate, forced, in one and in three row ranges (then the finishing kernel
     adds the partials); corr = mean - row 0 stays accurate at offset 1000."""
-    config = gram_mod.COLUMN_MEAN_CONFIGS[index]
-    monkeypatch.setattr(gram_mod, "COLUMN_MEAN_CONFIGS", [config])
+    config = column_mean_mod.COLUMN_MEAN_CONFIGS[index]
+    monkeypatch.setattr(column_mean_mod, "COLUMN_MEAN_CONFIGS", [config])
     x = _randn((3, 150, 300), triton_device, offset=1000.0)
-    launches = _record(lambda: gram_mod._column_mean(x, row_split=row_split))
+    launches = _record(lambda: column_mean_mod.column_mean(x, row_split=row_split))
     ((_, grid, _, meta),) = [rec for rec in launches if rec[0] == "_column_mean_kernel"]
     assert config.items() <= meta.items() and grid[1] == row_split
     assert len(_metas(launches, "_column_mean_finish_kernel")) == (row_split > 1)
-    mean, corr = gram_mod._column_mean(x, row_split=row_split)
+    mean, corr = column_mean_mod.column_mean(x, row_split=row_split)
     xd = x.double()
     mean_ref = xd.mean(dim=1)
     torch.testing.assert_close(corr.double(), mean_ref - xd[:, 0], atol=1e-6, rtol=0)
@@ -407,6 +409,7 @@ def test_huge_shapes_launch_within_grid_limits(monkeypatch, kind, shape, kwargs,
     recording) has a grid inside CUDA's limits and arguments that cover the problem; with the SM count of
     an H200 the split heuristics are active too."""
     monkeypatch.setattr(gram_mod, "num_sms", lambda device: sms)
+    monkeypatch.setattr(column_mean_mod, "num_sms", lambda device: sms)
     monkeypatch.setattr(frobenius_mod, "num_sms", lambda device: sms)
     launches = _record(lambda: _launch_huge(kind, shape, kwargs))
     expected = {"forward": "_gram_kernel", "backward": "_gram_backward_kernel", "dots": "_frobenius_dots_kernel"}

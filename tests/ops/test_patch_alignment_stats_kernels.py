@@ -1,4 +1,4 @@
-"""Tests of the Triton patch-CKA kernels (``ckakd.kernels.patch_cka``) against plain float64 torch formulas.
+"""Tests of the Triton patch-CKA kernels (``ckakd.kernels.patch_alignment_stats``) against plain float64 torch formulas.
 
 Without CUDA they run under the Triton CPU interpreter (``TRITON_INTERPRET=1``, set by conftest), so
 shapes are small; on a CUDA machine a missing Triton or kernels package fails this module (conftest's
@@ -180,7 +180,7 @@ def test_patch_cka_backward_computes_only_needed(triton_device, poisoned_empty, 
         grids.append(tuple(grid))
         return real_launch(kernel, grid, *args, **meta)
 
-    monkeypatch.setattr(kernels.patch_cka, "launch", spy)
+    monkeypatch.setattr(kernels.patch_alignment_stats, "launch", spy)
     g_s, g_t = kernels.patch_cka_backward(
         m if need_s else poison, m if need_t else poison, f_s, f_t, 2, 4, reduce, True, need_s=need_s, need_t=need_t
     )
@@ -194,7 +194,7 @@ def test_patch_cka_backward_computes_only_needed(triton_device, poisoned_empty, 
 @pytest.mark.parametrize("which", ["forward", "backward"])
 def test_patch_cka_every_launch_candidate(triton_device, monkeypatch, which):
     """Every candidate configuration (on a GPU the autotuner may pick any) computes the same result."""
-    from ckakd.kernels import patch_cka as pc
+    from ckakd.kernels import patch_alignment_stats as pc
 
     table = pc.FWD_CONFIGS if which == "forward" else pc.BWD_CONFIGS
     shapes = {16: ((1, 3, 8, 12), (2, 4)), 32: ((1, 2, 8, 16), (2, 2)), 64: ((1, 2, 16, 16), (2, 2)),
@@ -231,7 +231,7 @@ def test_patch_cka_grids_within_cuda_limits(monkeypatch, shape, patch, reduce):
     """Every launch of huge problems stays inside CUDA's grid limits (meta tensors: nothing is allocated or
     run), and the batch-reduce FPN forward is split over enough programs to fill an H200 (132 SMs)."""
     from ckakd.kernels import _launch
-    from ckakd.kernels import patch_cka as pc
+    from ckakd.kernels import patch_alignment_stats as pc
 
     monkeypatch.setattr(pc, "num_sms", lambda device: 132)
     launches = []

@@ -1,4 +1,5 @@
-"""Benchmark of ``1 - ckakd.cka(x, y)``: student x (n, dx) requires grad, teacher y (n, dy) does not.
+"""Benchmark of the ``ckakd::alignment_stats`` op through ``1 - ckakd.cka(x, y)``: student x (n, dx) requires
+grad, teacher y (n, dy) does not.
 
 Providers: ``ckakd`` (backend "auto": Triton on CUDA, torch on CPU), ``ckakd-torch`` (CUDA only: the
 pure-torch path), ``reference`` (``ckakd.reference.cka`` in the input dtype: explicit H·K·H products)
@@ -82,7 +83,7 @@ def providers(device: torch.device) -> list[Provider]:
 
 
 BENCH = OpBench(
-    op="cka",
+    op="alignment_stats",
     shapes=SHAPES,
     presets=PRESETS,
     make_inputs=make_inputs,

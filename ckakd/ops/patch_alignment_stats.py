@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from ckakd._checks import accumulation_dtype as _acc_dtype
-from ckakd.ops import _gram
+from ckakd.ops import _gram_primitives
 from ckakd.ops._backend import record_dispatch
+from ckakd.ops.alignment_stats import differentiable_alignment_grads
 
 REDUCTIONS = ("channel", "batch", "spatial")
 # reduce="mix" (Zhou et al., IJCAI 2024, Table 5): the reduction of level 0, level 1 and every later level.
@@ -72,8 +73,10 @@ def _triton_ok(f_s: Tensor, f_t: Tensor, backend: str) -> bool:
 
 
 def _exponents(f_s: Tensor, f_t: Tensor) -> Tensor:
-    """(2,) int32 [e_s, e_t]: one power-of-two exponent per feature map (see ``_gram.pow2_exponent``)."""
-    return torch.cat([_gram.pow2_exponent(f_s.reshape(1, -1)), _gram.pow2_exponent(f_t.reshape(1, -1))])
+    """(2,) int32 [e_s, e_t]: one power-of-two exponent per feature map (see ``_gram_primitives.pow2_exponent``)."""
+    return torch.cat(
+        [_gram_primitives.pow2_exponent(f_s.reshape(1, -1)), _gram_primitives.pow2_exponent(f_t.reshape(1, -1))]
+    )
 
 
 @torch.library.custom_op("ckakd::patch_alignment_stats", mutates_args=())
@@ -88,12 +91,12 @@ def patch_alignment_stats(
     center = mode != "uncentered"
     acc = _acc_dtype(f_s, f_t)
     exps = _exponents(f_s, f_t)
-    a_s, a_t = _gram.exp2(-exps[:1], acc), _gram.exp2(-exps[1:], acc)
+    a_s, a_t = _gram_primitives.exp2(-exps[:1], acc), _gram_primitives.exp2(-exps[1:], acc)
     if _triton_ok(f_s, f_t, backend):
         from ckakd import kernels
 
         record_dispatch("patch_cka_forward", "triton")
-        fs, ft = _gram.scaled_copy(f_s[None], a_s)[0], _gram.scaled_copy(f_t[None], a_t)[0]
+        fs, ft = _gram_primitives.scaled_copy(f_s[None], a_s)[0], _gram_primitives.scaled_copy(f_t[None], a_t)[0]
         stats, k_s, k_t = kernels.patch_cka_forward(fs, ft, ph, pw, reduce, center)
         k_s, k_t = k_s.to(acc), k_t.to(acc)
         if mode != "debiased":
@@ -101,12 +104,12 @@ def patch_alignment_stats(
     else:
         record_dispatch("patch_cka_forward", "torch")
         xs, xt = to_problems(f_s, ph, pw, reduce), to_problems(f_t, ph, pw, reduce)
-        k_s, _ = _gram.gram(xs, center, "torch", a_s.expand(xs.shape[0]))
-        k_t, _ = _gram.gram(xt, center, "torch", a_t.expand(xt.shape[0]))
+        k_s, _ = _gram_primitives.gram(xs, center, "torch", a_s.expand(xs.shape[0]))
+        k_t, _ = _gram_primitives.gram(xt, center, "torch", a_t.expand(xt.shape[0]))
         k_s, k_t = k_s.to(acc), k_t.to(acc)
     if mode == "debiased":
-        k_s, k_t = _gram.u_center(k_s), _gram.u_center(k_t)
-    return _gram.frobenius_dots(k_s, k_t, "torch").double(), k_s, k_t, exps
+        k_s, k_t = _gram_primitives.u_center(k_s), _gram_primitives.u_center(k_t)
+    return _gram_primitives.frobenius_dots(k_s, k_t, "torch").double(), k_s, k_t, exps
 
 
 @patch_alignment_stats.register_fake
@@ -144,8 +147,8 @@ def patch_alignment_stats_backward(
     """
     center = mode != "uncentered"
     acc = k_s.dtype
-    e_g = _gram.pow2_exponent(grad.reshape(1, -1))
-    g = _gram.mul_pow2(grad.double().reshape(1, -1), -e_g).reshape(grad.shape).to(acc)
+    e_g = _gram_primitives.pow2_exponent(grad.reshape(1, -1))
+    g = _gram_primitives.mul_pow2(grad.double().reshape(1, -1), -e_g).reshape(grad.shape).to(acc)
     g0, g1, g2 = (g[:, i, None, None] for i in range(3))
     scaled = []
     for e, k_own, k_other, g_own, need in ((exps[:1], k_s, k_t, g1, need_s), (exps[1:], k_t, k_s, g2, need_t)):
@@ -154,21 +157,23 @@ def patch_alignment_stats_backward(
             continue
         m = 2 * g0 * k_other + 4 * g_own * k_own
         if center:  # see alignment_stats_backward: exact for debiased, rounding-robust for centered
-            m = _gram.double_center(m)
-        e_m = _gram.pow2_exponent(m.reshape(1, -1))
-        scaled.append((_gram.mul_pow2(m, -e_m.expand(m.shape[0])), _gram.exp2(-e, acc), e_g + e_m - e))
+            m = _gram_primitives.double_center(m)
+        e_m = _gram_primitives.pow2_exponent(m.reshape(1, -1))
+        scaled.append(
+            (_gram_primitives.mul_pow2(m, -e_m.expand(m.shape[0])), _gram_primitives.exp2(-e, acc), e_g + e_m - e)
+        )
     (m_s, a_s, out_s), (m_t, a_t, out_t) = scaled
     if _triton_ok(f_s, f_t, backend):
         from ckakd import kernels
 
         record_dispatch("patch_cka_backward", "triton")
-        fs = _gram.scaled_copy(f_s[None], a_s)[0] if need_s else f_s
-        ft = _gram.scaled_copy(f_t[None], a_t)[0] if need_t else f_t
+        fs = _gram_primitives.scaled_copy(f_s[None], a_s)[0] if need_s else f_s
+        ft = _gram_primitives.scaled_copy(f_t[None], a_t)[0] if need_t else f_t
         gs, gt = kernels.patch_cka_backward(
             m_s.float(), m_t.float(), fs, ft, ph, pw, reduce, center, need_s=need_s, need_t=need_t
         )
-        gs = _gram.mul_pow2(gs[None].to(acc), out_s)[0].to(f_s.dtype) if need_s else gs
-        gt = _gram.mul_pow2(gt[None].to(acc), out_t)[0].to(f_t.dtype) if need_t else gt
+        gs = _gram_primitives.mul_pow2(gs[None].to(acc), out_s)[0].to(f_s.dtype) if need_s else gs
+        gt = _gram_primitives.mul_pow2(gt[None].to(acc), out_t)[0].to(f_t.dtype) if need_t else gt
         return gs, gt
     record_dispatch("patch_cka_backward", "torch")
     grads = []
@@ -182,7 +187,7 @@ def patch_alignment_stats_backward(
             mean = (x.to(m.dtype) * a[:, None, None]).mean(dim=1)
         else:
             mean = x.new_zeros((x.shape[0], x.shape[2]), dtype=m.dtype)
-        gx = _gram.gram_apply(m, x, mean, center, "torch", a, out.expand(x.shape[0]))
+        gx = _gram_primitives.gram_apply(m, x, mean, center, "torch", a, out.expand(x.shape[0]))
         grads.append(from_problems(gx, f.shape, ph, pw, reduce))
     return grads[0], grads[1]
 
@@ -197,11 +202,9 @@ def _(grad, f_s, f_t, k_s, k_t, exps, ph, pw, reduce, mode, backend, need_s, nee
 
 def _differentiable_grads(grad, f_s, f_t, exps, ph, pw, reduce, mode, need_s, need_t):
     """The backward in differentiable torch operations (for double backward, ``create_graph=True``)."""
-    from ckakd.ops.alignment import _differentiable_grads as stats_grads
-
     xs, xt = to_problems(f_s, ph, pw, reduce), to_problems(f_t, ph, pw, reduce)
     g = xs.shape[0]
-    gs, gt = stats_grads(grad, xs, xt, exps.expand(g, 2), mode, need_s, need_t)
+    gs, gt = differentiable_alignment_grads(grad, xs, xt, exps.expand(g, 2), mode, need_s, need_t)
     return (
         from_problems(gs, f_s.shape, ph, pw, reduce) if need_s else None,
         from_problems(gt, f_t.shape, ph, pw, reduce) if need_t else None,

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ckakd._checks import accumulation_dtype as _acc_dtype
-from ckakd.ops import _gram
+from ckakd.ops import _gram_primitives
 from ckakd.ops._backend import record_dispatch
 
 MODES = ("centered", "debiased", "uncentered")
@@ -57,19 +57,19 @@ def alignment_stats(
     acc = _acc_dtype(x, y)
     b, n, dx = x.shape
     dy = y.shape[2]
-    e_x, e_y = _gram.pow2_exponent(x), _gram.pow2_exponent(y)
+    e_x, e_y = _gram_primitives.pow2_exponent(x), _gram_primitives.pow2_exponent(y)
     exps = torch.stack([e_x, e_y], dim=1)
-    a_x, a_y = _gram.exp2(-e_x, acc), _gram.exp2(-e_y, acc)
+    a_x, a_y = _gram_primitives.exp2(-e_x, acc), _gram_primitives.exp2(-e_y, acc)
     if use_feature_form(n, dx, dy, mode, backend):
         record_dispatch("feature_form", "torch")
         stats, k, l, mean_x, mean_y = _feature_stats(x, y, center, acc, a_x, a_y)
         return stats.double(), k, l, mean_x, mean_y, exps
-    k, mean_x = _gram.gram(x, center, backend, a_x)
-    l, mean_y = _gram.gram(y, center, backend, a_y)
+    k, mean_x = _gram_primitives.gram(x, center, backend, a_x)
+    l, mean_y = _gram_primitives.gram(y, center, backend, a_y)
     k, l = k.to(acc), l.to(acc)
     if mode == "debiased":
-        k, l = _gram.u_center(k), _gram.u_center(l)
-    stats = _gram.frobenius_dots(k, l, backend)
+        k, l = _gram_primitives.u_center(k), _gram_primitives.u_center(l)
+    stats = _gram_primitives.frobenius_dots(k, l, backend)
     return stats.double(), k, l, mean_x.to(acc), mean_y.to(acc), exps
 
 
@@ -107,8 +107,8 @@ def _(x, y, mode, backend):
 def normalized_grad(grad: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     """grad (b, 3) fp64 -> (grad·2^-e in acc, e (b,) int32) with max|grad_b·2^-e| in [1/2, 1): a gradient
     of any size (HSIC's grows as 4^(e_x+e_y)) enters the fp32 coefficient matrices without overflow."""
-    e = _gram.pow2_exponent(grad)
-    return _gram.mul_pow2(grad.double(), -e).to(acc), e
+    e = _gram_primitives.pow2_exponent(grad)
+    return _gram_primitives.mul_pow2(grad.double(), -e).to(acc), e
 
 
 @torch.library.custom_op("ckakd::alignment_stats_backward", mutates_args=())
@@ -130,7 +130,7 @@ def alignment_stats_backward(
 
     With x' = x·2^-e_x: ∂/∂x = 2^-e_x·∂/∂x' exactly. The gradient is normalized to max ~1 (exponent
     e_g) and every coefficient matrix M to max ~1 (e_m), and 2^(e_g + e_m - e_x) is applied in the last
-    step (``_gram.mul_pow2``): the result is finite wherever it is representable in x.dtype.
+    step (``_gram_primitives.mul_pow2``): the result is finite wherever it is representable in x.dtype.
     A gradient that is not needed (``need_x``/``need_y`` false, e.g. the frozen teacher) is returned
     as an empty tensor and costs nothing.
     """
@@ -138,7 +138,7 @@ def alignment_stats_backward(
     acc = k.dtype
     g, e_g = normalized_grad(grad, acc)
     e_x, e_y = exps[:, 0], exps[:, 1]
-    a_x, a_y = _gram.exp2(-e_x, acc), _gram.exp2(-e_y, acc)
+    a_x, a_y = _gram_primitives.exp2(-e_x, acc), _gram_primitives.exp2(-e_y, acc)
     g0, g1, g2 = (g[:, i, None, None] for i in range(3))
     b, n, dx = x.shape
     dy = y.shape[2]
@@ -151,10 +151,10 @@ def alignment_stats_backward(
         gx = gy = None
         if need_x:
             gx = torch.bmm(yc, 2 * g0 * cross) + torch.bmm(xc, 4 * g1 * kx)
-            gx = _gram.mul_pow2(gx, e_g - e_x).to(x.dtype)
+            gx = _gram_primitives.mul_pow2(gx, e_g - e_x).to(x.dtype)
         if need_y:
             gy = torch.bmm(xc, 2 * g0 * cross.transpose(1, 2)) + torch.bmm(yc, 4 * g2 * l)
-            gy = _gram.mul_pow2(gy, e_g - e_y).to(y.dtype)
+            gy = _gram_primitives.mul_pow2(gy, e_g - e_y).to(y.dtype)
         return (gx if need_x else x.new_empty(0)), (gy if need_y else y.new_empty(0))
     grads = []
     for t, m, mean, a, e, need in (
@@ -170,10 +170,10 @@ def alignment_stats_backward(
             # H·(·)·H. Centered: M is centered in exact arithmetic; re-centering it also cancels, to first
             # order, the rounding of an fp32 column mean (features with a large offset), which would
             # otherwise shift every row of the gradient by the same error.
-            m = _gram.double_center(m)
-        e_m = _gram.pow2_exponent(m)
-        m = _gram.mul_pow2(m, -e_m)
-        grads.append(_gram.gram_apply(m, t, mean, center, backend, a, e_g + e_m - e).contiguous())
+            m = _gram_primitives.double_center(m)
+        e_m = _gram_primitives.pow2_exponent(m)
+        m = _gram_primitives.mul_pow2(m, -e_m)
+        grads.append(_gram_primitives.gram_apply(m, t, mean, center, backend, a, e_g + e_m - e).contiguous())
     return grads[0], grads[1]
 
 
@@ -183,7 +183,7 @@ def _(grad, x, y, k, l, mean_x, mean_y, exps, mode, backend, need_x, need_y):
     return (x.new_empty(x.shape) if need_x else x.new_empty(0)), (y.new_empty(y.shape) if need_y else y.new_empty(0))
 
 
-def _differentiable_grads(
+def differentiable_alignment_grads(
     grad: Tensor, x: Tensor, y: Tensor, exps: Tensor, mode: str, need_x: bool, need_y: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """The backward written with differentiable torch operations (Gram form), for double backward.
@@ -196,21 +196,21 @@ def _differentiable_grads(
     g, e_g = normalized_grad(grad, acc)
     g0, g1, g2 = (g[:, i, None, None] for i in range(3))
     e_x, e_y = exps[:, 0], exps[:, 1]
-    xs = x.to(acc) * _gram.exp2(-e_x, acc)[:, None, None]
-    ys = y.to(acc) * _gram.exp2(-e_y, acc)[:, None, None]
+    xs = x.to(acc) * _gram_primitives.exp2(-e_x, acc)[:, None, None]
+    ys = y.to(acc) * _gram_primitives.exp2(-e_y, acc)[:, None, None]
     if center:
         xs, ys = xs - xs.mean(1, keepdim=True), ys - ys.mean(1, keepdim=True)
     k, l = xs @ xs.mT, ys @ ys.mT
     if mode == "debiased":
-        k, l = _gram.u_center(k), _gram.u_center(l)
+        k, l = _gram_primitives.u_center(k), _gram_primitives.u_center(l)
     out = []
     pairs = ((x, xs, 2 * g0 * l + 4 * g1 * k, e_x, need_x), (y, ys, 2 * g0 * k + 4 * g2 * l, e_y, need_y))
     for t, xc, m, e, need in pairs:
         if not need:
             out.append(None)
             continue
-        m = _gram.double_center(m) if center else m
-        out.append(_gram.mul_pow2(m @ xc, e_g - e).to(t.dtype))
+        m = _gram_primitives.double_center(m) if center else m
+        out.append(_gram_primitives.mul_pow2(m @ xc, e_g - e).to(t.dtype))
     return out[0], out[1]
 
 
@@ -229,7 +229,7 @@ def _backward(ctx, grad_stats, *unused):
         return None, None, None, None
     need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate again
-        gx, gy = _differentiable_grads(grad_stats, x, y, exps, ctx.mode, need_x, need_y)
+        gx, gy = differentiable_alignment_grads(grad_stats, x, y, exps, ctx.mode, need_x, need_y)
         return gx, gy, None, None
     gx, gy = alignment_stats_backward(
         grad_stats, x, y, k, l, mean_x, mean_y, exps, ctx.mode, ctx.backend, need_x, need_y

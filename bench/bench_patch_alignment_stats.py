@@ -210,7 +210,7 @@ def self_test() -> None:
 
 
 BENCH = OpBench(
-    op="patch_cka",
+    op="patch_alignment_stats",
     shapes=CASES,
     presets=PRESETS,
     make_inputs=make_inputs,

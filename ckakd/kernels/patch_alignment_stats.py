@@ -55,8 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import choose, launch
-from .gram import DOT_PRECISION, num_sms
+from ._launch import DOT_PRECISION, choose, launch, num_sms
 
 __all__ = ["patch_cka_forward", "patch_cka_backward", "MAX_PATCHES", "FWD_CONFIGS", "BWD_CONFIGS"]
 

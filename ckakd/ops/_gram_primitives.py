@@ -8,7 +8,8 @@
 * ``gram_apply``: M @ Xc (b, n, d), the one (n×n)·(n×d) product every backward needs.
 * ``frobenius_dots``: [Σ K∘L, Σ K∘K, Σ L∘L] per batch entry.
 * ``u_center``, ``double_center``: O(n²) transforms of (b, n, n) matrices.
-* ``pow2_exponent``, ``exp2``, ``mul_pow2``: exact power-of-two scaling. The ops divide every input by
+* ``pow2_exponent``, ``exp2``, ``mul_pow2`` (and ``pow2_scale``, the factor itself, for ``sqrtm_psd`` and the
+  Gaussian Wasserstein losses): exact power-of-two scaling. The ops divide every input by
   2^e with max|x| in [2^(e-1), 2^e) before forming a Gram (``gram`` and ``gram_apply`` fold the factor
   into the chunk loads): scaling by a power of two is exact, so the Grams are those of features of
   magnitude ~1 whatever the input scale (fp32 Gram sums overflow from |x| ~ 1e8 at n·d ~ 6e4 and lose
@@ -64,6 +65,22 @@ def mul_pow2(t: Tensor, e: Tensor) -> Tensor:
     shape = (-1,) + (1,) * (t.dim() - 1)
     e1 = torch.div(e, 2, rounding_mode="floor")
     return t * exp2(e1, t.dtype).view(shape) * exp2(e - e1, t.dtype).view(shape)
+
+
+def pow2_scale(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """The power of two c with max |t| / c in [1, 2) over ``dims`` (kept), detached; 1 where max |t| is 0
+    or not finite. c is finite for every finite t (at most 2^127 in fp32).
+
+    Dividing by a power of two is exact, so scaling by it changes no digit of normal-range inputs while
+    keeping squares and products of huge (or tiny) values inside the dtype's range.
+    """
+    if any(t.shape[d] == 0 for d in dims):  # nothing to scale (d = 0)
+        shape = [1 if i in {d % t.dim() for d in dims} else n for i, n in enumerate(t.shape)]
+        return torch.ones(shape, dtype=t.dtype, device=t.device)
+    m = t.detach().abs().amax(dim=dims, keepdim=True)
+    ok = torch.isfinite(m) & (m > 0)
+    exponent = torch.frexp(torch.where(ok, m, torch.ones_like(m))).exponent - 1
+    return torch.where(ok, torch.ldexp(torch.ones_like(m), exponent), torch.ones_like(m))
 
 
 def _chunks(b: int, n: int, d: int):
