@@ -32,8 +32,6 @@ def match_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
     return f_s, f_t
 
 
-_match_spatial = match_spatial  # the trainer's old private name
-
 
 def _attention(f: Tensor, p: float) -> Tensor:
     return F.normalize(f.pow(p).mean(1).reshape(f.shape[0], -1))

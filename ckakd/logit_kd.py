@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ckakd import _checks
 
-__all__ = ["standardize_logits", "kd_loss", "lskd_loss", "dkd_loss", "dist_loss"]
+__all__ = ["standardize_logits", "kd_loss", "kd_to_probs", "lskd_loss", "dkd_loss", "pearson", "dist_loss"]
 
 
 def standardize_logits(z: Tensor, eps: float = 1e-7) -> Tensor:
@@ -51,8 +51,11 @@ def lskd_loss(z_s: Tensor, z_t: Tensor, T: float = 2.0) -> Tensor:
     return kd_loss(z_s, z_t, T, standardize=True)
 
 
-def _kd_to_probs(z_s: Tensor, p_t: Tensor, T: float) -> Tensor:
-    """``KL(p_t ‖ softmax(z_s/T)) · T²`` (batchmean) for given teacher probabilities p_t (B, K)."""
+def kd_to_probs(z_s: Tensor, p_t: Tensor, T: float) -> Tensor:
+    """``KL(p_t ‖ softmax(z_s/T)) · T²`` (batchmean) for given teacher probabilities.
+
+    z_s: (B, K) student logits, p_t: (B, K) teacher probabilities (e.g. an ensemble's mean) -> scalar.
+    """
     log_p_s = F.log_softmax(z_s / T, dim=1)
     return F.kl_div(log_p_s, p_t, reduction="batchmean") * T**2
 
@@ -91,7 +94,7 @@ def dkd_loss(z_s: Tensor, z_t: Tensor, y: Tensor, alpha: float = 1.0, beta: floa
     return alpha * tckd + beta * nckd
 
 
-def _pearson(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
+def pearson(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
     """Pearson correlation of ``a`` and ``b`` (one shape) along ``dim``, ``eps`` added to the denominator
     (DIST's form): ``Σ â b̂ / (‖â‖ ‖b̂‖ + eps)`` with â, b̂ centered along ``dim``; ``dim`` is reduced."""
     a = a - a.mean(dim, keepdim=True)
@@ -111,6 +114,6 @@ def dist_loss(z_s: Tensor, z_t: Tensor, beta: float = 1.0, gamma: float = 1.0, T
     _checks.check_real("gamma", gamma)
     _checks.check_positive("temperature T", T)
     p_s, p_t = F.softmax(z_s / T, dim=1), F.softmax(z_t / T, dim=1)
-    inter = 1.0 - _pearson(p_s, p_t, 1).mean()
-    intra = 1.0 - _pearson(p_s.T, p_t.T, 1).mean()
+    inter = 1.0 - pearson(p_s, p_t, 1).mean()
+    intra = 1.0 - pearson(p_s.T, p_t.T, 1).mean()
     return T**2 * (beta * inter + gamma * intra)

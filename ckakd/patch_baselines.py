@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ckakd.functional import PATCH_MIX_ORDER, PATCH_RESIZE, fit_patch_size, mix_reduction, patch_cka_loss, patch_grid
-from ckakd.logit_kd import _pearson
-from ckakd.ops.patch import to_problems
+from ckakd.logit_kd import pearson
+from ckakd.ops.patch_alignment_stats import to_problems
 from ckakd.wasserstein import wkd_feature_loss
 
 __all__ = [
@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 MIX_ORDER = PATCH_MIX_ORDER  # reduce="mix" (PCKA paper, Table 5): level 0, level 1, later levels
+
+Maps = Tensor | Sequence[Tensor]  # one (B, C, H, W) map or a list of paired levels
 
 
 def _level_lists(
@@ -194,7 +196,9 @@ def level_patch_size(
     return fit_patch_size(hw, _size(patch_size), mode=mode, resize=resize)
 
 
-def kd_patch_loss(f_s, f_t, *, patch_size=(4, 4), temperature: float = 1.0, weight: float = 1.0) -> Tensor:
+def kd_patch_loss(
+    f_s: Maps, f_t: Maps, *, patch_size: int | Sequence[int] = (4, 4), temperature: float = 1.0, weight: float = 1.0
+) -> Tensor:
     """KD inside each (sample, channel, patch): KL(softmax(t/τ) ‖ softmax(s/τ)) over positions, ·τ², mean."""
     total = None
     for s, t in _pairs(f_s, f_t):
@@ -205,7 +209,9 @@ def kd_patch_loss(f_s, f_t, *, patch_size=(4, 4), temperature: float = 1.0, weig
     return weight * total
 
 
-def at_patch_loss(f_s, f_t, *, patch_size=(4, 4), p: float = 2.0, weight: float = 1.0) -> Tensor:
+def at_patch_loss(
+    f_s: Maps, f_t: Maps, *, patch_size: int | Sequence[int] = (4, 4), p: float = 2.0, weight: float = 1.0
+) -> Tensor:
     """Attention transfer per patch: a = normalize(mean_c |f|^p) within every patch; mean squared difference."""
     total = None
     for s, t in _pairs(f_s, f_t):
@@ -217,11 +223,17 @@ def at_patch_loss(f_s, f_t, *, patch_size=(4, 4), p: float = 2.0, weight: float 
 
 
 def _pearson_distance(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
-    return 1 - _pearson(a, b, dim, eps)
+    return 1 - pearson(a, b, dim, eps)
 
 
 def dist_patch_loss(
-    f_s, f_t, *, patch_size=(4, 4), temperature: float = 1.0, beta: float = 1.0, gamma: float = 1.0
+    f_s: Maps,
+    f_t: Maps,
+    *,
+    patch_size: int | Sequence[int] = (4, 4),
+    temperature: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
 ) -> Tensor:
     """DIST on patch distributions (softmax over a patch's positions): β·inter (Pearson over positions per
     row) + γ·intra (Pearson over the (sample, channel, patch) rows per position), ·τ²."""
@@ -236,7 +248,7 @@ def dist_patch_loss(
     return total
 
 
-def mmd_patch_loss(f_s, f_t, *, patch_size=(4, 4), weight: float = 1.0) -> Tensor:
+def mmd_patch_loss(f_s: Maps, f_t: Maps, *, patch_size: int | Sequence[int] = (4, 4), weight: float = 1.0) -> Tensor:
     """The MMD term of Zhou et al., IJCAI 2024 (``ckakd.mmd_loss``) on every channel's patch matrix at once: per
     channel c, rows are the patches and features are (sample, in-patch position), as PCKA's ``reduce="channel"``;
     mean over channels, summed over levels (the paper's Table 7 "MMD w/ patch")."""
@@ -258,7 +270,9 @@ def _mmd_rows(x: Tensor) -> tuple[Tensor, int]:
     return x.sum(1).square().sum(-1) / (n**2 * gram_norm.clamp_min(tiny)), n
 
 
-def wkd_feature_fpn_loss(f_s, f_t, *, grid: int = 1, mean_weight: float = 2.0, weight: float = 1.0) -> Tensor:
+def wkd_feature_fpn_loss(
+    f_s: Maps, f_t: Maps, *, grid: int = 1, mean_weight: float = 2.0, weight: float = 1.0
+) -> Tensor:
     """WKD-F (``ckakd.wkd_feature_loss``: Wasserstein distance of per-channel diagonal Gaussians) summed over
     FPN levels; a level too small for the grid uses grid 1, and single-position levels (P7 of a small image:
     no variance) are skipped."""

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ckakd.feature_kd import at_loss
 
-from .base import FeatureDistiller, _check_feature_map
+from .base import FeatureDistiller, check_feature_map
 from .registry import register_distiller
 
 __all__ = ["AT"]
@@ -49,8 +49,8 @@ class AT(FeatureDistiller):
         feats_s, feats_t = self._hooked()
         loss = None
         for path_s, path_t, f_s, f_t in zip(self._hooks_s.paths, self._hooks_t.paths, feats_s, feats_t, strict=True):
-            _check_feature_map(f_s, "student", path_s)
-            _check_feature_map(f_t, "teacher", path_t)
+            check_feature_map(f_s, "student", path_s)
+            check_feature_map(f_t, "teacher", path_t)
             term = at_loss(f_s, f_t, self.p)
             loss = term if loss is None else loss + term
         return {"at": self.at_weight * loss}

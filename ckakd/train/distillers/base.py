@@ -78,13 +78,15 @@ def _conv1x1(c_in: int, c_out: int, *, bn: bool, relu: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _check_mode(mode: str) -> str:
+def check_mode(mode: str) -> str:
+    """``mode`` itself when it is a CKA mode (centered / debiased / uncentered), else a ``ValueError``."""
     if mode not in _CKA_MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, _CKA_MODES))}; got {mode!r}")
     return mode
 
 
-def _check_feature_map(f: Tensor, role: str, path: str) -> None:
+def check_feature_map(f: Tensor, role: str, path: str) -> None:
+    """Refuse a hooked feature that is not a (B, C, H, W) map, naming the ``role``'s module ``path``."""
     if f.dim() != 4:
         raise ValueError(f"the {role}'s feature at {path!r} must be a (B, C, H, W) map, got shape {tuple(f.shape)}")
 
@@ -95,7 +97,8 @@ def _module_device(model: nn.Module) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 
-def _teacher_list(teacher: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module]:
+def teacher_list(teacher: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module]:
+    """One teacher, a sequence or ``nn.ModuleList`` of them, or None -> a plain list (empty for None)."""
     if teacher is None:
         return []
     if isinstance(teacher, nn.ModuleList):
@@ -146,7 +149,7 @@ class Distiller(nn.Module):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
         self.student = student
-        teachers = _teacher_list(teacher)
+        teachers = teacher_list(teacher)
         for t in teachers:
             if not isinstance(t, nn.Module):
                 raise TypeError(f"teachers must be nn.Module instances, got {type(t).__name__}")

@@ -8,11 +8,10 @@ from typing import Any
 import torch.nn as nn
 from torch import Tensor
 
-import ckakd
-from ckakd.functional import lcka_loss, rcka_logit_options
+from ckakd.functional import cka_loss, lcka_loss, rcka_logit_options, rcka_loss
 
 from ..distributed import gather_batch
-from .base import Distiller, FeatureDistiller, _check_mode
+from .base import Distiller, FeatureDistiller, check_mode
 from .registry import register_distiller
 
 __all__ = ["FCKA", "LCKA", "RCKA"]
@@ -44,7 +43,7 @@ class FCKA(FeatureDistiller):
         ce_weight: float = 1.0,
         input_shape: Sequence[int] | None = None,
     ) -> None:
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         super().__init__(
             student, teacher, feature_paths_s, feature_paths_t, ce_weight=ce_weight, input_shape=input_shape
         )
@@ -53,7 +52,7 @@ class FCKA(FeatureDistiller):
     def losses(self, x: Tensor, y: Tensor, logits_s: Tensor) -> dict[str, Tensor]:
         self.teacher_logits(x)
         feats_s, feats_t = self._hooked(gather=self.global_batch)
-        return {"fcka": self.alpha * ckakd.cka_loss(feats_s, feats_t, mode=self.mode)}
+        return {"fcka": self.alpha * cka_loss(feats_s, feats_t, mode=self.mode)}
 
 
 @register_distiller("lcka")
@@ -81,7 +80,7 @@ class LCKA(Distiller):
         input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(student, teacher, ce_weight=ce_weight, input_shape=input_shape)
-        self.beta, self.mode, self.global_batch = float(beta), _check_mode(mode), bool(global_batch)
+        self.beta, self.mode, self.global_batch = float(beta), check_mode(mode), bool(global_batch)
         self.logit_options = _rcka_logit_options(self.mode, with_l2_norm, soften, temperature)
 
     def losses(self, x: Tensor, y: Tensor, logits_s: Tensor) -> dict[str, Tensor]:
@@ -120,7 +119,7 @@ class RCKA(FeatureDistiller):
         ce_weight: float = 1.0,
         input_shape: Sequence[int] | None = None,
     ) -> None:
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         logit_options = _rcka_logit_options(mode, with_l2_norm, soften, temperature)
         super().__init__(
             student, teacher, feature_paths_s, feature_paths_t, ce_weight=ce_weight, input_shape=input_shape
@@ -134,7 +133,7 @@ class RCKA(FeatureDistiller):
         z_s = logits_s
         if self.global_batch:
             z_s, z_t = gather_batch(z_s), gather_batch(z_t)
-        parts = ckakd.rcka_loss(
+        parts = rcka_loss(
             feats_s,
             feats_t,
             z_s,

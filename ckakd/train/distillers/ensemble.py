@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ckakd.logit_kd import _kd_to_probs, kd_loss, standardize_logits
+from ckakd.logit_kd import kd_loss, kd_to_probs, standardize_logits
 
-from .base import Distiller, _teacher_list
+from .base import Distiller, teacher_list
 from .registry import register_distiller
 
 __all__ = ["STUDENT_VIEW", "EnsembleKD"]
@@ -53,7 +53,7 @@ class EnsembleKD(Distiller):
         teacher_views: Sequence[str] | None = None,
         input_shape: Sequence[int] | None = None,
     ) -> None:
-        teachers = _teacher_list(teachers)
+        teachers = teacher_list(teachers)
         if len(teachers) == 0:
             raise ValueError("EnsembleKD needs at least one teacher")
         if reduce not in ("mean_loss", "mean_target"):
@@ -131,5 +131,5 @@ class EnsembleKD(Distiller):
             p_t = torch.stack(
                 [F.softmax((standardize_logits(z) if self.standardize else z) / self.T, dim=1) for z in zts]
             ).mean(0)
-            loss = _kd_to_probs(z_s, p_t, self.T)
+            loss = kd_to_probs(z_s, p_t, self.T)
         return {"kd": self.kd_weight * loss}

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import math
 
-from ckakd.feature_kd import _attention as _attention  # old private names, still importable
-from ckakd.feature_kd import _match_spatial as _match_spatial
 from ckakd.feature_kd import at_loss
-from ckakd.logit_kd import _kd_to_probs as _kd_to_probs
 from ckakd.logit_kd import dist_loss, dkd_loss, kd_loss, standardize_logits
 
 __all__ = ["standardize_logits", "kd_loss", "dkd_loss", "dist_loss", "at_loss", "cosine_decay_weight"]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch.nn as nn
 from torch import Tensor
 
-import ckakd
+from ckakd.functional import mmd_loss
 
 from .base import FeatureDistiller
 from .registry import register_distiller
@@ -42,4 +42,4 @@ class MMD(FeatureDistiller):
     def losses(self, x: Tensor, y: Tensor, logits_s: Tensor) -> dict[str, Tensor]:
         self.teacher_logits(x)
         feats_s, feats_t = self._hooked(gather=self.global_batch)
-        return {"mmd": self.weight * ckakd.mmd_loss(feats_s, feats_t)}
+        return {"mmd": self.weight * mmd_loss(feats_s, feats_t)}

@@ -7,11 +7,10 @@ from collections.abc import Sequence
 import torch.nn as nn
 from torch import Tensor
 
-import ckakd
-from ckakd.feature_kd import match_spatial as _match_spatial
-from ckakd.functional import MIN_PATCHES, PATCH_RESIZE, fit_patch_size, mix_reduction, patch_grid
+from ckakd.feature_kd import match_spatial
+from ckakd.functional import MIN_PATCHES, PATCH_RESIZE, fit_patch_size, mix_reduction, patch_cka_loss, patch_grid
 
-from .base import FeatureDistiller, _check_feature_map, _check_mode
+from .base import FeatureDistiller, check_feature_map, check_mode
 from .registry import register_distiller
 
 __all__ = ["PatchCKA"]
@@ -62,7 +61,7 @@ class PatchCKA(FeatureDistiller):
             raise ValueError(f"patch_size must be a positive int or a pair of positive ints, got {patch_size!r}")
         if reduce not in _PATCH_REDUCTIONS:
             raise ValueError(f"reduce must be one of {', '.join(map(repr, _PATCH_REDUCTIONS))}; got {reduce!r}")
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         if resize is None:
             resize = "ceil" if mode == "uncentered" else "nearest"
         if resize not in PATCH_RESIZE:
@@ -79,8 +78,8 @@ class PatchCKA(FeatureDistiller):
         loss = None
         for i, (f_s, f_t) in enumerate(zip(feats_s, feats_t, strict=True)):
             path_s, path_t = self._hooks_s.paths[i], self._hooks_t.paths[i]
-            _check_feature_map(f_s, "student", path_s)
-            _check_feature_map(f_t, "teacher", path_t)
+            check_feature_map(f_s, "student", path_s)
+            check_feature_map(f_t, "teacher", path_t)
             key = self._proj_keys[i]
             if key is not None:
                 f_s = self.extra[key](f_s)
@@ -89,7 +88,7 @@ class PatchCKA(FeatureDistiller):
                     f"PatchCKA: the student feature {path_s!r} has {f_s.shape[1]} channels but the teacher feature "
                     f"{path_t!r} has {f_t.shape[1]}; pass input_shape=(C, H, W) so a conv1x1 projector can be built"
                 )
-            f_s, f_t = _match_spatial(f_s, f_t)
+            f_s, f_t = match_spatial(f_s, f_t)
             h, w = f_s.shape[-2:]
             patch = fit_patch_size((h, w), self.patch_size, mode=self.mode, resize=self.resize)
             gh, gw = patch_grid((h, w), patch, self.resize)
@@ -99,6 +98,6 @@ class PatchCKA(FeatureDistiller):
                     f"{self.mode!r} (needs at least {MIN_PATCHES[self.mode]} patches); hook larger feature maps"
                 )
             reduce = mix_reduction(i) if self.reduce == "mix" else self.reduce
-            term = ckakd.patch_cka_loss(f_s, f_t, patch_size=patch, reduce=reduce, mode=self.mode, resize=self.resize)
+            term = patch_cka_loss(f_s, f_t, patch_size=patch, reduce=reduce, mode=self.mode, resize=self.resize)
             loss = term if loss is None else loss + term
         return {"patch_cka": self.weight * loss}

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch.nn as nn
 
-from .base import Distiller, _teacher_list
+from .base import Distiller, teacher_list
 
 __all__ = [
     "DISTILLERS",
@@ -133,7 +133,7 @@ def build_distiller(
     if missing:
         raise ValueError(f"distiller {name!r} ({cls.__name__}) requires the argument(s) {missing}")
     count = _TEACHERS[(task, name)]
-    tlist = _teacher_list(teachers)
+    tlist = teacher_list(teachers)
     if not tlist and count != "optional":
         raise ValueError(f"distiller {name!r} needs a teacher, got none")
     if count == "many":

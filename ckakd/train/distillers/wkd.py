@@ -9,10 +9,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-import ckakd
-from ckakd.feature_kd import match_spatial as _match_spatial
+from ckakd.feature_kd import match_spatial
+from ckakd.interrelation import cost_from_interrelation, load_interrelation
+from ckakd.wasserstein import wkd_feature_loss
+from ckakd.wkd import wkd_logit_loss
 
-from .base import Distiller, FeatureDistiller, _check_feature_map
+from .base import Distiller, FeatureDistiller, check_feature_map
 from .losses import cosine_decay_weight
 from .registry import register_distiller
 
@@ -24,8 +26,8 @@ def _load_cost(cost: object, sharpen: float) -> Tensor:
     if not sharpen > 0:
         raise ValueError(f"sharpen must be > 0, got {sharpen}")
     if isinstance(cost, str | os.PathLike):
-        ir, _ = ckakd.load_interrelation(cost)
-        c = ckakd.cost_from_interrelation(ir, sharpen=sharpen)
+        ir, _ = load_interrelation(cost)
+        c = cost_from_interrelation(ir, sharpen=sharpen)
     else:
         if sharpen != 1.0:
             raise ValueError(
@@ -138,7 +140,7 @@ class WKDLogit(Distiller):
 
     def _wkd_l(self, y: Tensor, logits_s: Tensor, z_t: Tensor) -> Tensor:
         self._check_cost_width(logits_s.shape[1])
-        return ckakd.wkd_logit_loss(
+        return wkd_logit_loss(
             logits_s,
             z_t,
             self.cost.to(device=logits_s.device),
@@ -176,10 +178,10 @@ class _WKDFeaturePart(FeatureDistiller):
     def _wkd_feature_loss(self) -> Tensor:
         """Unweighted WKD-F loss of the latest forwards (call after the teacher forward)."""
         (f_s,), (f_t,) = self._hooked()
-        _check_feature_map(f_s, "student", self._hooks_s.paths[0])
-        _check_feature_map(f_t, "teacher", self._hooks_t.paths[0])
-        f_s, f_t = _match_spatial(self.extra["proj"](f_s), f_t)
-        return ckakd.wkd_feature_loss(f_s, f_t, grid=self.grid, mean_weight=self.mean_weight, cov=self.cov)
+        check_feature_map(f_s, "student", self._hooks_s.paths[0])
+        check_feature_map(f_t, "teacher", self._hooks_t.paths[0])
+        f_s, f_t = match_spatial(self.extra["proj"](f_s), f_t)
+        return wkd_feature_loss(f_s, f_t, grid=self.grid, mean_weight=self.mean_weight, cov=self.cov)
 
 
 @register_distiller("wkd_f")

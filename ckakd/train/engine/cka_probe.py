@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ckakd.functional import cka
+
 from ..hooks import FeatureHooks
 
 __all__ = ["CKA_MAX_IMAGES", "check_cka_paths", "collect_images", "measure_cka"]
@@ -47,8 +49,6 @@ def measure_cka(
 ) -> dict[str, float]:
     """``{"cka/<student path>~<teacher path>": CKA}`` of ``student`` and ``teacher`` on ``images`` (in chunks of 128;
     the student's train/eval mode is restored)."""
-    import ckakd
-
     was_training = student.training
     student.eval()
     hs = FeatureHooks(student, [p for p, _ in pairs], detach=True)
@@ -72,5 +72,5 @@ def measure_cka(
         student.train(was_training)
     out = {}
     for ps, pt in pairs:
-        out[f"cka/{ps}~{pt}"] = float(ckakd.cka(torch.cat(feats_s[ps]), torch.cat(feats_t[pt]), backend="torch"))
+        out[f"cka/{ps}~{pt}"] = float(cka(torch.cat(feats_s[ps]), torch.cat(feats_t[pt]), backend="torch"))
     return out
