@@ -139,7 +139,7 @@ def _cells(x: Tensor, gh: int, gw: int) -> tuple[Tensor, Tensor | None, Tensor]:
     return v, mask, mask.sum(-1)
 
 
-def _cell_stats(x: Tensor, gh: int, gw: int, full: bool, eps: float) -> tuple[Tensor, Tensor]:
+def cell_stats(x: Tensor, gh: int, gw: int, full: bool, eps: float) -> tuple[Tensor, Tensor]:
     """Per (batch, cell): mean (B, G, C) and variance + eps (B, G, C) or covariance + eps·I (B, G, C, C)."""
     v, mask, n = _cells(x, gh, gw)
     if mask is None:
@@ -211,8 +211,8 @@ def wkd_feature_loss(
         # c² in float64 (it overflows fp32 for |f| >= 2^64): (B, 1), against the (B, G) per-cell terms
         c2 = c.to(torch.float64).square().reshape(-1, 1)
         eps_c = (eps / c2.unsqueeze(-1)).to(acc)  # (B, 1, 1), against the (B, G, C) variances
-        mu_s, cov_s = _cell_stats(xs / c, gh, gw, full, 0.0)
-        mu_t, cov_t = _cell_stats(xt / c, gh, gw, full, 0.0)
+        mu_s, cov_s = cell_stats(xs / c, gh, gw, full, 0.0)
+        mu_t, cov_t = cell_stats(xt / c, gh, gw, full, 0.0)
         if full:
             eye = torch.eye(f_s.shape[1], dtype=acc, device=f_s.device)
             eps_c = eps_c.unsqueeze(-1) * eye  # (B, 1, C, C)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ckakd import reference as R
-from ckakd.wasserstein import _cell_stats, cell_bounds, gaussian_wasserstein, sqrtm_psd, wkd_feature_loss
+from ckakd.wasserstein import cell_bounds, cell_stats, gaussian_wasserstein, sqrtm_psd, wkd_feature_loss
 from tests.conftest import TOLERANCES
 
 f64 = torch.float64
@@ -179,7 +179,7 @@ def test_gaussian_wasserstein_bad_inputs():
 def test_cell_bounds_match_adaptive_avg_pool():
     x = torch.randn(2, 3, 7, 9, dtype=f64)
     for g in (1, 2, 3, 4):
-        mean, _ = _cell_stats(x, g, g, False, 0.0)
+        mean, _ = cell_stats(x, g, g, False, 0.0)
         pooled = F.adaptive_avg_pool2d(x, g).permute(0, 2, 3, 1).reshape(2, g * g, 3)
         _close(mean, pooled, f64)
         assert cell_bounds(7, g) == R.adaptive_bounds(7, g)
