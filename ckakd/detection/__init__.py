@@ -13,14 +13,12 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         (
             "BoxCoder",
-            "batched_nms",
             "box_area",
             "box_iou",
             "clip_boxes",
             "generalized_box_iou",
             "giou_loss",
             "iou_loss",
-            "nms",
             "remove_small_boxes",
             "sigmoid_focal_loss",
         ),
@@ -40,6 +38,7 @@ _EXPORTS: dict[str, str] = {
         ),
         "models",
     ),
+    **dict.fromkeys(("batched_nms", "nms", "roi_align"), "ops"),
     **dict.fromkeys(("DetectionTask",), "task"),
     **dict.fromkeys(("DISTILL_METHODS", "DetectionDistiller"), "distillers"),
     **dict.fromkeys(("evaluate_detector", "train_detector"), "trainer"),
@@ -73,6 +72,7 @@ __all__ = [
     "iou_loss",
     "nms",
     "remove_small_boxes",
+    "roi_align",
     "sigmoid_focal_loss",
 ]
 
@@ -89,6 +89,7 @@ _SUBMODULES = frozenset(
         "distillers",
         "evaluation",
         "models",
+        "ops",
         "runner",
         "task",
         "trainer",

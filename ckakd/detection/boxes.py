@@ -14,14 +14,13 @@ import torch.nn.functional as F
 
 __all__ = [
     "BoxCoder",
-    "batched_nms",
     "box_area",
     "box_iou",
+    "check_boxes",
     "clip_boxes",
     "generalized_box_iou",
     "giou_loss",
     "iou_loss",
-    "nms",
     "remove_small_boxes",
     "sigmoid_focal_loss",
 ]
@@ -29,7 +28,8 @@ __all__ = [
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-def _check_boxes(boxes: torch.Tensor, name: str) -> None:
+def check_boxes(boxes: torch.Tensor, name: str) -> None:
+    """``TypeError`` / ``ValueError`` unless ``boxes`` is a floating-point (N, 4) xyxy tensor (named ``name``)."""
     if not isinstance(boxes, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(boxes).__name__}")
     if boxes.dim() != 2 or boxes.shape[-1] != 4:
@@ -50,7 +50,7 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
     """Areas of ``boxes`` (N, 4) xyxy -> (N,)."""
-    _check_boxes(boxes, "boxes")
+    check_boxes(boxes, "boxes")
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
@@ -65,8 +65,8 @@ def _inter_union(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tens
 
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Pairwise IoU: ``boxes1`` (N, 4), ``boxes2`` (M, 4) -> (N, M). Two empty boxes give 0 (not NaN)."""
-    _check_boxes(boxes1, "boxes1")
-    _check_boxes(boxes2, "boxes2")
+    check_boxes(boxes1, "boxes1")
+    check_boxes(boxes2, "boxes2")
     inter, union = _inter_union(boxes1, boxes2)
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(inter))
 
@@ -76,8 +76,8 @@ def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Ten
 
     ``boxes1`` (N, 4), ``boxes2`` (M, 4) -> (N, M), values in [-1, 1].
     """
-    _check_boxes(boxes1, "boxes1")
-    _check_boxes(boxes2, "boxes2")
+    check_boxes(boxes1, "boxes1")
+    check_boxes(boxes2, "boxes2")
     inter, union = _inter_union(boxes1, boxes2)
     tiny = torch.finfo(union.dtype).tiny
     iou = torch.where(union > 0, inter / union.clamp(min=tiny), torch.zeros_like(inter))
@@ -90,8 +90,8 @@ def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Ten
 
 
 def _paired_iou_giou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_boxes(boxes1, "boxes1")
-    _check_boxes(boxes2, "boxes2")
+    check_boxes(boxes1, "boxes1")
+    check_boxes(boxes2, "boxes2")
     if boxes1.shape != boxes2.shape:
         raise ValueError(
             f"boxes1 and boxes2 must be matched pairs of equal shape, got {tuple(boxes1.shape)} "
@@ -146,8 +146,8 @@ class BoxCoder:
 
     def encode(self, anchors: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Deltas of ``boxes`` (N, 4) relative to ``anchors`` (N, 4) -> (N, 4). Sizes must be positive."""
-        _check_boxes(anchors, "anchors")
-        _check_boxes(boxes, "boxes")
+        check_boxes(anchors, "anchors")
+        check_boxes(boxes, "boxes")
         if anchors.shape != boxes.shape:
             raise ValueError(
                 f"anchors and boxes must have equal shapes, got {tuple(anchors.shape)} and {tuple(boxes.shape)}"
@@ -167,8 +167,8 @@ class BoxCoder:
 
     def decode(self, anchors: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
         """Boxes (N, 4) xyxy from ``deltas`` (N, 4) applied to ``anchors`` (N, 4)."""
-        _check_boxes(anchors, "anchors")
-        _check_boxes(deltas, "deltas")
+        check_boxes(anchors, "anchors")
+        check_boxes(deltas, "deltas")
         if anchors.shape != deltas.shape:
             raise ValueError(
                 f"anchors and deltas must have equal shapes, got {tuple(anchors.shape)} and {tuple(deltas.shape)}"
@@ -185,53 +185,6 @@ class BoxCoder:
         cx, cy = dx * aw + ax, dy * ah + ay
         w, h = torch.exp(dw) * aw, torch.exp(dh) * ah
         return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=1)
-
-
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy non-maximum suppression.
-
-    Visits boxes by decreasing score (ties: lower index first), keeps a box and drops every remaining box whose
-    IoU with it is ``> iou_threshold``. ``boxes`` (N, 4), ``scores`` (N,) -> kept indices (K,) int64, sorted by
-    decreasing score.
-    """
-    _check_boxes(boxes, "boxes")
-    if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"scores must have shape ({boxes.shape[0]},), got {tuple(scores.shape)}")
-    if boxes.shape[0] == 0:
-        return torch.empty(0, dtype=torch.long, device=boxes.device)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    sorted_boxes = boxes[order]
-    alive = torch.ones(order.shape[0], dtype=torch.bool, device=boxes.device)
-    keep: list[int] = []
-    idx = 0
-    while True:
-        keep.append(idx)
-        alive[idx] = False
-        alive &= box_iou(sorted_boxes[idx : idx + 1], sorted_boxes)[0] <= iou_threshold
-        nxt = torch.nonzero(alive)
-        if nxt.numel() == 0:
-            break
-        idx = int(nxt[0, 0])
-    return order[torch.tensor(keep, dtype=torch.long, device=boxes.device)]
-
-
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Class-wise NMS: boxes of different ``labels`` never suppress each other.
-
-    Implemented by shifting each class's boxes by ``label * (max coordinate span + 1)`` so that boxes of
-    different classes cannot overlap, then one :func:`nms`. Returns kept indices (K,) sorted by decreasing score.
-    """
-    _check_boxes(boxes, "boxes")
-    if labels.shape != scores.shape or scores.shape != boxes.shape[:1]:
-        raise ValueError(
-            f"scores and labels must have shape ({boxes.shape[0]},), got {tuple(scores.shape)} "
-            f"and {tuple(labels.shape)}"
-        )
-    if boxes.shape[0] == 0:
-        return torch.empty(0, dtype=torch.long, device=boxes.device)
-    span = boxes.max() - boxes.min() + 1
-    offsets = labels.to(boxes.dtype) * span
-    return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
 def sigmoid_focal_loss(
@@ -264,7 +217,7 @@ def sigmoid_focal_loss(
 
 def clip_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Clamp ``boxes`` (N, 4) into an image of ``size = (height, width)`` -> (N, 4)."""
-    _check_boxes(boxes, "boxes")
+    check_boxes(boxes, "boxes")
     h, w = int(size[0]), int(size[1])
     x = boxes[:, 0::2].clamp(min=0, max=w)
     y = boxes[:, 1::2].clamp(min=0, max=h)
@@ -273,7 +226,7 @@ def clip_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def remove_small_boxes(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
     """Indices (K,) of the boxes (N, 4) whose width and height are both ``>= min_size``."""
-    _check_boxes(boxes, "boxes")
+    check_boxes(boxes, "boxes")
     ws = boxes[:, 2] - boxes[:, 0]
     hs = boxes[:, 3] - boxes[:, 1]
     return torch.nonzero((ws >= min_size) & (hs >= min_size)).flatten()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 import ckakd
 from ckakd import _checks
+from ckakd.detection.ops import roi_align
 from ckakd.interrelation import InterrelationBuilder, interrelation
 from ckakd.patch_baselines import MIX_ORDER as MIX_ORDER  # importable here as before
 from ckakd.patch_baselines import (
@@ -55,7 +56,7 @@ __all__ = [
     "select_confident_locations",
     "detection_class_interrelation",
     "box_levels",
-    "roi_align",
+    "roi_features",
     "at_patch_loss",
     "dist_patch_loss",
     "PatchMimic",
@@ -197,25 +198,18 @@ def box_levels(boxes: Tensor, strides: Sequence[int], cells: float = 4.0) -> Ten
     return (torch.log2(side / cells)[:, None] - log_strides[None]).abs().argmin(1)
 
 
-def roi_align(feature: Tensor, boxes: Tensor, stride: int, output_size: int = 7) -> Tensor:
-    """RoIAlign with one bilinear sample per bin: a level map (C, H, W) of stride ``stride`` and boxes (n, 4)
-    xyxy image pixels -> (n, C, S, S), the map sampled at the S×S bin centers of every box (cell (i, j) is
-    centered at pixel ((j + ½)·stride, (i + ½)·stride); border values outside the map)."""
+def roi_features(feature: Tensor, boxes: Tensor, stride: int, output_size: int = 7) -> Tensor:
+    """RoIAlign of one image's level map with one bilinear sample per bin: a map (C, H, W) of stride ``stride`` and
+    boxes (n, 4) xyxy image pixels -> (n, C, S, S), the map sampled at the S×S bin centers of every box (cell (i, j)
+    is centered at pixel ((j + ½)·stride, (i + ½)·stride)): :func:`~ckakd.detection.ops.roi_align` with
+    ``sampling_ratio=1, aligned=True`` (a sample more than half a cell outside the map gives 0)."""
     if feature.dim() != 3 or boxes.dim() != 2 or boxes.shape[-1] != 4:
         raise ValueError(
             f"expected feature (C, H, W) and boxes (n, 4), got {tuple(feature.shape)} and {tuple(boxes.shape)}"
         )
-    c, h, w = feature.shape
-    n, s = boxes.shape[0], int(output_size)
-    t = (torch.arange(s, dtype=feature.dtype, device=feature.device) + 0.5) / s
     boxes = boxes.to(feature.dtype)
-    xs = boxes[:, 0:1] + t[None] * (boxes[:, 2:3] - boxes[:, 0:1])  # (n, S) bin centers, pixels
-    ys = boxes[:, 1:2] + t[None] * (boxes[:, 3:4] - boxes[:, 1:2])
-    gx = (2.0 * xs / (w * stride) - 1.0)[:, None, :].expand(n, s, s)  # grid_sample: (x, y) in [-1, 1]
-    gy = (2.0 * ys / (h * stride) - 1.0)[:, :, None].expand(n, s, s)
-    grid = torch.stack([gx, gy], dim=-1).reshape(1, n * s, s, 2)
-    out = F.grid_sample(feature[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out[0].reshape(c, n, s, s).permute(1, 0, 2, 3)
+    rois = torch.cat([boxes.new_zeros(boxes.shape[0], 1), boxes], dim=1)
+    return roi_align(feature[None], rois, int(output_size), 1.0 / stride, sampling_ratio=1, aligned=True)
 
 
 ROI_SOURCES = ("cls_tower", "fpn")
@@ -253,7 +247,7 @@ def detection_class_interrelation(
 
     Per class, teacher features of its ground-truth objects: every box of ``dataset`` (items (image, target),
     target "boxes" (N, 4) xyxy pixels and "labels" (N,) 0-based: ``SyntheticDigitsDetection``,
-    ``CocoDetection``) is RoI-aligned (:func:`roi_align`, ``roi_size``²) on the FPN level where it spans about
+    ``CocoDetection``) is RoI-aligned (:func:`roi_features`, ``roi_size``²) on the FPN level where it spans about
     4 strides (:func:`box_levels`). ``source="cls_tower"`` (default) pools the output of the teacher's
     classification tower — the input of its classifier conv, the analogue of the penultimate features WKD
     computes IR from in classification (and of the RoI-head features of the Faster R-CNN it used for
@@ -313,7 +307,7 @@ def detection_class_interrelation(
                 level = box_levels(boxes, strides)
                 for lv in level.unique().tolist():
                     pick = level == lv
-                    rows.append(roi_align(maps[lv][b], boxes[pick], strides[lv], roi_size))
+                    rows.append(roi_features(maps[lv][b], boxes[pick], strides[lv], roi_size))
                     labels.append(lab[pick])
             if rows:
                 feats = torch.cat(rows)

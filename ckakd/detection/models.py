@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from ckakd.train.models.imagenet import ImageNetBasicBlock, ImageNetBottleneck
 
-from .boxes import BoxCoder, batched_nms, box_iou, clip_boxes, giou_loss, sigmoid_focal_loss
+from .boxes import BoxCoder, box_iou, clip_boxes, giou_loss, sigmoid_focal_loss
+from .ops import batched_nms
 
 __all__ = [
     "AnchorGenerator",

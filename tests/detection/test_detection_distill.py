@@ -277,15 +277,15 @@ def test_wkd_logit_dense_errors_name_the_shapes():
         wkd_logit_dense_loss(cls_levels(0), cls_levels(1), cost, topk=0)
 
 
-def test_roi_align_samples_bin_centers_and_box_levels():
-    from ckakd.detection.distill import box_levels, roi_align
+def test_roi_features_sample_bin_centers_and_box_levels():
+    from ckakd.detection.distill import box_levels, roi_features
 
     h, w, stride = 6, 8, 4
     cols = torch.arange(w, dtype=torch.float64).expand(h, w)
     rows = torch.arange(h, dtype=torch.float64)[:, None].expand(h, w)
     feature = torch.stack([cols, rows])  # channel 0: the cell's column, channel 1: its row
     boxes = torch.tensor([[4.0, 6.0, 20.0, 18.0], [2.0, 2.0, 30.0, 22.0]], dtype=torch.float64)
-    out = roi_align(feature, boxes, stride, output_size=3)
+    out = roi_features(feature, boxes, stride, output_size=3)
     assert out.shape == (2, 2, 3, 3)
     for n, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
         for i in range(3):
@@ -324,7 +324,7 @@ def tiny_digits(n: int = 24):
 
 def centroid_by_hand(teacher, dataset) -> torch.Tensor:
     """Class means of the RoI-aligned cls-tower features, one image at a time; cosine of the means."""
-    from ckakd.detection.distill import box_levels, roi_align
+    from ckakd.detection.distill import box_levels, roi_features
 
     teacher.eval()
     sums, counts = {}, {}
@@ -334,7 +334,7 @@ def centroid_by_hand(teacher, dataset) -> torch.Tensor:
             maps = [teacher.head.cls_tower(f) for f in teacher.features(image[None])]
             levels = box_levels(target["boxes"], teacher.strides)
             for box, label, lv in zip(target["boxes"], target["labels"].tolist(), levels.tolist(), strict=True):
-                row = roi_align(maps[lv][0], box[None], teacher.strides[lv], 7).flatten().double()
+                row = roi_features(maps[lv][0], box[None], teacher.strides[lv], 7).flatten().double()
                 sums[label] = sums.get(label, 0) + row
                 counts[label] = counts.get(label, 0) + 1
     means = torch.stack([sums[c] / counts[c] for c in range(10)])

@@ -9,14 +9,12 @@ import torch
 
 from ckakd.detection.boxes import (
     BoxCoder,
-    batched_nms,
     box_area,
     box_iou,
     clip_boxes,
     generalized_box_iou,
     giou_loss,
     iou_loss,
-    nms,
     remove_small_boxes,
     sigmoid_focal_loss,
 )
@@ -48,21 +46,6 @@ def _pair_iou(a: list[float], b: list[float]) -> tuple[float, float]:
     c = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
     iou = inter / union
     return iou, iou - (c - union) / c
-
-
-def _brute_nms(boxes: torch.Tensor, scores: torch.Tensor, thr: float) -> list[int]:
-    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
-    b = boxes.tolist()
-    keep: list[int] = []
-    suppressed = [False] * len(order)
-    for pos, i in enumerate(order):
-        if suppressed[pos]:
-            continue
-        keep.append(i)
-        for pos2 in range(pos + 1, len(order)):
-            if not suppressed[pos2] and _pair_iou(b[i], b[order[pos2]])[0] > thr:
-                suppressed[pos2] = True
-    return keep
 
 
 # ---------------------------------------------------------------------------------------------- boxes
@@ -114,37 +97,6 @@ def test_iou_and_giou_losses_on_matched_pairs() -> None:
     assert float(giou_loss(b1, b2, reduction="mean")) == pytest.approx(float(giou_loss(b1, b2).mean()), abs=1e-6)
     with pytest.raises(ValueError, match="matched pairs"):
         giou_loss(b1, b2[:3])
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("thr", [0.3, 0.5, 0.7])
-def test_nms_matches_bruteforce(seed: int, thr: float) -> None:
-    boxes = _random_boxes(60, seed, size=60.0)
-    scores = torch.rand(60, generator=torch.Generator().manual_seed(seed + 100))
-    keep = nms(boxes, scores, thr)
-    ref = _brute_nms(boxes, scores, thr)
-    assert keep.tolist() == ref
-    assert bool((scores[keep][1:] <= scores[keep][:-1]).all())
-    assert nms(boxes[:0], scores[:0], thr).numel() == 0
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_batched_nms_matches_per_class_bruteforce(seed: int) -> None:
-    boxes = _random_boxes(50, seed, size=40.0)
-    scores = torch.rand(50, generator=torch.Generator().manual_seed(seed + 7))
-    labels = torch.randint(0, 3, (50,), generator=torch.Generator().manual_seed(seed + 9))
-    keep = batched_nms(boxes, scores, labels, 0.5)
-    ref: list[int] = []
-    for c in range(3):
-        idx = torch.nonzero(labels == c).flatten()
-        ref += [int(idx[i]) for i in _brute_nms(boxes[idx], scores[idx], 0.5)]
-    ref.sort(key=lambda i: -float(scores[i]))
-    assert keep.tolist() == ref
-    # two identical boxes of different classes both survive; of the same class only one
-    two = torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 2)
-    s = torch.tensor([0.9, 0.8])
-    assert batched_nms(two, s, torch.tensor([0, 1]), 0.5).tolist() == [0, 1]
-    assert batched_nms(two, s, torch.tensor([1, 1]), 0.5).tolist() == [0]
 
 
 def test_sigmoid_focal_loss_matches_direct_formula() -> None:
