@@ -45,12 +45,12 @@ TARGETS = (
     Target.launches("cuda", "b64-c100", "backward", 1),
 )
 # The `launches` column counts the kernels launched inside the Sinkhorn ops only (not the softmax, mean, ... of
-# the loss around them): the custom ops of ckakd/ops/sinkhorn.py and the extension's ops they call.
+# the loss around them): the fixed-mode ops of the extension and their torch twins (ckakd/ops/sinkhorn_fixed.py).
 KERNEL_SCOPE = (
-    "ckakd::sinkhorn_fixed",
-    "ckakd::sinkhorn_fixed_grad",
     "ckakd::sinkhorn_fixed_forward",
     "ckakd::sinkhorn_fixed_backward",
+    "ckakd::sinkhorn_fixed_forward_torch",
+    "ckakd::sinkhorn_fixed_backward_torch",
 )
 
 

@@ -148,7 +148,7 @@ class OpBench:
     baseline: str  # provider whose value and gradients every other provider must match
     targets: tuple[Target, ...] = ()
     self_test: Callable[[], None] | None = None
-    # Profiler names of the ops whose kernels the `launches` column counts (e.g. "ckakd::sinkhorn_fixed");
+    # Profiler names of the ops whose kernels the `launches` column counts (e.g. "ckakd::sinkhorn_fixed_forward");
     # empty: every kernel of the call.
     kernel_scope: tuple[str, ...] = ()
 

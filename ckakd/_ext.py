@@ -9,8 +9,9 @@ and ``torch.ops.ckakd.sinkhorn_converged_forward``, the log-domain converged mod
    the sources are not next to the package (a non-editable install);
 3. ``None``: callers use the pure-torch Sinkhorn; one warning per process says so and why.
 
-The result is cached. ``status()`` tells what was loaded. After loading, shape-only fake kernels are registered
-for all its ops, so they work under ``torch.compile`` / fake tensors (``torch.library.opcheck`` passes).
+The result is cached. ``status()`` tells what was loaded. Right after loading, the registrations queued with
+``when_loaded`` run once: the op modules give the extension's ops their fake kernels and autograd formulas there
+(so the ops work under autograd, fake tensors and ``torch.compile``; ``torch.library.opcheck`` passes).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import re
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ JIT_NAME = "ckakd_C_jit"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 _state: dict[str, object] = {"ok": False, "detail": "ckakd._ext.load() has not been called yet"}
+_registrations: list[Callable[[], None]] = []  # see when_loaded
 
 
 def _prebuilt() -> tuple[types.ModuleType | None, str]:
@@ -98,37 +101,13 @@ def build_error_summary(exc: BaseException, max_lines: int = 12) -> str:
     return summary + ("".join(f"\n    {ln}" for ln in picked[:max_lines]) if picked else "")
 
 
-def _register_fakes() -> None:
-    """Shape-only kernels for fake tensors / meta / torch.compile."""
-
-    def forward_fake(p, q, K, KC, u0, iters):
-        B, C = p.shape
-        return (
-            p.new_empty((B,)),
-            p.new_empty((iters + 1, B, C)),
-            p.new_empty((iters, B, C)),
-            p.new_empty((iters, B, C)),
-            p.new_empty((iters, B, C)),
-            p.new_empty((B, C)),  # w = v_T KC^T
-        )
-
-    def backward_fake(grad_cost, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, need_q=True):
-        return p.new_empty(p.shape), (p.new_empty(p.shape) if need_q else p.new_empty(0))
-
-    def converged_fake(p, q, cost, eps, tol, max_iter):
-        info = p.new_empty((2,), dtype=torch.float64)  # [iterations, marginal error]
-        return p.new_empty((p.shape[0],)), p.new_empty(p.shape), p.new_empty(p.shape), info
-
-    for name, fake in (
-        ("sinkhorn_fixed_forward", forward_fake),
-        ("sinkhorn_fixed_backward", backward_fake),
-        ("sinkhorn_converged_forward", converged_fake),
-    ):
-        try:
-            torch.library.register_fake(f"ckakd::{name}", fake)
-        except RuntimeError as exc:  # already registered (e.g. a second loader in the process): keep that one
-            if "already" not in str(exc):
-                raise
+def when_loaded(register: Callable[[], None]) -> None:
+    """Run ``register`` once the extension is loaded: at the end of the first successful ``load()``, or now if
+    that has happened. The op modules (``ckakd.ops.sinkhorn_fixed``, ``ckakd.ops.sinkhorn_converged``) register the
+    fake kernels and autograd formulas of the extension's ops this way, once per process."""
+    _registrations.append(register)
+    if _state["ok"]:
+        register()
 
 
 @functools.cache
@@ -149,8 +128,9 @@ def load() -> types.ModuleType | None:
         )
         return None
     has_cuda = bool(getattr(module, "has_cuda", lambda: False)())
-    _register_fakes()
     _state.update(ok=True, detail=f"{detail}, {'with' if has_cuda else 'without'} CUDA kernels")
+    for register in _registrations:
+        register()
     return module
 
 

@@ -16,7 +16,7 @@ from ckakd.ops import _backend
 from ckakd.ops.alignment import MODES
 from ckakd.ops.patch import REDUCTIONS
 from ckakd.wasserstein import COVARIANCES, wkd_feature_loss
-from ckakd.wkd import _check_cost, _check_solver_args, wkd_logit_loss
+from ckakd.wkd import check_cost, check_solver_args, wkd_logit_loss
 
 ArrayLike = Any  # numpy arrays, nested sequences of numbers
 
@@ -167,11 +167,11 @@ class WKDLogitLoss(nn.Module):
     ) -> None:
         super().__init__()
         cost = _checks.to_float_tensor("cost", cost)
-        _check_cost(cost, cost.shape[0] if cost.dim() == 2 else -1, cost.device)
+        check_cost(cost, cost.shape[0] if cost.dim() == 2 else -1, cost.device)
         self.register_buffer("cost", cost.detach().clone())
         self.temperature = _checks.check_positive("temperature", temperature)
         self.gamma = _checks.check_weight("gamma", gamma)
-        _check_solver_args(eps, iters, tol, 1000)
+        check_solver_args(eps, iters, tol, 1000)
         self.eps, self.iters, self.tol = float(eps), int(iters), None if tol is None else float(tol)
         self.backend = _checks.check_choice("backend", backend, _backend.SINKHORN_BACKENDS)
 

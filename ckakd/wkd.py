@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ckakd import _checks
 from ckakd.ops import _backend
-from ckakd.ops.sinkhorn import VALUES, fixed_kernels, sinkhorn_fixed, solve_converged, warn_if_kernel_underflows
+from ckakd.ops.sinkhorn import VALUES, sinkhorn_fixed, solve_converged
+from ckakd.ops.sinkhorn_fixed import fixed_kernels
 
 __all__ = ["sinkhorn", "wkd_logit_loss"]
 
@@ -59,7 +60,9 @@ def _check_histograms(p: Tensor, q: Tensor, validate: bool) -> tuple[Tensor, Ten
     return p, q, batched
 
 
-def _check_cost(cost: Tensor, num_classes: int, device: torch.device) -> None:
+def check_cost(cost: Tensor, num_classes: int, device: torch.device) -> None:
+    """Refuse a cost that is not a finite, nonnegative (C, C) float matrix on ``device`` with C = ``num_classes``
+    (the value check, a host sync, once per cost tensor and in-place version)."""
     _checks.check_float_tensor("cost", cost)
     if cost.device != device:
         raise ValueError(f"inputs must be on one device, got p on {device}, cost on {cost.device}")
@@ -111,24 +114,29 @@ class _CostCache:
         if entry is not None:
             entry["valid"] = True
 
-    def kernels(self, cost: Tensor, eps: float, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    def kernels(
+        self, cost: Tensor, eps: float, dtype: torch.dtype, device: torch.device, stacklevel: int = 2
+    ) -> tuple[Tensor, Tensor]:
+        """``fixed_kernels`` of the detached cost (C, C), memoized (``stacklevel`` of its warning as in
+        ``warnings.warn``, 2: this method's caller)."""
         entry = self._entry(cost)
         key = ("kernels", float(eps), dtype, device)
         if entry is not None and key in entry:
             return entry[key]
-        c = cost.detach().to(device=device, dtype=dtype)
-        k = torch.exp(-c / eps)
-        warn_if_kernel_underflows(k, c, eps)
-        result = (k, k * c)
+        result = fixed_kernels(cost.detach(), eps, dtype, device, stacklevel + 1)
         if entry is not None:
             entry[key] = result
         return result
 
 
 _COST_CACHE = _CostCache()
+# The stacklevel of the solver's warnings, from _solve_fp's callees: _solve_fp, _solve, sinkhorn / wkd_logit_loss,
+# then the user's call.
+_USER = 5
 
 
-def _check_solver_args(eps: float, iters: int, tol: float | None, max_iter: int) -> None:
+def check_solver_args(eps: float, iters: int, tol: float | None, max_iter: int) -> None:
+    """Refuse a bad ε, iteration count, tolerance or iteration cap of ``sinkhorn``."""
     _checks.check_positive("eps", eps)
     _checks.check_int("iters", iters, minimum=1)
     if tol is not None:
@@ -150,12 +158,12 @@ def _solve_fp(p, q, cost, eps, iters, tol, max_iter, backend, u0, value) -> Tens
     if tol is not None:
         c = cost.to(device=p.device, dtype=work)  # differentiable: a cost that requires grad gets one
         return solve_converged(
-            p.contiguous(), q.contiguous(), c.contiguous(), float(eps), float(tol), max_iter, resolved, value
+            p.contiguous(), q.contiguous(), c.contiguous(), float(eps), float(tol), max_iter, resolved, value, _USER
         )
     if cost.requires_grad and torch.is_grad_enabled():  # autograd through K = exp(-C/eps), K∘C: not cached
-        K, KC = fixed_kernels(cost, eps, work, p.device)
+        K, KC = fixed_kernels(cost, eps, work, p.device, _USER)
     else:
-        K, KC = _COST_CACHE.kernels(cost, eps, work, p.device)
+        K, KC = _COST_CACHE.kernels(cost, eps, work, p.device, _USER)
     if u0 is None:  # the uniform start, broadcast (stride 0) so the first product is one row, not a GEMM
         u0 = p.new_full((1, p.shape[1]), 1.0 / p.shape[1]).expand_as(p)
     else:
@@ -196,8 +204,8 @@ def sinkhorn(
     backend: "auto" (the C++/CUDA extension when built, else torch), "torch", "cpp", "cuda".
     """
     p2, q2, batched = _check_histograms(p, q, validate)
-    _check_cost(cost, p2.shape[1], p2.device)
-    _check_solver_args(eps, iters, tol, max_iter)
+    check_cost(cost, p2.shape[1], p2.device)
+    check_solver_args(eps, iters, tol, max_iter)
     _checks.check_choice("value", value, VALUES)
     if value != "transport" and tol is None:
         raise ValueError(f"value={value!r} needs the converged mode (tol=...); the fixed mode returns <P, C>")
@@ -236,8 +244,8 @@ def wkd_logit_loss(
     temperature = _checks.check_positive("temperature", temperature)
     gamma = _checks.check_weight("gamma", gamma)
     B, C = logits_s.shape
-    _check_cost(cost, C, logits_s.device)
-    _check_solver_args(eps, iters, tol, 1000)
+    check_cost(cost, C, logits_s.device)
+    check_solver_args(eps, iters, tol, 1000)
     work = torch.float64 if torch.float64 in (logits_s.dtype, logits_t.dtype) else torch.float32
     zs, zt = logits_s.to(work), logits_t.to(work)
     if target is None:

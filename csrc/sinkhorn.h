@@ -24,8 +24,10 @@
 //   sinkhorn_fixed_backward(grad_cost, p, q, K, KC, u_hist, v_hist, a_hist, b_hist, w, need_q=True)
 //       -> (grad_p, grad_q)   (grad_q has shape (0,) when need_q is false)
 //   (w is returned by the forward so that the backward needs one (B x C)(C x C) product fewer.)
-//   sinkhorn_converged_forward(p, q, cost, eps, tol, max_iter) -> (value, grad_p, grad_q, info)
+//   sinkhorn_converged_forward(p, q, cost, eps, tol, max_iter) -> (value, f, g, info)
 //     (sinkhorn_converged.cpp; schema there as a TORCH_LIBRARY_FRAGMENT)
+// Fake kernels and autograd formulas: registered from Python when the extension loads (ckakd/ops/sinkhorn_fixed.py,
+// ckakd/ops/sinkhorn_converged.py), which also hold the torch twins of these ops (same schemas, `*_torch`).
 // Memory: O(T*B*C + C*C); never B*C*C.
 #pragma once
 

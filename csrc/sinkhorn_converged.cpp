@@ -1,6 +1,6 @@
 // Batched log-domain Sinkhorn run to convergence (the converged mode of ckakd.sinkhorn), with ATen tensor ops
 // only: one implementation serves CPU and CUDA tensors (registered under CompositeExplicitAutograd). It is the
-// algorithm of `converged_potentials` / `_centered_potential` in ckakd/ops/sinkhorn.py, step for step:
+// algorithm of `converged_potentials` in ckakd/ops/sinkhorn_converged.py (the op's torch twin), step for step:
 //
 //   float64 throughout; p, q rescaled to unit mass; log K = -cost/eps, K = exp(log K); f = g = 0
 //   for it = 1..max_iter:
@@ -20,7 +20,8 @@
 // over a (rows, C, C) tensor in chunks of at most 2^24 elements; the other samples keep the shifted product. Every
 // sample still runs `it` iterations. The final value's LSE recomputes exactly the flagged samples (one more sync).
 // The entropic value and all gradients (the envelope one and the implicit one of the transport value) are formed
-// from f and g by ckakd/ops/sinkhorn.py, for both backends.
+// from f and g by the ops of ckakd/ops/sinkhorn_converged.py, for both backends; that module also registers this
+// op's fake kernel and autograd formula when the extension loads.
 
 // Schema (namespace ckakd, registered here as a fragment of sinkhorn.cpp's library):
 //   sinkhorn_converged_forward(Tensor p, Tensor q, Tensor cost, float eps, float tol, int max_iter)
@@ -43,7 +44,7 @@ namespace {
 constexpr const char* kOp = "ckakd::sinkhorn_converged_forward";
 constexpr int64_t kFallbackElements = int64_t{1} << 24;  // per chunk of the exact (rows, C, C) log-sum-exp
 constexpr int64_t kCheckEvery = 10;
-// log of 2^(-1022+53+2): see converged_potentials' LOG_FAST_FLOOR in ckakd/ops/sinkhorn.py
+// log of 2^(-1022+53+2): see LOG_FAST_FLOOR in ckakd/ops/sinkhorn_converged.py
 const double kLogFastFloor = (-1022 + 53 + 2) * std::log(2.0);
 
 using ConvergedResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

@@ -103,15 +103,26 @@ def test_student_only_gradient_skips_nothing_it_needs(backend, iters):
     )
 
 
-def test_opcheck_fixed_op():
-    from ckakd.ops.sinkhorn import sinkhorn_fixed
+def _fixed_ops(backend: str):
+    """The fixed-mode (forward, backward) ops of ``backend``: the extension's, or their torch twins."""
+    ops = _ext_or_skip() if backend != "torch" else torch.ops.ckakd
+    suffix = "_torch" if backend == "torch" else ""
+    return getattr(ops, "sinkhorn_fixed_forward" + suffix), getattr(ops, "sinkhorn_fixed_backward" + suffix)
 
+
+def test_opcheck_fixed_op(backend):
+    """Schema, fakes and the registered autograd of the fixed-mode ops (with and without a gradient for q)."""
+    forward, backward = _fixed_ops(backend)
     p, q = _histograms(3, 5)
     cost = _random_cost(5)
     K = torch.exp(-cost / 0.1)
     u0 = torch.full_like(p, 0.2)
-    torch.library.opcheck(sinkhorn_fixed, (p.requires_grad_(), q.requires_grad_(), K, K * cost, u0, 4, "torch"))
-    torch.library.opcheck(sinkhorn_fixed, (p, q.detach(), K, K * cost, u0, 4, "torch"))
+    torch.library.opcheck(forward.default, (p.requires_grad_(), q.requires_grad_(), K, K * cost, u0, 4))
+    torch.library.opcheck(forward.default, (p, q.detach(), K, K * cost, u0, 4))
+    out = forward(p.detach(), q.detach(), K, K * cost, u0, 4)
+    g = torch.randn(3, dtype=torch.float64)
+    for need_q in (True, False):
+        torch.library.opcheck(backward.default, (g, p.detach(), q.detach(), K, K * cost, *out[1:], need_q))
 
 
 def test_target_separation_equals_per_sample_reduced_costs(backend):
@@ -302,7 +313,7 @@ EXACT_ROWS = {"far_class": [0, 1, 2, 3, 4, 5], "partial_far": [1, 2]}  # samples
 def test_converged_ext_matches_torch(kind, B, C, eps, max_iter, dtype):
     """The extension's converged op is the torch reference's algorithm: values, envelope gradients,
     iteration count and marginal error agree to rounding (they are computed by the same ATen calls)."""
-    from ckakd.ops.sinkhorn import converged_potentials
+    from ckakd.ops.sinkhorn_converged import converged_potentials
 
     ext = _ext_or_skip()
     p, q, cost = _converged_problem(kind, B, C, dtype)
@@ -366,10 +377,19 @@ def test_opcheck_converged_ext_op(kind):
 
 
 def test_opcheck_converged_op(backend):
-    from ckakd.ops.sinkhorn import sinkhorn_converged
-
+    """Schema, fakes and the registered autograd of the converged forward op of ``backend`` (the extension's or
+    its torch twin), of the entropic value's op and of the backward op they share."""
+    ops = _ext_or_skip() if backend != "torch" else torch.ops.ckakd
+    forward = ops.sinkhorn_converged_forward_torch if backend == "torch" else ops.sinkhorn_converged_forward
     p, q, cost = _converged_problem("zero_mass", 3, 5)
-    torch.library.opcheck(sinkhorn_converged, (p.requires_grad_(), q.requires_grad_(), cost, 0.1, 1e-9, 50, backend))
+    torch.library.opcheck(forward.default, (p.requires_grad_(), q.requires_grad_(), cost, 0.1, 1e-9, 50))
+    _, f, g, _ = forward(p.detach(), q.detach(), cost, 0.1, 1e-9, 50)
+    entropic = torch.ops.ckakd.sinkhorn_converged_entropic.default
+    torch.library.opcheck(entropic, (p, q, cost.clone().requires_grad_(), f, g, 0.1))
+    grad = torch.randn(3, dtype=torch.float64)
+    for transport, need_cost in ((True, True), (False, False)):
+        args = (grad, p.detach(), q.detach(), cost, f, g, 0.1, transport, need_cost)
+        torch.library.opcheck(torch.ops.ckakd.sinkhorn_converged_backward.default, args)
 
 
 def _log_marginals(p, q):
@@ -424,7 +444,7 @@ def test_converged_results_unchanged_by_sync_free_loop(kind, B, C, eps, max_iter
     """Samples on the shifted product are bitwise what the per-product-checking loop gave; samples on the exact
     path equal the exact iteration. (In ``far_class`` the old loop differs from both by ~5e-4: it kept the
     shifted product where it was finite but had lost its dominant terms to underflow.)"""
-    from ckakd.ops.sinkhorn import converged_potentials, unit_mass
+    from ckakd.ops.sinkhorn_converged import converged_potentials, unit_mass
 
     p, q, cost = _converged_problem(kind, B, C)
     new = converged_potentials(p, q, cost, eps, 1e-10, max_iter)
@@ -494,7 +514,7 @@ def test_converged_failed_sample_restarts_from_snapshot(backend, max_iter, mm_ca
     restored from the previous check and iterated again exactly: the result equals the undisturbed solve.
     mm calls: 2 per iteration, 1 per check (after iterations 10, 20, ...): 25 is iteration 13's g half, 41 the
     check at 20, 45 iteration 23's f half with max_iter 25 (restart from 20 for 5 iterations), 0 the very first."""
-    from ckakd.ops.sinkhorn import converged_potentials
+    from ckakd.ops.sinkhorn_converged import converged_potentials
 
     p, q, cost = _converged_problem("zero_mass", 5, 9)
     clean = _converged_op(p, q, cost, 0.05, 1e-300, max_iter, backend)

@@ -224,6 +224,8 @@ def test_argument_checks():
 def test_opcheck(B, C, iters):
     p, q, K, KC, u0, g = make_problem(B, C, 0.3)
     torch.library.opcheck(ops().sinkhorn_fixed_forward.default, (p, q, K, KC, u0, iters))
+    grad_in = (p.clone().requires_grad_(), q.clone().requires_grad_())  # the autograd registered on the op
+    torch.library.opcheck(ops().sinkhorn_fixed_forward.default, (*grad_in, K, KC, u0, iters))
     out = ops().sinkhorn_fixed_forward(p, q, K, KC, u0, iters)
     torch.library.opcheck(ops().sinkhorn_fixed_backward.default, (g, p, q, K, KC, *out[1:]))
     torch.library.opcheck(ops().sinkhorn_fixed_backward.default, (g, p, q, K, KC, *out[1:], False))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import ckakd
 from ckakd.ops import sinkhorn as S
+from ckakd.ops import sinkhorn_converged, sinkhorn_fixed
 
 BACKENDS = ["torch", "cpp"]
 F64, F32 = torch.float64, torch.float32
@@ -110,9 +111,9 @@ def test_converged_lossy_product_is_detected_without_nonfinite_values():
     """The shifted product of a sample can lose its dominant terms to underflow while staying finite: those
     samples move to the exact path (before, only non-finite ones did)."""
     p, q, cost = _problem("random", seed=0)
-    sol = S.converged_potentials(p, q, cost, 1e-4, 1e-12, 100_000)
+    sol = sinkhorn_converged.converged_potentials(p, q, cost, 1e-4, 1e-12, 100_000)
     assert sorted(sol.exact.tolist()) == [0, 1, 2]
-    sol = S.converged_potentials(p, q, cost, 0.05, 1e-12, 100_000)
+    sol = sinkhorn_converged.converged_potentials(p, q, cost, 0.05, 1e-12, 100_000)
     assert sol.exact.numel() == 0  # ordinary ε: the fast product throughout
 
 
@@ -214,7 +215,7 @@ def test_fixed_cost_gradient_backends_agree(dtype):
 
 @pytest.fixture
 def fresh_underflow_registry(monkeypatch):
-    monkeypatch.setattr(S, "_UNDERFLOW_WARNED", set())
+    monkeypatch.setattr(sinkhorn_fixed, "_UNDERFLOW_WARNED", set())
 
 
 def _underflow_warnings(fn) -> int:
@@ -242,6 +243,25 @@ def test_fixed_mode_warns_once_when_kernel_underflows(backend, fresh_underflow_r
     assert value.abs().max() < 1e-6  # WKD's definition at this ε: unchanged
     assert _underflow_warnings(lambda: run(cost.clone().requires_grad_(), 1e-3)) == 0  # once per (ε, dtype)
     assert _underflow_warnings(lambda: run(cost.clone().requires_grad_(), 2e-3)) == 1
+
+
+def test_solver_warnings_point_at_the_callers_line(fresh_underflow_registry):
+    """The underflow warning (cached kernels, a cost that requires grad, WKD-L) and the not-converged warning are
+    attributed to the line that called ckakd, not to a line inside it."""
+    p, q, cost = (t.float() for t in _problem("random", b=2, c=6))
+    zs, zt = torch.randn(2, 6), torch.randn(2, 6)
+    calls = [
+        lambda: ckakd.sinkhorn(p, q, cost, eps=1e-3),
+        lambda: ckakd.sinkhorn(p, q, cost.clone().requires_grad_(), eps=2e-3),
+        lambda: ckakd.wkd_logit_loss(zs, zt, cost, eps=4e-3),
+        lambda: ckakd.sinkhorn(p.double(), q.double(), cost.double(), eps=0.01, tol=1e-12, max_iter=5),
+    ]
+    for call in calls:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            call()
+        assert len(seen) == 1 and issubclass(seen[0].category, RuntimeWarning), [str(w.message) for w in seen]
+        assert seen[0].filename == __file__, (seen[0].filename, str(seen[0].message))
 
 
 # --------------------------------------------------------------------------- input: half precision, empty
