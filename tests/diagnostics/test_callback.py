@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ckakd import diagnostics as D
+from ckakd.train.distillers import Distiller
 from ckakd.train.engine import Trainer, TrainSettings
 from tests.diagnostics.helpers import (
     TinyBN,
@@ -26,8 +27,6 @@ from tests.diagnostics.helpers import (
 
 
 def _distiller(n_teachers: int = 2):
-    from ckakd.train.distillers import Distiller
-
     torch.manual_seed(7)
     teachers = [TinyBN() for _ in range(n_teachers)]
     student = TinyBN()
@@ -111,7 +110,7 @@ def test_callback_in_trainer(tmp_path):
     model, student, teachers = _distiller(2)
     ds = data(32)
     cb = D.DiagnosticsCallback({"T0": teachers[0], "T1": teachers[1]}, loader(ds, 16), max_batches=1)
-    settings = TrainSettings(epochs=1, out_dir=tmp_path, device="cpu", progress=False, lr=0.01)
+    settings = TrainSettings.create(epochs=1, out_dir=tmp_path, device="cpu", progress=False, lr=0.01)
     trainer = Trainer(model, loader(ds, 16), loader(ds, 16), settings, callbacks=[cb])
     trainer.fit()
     row = trainer.history[-1]

@@ -20,6 +20,7 @@ import torch
 import ckakd
 from ckakd import reference as R
 from ckakd.interrelation import interrelation
+from ckakd.ops._gram_primitives import exp2, mul_pow2, pow2_exponent
 from tests.conftest import TOLERANCES
 
 SCALES = [1e-30, 1e-12, 1e-6, 1.0, 1e8, 1e30]
@@ -72,8 +73,6 @@ def _scaled(t: torch.Tensor, s: float, dtype: torch.dtype, device: str) -> torch
 def test_pow2_helpers_are_exact_and_saturate_correctly():
     """exp2 is exact for every normal exponent; pow2_exponent puts max|x| in [1/2, 1) per entry (0 for
     zero / NaN); mul_pow2 gives ±inf only on overflow, 0 on underflow, never inf·0 = NaN."""
-    from ckakd.ops._gram_primitives import exp2, mul_pow2, pow2_exponent
-
     for dtype, lo, hi in ((torch.float32, -126, 127), (torch.float64, -1022, 1023)):
         e = torch.arange(lo, hi + 1)
         expected = torch.tensor([math.ldexp(1.0, int(i)) for i in e], dtype=torch.float64)

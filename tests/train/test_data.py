@@ -11,12 +11,16 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ckakd.train.data import (
+    CenterCrop,
     Cifar100Dataset,
     Cutout,
     ImageFolderDataset,
     MultiView,
+    Normalize,
     RandAugmentLite,
     RandomCropFlip,
+    RandomResizedCrop,
+    Resize,
     load_digits_dataset,
     make_loader,
     strong_augment,
@@ -260,8 +264,6 @@ def test_loader_workers_deterministic() -> None:
 
 
 def test_resize_shorter_side_and_exact():
-    from ckakd.train.data import Resize
-
     x = torch.rand(3, 20, 40)
     assert Resize(10)(x).shape == (3, 10, 20)
     assert Resize((7, 9))(x).shape == (3, 7, 9)
@@ -270,8 +272,6 @@ def test_resize_shorter_side_and_exact():
 
 
 def test_center_crop_takes_the_middle_and_pads_small_images():
-    from ckakd.train.data import CenterCrop
-
     x = torch.arange(36.0).view(1, 6, 6)
     torch.testing.assert_close(CenterCrop(2)(x), x[:, 2:4, 2:4])
     assert CenterCrop(8)(x).shape == (1, 8, 8)
@@ -279,8 +279,6 @@ def test_center_crop_takes_the_middle_and_pads_small_images():
 
 
 def test_random_resized_crop_is_seeded_and_sized():
-    from ckakd.train.data import RandomResizedCrop
-
     x = torch.rand(3, 50, 70)
     t = RandomResizedCrop(24)
     a = t(x, generator=torch.Generator().manual_seed(3))
@@ -294,8 +292,6 @@ def test_random_resized_crop_is_seeded_and_sized():
 
 
 def test_normalize_checks_channels():
-    from ckakd.train.data import Normalize
-
     x = torch.rand(3, 4, 4)
     out = Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])(x)
     torch.testing.assert_close(out, (x - 0.5) / 0.25)

@@ -150,8 +150,6 @@ def test_loss_names():
 
 
 def test_rcka_matches_functional():
-    import ckakd
-
     d = _make("rcka")
     x, y = _batch()
     logits, losses = d.forward_train(x, y)
