@@ -13,7 +13,7 @@ from ckakd.ops.patch_alignment_stats import mix_reduction
 from ckakd.reference._common import as_dtype
 
 
-def centering_matrix(n: int, *, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+def centering_matrix(n: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
     """H = I - 11ᵀ/n, shape (n, n)."""
     return torch.eye(n, dtype=dtype, device=device) - torch.full((n, n), 1.0 / n, dtype=dtype, device=device)
 
