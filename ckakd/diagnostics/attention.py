@@ -327,6 +327,8 @@ class IoUAccumulator:
 
 
 def layers_for(named: Mapping[str, nn.Module], layer: LayerArg) -> dict[str, str]:
+    """``{model name: CAM layer path}`` from one path, a per-model mapping or None (each model's default layer);
+    every path is checked to exist."""
     if layer is None or isinstance(layer, str):
         layers = {n: layer for n in named}
     elif isinstance(layer, Mapping):
@@ -345,6 +347,7 @@ def layers_for(named: Mapping[str, nn.Module], layer: LayerArg) -> dict[str, str
 
 
 def iou_groups(names: Sequence[str]) -> list[tuple[str, ...]]:
+    """The groups attention IoU is reported for: every pair of ``names``, then all of them when there are >= 3."""
     groups = list(combinations(names, 2))
     if len(names) >= 3:
         groups.append(tuple(names))

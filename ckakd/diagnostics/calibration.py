@@ -104,6 +104,7 @@ def train_val_gap(
 
 
 def check_bins(n_bins: int) -> int:
+    """``n_bins`` as an int when it is one >= 1 (not a bool), else a ``ValueError``."""
     if isinstance(n_bins, bool) or int(n_bins) < 1:
         raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
     return int(n_bins)

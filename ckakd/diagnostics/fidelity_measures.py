@@ -79,6 +79,7 @@ def ensemble_logits(logits: Sequence[Tensor], reducer: str = "prob_mean") -> Ten
 
 
 def pair_name(a: str, b: str) -> str:
+    """The metric-key name of a model pair, ``"a-b"``."""
     return f"{a}-{b}"
 
 
@@ -141,6 +142,8 @@ def _roles(
 
 
 def fidelity_pairs(teachers: list[str], students: list[str], ensemble: str | None) -> list[tuple[str, str]]:
+    """(reference, compared) pairs: each teacher with each student, teacher pairs, then the ensemble with each
+    student when ``ensemble`` is set and there are >= 2 teachers."""
     pairs = [(t, s) for t in teachers for s in students] + list(combinations(teachers, 2))
     if ensemble is not None and len(teachers) >= 2:
         pairs += [(ENSEMBLE_NAME, s) for s in students]

@@ -249,6 +249,7 @@ class Distiller(nn.Module):
 
     @property
     def teacher(self) -> nn.Module:
+        """The first teacher (``AttributeError`` when there is none)."""
         if len(self.teachers) == 0:
             raise AttributeError(f"{type(self).__name__} has no teacher")
         return self.teachers[0]
@@ -262,6 +263,7 @@ class Distiller(nn.Module):
         self.epoch, self.total_epochs = epoch, total_epochs
 
     def train(self, mode: bool = True) -> Distiller:
+        """Set the student and extra modules to train / eval mode; the teachers always stay in eval mode."""
         super().train(mode)
         for t in self.teachers:
             t.eval()
@@ -272,6 +274,7 @@ class Distiller(nn.Module):
         return list(self.extra.values())
 
     def num_extra_parameters(self) -> int:
+        """The number of trainable scalars in :meth:`extra_parameters`."""
         return sum(p.numel() for m in self.extra_parameters() for p in m.parameters())
 
     def learnable_parameters(self) -> Iterator[nn.Parameter]:
@@ -281,19 +284,26 @@ class Distiller(nn.Module):
             yield from m.parameters()
 
     def forward(self, x: Tensor) -> Tensor:
+        """The student's logits (B, K) for images x (B, C, H, W): what evaluation and inference use."""
         return self.student(x)
 
     @torch.no_grad()
     def teacher_logits(self, x: Tensor) -> list[Tensor]:
+        """Each teacher's logits (B, K) for x (B, C, H, W), without gradients."""
         return [t(x) for t in self.teachers]
 
     def losses(self, x: Tensor, y: Tensor, logits_s: Tensor) -> dict[str, Tensor]:
+        """The distillation terms ``{name: scalar}`` for a batch x, labels y (B,) and the student's logits
+        (B, K); the base class adds none (subclasses override it)."""
         return {}
 
     def student_logits(self, x: Tensor) -> Tensor:
+        """The student's logits (B, K) for the training batch x (its own view of a multi-view batch)."""
         return self.student(x)
 
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(student logits (B, K), {loss name: scalar})`` for a batch x and labels y (B,): the weighted CE
+        (when ``ce_weight`` != 0) and :meth:`losses`."""
         if isinstance(x, Mapping) and not self.accepts_views:
             raise TypeError(
                 f"{type(self).__name__} takes plain-tensor batches, got a multi-view batch with views {list(x)}; "
