@@ -1,7 +1,7 @@
 """Build script for ckakd.
 
 The Triton kernels are the subpackage ``ckakd.kernels`` (``ckakd/kernels/``); the
-shipped trainer configs (``configs/**/*.yaml``) are installed as package data of ``ckakd.configs``.
+shipped trainer configs (``ckakd/configs/**/*.yaml``) are installed as package data of ``ckakd.configs``.
 The C++/CUDA extension (``ckakd._C``) is built from ``csrc/`` when sources are present: a
 ``CUDAExtension`` when torch has CUDA and ``CUDA_HOME`` is found (or ``FORCE_CUDA=1``), otherwise a
 ``CppExtension``. Install with ``pip install --no-build-isolation -e .`` so the torch already on the
@@ -127,7 +127,6 @@ def main() -> None:
             "ckakd.kernels",
             "ckakd.configs",
         ],
-        package_dir={"ckakd": "ckakd", "ckakd.configs": "configs"},
         package_data={"ckakd.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,

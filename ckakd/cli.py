@@ -172,6 +172,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
         return run_study_from_args(args)
 
+    from ckakd.detection.config import DetectionConfig  # registers `task: detection` with the loader
     from ckakd.train import config as C
 
     if args.command == "configs":
@@ -183,7 +184,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
     def body() -> None:
         cfg = C.load_config(args.config, args.overrides)
-        if isinstance(cfg, C.DetectionConfig):
+        if isinstance(cfg, DetectionConfig):
             raise ValueError(
                 f"{args.config} is a detection config (task: detection): use `ckakd detect-{args.command}`"
                 if args.command in ("eval", "interrelation")

@@ -180,7 +180,7 @@ def run_study(
             raise ValueError(f"{configs[kind]} must be an ensemble_kd config with standardize={kind == 'standardized'}")
         bundle = runner.build_data(cfg)
         teachers = runner.build_teachers(cfg, bundle)
-        _, val_loader = runner._loaders(cfg, bundle)
+        _, val_loader = runner.build_loaders(cfg, bundle)
         callback = dg.DiagnosticsCallback({"T1": teachers[0], "T2": teachers[1]}, val_loader)
         result = runner.distill(cfg, callbacks=[callback])
         student = runner.build_model(

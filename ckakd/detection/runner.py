@@ -1,4 +1,4 @@
-"""From a resolved :class:`~ckakd.train.config.DetectionConfig` to a detection run.
+"""From a resolved :class:`~ckakd.detection.config.DetectionConfig` to a detection run.
 
 The detection counterpart of :mod:`ckakd.train.runner`, on the same config machinery and the same
 :class:`~ckakd.train.engine.Trainer` (through :class:`~ckakd.detection.task.DetectionTask`): data, detectors
@@ -17,19 +17,19 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
+from ckakd.detection.config import DetectionConfig
 from ckakd.detection.distillers import DISTILL_METHODS, DetectionDistiller
-from ckakd.train.config import DetectionConfig
 from ckakd.train.engine import Trainer, seed_everything
 from ckakd.train.fileio import OutputError
 from ckakd.train.runner import (
     ConfigError,
-    _device,
-    _load_cost,
-    _load_weights,
-    _save_config,
     check_run_resume,
+    load_cost,
+    load_weights,
     preflight,
-    train_settings,
+    run_device,
+    run_settings,
+    save_run_config,
 )
 
 __all__ = [
@@ -187,7 +187,7 @@ def build_teacher_detector(cfg: DetectionConfig, num_classes: int) -> nn.Module:
     if not t.checkpoint:
         raise ConfigError("teacher.checkpoint is required (a latest.pt / best.pt written by `ckakd detect-train`)")
     teacher = build_detector(t.name, t.kwargs, num_classes, section="teacher")
-    _load_weights(teacher, t.checkpoint, "teacher")
+    load_weights(teacher, t.checkpoint, "teacher")
     return teacher
 
 
@@ -201,7 +201,7 @@ def build_detection_distiller(cfg: DetectionConfig, student: nn.Module, teacher:
     for key in ("method", "cost", "student", "teacher"):
         if key in kwargs:
             raise ConfigError(f"distiller.kwargs.{key} is set by the config itself (distiller.name / .cost); drop it")
-    cost = _load_cost(cfg, num_classes)
+    cost = load_cost(cfg, num_classes)
     if cost is not None:
         kwargs["cost"] = cost
     try:
@@ -240,11 +240,11 @@ def train_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: Se
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     model = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
     if cfg.model.checkpoint:
-        _load_weights(model, cfg.model.checkpoint, "model")
+        load_weights(model, cfg.model.checkpoint, "model")
     train, val = detection_loaders(cfg, data)
-    settings = train_settings(cfg, resume=resume)  # type: ignore[arg-type]
+    settings = run_settings(cfg, resume=resume)
     check_run_resume(cfg, settings, model)
-    out = _save_config(cfg)
+    out = save_run_config(cfg)
     result = Trainer(model, train, val, settings, task=DetectionTask(), callbacks=callbacks).fit()
     return {**result, "out_dir": str(out)}
 
@@ -267,13 +267,13 @@ def distill_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: 
     teacher = build_teacher_detector(cfg, data.num_classes)
     student = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
     if cfg.model.checkpoint:
-        _load_weights(student, cfg.model.checkpoint, "model")
+        load_weights(student, cfg.model.checkpoint, "model")
     distiller = build_detection_distiller(cfg, student, teacher, data.num_classes)
     pairs = _cka_pairs(cfg, student, teacher)
     train, val = detection_loaders(cfg, data)
-    settings = train_settings(cfg, resume=resume, cka_pairs=pairs)  # type: ignore[arg-type]
+    settings = run_settings(cfg, resume=resume, cka_pairs=pairs)
     check_run_resume(cfg, settings, distiller)
-    out = _save_config(cfg)
+    out = save_run_config(cfg)
     trainer = Trainer(
         distiller, train, val, settings, task=DetectionTask(), teacher_for_cka=teacher, callbacks=callbacks
     )
@@ -290,8 +290,8 @@ def evaluate_detection_checkpoint(
     cfg = _require_detection(cfg)
     data = build_detection_data(cfg)
     model = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
-    _load_weights(model, os.fspath(checkpoint), "checkpoint")
-    device = _device(cfg.run.device)
+    load_weights(model, os.fspath(checkpoint), "checkpoint")
+    device = run_device(cfg.run.device)
     _, val = detection_loaders(cfg, data)
     metrics = DetectionTask().evaluate(model.to(device), val, device, amp=cfg.run.amp, amp_dtype=cfg.run.amp_dtype)
     if plot is not None:
@@ -318,7 +318,7 @@ def compute_detection_interrelation(
     cfg = _require_detection(cfg)
     data = build_detection_data(cfg)
     teacher = build_teacher_detector(cfg, data.num_classes)
-    device = _device(cfg.run.device)
+    device = run_device(cfg.run.device)
     try:
         ir = detection_class_interrelation(
             teacher.to(device),

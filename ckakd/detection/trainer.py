@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckakd.detection.config import DetectionConfig
 from ckakd.detection.data import make_detection_loader
 from ckakd.detection.distillers import DISTILL_METHODS, DetectionDistiller
 from ckakd.detection.evaluation import METRIC_NAMES
@@ -53,40 +54,19 @@ def detection_settings(
     epochs: int,
     lr: float,
     out_dir: str | Path,
-    seed: int = 0,
+    warmup_iters: int | None = None,
     device: str | torch.device = "cpu",
-    progress: bool = True,
-    resume: bool = False,
-    grad_clip: float | None = 10.0,
-    warmup_iters: int = 100,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    eval_every: int = 1,
-    amp: bool = False,
-    **kwargs: Any,
+    **keywords: Any,
 ) -> TrainSettings:
-    """The detection recipe as :class:`~ckakd.train.engine.TrainSettings`: SGD, step warmup over
-    ``warmup_iters`` optimizer steps (lr/10 -> lr), ×0.1 from 80 % of the epochs on (when epochs >= 3),
-    gradient clipping at 10."""
-    milestones = [int(math.ceil(0.8 * epochs))] if epochs >= 3 else []
-    return TrainSettings(
-        epochs=epochs,
-        out_dir=out_dir,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        schedule="step",
-        milestones=milestones,
-        warmup_steps=warmup_iters,
-        device=str(device),
-        amp=amp,
-        grad_clip=grad_clip,
-        seed=seed,
-        progress=progress,
-        eval_every=eval_every,
-        resume=resume,
-        **kwargs,
-    )
+    """The detection recipe as :class:`~ckakd.train.engine.TrainSettings`: the defaults of the detection config's
+    sections (:class:`~ckakd.detection.config.DetectionConfig`: SGD with momentum 0.9 and weight decay 1e-4, a step
+    warmup over ``warmup_iters`` optimizer steps (lr/10 -> lr; default 100), gradient clipping at 10) with ×0.1 from
+    80 % of the epochs on (when epochs >= 3) and ``device="cpu"``. ``keywords``: any other
+    :meth:`~ckakd.train.engine.TrainSettings.create` keyword (``seed``, ``grad_clip``, ``cka_pairs``, ...)."""
+    keywords.setdefault("milestones", [int(math.ceil(0.8 * epochs))] if epochs >= 3 else [])
+    if warmup_iters is not None:
+        keywords["warmup_steps"] = warmup_iters
+    return TrainSettings.create(epochs, out_dir, schema=DetectionConfig, lr=lr, device=device, **keywords)
 
 
 def train_detector(

@@ -1,26 +1,31 @@
-"""From a resolved :class:`~ckakd.train.config.Config` to a run: data, models, distiller, training loop.
+"""From a resolved :class:`~ckakd.train.config.Config` to a run: the training jobs (:func:`train_teacher`,
+:func:`distill`, :func:`evaluate_checkpoint`, :func:`compute_interrelation`) and what every run shares: its folder
+(:func:`run_dir`), the checks before anything is built (:func:`preflight`, :func:`check_run_resume`) and its
+trainer settings (:func:`run_settings`).
 
 Everything a run needs is built and checked *before* the first step (dataset folders and their format,
-checkpoints against their models, hook paths, class counts, the WKD cost), so a bad config fails in
-seconds with one message naming what is wrong. The CLI (``ckakd``) and the demo call these functions.
+checkpoints against their models, hook paths, class counts, the WKD cost; :mod:`ckakd.train.run_data`,
+:mod:`ckakd.train.run_models`), so a bad config fails in seconds with one message naming what is wrong. The CLI
+(``ckakd``) and the demo call these functions.
 """
 
 from __future__ import annotations
 
+import csv
 import os
-import pickle
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+
+from ckakd.interrelation import interrelation, interrelation_from_loader, save_interrelation
 
 from . import data as D
-from .config import Config
-from .distillers import build_distiller
+from . import distributed as dist
+from .config import Config, ConfigError, load_config
 from .engine import (
     Trainer,
     TrainSettings,
@@ -34,309 +39,53 @@ from .engine import (
 )
 from .fileio import OutputError, probe_writable
 from .hooks import FeatureHooks
-from .models import create_model, list_models
+from .run_data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataBundle,
+    build_data,
+    build_loaders,
+    build_train_views,
+    teacher_augments,
+    train_transform,
+)
+from .run_models import (
+    build_model,
+    build_run_distiller,
+    build_teachers,
+    check_cka_pairs,
+    load_cost,
+    load_weights,
+)
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ConfigError",
     "DataBundle",
     "build_data",
+    "build_loaders",
     "build_model",
     "build_teachers",
     "build_run_distiller",
     "build_train_views",
+    "check_cka_pairs",
+    "load_cost",
+    "load_weights",
     "teacher_augments",
     "train_transform",
-    "train_settings",
+    "run_settings",
+    "run_device",
     "run_dir",
     "preflight",
     "check_run_resume",
+    "save_run_config",
     "train_teacher",
     "cached_train_teacher",
     "distill",
     "evaluate_checkpoint",
     "compute_interrelation",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ConfigError(ValueError):
-    """A config that cannot run (raised before any training starts)."""
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-
-@dataclass
-class DataBundle:
-    train: Dataset
-    val: Dataset
-    num_classes: int
-    input_shape: tuple[int, int, int]  # (C, H, W) of the batches the models see
-    train_transform: Any  # the student's (data.augment)
-    val_transform: Any
-    dataset: str = ""  # data.name
-    native_size: int = 0  # the dataset's native image side (before data.image_size resizing)
-
-
-def _check_root(cfg: Config) -> Path:
-    root = cfg.data.root
-    if not root:
-        raise ConfigError(f"data.root is required for data.name={cfg.data.name!r} (the dataset folder)")
-    path = Path(root).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"data.root: {path} is a file, not the dataset folder (data.name={cfg.data.name!r})")
-    if not path.is_dir():
-        raise ConfigError(f"data.root: folder not found: {path} (data.name={cfg.data.name!r})")
-    return path
-
-
-def build_data(cfg: Config) -> DataBundle:
-    """Datasets and transforms for ``cfg.data``; raises :class:`ConfigError` on a missing or malformed folder."""
-    d = cfg.data
-    if d.name == "digits":
-        # the split is fixed (seed 0) so that runs with different seeds see the same images
-        train, val = D.load_digits_dataset("train", d.val_fraction, 0), D.load_digits_dataset("val", d.val_fraction, 0)
-        native, channels, classes = 8, 1, 10
-    elif d.name == "cifar100":
-        root = _check_root(cfg)
-        try:
-            train, val = D.Cifar100Dataset(root, train=True), D.Cifar100Dataset(root, train=False)
-        except (FileNotFoundError, ValueError, pickle.UnpicklingError) as exc:
-            raise ConfigError(
-                f"data.root={str(root)!r} is not a CIFAR-100 python-pickle folder (expected files 'train', 'test' "
-                f"and 'meta' as in cifar-100-python/): {exc}"
-            ) from exc
-        native, channels, classes = 32, 3, 100
-    elif d.name == "imagefolder":
-        root = _check_root(cfg)
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise ConfigError(
-                    f"data.root={str(root)!r}: expected subfolders 'train' and 'val', each with one folder per "
-                    f"class; '{split}' is missing"
-                )
-        try:
-            train, val = D.ImageFolderDataset(root / "train"), D.ImageFolderDataset(root / "val")
-        except (FileNotFoundError, ValueError) as exc:
-            raise ConfigError(f"data.root={str(root)!r}: {exc}") from exc
-        if train.classes != val.classes:
-            raise ConfigError(
-                f"data.root={str(root)!r}: train has {len(train.classes)} classes and val {len(val.classes)}; "
-                "their class folders must match"
-            )
-        native, channels, classes = 224, 3, len(train.classes)
-    else:  # the config schema restricts the names; keep a clear message for hand-built configs
-        raise ConfigError(f"data.name must be 'digits', 'cifar100' or 'imagefolder', got {d.name!r}")
-    size = d.image_size or native
-    train_t, val_t = _transforms(d.name, d.augment, size, native)
-    return DataBundle(train, val, classes, (channels, size, size), train_t, val_t, d.name, native)
-
-
-def _transforms(name: str, augment: str, size: int, native: int):
-    """(train transform, val transform) as loader collate transforms (``None`` = identity).
-
-    ``augment``: ``none``; ``weak`` = random crop (zero padding size/8) + horizontal flip; ``strong`` = that
-    + RandAugmentLite + Cutout (ImageNet: random-resized crop instead of the padded crop). Digits are never
-    flipped (a mirrored 2, 3, 5 or 7 is not that digit): their ``weak`` is a translation by at most one
-    pixel (8x8: ``RandomCropFlip(8, padding=1, flip_p=0)``), their ``strong`` adds one RandAugment op at
-    magnitude 5 and a 2x2 cutout.
-    """
-    if name == "imagefolder":  # the ImageNet recipe: random-resized crop + flip / resize + centre crop
-        norm = D.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        train = [D.RandomResizedCrop(size)]
-        if augment == "strong":
-            train += [D.RandAugmentLite(), D.Cutout(size // 2)]
-        elif augment == "none":
-            train = [D.Resize(round(size * 256 / 224)), D.CenterCrop(size)]
-        return D.Compose([*train, norm]), D.Compose([D.Resize(round(size * 256 / 224)), D.CenterCrop(size), norm])
-    resize = [D.Resize((size, size))] if size != native else []
-    pad = max(size // 8, 1)
-    flip_p = 0.0 if name == "digits" else 0.5
-    if augment == "weak":
-        train = D.Compose([*resize, D.RandomCropFlip(size, padding=pad, flip_p=flip_p)])
-    elif augment == "strong" and name == "digits":
-        # 8x8 digits: the CIFAR strength (2 ops at magnitude 9, a 4x4 cutout) erases the digit; one op at
-        # magnitude 5 and a 2x2 cutout keep it readable
-        strong = D.strong_augment(size, padding=pad, num_ops=1, magnitude=5.0, cutout=max(size // 4, 1), flip_p=0.0)
-        train = D.Compose([*resize, *strong.transforms])
-    elif augment == "strong":
-        train = D.Compose([*resize, *D.strong_augment(size, padding=pad, flip_p=flip_p).transforms])
-    else:
-        train = D.Compose(resize) if resize else None
-    return train, (D.Compose(resize) if resize else None)
-
-
-# ---------------------------------------------------------------------------------------------- models
-
-
-def _model_error(section: str, name: str | None) -> ConfigError:
-    return ConfigError(f"{section}.name: unknown model {name!r}; registered models: {', '.join(list_models())}")
-
-
-def build_model(name: str | None, kwargs: dict, num_classes: int, in_channels: int, *, section: str) -> nn.Module:
-    """A registry model with the dataset's class count and channels (kwargs may override both)."""
-    if not name or name not in list_models():
-        raise _model_error(section, name)
-    kw = {"num_classes": num_classes, "in_channels": in_channels, **dict(kwargs)}
-    try:
-        return create_model(name, **kw)
-    except TypeError as exc:
-        raise ConfigError(f"{section}.kwargs: {name} does not accept {sorted(kwargs)}: {exc}") from exc
-
-
-def _load_weights(model: nn.Module, path: str, section: str) -> nn.Module:
-    p = Path(path).expanduser()
-    key = "--checkpoint" if section == "checkpoint" else f"{section}.checkpoint"
-    if p.is_dir():
-        raise ConfigError(f"{key}: {p} is a folder, not a checkpoint file")
-    if not p.is_file():
-        raise ConfigError(f"{key}: file not found: {p}")
-    try:
-        load_checkpoint(p, model)
-    except ValueError as exc:
-        fit = "model.name" if section == "checkpoint" else f"{section}.name"
-        raise ConfigError(f"{key}={str(p)!r} does not fit {fit}: {exc}") from exc
-    return model
-
-
-def build_teachers(cfg: Config, bundle: DataBundle, *, require: bool = True) -> list[nn.Module]:
-    """The trained teacher (``teacher``) plus any extra ``teachers``, weights loaded, in eval mode."""
-    specs = []
-    if cfg.teacher.name:
-        specs.append(("teacher", cfg.teacher.name, cfg.teacher.kwargs, cfg.teacher.checkpoint))
-    for i, t in enumerate(cfg.teachers):
-        specs.append((f"teachers[{i}]", t.name, t.kwargs, t.checkpoint))
-    if require and not specs:
-        raise ConfigError(f"distiller {cfg.distiller.name!r} needs a teacher: set teacher.name and teacher.checkpoint")
-    out = []
-    for section, name, kwargs, ckpt in specs:
-        if not ckpt:
-            raise ConfigError(f"{section}.checkpoint is required (a checkpoint written by `ckakd train-teacher`)")
-        model = build_model(name, kwargs, bundle.num_classes, bundle.input_shape[0], section=section)
-        out.append(_load_weights(model, ckpt, section).eval())
-    return out
-
-
-def teacher_augments(cfg: Config) -> list[tuple[str, str | None]]:
-    """``(section, augment)`` of every teacher, in :func:`build_teachers` order (``teacher`` first, then
-    ``teachers[i]``): teacher ``i`` of the distiller reads the view ``"teacher{i}"``."""
-    out: list[tuple[str, str | None]] = []
-    if cfg.teacher.name:
-        out.append(("teacher", cfg.teacher.augment))
-    out += [(f"teachers[{i}]", t.augment) for i, t in enumerate(cfg.teachers)]
-    return out
-
-
-def train_transform(bundle: DataBundle, augment: str) -> Any:
-    """The training transform of strength ``augment`` (``none|weak|strong``) for ``bundle``'s dataset and
-    image size: the one ``data.augment`` selects for the student (``None`` = identity)."""
-    if augment not in ("none", "weak", "strong"):
-        raise ConfigError(f"augment must be 'none', 'weak' or 'strong', got {augment!r}")
-    if not bundle.dataset or not bundle.native_size:
-        raise ConfigError("the DataBundle does not record its dataset and native size: build it with build_data()")
-    return _transforms(bundle.dataset, augment, bundle.input_shape[1], bundle.native_size)[0]
-
-
-def build_train_views(cfg: Config, bundle: DataBundle) -> tuple[D.MultiView | None, list[str] | None]:
-    """Per-model augmentation for ``ensemble_kd``: ``(MultiView train transform, EnsembleKD teacher_views)``.
-
-    The views are ``"student"`` (``data.augment``) and ``"teacher{i}"`` for every teacher ``i`` whose
-    ``augment`` is set, each drawn independently from the same source image; a teacher with
-    ``augment: null`` reads the student's view. ``(None, None)`` when no teacher sets ``augment`` (a plain
-    single-view loader). Raises :class:`ConfigError` when a teacher sets ``augment`` for another
-    distiller, or ``distiller.kwargs.teacher_views`` is set as well.
-    """
-    augs = teacher_augments(cfg)
-    set_by = [section for section, a in augs if a is not None]
-    if not set_by:
-        return None, None
-    if cfg.distiller.name != "ensemble_kd":
-        raise ConfigError(
-            f"{', '.join(s + '.augment' for s in set_by)}: per-teacher augmentation is only used by distiller "
-            f"'ensemble_kd', not {cfg.distiller.name!r}; drop it (set it to null)"
-        )
-    if "teacher_views" in cfg.distiller.kwargs:
-        raise ConfigError(
-            "distiller.kwargs.teacher_views cannot be combined with teacher(s).augment: the views are built from "
-            "the augment settings; drop one of them"
-        )
-    views: dict[str, Any] = {"student": bundle.train_transform}
-    teacher_views: list[str] = []
-    for i, (_, aug) in enumerate(augs):
-        if aug is None:
-            teacher_views.append("student")
-        else:
-            views[f"teacher{i}"] = train_transform(bundle, aug)
-            teacher_views.append(f"teacher{i}")
-    return D.MultiView(views), teacher_views
-
-
-def _load_cost(cfg: Config, num_classes: int) -> torch.Tensor | None:
-    if cfg.distiller.name not in ("wkd_l", "wkd_lf"):
-        return None
-    if not cfg.distiller.cost:
-        raise ConfigError(
-            f"distiller.cost is required for {cfg.distiller.name!r}: the interrelation file of the teacher "
-            "(`ckakd interrelation <config>` writes it)"
-        )
-    from ckakd.interrelation import cost_from_interrelation, load_interrelation
-
-    path = Path(cfg.distiller.cost).expanduser()
-    if path.is_dir():
-        raise ConfigError(f"distiller.cost: {path} is a folder, not an interrelation file")
-    if not path.is_file():
-        raise ConfigError(f"distiller.cost: file not found: {path}")
-    try:
-        ir, _ = load_interrelation(path)
-    except Exception as exc:  # a file of the wrong kind
-        raise ConfigError(f"distiller.cost={str(path)!r} is not an interrelation file: {exc}") from exc
-    if ir.shape[0] != num_classes:
-        raise ConfigError(f"distiller.cost={str(path)!r} is for {ir.shape[0]} classes, the dataset has {num_classes}")
-    return cost_from_interrelation(ir, sharpen=cfg.distiller.sharpen)
-
-
-def build_run_distiller(
-    cfg: Config,
-    student: nn.Module,
-    teachers: list[nn.Module],
-    bundle: DataBundle,
-    *,
-    teacher_views: Sequence[str] | None = None,
-):
-    """``build_distiller`` with the config's kwargs, the loaded WKD cost and the input shape;
-    ``teacher_views`` (from :func:`build_train_views`) goes to ``ensemble_kd``."""
-    kwargs = dict(cfg.distiller.kwargs)
-    if teacher_views is not None:
-        kwargs["teacher_views"] = list(teacher_views)
-    cost = _load_cost(cfg, bundle.num_classes)
-    if cost is not None:
-        kwargs["cost"] = cost
-    if cfg.train.global_gram and "global_batch" not in kwargs and cfg.distiller.name in ("fcka", "lcka", "rcka", "mmd"):
-        kwargs["global_batch"] = True
-    name = cfg.distiller.name
-    teacher_arg: Any = teachers if name == "ensemble_kd" else (teachers[0] if teachers else None)
-    try:
-        return build_distiller(name, student, teacher_arg, input_shape=bundle.input_shape, **kwargs)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ConfigError(f"distiller ({name}): {exc}") from exc
-
-
-def _check_cka_pairs(cfg: Config, student: nn.Module, teacher: nn.Module | None) -> list[tuple[str, str]]:
-    pairs = [tuple(p) for p in cfg.train.cka_pairs]
-    if not pairs and teacher is not None:
-        s_stages, t_stages = getattr(student, "stage_names", None), getattr(teacher, "stage_names", None)
-        if s_stages and t_stages:
-            pairs = [(s_stages[-1], t_stages[-1])]
-    for s_path, t_path in pairs:
-        for model, path, side in ((student, s_path, "student"), (teacher, t_path, "teacher")):
-            if model is None:
-                continue
-            try:
-                FeatureHooks(model, [path]).remove()
-            except (KeyError, ValueError, AttributeError) as exc:
-                raise ConfigError(f"train.cka_pairs: {side} path {path!r}: {exc}") from exc
-    return pairs  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -390,60 +139,32 @@ def check_run_resume(cfg: Any, settings: TrainSettings, model: nn.Module | None 
     :func:`~ckakd.train.engine.check_resume`). Called before the run's ``config.yaml`` is rewritten."""
     if not settings.resume:
         return
-    from . import distributed as dist
-
     try:
         check_resume(run_dir(cfg) / "latest.pt", settings, world_size=dist.env_world_size(), model=model)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
-def train_settings(cfg: Config, *, resume: bool, cka_pairs: Sequence[tuple[str, str]] = ()) -> TrainSettings:
-    s, o, r, t = cfg.schedule, cfg.optim, cfg.run, cfg.train
+def run_settings(cfg: Any, *, resume: bool, cka_pairs: Sequence[tuple[str, str]] = ()) -> TrainSettings:
+    """The :class:`~ckakd.train.engine.TrainSettings` of a run: the config's own ``run`` / ``optim`` / ``schedule``
+    sections, its ``train`` section with ``cka_pairs`` resolved (the pairs the run logs), the run folder, the data
+    section's ``max_train_batches`` and the resolved config (stored in the checkpoints)."""
+    pairs = [tuple(p) for p in cka_pairs]
+    train = cfg.train if pairs == [tuple(p) for p in cfg.train.cka_pairs] else replace(cfg.train, cka_pairs=pairs)
     return TrainSettings(
-        epochs=s.epochs,
         out_dir=run_dir(cfg),
-        lr=o.lr,
-        optimizer=o.name,
-        momentum=o.momentum,
-        weight_decay=o.weight_decay,
-        nesterov=o.nesterov,
-        schedule=s.kind,
-        milestones=tuple(s.milestones),
-        gamma=s.gamma,
-        warmup_epochs=s.warmup_epochs,
-        warmup_steps=s.warmup_steps,
-        device=r.device,
-        amp=r.amp,
-        amp_dtype=r.amp_dtype,
-        grad_clip=t.grad_clip,
-        seed=r.seed,
-        deterministic=r.deterministic,
-        progress=r.progress,
-        log_every=t.log_every,
-        eval_every=t.eval_every,
-        save_every=t.save_every,
-        tensorboard=r.tensorboard,
+        run=cfg.run,
+        optim=cfg.optim,
+        schedule=cfg.schedule,
+        train=train,
         max_train_batches=cfg.data.max_train_batches,
-        cka_pairs=tuple(cka_pairs),
         resume=resume,
         config=cfg.to_dict(),
     )
 
 
-def _loaders(cfg: Config, bundle: DataBundle, train_transform: Any = None):
-    """Seeded (train, val) loaders; under torchrun the Trainer swaps in distributed samplers itself.
-    ``train_transform`` (e.g. a :class:`~ckakd.train.data.MultiView`) replaces the bundle's; validation
-    batches are always plain tensors."""
-    d = cfg.data
-    t = bundle.train_transform if train_transform is None else train_transform
-    train = D.make_loader(bundle.train, d.batch_size, True, cfg.run.seed, d.num_workers, d.drop_last, t)
-    val_bs = max(d.batch_size, 256)
-    val = D.make_loader(bundle.val, val_bs, False, cfg.run.seed, d.num_workers, False, bundle.val_transform)
-    return train, val
-
-
-def _save_config(cfg: Any) -> Path:
+def save_run_config(cfg: Any) -> Path:
+    """Write the resolved config to ``run_dir(cfg)/config.yaml`` (rank 0 only); returns the run folder."""
     out = run_dir(cfg)
     if _rank() == 0:  # under torchrun only rank 0 writes (before the group exists)
         try:
@@ -462,11 +183,11 @@ def train_teacher(cfg: Config, *, resume: bool = False, callbacks: Sequence[Any]
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     model = build_model(cfg.model.name, cfg.model.kwargs, bundle.num_classes, bundle.input_shape[0], section="model")
     if cfg.model.checkpoint:
-        _load_weights(model, cfg.model.checkpoint, "model")
-    train, val = _loaders(cfg, bundle)
-    settings = train_settings(cfg, resume=resume)
+        load_weights(model, cfg.model.checkpoint, "model")
+    train, val = build_loaders(cfg, bundle)
+    settings = run_settings(cfg, resume=resume)
     check_run_resume(cfg, settings, model)
-    out = _save_config(cfg)
+    out = save_run_config(cfg)
     result = Trainer(model, train, val, settings, callbacks=callbacks).fit()
     return {**result, "out_dir": str(out)}
 
@@ -476,10 +197,6 @@ def cached_train_teacher(cfg: Config, *, retrain: bool = False) -> tuple[Path, f
 
     Returns (``best.pt`` path, best val top-1 %, whether the cached run was reused).
     """
-    import csv
-
-    from .config import load_config
-
     tdir = run_dir(cfg)
     ckpt, saved = tdir / "best.pt", tdir / "config.yaml"
     reused = False
@@ -518,13 +235,13 @@ def distill(cfg: Config, *, resume: bool = False, callbacks: Sequence[Any] = (),
     teachers = build_teachers(cfg, bundle, require=needs_teacher)
     student = build_model(cfg.model.name, cfg.model.kwargs, bundle.num_classes, bundle.input_shape[0], section="model")
     if cfg.model.checkpoint:
-        _load_weights(student, cfg.model.checkpoint, "model")
+        load_weights(student, cfg.model.checkpoint, "model")
     distiller = build_run_distiller(cfg, student, teachers, bundle, teacher_views=teacher_views)
-    pairs = _check_cka_pairs(cfg, student, teachers[0] if teachers else None)
-    train, val = _loaders(cfg, bundle, views)
-    settings = train_settings(cfg, resume=resume, cka_pairs=pairs if teachers else ())
+    pairs = check_cka_pairs(cfg, student, teachers[0] if teachers else None)
+    train, val = build_loaders(cfg, bundle, views)
+    settings = run_settings(cfg, resume=resume, cka_pairs=pairs if teachers else ())
     check_run_resume(cfg, settings, distiller)
-    out = _save_config(cfg)
+    out = save_run_config(cfg)
     teacher_for_cka = teachers[0] if teachers else None
     result = Trainer(distiller, train, val, settings, teacher_for_cka=teacher_for_cka, callbacks=callbacks).fit()
     return {**result, "out_dir": str(out)}
@@ -534,13 +251,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | os.PathLike) -> dict:
     """Top-1/top-5/loss of ``cfg.model`` with the weights in ``checkpoint`` on the validation split."""
     bundle = build_data(cfg)
     model = build_model(cfg.model.name, cfg.model.kwargs, bundle.num_classes, bundle.input_shape[0], section="model")
-    _load_weights(model, os.fspath(checkpoint), "checkpoint")
-    _, val = _loaders(cfg, bundle)
-    device = _device(cfg.run.device)
+    load_weights(model, os.fspath(checkpoint), "checkpoint")
+    _, val = build_loaders(cfg, bundle)
+    device = run_device(cfg.run.device)
     return evaluate(model.to(device), val, device)
 
 
-def _device(name: str) -> torch.device:
+def run_device(name: str) -> torch.device:
     """``run.device`` as a torch device (:func:`~ckakd.train.engine.resolve_device`; ``auto``: CUDA when available);
     :class:`ConfigError` when unusable here."""
     try:
@@ -563,11 +280,9 @@ def compute_interrelation(
     Features: the teacher's last stage (``layer``, a dotted path, overrides), every spatial position a row
     (the public CIFAR code); ``kernel="cosine"`` uses the classifier weights instead. Returns the file path.
     """
-    from ckakd.interrelation import interrelation, interrelation_from_loader, save_interrelation
-
     bundle = build_data(cfg)
     (teacher,) = build_teachers(cfg, bundle)[:1]
-    device = _device(cfg.run.device)
+    device = run_device(cfg.run.device)
     teacher = teacher.to(device).eval()
     ckpt = Path(cfg.teacher.checkpoint).expanduser()  # type: ignore[arg-type]
     path = Path(out) if out is not None else ckpt.parent / f"interrelation_{kernel}.pt"

@@ -11,9 +11,10 @@ import torch
 
 from ckakd.apps import cli
 from ckakd.detection import runner
+from ckakd.detection.config import DetectionConfig
 from ckakd.detection.trainer import DetectionDistiller
 from ckakd.interrelation import save_interrelation
-from ckakd.train.config import Config, DetectionConfig, list_configs, load_config
+from ckakd.train.config import Config, list_configs, load_config
 from ckakd.train.engine import load_checkpoint
 
 DETECTION_CONFIGS = [n for n in list_configs() if n.startswith("detection/")]

@@ -68,7 +68,7 @@ def main() -> None:
     torch.manual_seed(100 + rank)  # different initial students: DDP must broadcast rank 0's
     student = tiny_net(16)
     model = KD(student, teacher, ce_weight=1.0)
-    settings = TrainSettings(
+    settings = TrainSettings.create(
         epochs=2, out_dir=base / f"rank{rank}", lr=0.1, schedule="constant", progress=False, cka_pairs=[("3", "3")]
     )
     trainer = Trainer(model, make_loader(train, 8, True, 0), make_loader(val, 16, False, 0), settings)

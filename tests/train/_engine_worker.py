@@ -1,5 +1,5 @@
-"""Subprocess worker for tests/train/test_engine.py and tests/train/test_distributed.py: a tiny deterministic KD run on random
-8×8 images, in one process or under ``torchrun`` (DDP, gloo).
+"""Subprocess worker for tests/train/test_engine.py and tests/train/test_distributed.py: a tiny deterministic KD run
+on random 8×8 images, in one process or under ``torchrun`` (DDP, gloo).
 
     python tests/train/_engine_worker.py OUT_DIR [--epochs N] [--resume]
     python -m torch.distributed.run --nproc_per_node 2 --standalone tests/train/_engine_worker.py OUT_DIR ...
@@ -110,7 +110,7 @@ def build_trainer(out_dir: Path, epochs: int, resume: bool) -> tuple[Trainer, nn
     model = SlowKD(
         student, teacher, out_dir=out_dir, sleep=float(os.environ.get("CKAKD_WORKER_SLEEP", "0")), ce_weight=1.0
     )
-    settings = TrainSettings(
+    settings = TrainSettings.create(
         epochs=epochs,
         out_dir=out_dir,
         lr=0.05,

@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ckakd
+from ckakd.train.config import load_config
 from ckakd.train.data import load_digits_dataset, make_loader, weak_augment
 from ckakd.train.distillers import KD
 from ckakd.train.engine import (
@@ -26,6 +27,7 @@ from ckakd.train.engine import (
     NonFiniteLossError,
     Trainer,
     TrainSettings,
+    check_resume,
     epoch_seed,
     evaluate,
     load_checkpoint,
@@ -33,6 +35,7 @@ from ckakd.train.engine import (
     save_checkpoint,
     seed_everything,
 )
+from ckakd.train.runner import run_dir, run_settings
 from tests.train._engine_worker import wait_for_progress
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +72,7 @@ def mlp(width: int = 16, dropout: float = 0.0, bn: bool = False) -> nn.Module:
 def settings(tmp_path: Path, **kw) -> TrainSettings:
     base = dict(epochs=2, out_dir=tmp_path, lr=0.1, schedule="constant", progress=False, seed=0)
     base.update(kw)
-    return TrainSettings(**base)
+    return TrainSettings.create(**base)
 
 
 def loaders(n_train: int = 128, n_val: int = 64, batch: int = 16, augment: bool = False, seed: int = 0):
@@ -140,16 +143,74 @@ def scripted_kd(**kw) -> ScriptedKD:
 
 def test_settings_validation_names_the_field(tmp_path):
     with pytest.raises(ValueError, match="optimizer"):
-        TrainSettings(epochs=1, out_dir=tmp_path, optimizer="rmsprop")
+        TrainSettings.create(epochs=1, out_dir=tmp_path, optimizer="rmsprop")
     with pytest.raises(ValueError, match="schedule"):
-        TrainSettings(epochs=1, out_dir=tmp_path, schedule="poly")
+        TrainSettings.create(epochs=1, out_dir=tmp_path, schedule="poly")
     with pytest.raises(ValueError, match="epochs"):
-        TrainSettings(epochs=0, out_dir=tmp_path)
+        TrainSettings.create(epochs=0, out_dir=tmp_path)
     with pytest.raises(ValueError, match="cka_pairs"):
-        TrainSettings(epochs=1, out_dir=tmp_path, cka_pairs=["a"])
-    s = TrainSettings(epochs=1, out_dir=tmp_path, cka_pairs=[["a", "b"]], milestones=[3])
-    assert s.cka_pairs == (("a", "b"),) and s.milestones == (3,)
+        TrainSettings.create(epochs=1, out_dir=tmp_path, cka_pairs=["a"])
+    s = TrainSettings.create(epochs=1, out_dir=tmp_path, cka_pairs=[["a", "b"]], milestones=[3])
+    assert s.train.cka_pairs == [("a", "b")] and s.schedule.milestones == [3]
     assert s.to_dict()["out_dir"] == str(tmp_path)
+    with pytest.raises(ValueError, match=r"TrainSettings\.lr: must be > 0"):
+        TrainSettings.create(epochs=1, out_dir=tmp_path, lr=0)
+    with pytest.raises(TypeError, match=r"unexpected keyword 'lrr' \(did you mean 'lr'\?\)"):
+        TrainSettings.create(epochs=1, out_dir=tmp_path, lrr=0.1)
+    # the spellings the keywords accepted before they were checked as config sections
+    s = TrainSettings.create(epochs=1, out_dir=tmp_path, optimizer="SGD", amp_dtype="fp16", device=torch.device("cpu"))
+    assert (s.optim.name, s.run.amp_dtype, s.run.device) == ("sgd", "float16", "cpu")
+
+
+# The flat record a checkpoint stores as "settings", as TrainSettings.to_dict() wrote it when the settings were one
+# flat dataclass (before they were the run/optim/schedule/train sections): the keys and their order are kept.
+OLD_SETTINGS_RECORD = {
+    "epochs": 2, "out_dir": "OUT", "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0005,
+    "nesterov": False, "schedule": "constant", "milestones": [150, 180, 210], "gamma": 0.1, "warmup_epochs": 0,
+    "warmup_steps": 0, "device": "auto", "amp": False, "amp_dtype": "bfloat16", "grad_clip": None, "seed": 0,
+    "deterministic": False, "progress": False, "log_every": 50, "eval_every": 1, "save_every": 1,
+    "tensorboard": False, "max_train_batches": None, "cka_pairs": [], "resume": False, "config": None,
+    "find_unused_parameters": False,
+}  # fmt: skip
+
+
+def test_settings_record_is_the_old_flat_checkpoint_format(tmp_path):
+    s = settings(tmp_path)
+    record = s.to_dict()
+    assert list(record) == list(OLD_SETTINGS_RECORD)
+    assert record == {**OLD_SETTINGS_RECORD, "out_dir": str(tmp_path)}
+    assert TrainSettings.create(**{**record, "out_dir": tmp_path}) == s  # the record's keys are the keywords
+
+
+def test_old_checkpoint_settings_record_still_resumes(tmp_path):
+    """A checkpoint written before the settings were sections (flat "settings", no "config") resumes; a change of
+    a setting that shaped the epochs run is still refused by its old name."""
+    torch.manual_seed(0)
+    model = mlp()
+    tr, va = loaders()
+    Trainer(model, tr, va, settings(tmp_path, epochs=1)).fit()
+    ckpt = load_checkpoint(tmp_path / "latest.pt")
+    ckpt["settings"] = {**OLD_SETTINGS_RECORD, "epochs": 1, "out_dir": str(tmp_path)}
+    for key in ("metric", "best_value", "global_step"):  # newer keys an old checkpoint may lack
+        ckpt.pop(key, None)
+    save_checkpoint(tmp_path / "latest.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    assert check_resume(tmp_path / "latest.pt", settings(tmp_path, epochs=2, resume=True), model=model) is not None
+    with pytest.raises(ValueError, match=r"cannot resume .*lr: checkpoint 0\.1, this run 0\.2"):
+        check_resume(tmp_path / "latest.pt", settings(tmp_path, epochs=2, lr=0.2, resume=True), model=model)
+    result = Trainer(model, tr, va, settings(tmp_path, epochs=2, resume=True)).fit()
+    assert result["epochs_completed"] == 2
+
+
+def test_run_settings_hold_the_configs_own_sections(tmp_path):
+    """The runner hands the Trainer the config's section objects (no copy); the resolved CKA pairs replace only
+    the train section, and the stored config is the resolved config."""
+    cfg = load_config("digits/kd", [f"run.out_dir={tmp_path}", "data.max_train_batches=3"])
+    s = run_settings(cfg, resume=False)
+    assert s.run is cfg.run and s.optim is cfg.optim and s.schedule is cfg.schedule and s.train is cfg.train
+    assert s.out_dir == run_dir(cfg) and s.max_train_batches == 3 and s.config == cfg.to_dict()
+    paired = run_settings(cfg, resume=True, cka_pairs=[("layer3", "layer3")])
+    assert paired.train.cka_pairs == [("layer3", "layer3")] and cfg.train.cka_pairs == [] and paired.resume
+    assert paired.run is cfg.run and paired.train.log_every == cfg.train.log_every
 
 
 def test_seed_everything_reproduces_and_sets_determinism():

@@ -278,7 +278,7 @@ def test_standardized_ensemble_kd_is_invariant_to_affine_maps_of_every_net(reduc
 def _settings(tmp_path: Path, **kw) -> TrainSettings:
     base = dict(epochs=1, out_dir=tmp_path, lr=0.05, schedule="constant", progress=False, seed=0, max_train_batches=2)
     base.update(kw)
-    return TrainSettings(**base)
+    return TrainSettings.create(**base)
 
 
 def test_trainer_on_multiview_batches(tmp_path):
@@ -372,7 +372,7 @@ def test_runner_builds_multiview_loaders_from_the_config(teacher_ckpts, tmp_path
     assert isinstance(crop, RandomCropFlip) and (crop.padding, crop.flip_p) == (1, 0.0)  # digits: never flipped
     assert [type(t).__name__ for t in strong.transforms] == ["RandomCropFlip", "RandAugmentLite", "Cutout"]
     assert strong.transforms[0].flip_p == 0.0
-    train, val = runner._loaders(cfg, bundle, views)
+    train, val = runner.build_loaders(cfg, bundle, views)
     x, y = next(iter(train))
     assert list(x) == ["student", "teacher0", "teacher1"] and all(v.shape == (32, 1, 8, 8) for v in x.values())
     assert not torch.equal(x["student"], x["teacher0"]) and not torch.equal(x["teacher0"], x["teacher1"])

@@ -16,7 +16,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..fileio import atomic_write_bytes
-from .settings import TrainSettings, plain
+from ..schema import plain
+from .settings import TrainSettings
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -204,12 +205,12 @@ def check_resume(
                 f"{_describe_identity(model_identity(model))}"
             )
     epochs_key = "schedule.epochs" if by_config else "epochs"
-    done, old_epochs, new_epochs = int(ckpt.get("epoch", 0)), old_settings.get("epochs"), int(settings.epochs)
+    done, old_epochs, new_epochs = int(ckpt.get("epoch", 0)), old_settings.get("epochs"), int(settings.schedule.epochs)
     if new_epochs < done:
         conflicts.append(f"{epochs_key}={new_epochs}: the checkpoint has already completed {done} epochs")
     elif old_epochs is not None and int(old_epochs) != new_epochs:
         change = f"{epochs_key} {old_epochs} -> {new_epochs}"
-        if settings.schedule == "cosine":
+        if settings.schedule.kind == "cosine":
             conflicts.append(
                 f"{change}: the cosine schedule spreads over all epochs, so the {done} epochs already run followed "
                 "another curve (the epochs may change with the step or constant schedule)"

@@ -22,16 +22,18 @@ def lr_at_epoch(settings: TrainSettings, epoch: int) -> float:
     - ``"cosine"``: ``lr · ½(1 + cos(π (e − W) / (epochs − W)))``,
     - ``"constant"``: ``lr``.
     """
-    return settings.lr * lr_factor(settings, epoch)
+    return settings.optim.lr * lr_factor(settings, epoch)
 
 
-def lr_factor(s: TrainSettings, epoch: int) -> float:
+def lr_factor(settings: TrainSettings, epoch: int) -> float:
+    """The factor of ``optim.lr`` during (0-based) ``epoch`` (see :func:`lr_at_epoch`)."""
+    s = settings.schedule
     w = int(s.warmup_epochs)
     if epoch < w:
         return (epoch + 1) / w
-    if s.schedule == "step":
+    if s.kind == "step":
         return float(s.gamma) ** sum(1 for m in s.milestones if epoch >= m)
-    if s.schedule == "cosine":
+    if s.kind == "cosine":
         span = max(int(s.epochs) - w, 1)
         return 0.5 * (1.0 + math.cos(math.pi * min(epoch - w, span) / span))
     return 1.0
@@ -48,8 +50,9 @@ def apply_step_warmup(optimizer: Any, scheduler: Any, global_step: int, warmup_s
         group["lr"] = lr * factor
 
 
-def build_optimizer(params: Sequence[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
-    """``settings.optimizer`` over ``params``: SGD (momentum, weight decay, Nesterov) or AdamW."""
-    if s.optimizer == "sgd":
+def build_optimizer(params: Sequence[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    """``settings.optim`` over ``params``: SGD (momentum, weight decay, Nesterov) or AdamW."""
+    s = settings.optim
+    if s.name == "sgd":
         return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.nesterov)
     return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from .. import distributed as dist
 from ..fileio import OutputError
+from ..schema import plain
 from .callbacks import TrainerCallback, check_callbacks, run_epoch_callbacks
 from .checkpoint import apply_weights, check_resume, clone_cpu, extra_of, model_identity, save_checkpoint, student_of
 from .cka_probe import CKA_MAX_IMAGES, check_cka_paths, collect_images, measure_cka
@@ -44,7 +45,7 @@ from .loaders import distributed_loader, reseed_loader, wrap_ddp
 from .metrics_log import check_output_paths, log_message, logger, plot_curves, write_metrics_files
 from .schedule import apply_step_warmup, build_optimizer, lr_factor
 from .seeding import rng_state, seed_everything, set_rng_state
-from .settings import AMP_DTYPES, TrainSettings, plain
+from .settings import AMP_DTYPES, TrainSettings
 from .task import ClassificationTask, Task, TrainStep, missing_task_members
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerCallback"]
@@ -91,17 +92,17 @@ class Trainer:
         self.epoch: int | None = None  # the 0-based epoch running (or last run); None before fit()
 
         # --- processes, device, seeds
-        device_hint = "cpu" if str(s.device) == "cpu" or not torch.cuda.is_available() else "cuda"
+        device_hint = "cpu" if str(s.run.device) == "cpu" or not torch.cuda.is_available() else "cuda"
         self._owns_group = False
         if dist.env_world_size() > 1 and not dist.is_distributed():
             self._owns_group = dist.init_from_env("nccl" if device_hint == "cuda" else "gloo")
         self.distributed = dist.is_distributed() and dist.world_size() > 1
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self.is_main = self.rank == 0
-        self.device = resolve_device(s.device)
+        self.device = resolve_device(s.run.device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
-        seed_everything(s.seed + self.rank, s.deterministic)
+        seed_everything(s.run.seed + self.rank, s.run.deterministic)
 
         # --- model, optimizer, schedule, AMP
         self.model = model.to(self.device)
@@ -118,7 +119,7 @@ class Trainer:
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
         self.optimizer: torch.optim.Optimizer = build_optimizer(self.params, s)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(s, e))
-        use_scaler = bool(s.amp) and AMP_DTYPES[s.amp_dtype] == torch.float16
+        use_scaler = bool(s.run.amp) and AMP_DTYPES[s.run.amp_dtype] == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
 
         # --- loaders
@@ -136,14 +137,14 @@ class Trainer:
 
         # --- CKA logging
         self.teacher_for_cka = teacher_for_cka
-        if self.teacher_for_cka is None and s.cka_pairs and len(getattr(model, "teachers", ())) > 0:
+        if self.teacher_for_cka is None and s.train.cka_pairs and len(getattr(model, "teachers", ())) > 0:
             self.teacher_for_cka = model.teachers[0]
         self._cka_images: Tensor | None = None
-        if s.cka_pairs:
+        if s.train.cka_pairs:
             if self.teacher_for_cka is None:
                 logger.warning("cka_pairs given but there is no teacher: teacher-student CKA is not logged")
             else:
-                check_cka_paths(self.student, self.teacher_for_cka, s.cka_pairs)  # path errors now, not later
+                check_cka_paths(self.student, self.teacher_for_cka, s.train.cka_pairs)  # path errors now, not later
                 self.teacher_for_cka.to(self.device).requires_grad_(False).eval()
                 if val_loader is None:
                     raise ValueError("cka_pairs need a val_loader (CKA is measured on validation images)")
@@ -152,7 +153,7 @@ class Trainer:
 
         # --- logging outputs
         self._tb = None
-        if s.tensorboard:
+        if s.run.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
@@ -173,11 +174,11 @@ class Trainer:
 
     def _distributed_loader(self, loader: Any, *, train: bool) -> Any:
         s = self.settings
-        return distributed_loader(loader, train=train, world_size=self.world_size, rank=self.rank, seed=s.seed)
+        return distributed_loader(loader, train=train, world_size=self.world_size, rank=self.rank, seed=s.run.seed)
 
     def _reseed_loader(self, loader: Any, epoch: int) -> None:
         """Make epoch ``epoch``'s order and augmentations depend only on (seed, epoch[, rank])."""
-        reseed_loader(loader, epoch, seed=self.settings.seed, rank=self.rank)
+        reseed_loader(loader, epoch, seed=self.settings.run.seed, rank=self.rank)
 
     @property
     def best_top1(self) -> float | None:
@@ -188,7 +189,7 @@ class Trainer:
 
     def _log(self, msg: str, level: int = logging.INFO) -> None:
         if self.is_main:
-            log_message(msg, level, progress=self.settings.progress)
+            log_message(msg, level, progress=self.settings.run.progress)
 
     # ------------------------------------------------------------------ CKA
 
@@ -197,7 +198,9 @@ class Trainer:
         """``{"cka/<student path>~<teacher path>": CKA}`` on the fixed validation subset (rank 0 only)."""
         if self._cka_images is None or self.teacher_for_cka is None:
             return {}
-        return measure_cka(self.student, self.teacher_for_cka, self._cka_images, self.settings.cka_pairs, self.device)
+        return measure_cka(
+            self.student, self.teacher_for_cka, self._cka_images, self.settings.train.cka_pairs, self.device
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -244,7 +247,7 @@ class Trainer:
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise ValueError(
                 f"cannot resume from {path}: its optimizer/scheduler state does not fit this run's "
-                f"{self.settings.optimizer} optimizer over {len(self.params)} parameters ({type(exc).__name__}: {exc})"
+                f"{self.settings.optim.name} optimizer over {len(self.params)} parameters ({type(exc).__name__}: {exc})"
             ) from exc
         if ckpt.get("scaler") is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -279,7 +282,9 @@ class Trainer:
         if not self.is_main or not self.history:
             return
         metric = self.task.metric
-        cka_keys = [f"cka/{s}~{t}" for s, t in self.settings.cka_pairs] if self.teacher_for_cka is not None else []
+        cka_keys = (
+            [f"cka/{s}~{t}" for s, t in self.settings.train.cka_pairs] if self.teacher_for_cka is not None else []
+        )
         plot_curves(self.out_dir, self.history, metric, getattr(self.task, "metric_label", metric), cka_keys)
 
     # ------------------------------------------------------------------ training
@@ -288,7 +293,7 @@ class Trainer:
         s = self.settings
         self._step_module.train()  # Distiller.train keeps the teachers in eval mode
         if callable(getattr(self.model, "set_epoch", None)):
-            self.model.set_epoch(epoch, s.epochs)
+            self.model.set_epoch(epoch, s.schedule.epochs)
         self._reseed_loader(self.train_loader, epoch)
         try:
             n_batches = len(self.train_loader)
@@ -300,10 +305,10 @@ class Trainer:
 
         bar = tqdm(
             total=n_batches,
-            desc=f"epoch {epoch + 1}/{s.epochs}",
+            desc=f"epoch {epoch + 1}/{s.schedule.epochs}",
             leave=False,
             dynamic_ncols=True,
-            disable=not (s.progress and self.is_main),
+            disable=not (s.run.progress and self.is_main),
         )
         term_sums: dict[str, list[float]] = {}  # name -> [sum of loss * batch size, samples where present]
         totals = [0.0, 0.0, 0.0]  # sum of total loss * batch size, correct top-1, samples
@@ -314,7 +319,7 @@ class Trainer:
                 if s.max_train_batches is not None and step >= s.max_train_batches:
                     break
                 batch = self.task.move(batch, self.device)
-                with autocast(self.device, s.amp, s.amp_dtype):
+                with autocast(self.device, s.run.amp, s.run.amp_dtype):
                     losses, counts = self._step_module(batch)
                 if not losses:
                     raise ValueError(f"{type(self.model).__name__}.forward_train returned no losses")
@@ -326,9 +331,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self._apply_step_warmup()
                 self.scaler.scale(total).backward()
-                if s.grad_clip is not None:
+                if s.train.grad_clip is not None:
                     self.scaler.unscale_(self.optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+                    norm = torch.nn.utils.clip_grad_norm_(self.params, s.train.grad_clip)
                     norms.append(float(norm))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -348,9 +353,14 @@ class Trainer:
                 running = {"loss": f"{totals[0] / totals[2]:.4f}"}
                 if hard_labels:
                     running["acc"] = f"{100.0 * totals[1] / totals[2]:.1f}"
-                if not bar.disable and (s.log_every <= 1 or step % s.log_every == 0):
+                if not bar.disable and (s.train.log_every <= 1 or step % s.train.log_every == 0):
                     bar.set_postfix(running)
-                elif not s.progress and s.log_every > 0 and (step + 1) % s.log_every == 0 and self.is_main:
+                elif (
+                    not s.run.progress
+                    and s.train.log_every > 0
+                    and (step + 1) % s.train.log_every == 0
+                    and self.is_main
+                ):
                     text = " ".join(f"{k} {v}" for k, v in running.items())
                     logger.info("epoch %d step %d: %s", epoch + 1, step + 1, text)
         finally:
@@ -379,7 +389,7 @@ class Trainer:
     def _apply_step_warmup(self) -> None:
         """``warmup_steps``: scale the scheduled lr by 0.1 -> 1 linearly over the first optimizer steps (see
         :func:`~ckakd.train.engine.schedule.apply_step_warmup`)."""
-        apply_step_warmup(self.optimizer, self.scheduler, self._global_step, self.settings.warmup_steps)
+        apply_step_warmup(self.optimizer, self.scheduler, self._global_step, self.settings.schedule.warmup_steps)
 
     def _check_finite(self, vals: Tensor, names: list[str], epoch: int, step: int) -> None:
         bad_local = [n for n, v in zip(names, vals.tolist(), strict=True) if not math.isfinite(v)]
@@ -418,7 +428,7 @@ class Trainer:
         self._write_metrics_files(rewrite=True)
         epochs_run = 0
         try:
-            for epoch in range(self.start_epoch, s.epochs):
+            for epoch in range(self.start_epoch, s.schedule.epochs):
                 self._run_epoch(epoch)
                 epochs_run += 1
         except BaseException:
@@ -472,10 +482,10 @@ class Trainer:
         train = self._train_epoch(epoch)
         if self.distributed:
             dist.broadcast_buffers(self.model)  # rank 0's BatchNorm statistics everywhere
-        last_epoch = epoch + 1 == s.epochs
+        last_epoch = epoch + 1 == s.schedule.epochs
         val: dict | None = None
-        if self.val_loader is not None and ((epoch + 1) % s.eval_every == 0 or last_epoch):
-            val = self.task.evaluate(self.model, self.val_loader, self.device, amp=s.amp, amp_dtype=s.amp_dtype)
+        if self.val_loader is not None and ((epoch + 1) % s.train.eval_every == 0 or last_epoch):
+            val = self.task.evaluate(self.model, self.val_loader, self.device, amp=s.run.amp, amp_dtype=s.run.amp_dtype)
         cka = self.measure_cka()
         self.scheduler.step()
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **train}
@@ -490,8 +500,8 @@ class Trainer:
         improved = score is not None and (self.best_value is None or score > self.best_value)
         if improved:
             self.best_value, self.best_epoch = float(score), epoch + 1
-        save_now = (epoch + 1) % s.save_every == 0 or last_epoch
-        if improved or save_now or s.save_every > 1:
+        save_now = (epoch + 1) % s.train.save_every == 0 or last_epoch
+        if improved or save_now or s.train.save_every > 1:
             payload = self._payload()
             if improved:
                 self._write("best.pt", payload)
@@ -505,7 +515,7 @@ class Trainer:
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, int | float):
                     self._tb.add_scalar(k, v, epoch + 1)
-        msg = f"epoch {epoch + 1}/{s.epochs}  lr {lr:.4g}  loss {train['train/loss']:.4f}"
+        msg = f"epoch {epoch + 1}/{s.schedule.epochs}  lr {lr:.4g}  loss {train['train/loss']:.4f}"
         if score is not None:
             msg += f"  val {self.task.metric} {score:.2f}"
         msg += "".join(f"  {k} {v:.3f}" for k, v in cka.items())

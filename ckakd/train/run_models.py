@@ -1,0 +1,150 @@
+"""The models of a classification run: the student and the teachers from the model zoo with their checkpoints
+(:func:`build_model`, :func:`build_teachers`, :func:`load_weights`), the distiller with its WKD cost
+(:func:`build_run_distiller`, :func:`load_cost`) and the CKA pairs a run logs (:func:`check_cka_pairs`).
+
+Checkpoints are checked against their models and hook paths against the networks before anything trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ckakd.interrelation import cost_from_interrelation, load_interrelation
+
+from .config import Config, ConfigError
+from .distillers import build_distiller
+from .engine import load_checkpoint
+from .hooks import FeatureHooks
+from .models import create_model, list_models
+from .run_data import DataBundle
+
+__all__ = [
+    "build_model",
+    "build_run_distiller",
+    "build_teachers",
+    "check_cka_pairs",
+    "load_cost",
+    "load_weights",
+]
+
+
+def _model_error(section: str, name: str | None) -> ConfigError:
+    return ConfigError(f"{section}.name: unknown model {name!r}; registered models: {', '.join(list_models())}")
+
+
+def build_model(name: str | None, kwargs: dict, num_classes: int, in_channels: int, *, section: str) -> nn.Module:
+    """A registry model with the dataset's class count and channels (kwargs may override both)."""
+    if not name or name not in list_models():
+        raise _model_error(section, name)
+    kw = {"num_classes": num_classes, "in_channels": in_channels, **dict(kwargs)}
+    try:
+        return create_model(name, **kw)
+    except TypeError as exc:
+        raise ConfigError(f"{section}.kwargs: {name} does not accept {sorted(kwargs)}: {exc}") from exc
+
+
+def load_weights(model: nn.Module, path: str, section: str) -> nn.Module:
+    """Load the checkpoint ``path`` into ``model``; :class:`ConfigError` naming ``section.checkpoint`` when it is
+    missing or does not fit ``section.name``."""
+    p = Path(path).expanduser()
+    key = "--checkpoint" if section == "checkpoint" else f"{section}.checkpoint"
+    if p.is_dir():
+        raise ConfigError(f"{key}: {p} is a folder, not a checkpoint file")
+    if not p.is_file():
+        raise ConfigError(f"{key}: file not found: {p}")
+    try:
+        load_checkpoint(p, model)
+    except ValueError as exc:
+        fit = "model.name" if section == "checkpoint" else f"{section}.name"
+        raise ConfigError(f"{key}={str(p)!r} does not fit {fit}: {exc}") from exc
+    return model
+
+
+def build_teachers(cfg: Config, bundle: DataBundle, *, require: bool = True) -> list[nn.Module]:
+    """The trained teacher (``teacher``) plus any extra ``teachers``, weights loaded, in eval mode."""
+    specs = []
+    if cfg.teacher.name:
+        specs.append(("teacher", cfg.teacher.name, cfg.teacher.kwargs, cfg.teacher.checkpoint))
+    for i, t in enumerate(cfg.teachers):
+        specs.append((f"teachers[{i}]", t.name, t.kwargs, t.checkpoint))
+    if require and not specs:
+        raise ConfigError(f"distiller {cfg.distiller.name!r} needs a teacher: set teacher.name and teacher.checkpoint")
+    out = []
+    for section, name, kwargs, ckpt in specs:
+        if not ckpt:
+            raise ConfigError(f"{section}.checkpoint is required (a checkpoint written by `ckakd train-teacher`)")
+        model = build_model(name, kwargs, bundle.num_classes, bundle.input_shape[0], section=section)
+        out.append(load_weights(model, ckpt, section).eval())
+    return out
+
+
+def load_cost(cfg: Any, num_classes: int) -> torch.Tensor | None:
+    """The WKD category cost of ``wkd_l`` / ``wkd_lf`` from ``distiller.cost`` (``None`` for other distillers)."""
+    if cfg.distiller.name not in ("wkd_l", "wkd_lf"):
+        return None
+    if not cfg.distiller.cost:
+        raise ConfigError(
+            f"distiller.cost is required for {cfg.distiller.name!r}: the interrelation file of the teacher "
+            "(`ckakd interrelation <config>` writes it)"
+        )
+    path = Path(cfg.distiller.cost).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"distiller.cost: {path} is a folder, not an interrelation file")
+    if not path.is_file():
+        raise ConfigError(f"distiller.cost: file not found: {path}")
+    try:
+        ir, _ = load_interrelation(path)
+    except Exception as exc:  # a file of the wrong kind
+        raise ConfigError(f"distiller.cost={str(path)!r} is not an interrelation file: {exc}") from exc
+    if ir.shape[0] != num_classes:
+        raise ConfigError(f"distiller.cost={str(path)!r} is for {ir.shape[0]} classes, the dataset has {num_classes}")
+    return cost_from_interrelation(ir, sharpen=cfg.distiller.sharpen)
+
+
+def build_run_distiller(
+    cfg: Config,
+    student: nn.Module,
+    teachers: list[nn.Module],
+    bundle: DataBundle,
+    *,
+    teacher_views: Sequence[str] | None = None,
+):
+    """``build_distiller`` with the config's kwargs, the loaded WKD cost and the input shape;
+    ``teacher_views`` (from :func:`build_train_views`) goes to ``ensemble_kd``."""
+    kwargs = dict(cfg.distiller.kwargs)
+    if teacher_views is not None:
+        kwargs["teacher_views"] = list(teacher_views)
+    cost = load_cost(cfg, bundle.num_classes)
+    if cost is not None:
+        kwargs["cost"] = cost
+    if cfg.train.global_gram and "global_batch" not in kwargs and cfg.distiller.name in ("fcka", "lcka", "rcka", "mmd"):
+        kwargs["global_batch"] = True
+    name = cfg.distiller.name
+    teacher_arg: Any = teachers if name == "ensemble_kd" else (teachers[0] if teachers else None)
+    try:
+        return build_distiller(name, student, teacher_arg, input_shape=bundle.input_shape, **kwargs)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"distiller ({name}): {exc}") from exc
+
+
+def check_cka_pairs(cfg: Config, student: nn.Module, teacher: nn.Module | None) -> list[tuple[str, str]]:
+    """``train.cka_pairs`` (empty: the last stages of student and teacher), every path checked on its model."""
+    pairs = [tuple(p) for p in cfg.train.cka_pairs]
+    if not pairs and teacher is not None:
+        s_stages, t_stages = getattr(student, "stage_names", None), getattr(teacher, "stage_names", None)
+        if s_stages and t_stages:
+            pairs = [(s_stages[-1], t_stages[-1])]
+    for s_path, t_path in pairs:
+        for model, path, side in ((student, s_path, "student"), (teacher, t_path, "teacher")):
+            if model is None:
+                continue
+            try:
+                FeatureHooks(model, [path]).remove()
+            except (KeyError, ValueError, AttributeError) as exc:
+                raise ConfigError(f"train.cka_pairs: {side} path {path!r}: {exc}") from exc
+    return pairs  # type: ignore[return-value]
