@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 import ckakd
 from ckakd import _checks
+from ckakd.detection.data import make_detection_loader
 from ckakd.detection.ops import roi_align
 from ckakd.interrelation import InterrelationBuilder, interrelation
 from ckakd.patch_baselines import MIX_ORDER as MIX_ORDER  # importable here as before
@@ -273,8 +274,6 @@ def detection_class_interrelation(
         raise ValueError(f"kernel={kernel!r} needs a dataset of (image, target) items (only 'cosine' needs none)")
     if not isinstance(roi_size, int) or roi_size < 1:
         raise ValueError(f"roi_size must be a positive int, got {roi_size!r}")
-    from ckakd.detection.data import make_detection_loader
-
     num_classes = int(teacher.num_classes)
     builder = InterrelationBuilder(
         num_classes, kernel=kernel, samples_per_class=samples_per_class, feature_layout=feature_layout, degree=degree

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ckakd.detection.data.coco_json import int_field, parse_annotation, refuse_duplicates
+
 __all__ = ["CocoEvaluator", "METRIC_NAMES", "load_ground_truth", "rescale_boxes"]
 
 # The first six entries of COCOeval.stats, in order.
@@ -67,9 +69,8 @@ def load_ground_truth(coco_gt: Mapping[str, Any] | str | Path) -> dict[str, Any]
     ids (listed), a ``bbox`` that is not 4 numbers (with the annotation id), an ``iscrowd`` other than 0 / 1.
     Completed: ``area`` = box area when missing, zero, negative or not finite; ``iscrowd`` = 0 when missing;
     annotation ids renumbered from 1 when any is missing, not positive or repeated (COCOeval treats id 0 as
-    "unmatched"). The checks are those of :class:`~ckakd.detection.data.CocoDetection`."""
-    from ckakd.detection.data import _int_field, _parse_annotation, _refuse_duplicates
-
+    "unmatched"). The checks are those of :class:`~ckakd.detection.data.CocoDetection`
+    (:mod:`ckakd.detection.data.coco_json`)."""
     src = "COCO ground truth"
     if isinstance(coco_gt, str | Path):
         path = Path(coco_gt)
@@ -91,12 +92,12 @@ def load_ground_truth(coco_gt: Mapping[str, Any] | str | Path) -> dict[str, Any]
         if not coco_gt[key]:
             raise ValueError(f"{src}: {key!r} is empty: COCOeval needs {key}")
     gt = copy.deepcopy(dict(coco_gt))
-    _refuse_duplicates(
-        [_int_field(c, "id", f"{src}: categories[{i}]") for i, c in enumerate(gt["categories"])], "category", src
+    refuse_duplicates(
+        [int_field(c, "id", f"{src}: categories[{i}]") for i, c in enumerate(gt["categories"])], "category", src
     )
-    _refuse_duplicates([_int_field(m, "id", f"{src}: images[{i}]") for i, m in enumerate(gt["images"])], "image", src)
+    refuse_duplicates([int_field(m, "id", f"{src}: images[{i}]") for i, m in enumerate(gt["images"])], "image", src)
     anns = gt["annotations"]
-    parsed = [_parse_annotation(a, f"{src}: annotations[{i}]", i) for i, a in enumerate(anns)]
+    parsed = [parse_annotation(a, f"{src}: annotations[{i}]", i) for i, a in enumerate(anns)]
     ids = [p.ann_id for p in parsed]
     renumber = any(i is None or i <= 0 for i in ids) or len(set(ids)) != len(ids)
     for i, (a, p) in enumerate(zip(anns, parsed, strict=True)):

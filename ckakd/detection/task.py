@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ckakd.detection.evaluation import METRIC_NAMES, CocoEvaluator, load_ground_truth, rescale_boxes
 from ckakd.train import distributed as dist
+from ckakd.train.engine import autocast
 
 __all__ = ["DetectionTask", "detector_of", "coco_ground_truth", "predict"]
 
@@ -156,8 +157,6 @@ class DetectionTask:
         amp: bool = False,
         amp_dtype: str = "bfloat16",
     ) -> dict[str, Any]:
-        from ckakd.train.engine import autocast
-
         det = detector_of(model)
         was_training = det.training
         det.eval()

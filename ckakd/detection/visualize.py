@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ckakd.detection.task import detector_of
+
 __all__ = ["plot_detections"]
 
 
@@ -45,8 +47,6 @@ def plot_detections(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
-
-    from ckakd.detection.task import detector_of
 
     if not models:
         raise ValueError("models: give at least one {title: detector}")
