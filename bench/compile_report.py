@@ -17,8 +17,8 @@ How it works
    While recording, ``num_sms`` reports ``--sms`` (132, an H200) so that the split heuristics choose
    what they choose on the GPU.
 3. The shapes (``--sweep``, default all three):
-   ``tests``: the literal shapes of the kernel test files (``tests/ops/test_gram_kernels.py``,
-   ``tests/ops/test_patch_alignment_stats_kernels.py``, read with ``ast``), each with the patch sizes, reduces,
+   ``tests``: the literal shapes of the kernel test files (``tests/ops/test_*_kernels.py``, listed in
+   ``TEST_FILES``, read with ``ast``), each with the patch sizes, reduces,
    centers, dtypes, ``need_*`` pairs and launcher keywords (``split_k=3``, ``block_d=16`` ...) of its own test
    function, patch inputs in the tests' layouts; ``bench``: the ``CASES`` / ``SHAPES`` of every ``bench/bench_*.py``
    as its op calls the launchers (``alignment_stats``, ``centered_gram``, ``precision``, ``patch_alignment_stats``),
@@ -87,7 +87,12 @@ CSV_COLUMNS = (
 # Shared memory a block may opt in to (cudaFuncAttributeMaxDynamicSharedMemorySize), per compute capability.
 SHARED_LIMITS = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448, 120: 101_376}
 H200_SMS = 132
-TEST_FILES = ("tests/ops/test_gram_kernels.py", "tests/ops/test_patch_alignment_stats_kernels.py")
+TEST_FILES = (
+    "tests/ops/test_gram_kernels.py",
+    "tests/ops/test_frobenius_kernels.py",
+    "tests/ops/test_column_mean_kernels.py",
+    "tests/ops/test_patch_alignment_stats_kernels.py",
+)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_cooperative_grid")
 
 

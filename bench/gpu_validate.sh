@@ -240,8 +240,11 @@ fi
 # ----------------------------------------------------------------------------------------------- stage 3, part 1
 # The Triton-only test files start now: they need no extension, and Triton compiles on the CPU during the build.
 TEST_RESERVE=$((DRY ? 60 : 230))   # what the stages after the tests need at least
-KERNEL_FILES=(tests/ops/test_gram_kernels.py tests/ops/test_patch_alignment_stats_kernels.py tests/ops/test_kernel_launch.py)
-OTHER_FILES=(tests/ops/test_sinkhorn_ext.py tests/losses/test_cka.py tests/losses/test_patch_cka.py tests/ops/test_fast_paths.py)
+KERNEL_FILES=(tests/ops/test_gram_kernels.py tests/ops/test_frobenius_kernels.py tests/ops/test_column_mean_kernels.py
+  tests/ops/test_patch_alignment_stats_kernels.py tests/ops/test_kernel_launch.py)
+OTHER_FILES=(tests/ops/test_sinkhorn_ext.py tests/ops/test_centered_gram.py tests/ops/test_alignment_stats.py
+  tests/ops/test_patch_alignment_stats.py tests/ops/test_backend.py tests/losses/test_cka.py tests/losses/test_patch_cka.py
+  tests/ops/test_fast_paths.py)
 PYTEST_MARK=(-m "not slow")   # the slow JIT-fallback test rebuilds the whole extension (minutes with nvcc)
 if ((DRY)); then
   KERNEL_FILES=(tests/ops/test_kernel_launch.py tests/ops/test_gram_kernels.py)

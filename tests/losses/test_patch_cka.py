@@ -8,19 +8,14 @@ import torch
 import ckakd
 from ckakd import reference as R
 from ckakd.ops import track_dispatch
-from ckakd.ops.patch_alignment_stats import from_problems, to_problems
-from tests.losses.test_cka import _close, _grads
+from tests import kernel_helpers
+from tests.kernel_helpers import assert_close_tol, weighted_grads
+
+backend_device = kernel_helpers.backend_device  # the (backend, device) fixture
 
 REDUCTIONS = ["channel", "batch", "spatial"]
 # (shape, patch): aligned; odd sizes that need resizing (10x9 -> 9x9 with 3x3 patches).
 CASES = [((2, 3, 8, 12), (4, 4)), ((3, 5, 10, 9), (3, 3))]
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend_device(request, triton_device):
-    if request.param == "torch":
-        return "torch", "cpu"
-    return "triton", triton_device
 
 
 @pytest.mark.parametrize("mode", ["centered", "debiased", "uncentered"])
@@ -31,20 +26,20 @@ def test_patch_cka_values_and_grads(backend_device, reduce, mode, case):
     shape, patch = case
     f_s = torch.randn(shape, dtype=torch.float64).float().to(device)
     f_t = (0.6 * f_s.double().cpu() + torch.randn(shape, dtype=torch.float64)).float().to(device)
-    out, (gs, gt), _ = _grads(
+    out, (gs, gt), _ = weighted_grads(
         lambda a, b: ckakd.patch_cka(a, b, patch_size=patch, reduce=reduce, mode=mode, backend=backend),
         f_s,
         f_t,
     )
-    ref, (rs, rt), _ = _grads(
+    ref, (rs, rt), _ = weighted_grads(
         lambda a, b: R.patch_cka(a, b, patch_size=patch, reduce=reduce, mode=mode),
         f_s.double().cpu(),
         f_t.double().cpu(),
     )
     assert out.shape == ref.shape
-    _close(out, ref, torch.float32)
-    _close(gs, rs, torch.float32, scale=rs.abs().max().item())
-    _close(gt, rt, torch.float32, scale=rt.abs().max().item())
+    assert_close_tol(out, ref, torch.float32)
+    assert_close_tol(gs, rs, torch.float32, scale=rs.abs().max().item())
+    assert_close_tol(gt, rt, torch.float32, scale=rt.abs().max().item())
 
 
 @pytest.mark.parametrize("reduce", ["channel", "mix"])
@@ -58,9 +53,9 @@ def test_patch_cka_loss_levels(backend_device, reduce):
     levels_t = [torch.randn_like(f) for f in levels_s]
     loss = ckakd.patch_cka_loss(levels_s, levels_t, patch_size=2, reduce=reduce, backend=backend)
     ref = R.patch_cka_loss([f.cpu() for f in levels_s], [f.cpu() for f in levels_t], patch_size=(2, 2), reduce=reduce)
-    _close(loss, ref, torch.float32)
+    assert_close_tol(loss, ref, torch.float32)
     module = ckakd.nn.PatchCKALoss(patch_size=2, reduce=reduce, backend=backend)
-    _close(module(levels_s, levels_t), 10 * ref, torch.float32)
+    assert_close_tol(module(levels_s, levels_t), 10 * ref, torch.float32)
 
 
 def test_patch_cka_non_contiguous_input(backend_device):
@@ -68,21 +63,12 @@ def test_patch_cka_non_contiguous_input(backend_device):
     f_s = torch.randn(2, 6, 8, 8, device=device).to(memory_format=torch.channels_last)
     f_t = torch.randn(2, 6, 8, 8, device=device)[:, :, :, :]
     f_t = f_t.transpose(2, 3)  # a strided view
-    out, (gs, _), _ = _grads(lambda a, b: ckakd.patch_cka(a, b, patch_size=4, backend=backend), f_s, f_t)
-    ref, (rs, _), _ = _grads(lambda a, b: R.patch_cka(a, b, patch_size=(4, 4)), f_s.double().cpu(), f_t.double().cpu())
-    _close(out, ref, torch.float32)
-    _close(gs, rs, torch.float32, scale=rs.abs().max().item())
-
-
-def test_problem_layout_roundtrip():
-    f = torch.randn(2, 3, 8, 12)
-    for reduce in REDUCTIONS:
-        x = to_problems(f, 4, 4, reduce)
-        torch.testing.assert_close(from_problems(x, f.shape, 4, 4, reduce), f)
-        ref = R.patch_features(f, (4, 4), reduce)
-        assert x.shape == ref.shape
-        # same rows (patches) in the same order; features may be permuted within a row
-        torch.testing.assert_close(x @ x.transpose(1, 2), ref @ ref.transpose(1, 2))
+    out, (gs, _), _ = weighted_grads(lambda a, b: ckakd.patch_cka(a, b, patch_size=4, backend=backend), f_s, f_t)
+    ref, (rs, _), _ = weighted_grads(
+        lambda a, b: R.patch_cka(a, b, patch_size=(4, 4)), f_s.double().cpu(), f_t.double().cpu()
+    )
+    assert_close_tol(out, ref, torch.float32)
+    assert_close_tol(gs, rs, torch.float32, scale=rs.abs().max().item())
 
 
 @pytest.mark.parametrize("reduce", REDUCTIONS)
@@ -90,25 +76,6 @@ def test_gradcheck_patch_cka(reduce):
     f_s = torch.randn(2, 2, 4, 6, dtype=torch.float64, requires_grad=True)
     f_t = torch.randn(2, 2, 4, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: ckakd.patch_cka(a, b, patch_size=2, reduce=reduce), (f_s, f_t))
-
-
-def test_opcheck_patch_op():
-    from ckakd.ops.patch_alignment_stats import patch_alignment_stats
-
-    f_s = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-    f_t = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-    for reduce in REDUCTIONS:
-        torch.library.opcheck(patch_alignment_stats, (f_s, f_t, 2, 2, reduce, "centered", "torch"))
-
-
-def test_many_patches_fall_back_from_fused_kernel(triton_device):
-    """P > 128 patches: the fused kernel's register budget is exceeded; the dispatcher uses the torch path."""
-    f_s, f_t = (
-        torch.randn(1, 2, 24, 24, device=triton_device),
-        torch.randn(1, 2, 24, 24, device=triton_device),
-    )
-    out = ckakd.patch_cka(f_s, f_t, patch_size=2, backend="triton")  # 144 patches
-    _close(out, R.patch_cka(f_s.cpu(), f_t.cpu(), patch_size=(2, 2)), torch.float32)
 
 
 def test_constant_patch_features_finite():
@@ -166,12 +133,12 @@ def test_gpu_patch_fpn_shape(dtype):
     f_s = torch.randn(2, 256, 100, 168, device="cuda", dtype=dtype)
     f_t = (0.5 * f_s.float() + torch.randn(2, 256, 100, 168, device="cuda")).to(dtype)
     with track_dispatch() as ran:
-        out, (gs, _), _ = _grads(lambda a, b: ckakd.patch_cka(a, b, patch_size=16, backend="triton"), f_s, f_t)
+        out, (gs, _), _ = weighted_grads(lambda a, b: ckakd.patch_cka(a, b, patch_size=16, backend="triton"), f_s, f_t)
     assert ran[("patch_cka_forward", "triton")] == 1 and ran[("patch_cka_backward", "triton")] == 1
     assert ran[("patch_cka_forward", "torch")] == 0
-    ref, (rs, _), _ = _grads(
+    ref, (rs, _), _ = weighted_grads(
         lambda a, b: ckakd.patch_cka(a, b, patch_size=16, backend="torch"), f_s.double(), f_t.double()
     )
     assert gs.dtype == dtype
-    _close(out, ref, dtype)
-    _close(gs, rs, dtype, scale=rs.abs().max().item())
+    assert_close_tol(out, ref, dtype)
+    assert_close_tol(gs, rs, dtype, scale=rs.abs().max().item())

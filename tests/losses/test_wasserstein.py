@@ -1,4 +1,5 @@
-"""Gaussian Wasserstein distance, matrix square root and WKD-F vs the float64 reference formulas."""
+"""Gaussian Wasserstein distance and WKD-F vs the float64 reference formulas (the matrix square root:
+tests/ops/test_sqrtm_psd.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ckakd import reference as R
-from ckakd.wasserstein import cell_bounds, cell_stats, gaussian_wasserstein, sqrtm_psd, wkd_feature_loss
+from ckakd.wasserstein import cell_bounds, cell_stats, gaussian_wasserstein, wkd_feature_loss
 from tests.conftest import TOLERANCES
 
 f64 = torch.float64
@@ -26,43 +27,6 @@ def _spd(*batch, d=4, eigs=None, dtype=f64):
 def _close(actual, expected, dtype, scale=1.0):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol, check_dtype=False)
-
-
-# --------------------------------------------------------------------------------------------- sqrtm_psd
-
-
-def test_sqrtm_psd_squares_back_batched():
-    a = _spd(3, 2, d=5)
-    y = sqrtm_psd(a)
-    assert y.shape == a.shape
-    torch.testing.assert_close(y @ y, a)
-    torch.testing.assert_close(y, y.mT)
-    for idx in [(0, 0), (2, 1)]:
-        torch.testing.assert_close(y[idx], R.sqrtm_psd(a[idx]))
-
-
-def test_sqrtm_psd_half_and_bad_input():
-    a = _spd(d=3, dtype=torch.float16)
-    assert sqrtm_psd(a).dtype == torch.float16
-    with pytest.raises(ValueError, match=r"a must have shape \(\.\.\., n, n\).*\(3, 4\)"):
-        sqrtm_psd(torch.randn(3, 4))
-    with pytest.raises(TypeError, match="floating-point"):
-        sqrtm_psd(torch.eye(3, dtype=torch.long))
-
-
-@pytest.mark.parametrize("eigs", [None, [1.0, 1.0, 2.0, 2.0], [3.0, 3.0, 3.0, 3.0]])
-def test_sqrtm_psd_gradcheck(eigs):
-    # The Sylvester backward is exact for repeated eigenvalues (the square root is analytic on SPD matrices).
-    a = _spd(2, d=4, eigs=eigs).requires_grad_(True)
-    assert torch.autograd.gradcheck(sqrtm_psd, (a,))
-
-
-def test_sqrtm_psd_singular_gradient_finite():
-    a = _spd(d=4, eigs=[0.0, 0.0, 1.0, 1.0]).requires_grad_(True)
-    g = torch.randn(4, 4, dtype=f64)
-    (sqrtm_psd(a) * g).sum().backward()
-    assert torch.isfinite(a.grad).all()
-    torch.testing.assert_close(a.grad, a.grad.mT)
 
 
 # --------------------------------------------------------------------------------------------- gaussian W2

@@ -1,4 +1,5 @@
-"""Tests of the Triton Gram and Frobenius-sum kernels (``ckakd.kernels.gram``, ``.frobenius``) against float64 formulas.
+"""Tests of the Triton Gram kernels (``ckakd.kernels.gram``, ``.gram_backward``; the tests that drive every
+launcher at once too) against float64 formulas.
 
 Without CUDA they run under the Triton CPU interpreter (``TRITON_INTERPRET=1``, set by conftest), so
 shapes are small; on a CUDA machine a missing Triton or kernels package fails this module (conftest's
@@ -14,7 +15,19 @@ import pytest
 import torch
 
 from tests.conftest import require_kernels
-from tests.kernel_helpers import LOW, _assert_close, _randn, _ref_dots, _ref_gram, _rel_err
+from tests.kernel_helpers import (
+    LOW,
+    assert_close_scaled,
+    launch_metas,
+    rand_input,
+    record_launches,
+    ref_dots,
+    ref_gram,
+    ref_gram_backward,
+    rel_err,
+    sum_f64,
+    table_ids,
+)
 
 kernels = require_kernels()
 gram_mod = importlib.import_module("ckakd.kernels.gram")
@@ -33,35 +46,35 @@ GRAM_SHAPES = [(1, 7, 37), (2, 33, 130), (2, 16, 64), (1, 1, 5), (1, 2, 19)]
 @pytest.mark.parametrize("center", [True, False])
 @pytest.mark.parametrize("shape", GRAM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gram_forward_fp32(triton_device, shape, center):
-    x = _randn(shape, triton_device)
+    x = rand_input(shape, triton_device)
     k, mean = kernels.gram_forward(x, center)
-    k_ref, mean_ref = _ref_gram(x, center)
+    k_ref, mean_ref = ref_gram(x, center)
     assert k.shape == (shape[0], shape[1], shape[1]) and k.dtype == torch.float32
     assert mean.shape == (shape[0], shape[2]) and mean.dtype == torch.float32
-    _assert_close(k, k_ref, torch.float32)
-    _assert_close(mean, mean_ref if center else torch.zeros_like(mean_ref), torch.float32)
+    assert_close_scaled(k, k_ref, torch.float32)
+    assert_close_scaled(mean, mean_ref if center else torch.zeros_like(mean_ref), torch.float32)
     assert torch.equal(k, k.transpose(1, 2))
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("center", [True, False])
 def test_gram_forward_low_precision(triton_device, dtype, center):
-    x = _randn((2, 33, 130), triton_device, dtype)
+    x = rand_input((2, 33, 130), triton_device, dtype)
     k, mean = kernels.gram_forward(x, center)
-    k_ref, mean_ref = _ref_gram(x, center)
-    _assert_close(k, k_ref, dtype)
+    k_ref, mean_ref = ref_gram(x, center)
+    assert_close_scaled(k, k_ref, dtype)
     if center:
-        _assert_close(mean, mean_ref, dtype)
+        assert_close_scaled(mean, mean_ref, dtype)
 
 
 @pytest.mark.parametrize("shape", [(2, 33, 130), (1, 70, 300)], ids=lambda s: "x".join(map(str, s)))
 def test_gram_forward_large_offset(triton_device, shape):
     """Mean 1000, std 1 in fp32: centering the features in-kernel keeps the Gram at fp32 accuracy."""
-    x = _randn(shape, triton_device, offset=1000.0)
+    x = rand_input(shape, triton_device, offset=1000.0)
     k, _ = kernels.gram_forward(x, True)
-    k_ref, _ = _ref_gram(x, True)
-    assert _rel_err(k, k_ref) < 2e-6
-    _assert_close(k, k_ref, torch.float32)
+    k_ref, _ = ref_gram(x, True)
+    assert rel_err(k, k_ref) < 2e-6
+    assert_close_scaled(k, k_ref, torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -72,49 +85,49 @@ def test_gram_forward_large_offset(triton_device, shape):
 def test_gram_forward_tiles_and_split(triton_device, poisoned_empty, shape, split_k):
     """Several upper-triangle tiles (mirrored), split-K reductions, and the single-tile path whose
     programs also write the column means of their d-range; every element written."""
-    x = _randn(shape, triton_device, offset=3.0)
+    x = rand_input(shape, triton_device, offset=3.0)
     k, mean = kernels.gram_forward(x, True, split_k=split_k)
-    k_ref, mean_ref = _ref_gram(x, True)
+    k_ref, mean_ref = ref_gram(x, True)
     assert not k.isnan().any() and not mean.isnan().any()
-    _assert_close(k, k_ref, torch.float32)
-    _assert_close(mean, mean_ref, torch.float32)
+    assert_close_scaled(k, k_ref, torch.float32)
+    assert_close_scaled(mean, mean_ref, torch.float32)
     assert torch.equal(k, k.transpose(1, 2))
 
 
 def test_gram_forward_poison_uncentered(triton_device, poisoned_empty):
-    x = _randn((2, 7, 37), triton_device)
+    x = rand_input((2, 7, 37), triton_device)
     k, mean = kernels.gram_forward(x, False)
     assert not k.isnan().any()
     assert torch.equal(mean, torch.zeros_like(mean))
-    _assert_close(k, _ref_gram(x, False)[0], torch.float32)
+    assert_close_scaled(k, ref_gram(x, False)[0], torch.float32)
 
 
 def test_gram_forward_non_contiguous(triton_device):
-    base = _randn((2, 130, 33), triton_device, offset=10.0)
-    for x in (base.transpose(1, 2), _randn((2, 33, 260), triton_device)[:, :, ::2]):
+    base = rand_input((2, 130, 33), triton_device, offset=10.0)
+    for x in (base.transpose(1, 2), rand_input((2, 33, 260), triton_device)[:, :, ::2]):
         assert not x.is_contiguous()
         k, mean = kernels.gram_forward(x, True)
-        k_ref, mean_ref = _ref_gram(x, True)
-        _assert_close(k, k_ref, torch.float32)
-        _assert_close(mean, mean_ref, torch.float32)
+        k_ref, mean_ref = ref_gram(x, True)
+        assert_close_scaled(k, k_ref, torch.float32)
+        assert_close_scaled(mean, mean_ref, torch.float32)
 
 
 def test_float64_input_computes_in_fp32(triton_device):
-    x = _randn((2, 33, 130), triton_device, torch.float64)
+    x = rand_input((2, 33, 130), triton_device, torch.float64)
     k, mean = kernels.gram_forward(x, True)
     assert k.dtype == mean.dtype == torch.float32
-    k_ref, mean_ref = _ref_gram(x, True)
-    _assert_close(k, k_ref, torch.float32)
-    _assert_close(mean, mean_ref, torch.float32)
-    m = _randn((2, 33, 33), triton_device, torch.float64)
+    k_ref, mean_ref = ref_gram(x, True)
+    assert_close_scaled(k, k_ref, torch.float32)
+    assert_close_scaled(mean, mean_ref, torch.float32)
+    m = rand_input((2, 33, 33), triton_device, torch.float64)
     out = kernels.gram_backward(m, x, mean, True)
     assert out.dtype == torch.float64 and out.shape == x.shape
-    _assert_close(out, m @ (x - mean.double()[:, None]), torch.float32)
+    assert_close_scaled(out, m @ (x - mean.double()[:, None]), torch.float32)
 
 
 def test_gram_forward_bad_input(triton_device):
     with pytest.raises(ValueError):
-        kernels.gram_forward(_randn((7, 5), triton_device), True)
+        kernels.gram_forward(rand_input((7, 5), triton_device), True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,77 +135,42 @@ def test_gram_forward_bad_input(triton_device):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _ref_backward(m, x, mean, center):
-    xd = x.double()
-    return m.double() @ (xd - mean.double()[:, None] if center else xd)
-
-
 @pytest.mark.parametrize("center", [True, False])
 @pytest.mark.parametrize("shape", GRAM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gram_backward_fp32(triton_device, shape, center):
     b, n, d = shape
-    x = _randn(shape, triton_device)
-    m = _randn((b, n, n), triton_device)
+    x = rand_input(shape, triton_device)
+    m = rand_input((b, n, n), triton_device)
     mean = x.mean(dim=1)
     out = kernels.gram_backward(m, x, mean, center)
     assert out.shape == shape and out.dtype == x.dtype and out.is_contiguous()
-    _assert_close(out, _ref_backward(m, x, mean, center), torch.float32)
+    assert_close_scaled(out, ref_gram_backward(m, x, mean, center), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_gram_backward_low_precision(triton_device, dtype):
-    x = _randn((2, 33, 130), triton_device, dtype)
-    m = _randn((2, 33, 33), triton_device)
+    x = rand_input((2, 33, 130), triton_device, dtype)
+    m = rand_input((2, 33, 33), triton_device)
     _, mean = kernels.gram_forward(x, True)
     out = kernels.gram_backward(m, x, mean, True)
     assert out.dtype == dtype
-    _assert_close(out, _ref_backward(m, x, mean, True), dtype)
+    assert_close_scaled(out, ref_gram_backward(m, x, mean, True), dtype)
 
 
 def test_gram_backward_large_offset_non_contiguous(triton_device, poisoned_empty):
     """Offset 1000 and transposed (non-contiguous) m and x; n > 128 gives several row blocks."""
-    x = _randn((2, 300, 150), triton_device, offset=1000.0).transpose(1, 2)  # (2, 150, 300)
-    m = _randn((2, 150, 150), triton_device).transpose(1, 2)
+    x = rand_input((2, 300, 150), triton_device, offset=1000.0).transpose(1, 2)  # (2, 150, 300)
+    m = rand_input((2, 150, 150), triton_device).transpose(1, 2)
     _, mean = kernels.gram_forward(x, True)
     out = kernels.gram_backward(m, x, mean, True)
     assert not out.isnan().any()
-    _assert_close(out, _ref_backward(m, x, mean, True), torch.float32)
+    assert_close_scaled(out, ref_gram_backward(m, x, mean, True), torch.float32)
 
 
 def test_gram_backward_bad_input(triton_device):
-    x = _randn((1, 7, 5), triton_device)
+    x = rand_input((1, 7, 5), triton_device)
     with pytest.raises(ValueError):
-        kernels.gram_backward(_randn((1, 6, 6), triton_device), x, x.mean(1), True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# frobenius_dots
-# ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("num_blocks", [None, 3])
-@pytest.mark.parametrize("shape", [(1, 7, 7), (2, 33, 33), (1, 1, 1), (3, 70, 70)], ids=lambda s: str(s[1]))
-def test_frobenius_dots(triton_device, poisoned_empty, shape, num_blocks):
-    k = _randn(shape, triton_device)
-    l = _randn(shape, triton_device) + 0.5 * k
-    out = kernels.frobenius_dots(k, l, num_blocks=num_blocks)
-    assert out.shape == (shape[0], 3) and out.dtype == torch.float32
-    _assert_close(out, _ref_dots(k, l), torch.float32)
-
-
-def test_frobenius_dots_of_grams(triton_device):
-    """The CKA of two centered Grams from the kernels matches float64 CKA."""
-    x = _randn((2, 33, 130), triton_device, offset=1000.0)
-    y = x + _randn((2, 33, 130), triton_device)
-    k, _ = kernels.gram_forward(x, True)
-    l, _ = kernels.gram_forward(y, True)
-    s = kernels.frobenius_dots(k, l).double().cpu()
-    kr, _ = _ref_gram(x, True)
-    lr, _ = _ref_gram(y, True)
-    sr = _ref_dots(kr, lr).cpu()
-    cka = s[:, 0] / (s[:, 1] * s[:, 2]).sqrt()
-    cka_ref = sr[:, 0] / (sr[:, 1] * sr[:, 2]).sqrt()
-    torch.testing.assert_close(cka, cka_ref, atol=1e-6, rtol=1e-6)
+        kernels.gram_backward(rand_input((1, 6, 6), triton_device), x, x.mean(1), True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,93 +178,46 @@ def test_frobenius_dots_of_grams(triton_device):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _record(fn) -> list[tuple]:
-    """The launches ``fn()`` makes, as (kernel name, grid, args, meta), without running any."""
-    out: list[tuple] = []
-    with _launch.recording(lambda kernel, grid, args, meta: out.append((kernel.__name__, grid, args, meta))):
-        fn()
-    return out
-
-
-def _metas(launches, name: str) -> list[dict]:
-    return [meta for kernel, _, _, meta in launches if kernel == name]
-
-
-def _table_ids(table: dict) -> list[tuple[int, int]]:
-    return [(key, i) for key, configs in table.items() for i in range(len(configs))]
-
-
 # one shape per bucket of GRAM_CONFIGS / GRAM_BWD_CONFIGS (128: n > 128, so BLOCK_N = 128 applies too)
 _BUCKET_ROWS = {16: 11, 32: 27, 64: 50, 128: 150}
 
 
-@pytest.mark.parametrize("bucket,index", _table_ids(gram_mod.GRAM_CONFIGS), ids=lambda v: str(v))
+@pytest.mark.parametrize("bucket,index", table_ids(gram_mod.GRAM_CONFIGS), ids=lambda v: str(v))
 def test_gram_forward_each_candidate(triton_device, poisoned_empty, monkeypatch, bucket, index):
     """Each forward candidate, forced as the only one, computes the centered (offset 1000, split-K) and
     plain Gram; the recorded launch shows the candidate really ran."""
     config = gram_mod.GRAM_CONFIGS[bucket][index]
     monkeypatch.setitem(gram_mod.GRAM_CONFIGS, bucket, [config])
-    x = _randn((2, _BUCKET_ROWS[bucket], 90), triton_device, offset=1000.0)
-    (meta,) = _metas(_record(lambda: kernels.gram_forward(x, True, split_k=2)), "_gram_kernel")
+    x = rand_input((2, _BUCKET_ROWS[bucket], 90), triton_device, offset=1000.0)
+    (meta,) = launch_metas(record_launches(lambda: kernels.gram_forward(x, True, split_k=2)), "_gram_kernel")
     assert config.items() <= meta.items()
     k, mean = kernels.gram_forward(x, True, split_k=2)
-    k_ref, mean_ref = _ref_gram(x, True)
-    assert _rel_err(k, k_ref) < 2e-6
-    _assert_close(mean, mean_ref, torch.float32)
+    k_ref, mean_ref = ref_gram(x, True)
+    assert rel_err(k, k_ref) < 2e-6
+    assert_close_scaled(mean, mean_ref, torch.float32)
     assert torch.equal(k, k.transpose(1, 2))
     y = x - 1000.0
     k, mean = kernels.gram_forward(y, False)
-    _assert_close(k, _ref_gram(y, False)[0], torch.float32)
+    assert_close_scaled(k, ref_gram(y, False)[0], torch.float32)
     assert torch.equal(mean, torch.zeros_like(mean))
 
 
-@pytest.mark.parametrize("bucket,index", _table_ids(gram_backward_mod.GRAM_BWD_CONFIGS), ids=lambda v: str(v))
+@pytest.mark.parametrize("bucket,index", table_ids(gram_backward_mod.GRAM_BWD_CONFIGS), ids=lambda v: str(v))
 def test_gram_backward_each_candidate(triton_device, poisoned_empty, monkeypatch, bucket, index):
     """Each backward candidate, forced: several row blocks (n = 150) and column blocks (d = 150)."""
     config = gram_backward_mod.GRAM_BWD_CONFIGS[bucket][index]
     monkeypatch.setitem(gram_backward_mod.GRAM_BWD_CONFIGS, bucket, [config])
     n = _BUCKET_ROWS[bucket]
-    x = _randn((2, n, 150), triton_device, offset=10.0)
-    m = _randn((2, n, n), triton_device)
+    x = rand_input((2, n, 150), triton_device, offset=10.0)
+    m = rand_input((2, n, n), triton_device)
     mean = x.mean(dim=1)
     for center in (True, False):
-        (meta,) = _metas(_record(lambda c=center: kernels.gram_backward(m, x, mean, c)), "_gram_backward_kernel")
-        assert config.items() <= meta.items()
-        out = kernels.gram_backward(m, x, mean, center)
-        _assert_close(out, _ref_backward(m, x, mean, center), torch.float32)
-
-
-@pytest.mark.parametrize("row_split", [1, 3])
-@pytest.mark.parametrize("index", range(len(column_mean_mod.COLUMN_MEAN_CONFIGS)))
-def test_column_mean_each_candidate(triton_device, poisoned_empty, monkeypatch, index, row_split):
-    """Each column-mean candidate, forced, in one and in three row ranges (then the finishing kernel
-    adds the partials); corr = mean - row 0 stays accurate at offset 1000."""
-    config = column_mean_mod.COLUMN_MEAN_CONFIGS[index]
-    monkeypatch.setattr(column_mean_mod, "COLUMN_MEAN_CONFIGS", [config])
-    x = _randn((3, 150, 300), triton_device, offset=1000.0)
-    launches = _record(lambda: column_mean_mod.column_mean(x, row_split=row_split))
-    ((_, grid, _, meta),) = [rec for rec in launches if rec[0] == "_column_mean_kernel"]
-    assert config.items() <= meta.items() and grid[1] == row_split
-    assert len(_metas(launches, "_column_mean_finish_kernel")) == (row_split > 1)
-    mean, corr = column_mean_mod.column_mean(x, row_split=row_split)
-    xd = x.double()
-    mean_ref = xd.mean(dim=1)
-    torch.testing.assert_close(corr.double(), mean_ref - xd[:, 0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(mean.double(), mean_ref, atol=1.2e-4, rtol=0)  # ~2 ulp of 1000 in fp32
-
-
-@pytest.mark.parametrize("index", range(len(frobenius_mod.FROBENIUS_CONFIGS)))
-def test_frobenius_dots_each_candidate(triton_device, poisoned_empty, monkeypatch, index):
-    config = frobenius_mod.FROBENIUS_CONFIGS[index]
-    monkeypatch.setattr(frobenius_mod, "FROBENIUS_CONFIGS", [config])
-    k = _randn((3, 90, 90), triton_device)
-    l = _randn((3, 90, 90), triton_device) + 0.5 * k
-    for num_blocks in (None, 2):
-        (meta,) = _metas(
-            _record(lambda nb=num_blocks: kernels.frobenius_dots(k, l, num_blocks=nb)), "_frobenius_dots_kernel"
+        (meta,) = launch_metas(
+            record_launches(lambda c=center: kernels.gram_backward(m, x, mean, c)), "_gram_backward_kernel"
         )
         assert config.items() <= meta.items()
-        _assert_close(kernels.frobenius_dots(k, l, num_blocks=num_blocks), _ref_dots(k, l), torch.float32)
+        out = kernels.gram_backward(m, x, mean, center)
+        assert_close_scaled(out, ref_gram_backward(m, x, mean, center), torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,22 +233,22 @@ def test_frobenius_dots_each_candidate(triton_device, poisoned_empty, monkeypatc
 def test_gram_forward_row_split_large_offset(triton_device, poisoned_empty, shape, row_split, expected):
     """The column means from several row ranges (partials summed by the second stage) keep the Gram at
     fp32 accuracy for offset-1000 features; odd n and d; ``row_split`` is capped at the 32-row chunks."""
-    x = _randn(shape, triton_device, offset=1000.0)
-    launches = _record(lambda: kernels.gram_forward(x, True, row_split=row_split))
+    x = rand_input(shape, triton_device, offset=1000.0)
+    launches = record_launches(lambda: kernels.gram_forward(x, True, row_split=row_split))
     grids = [g for name, g, _, _ in launches if name == "_column_mean_kernel"]  # one per candidate
     assert grids[0][1] == expected  # the first candidate (32-row chunks) is the one that runs here
     k, mean = kernels.gram_forward(x, True, row_split=row_split)
-    k_ref, mean_ref = _ref_gram(x, True)
-    assert _rel_err(k, k_ref) < 2e-6
-    _assert_close(k, k_ref, torch.float32)
-    _assert_close(mean, mean_ref, torch.float32)
+    k_ref, mean_ref = ref_gram(x, True)
+    assert rel_err(k, k_ref) < 2e-6
+    assert_close_scaled(k, k_ref, torch.float32)
+    assert_close_scaled(mean, mean_ref, torch.float32)
 
 
 def _batch_of_scales(shape, device) -> torch.Tensor:
     """Entries with different offsets and scales, so that reading another entry's data shows."""
     b = shape[0]
     scale = torch.arange(1, b + 1, dtype=torch.float64).view(b, 1, 1)
-    return (_randn(shape, "cpu").double() * scale + 10.0 * scale).float().to(device)
+    return (rand_input(shape, "cpu").double() * scale + 10.0 * scale).float().to(device)
 
 
 def test_batch_folded_into_grid_axis0(triton_device, poisoned_empty):
@@ -326,15 +257,15 @@ def test_batch_folded_into_grid_axis0(triton_device, poisoned_empty):
     for shape, split_k, row_split in (((5, 70, 90), 2, 2), ((5, 20, 90), 2, None), ((5, 150, 40), None, 3)):
         x = _batch_of_scales(shape, triton_device)
         k, mean = kernels.gram_forward(x, True, split_k=split_k, row_split=row_split)
-        k_ref, mean_ref = _ref_gram(x, True)
-        _assert_close(k, k_ref, torch.float32)
-        _assert_close(mean, mean_ref, torch.float32)
+        k_ref, mean_ref = ref_gram(x, True)
+        assert_close_scaled(k, k_ref, torch.float32)
+        assert_close_scaled(mean, mean_ref, torch.float32)
     x = _batch_of_scales((5, 150, 40), triton_device)
     m = _batch_of_scales((5, 150, 150), triton_device)
     mean = x.mean(dim=1)
-    _assert_close(kernels.gram_backward(m, x, mean, True), _ref_backward(m, x, mean, True), torch.float32)
+    assert_close_scaled(kernels.gram_backward(m, x, mean, True), ref_gram_backward(m, x, mean, True), torch.float32)
     k = _batch_of_scales((5, 40, 40), triton_device)
-    _assert_close(kernels.frobenius_dots(k, k.flip(0), num_blocks=2), _ref_dots(k, k.flip(0)), torch.float32)
+    assert_close_scaled(kernels.frobenius_dots(k, k.flip(0), num_blocks=2), ref_dots(k, k.flip(0)), torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,7 +342,7 @@ def test_huge_shapes_launch_within_grid_limits(monkeypatch, kind, shape, kwargs,
     monkeypatch.setattr(gram_mod, "num_sms", lambda device: sms)
     monkeypatch.setattr(column_mean_mod, "num_sms", lambda device: sms)
     monkeypatch.setattr(frobenius_mod, "num_sms", lambda device: sms)
-    launches = _record(lambda: _launch_huge(kind, shape, kwargs))
+    launches = record_launches(lambda: _launch_huge(kind, shape, kwargs))
     expected = {"forward": "_gram_kernel", "backward": "_gram_backward_kernel", "dots": "_frobenius_dots_kernel"}
     assert expected[kind] in {name for name, *_ in launches}
     for name, grid, args, meta in launches:
@@ -432,29 +363,29 @@ def test_huge_shapes_launch_within_grid_limits(monkeypatch, kind, shape, kwargs,
 def test_precision_reaches_every_dot(triton_device, precision):
     """``precision=`` is the PRECISION constexpr of both dot kernels (the interpreter computes every
     precision as fp32, so the values are checked at fp32 tolerance here; the GPU test checks accuracy)."""
-    x = _randn((2, 70, 40), triton_device)
-    m = _randn((2, 70, 70), triton_device)
+    x = rand_input((2, 70, 40), triton_device)
+    m = rand_input((2, 70, 70), triton_device)
     mean = x.mean(dim=1)
 
     def both():
         kernels.gram_forward(x, True, split_k=2, precision=precision)
         kernels.gram_backward(m, x, mean, True, precision=precision)
 
-    launches = _record(both)
-    fwd, bwd = _metas(launches, "_gram_kernel"), _metas(launches, "_gram_backward_kernel")
+    launches = record_launches(both)
+    fwd, bwd = launch_metas(launches, "_gram_kernel"), launch_metas(launches, "_gram_backward_kernel")
     assert fwd and bwd and all(meta["PRECISION"] == precision for meta in fwd + bwd)
     k, mean = kernels.gram_forward(x, True, precision=precision)
-    _assert_close(k, _ref_gram(x, True)[0], torch.float32)
+    assert_close_scaled(k, ref_gram(x, True)[0], torch.float32)
     out = kernels.gram_backward(m, x, mean, True, precision=precision)
-    _assert_close(out, _ref_backward(m, x, mean, True), torch.float32)
+    assert_close_scaled(out, ref_gram_backward(m, x, mean, True), torch.float32)
 
 
 def test_precision_rejects_unknown(triton_device):
-    x = _randn((1, 7, 5), triton_device)
+    x = rand_input((1, 7, 5), triton_device)
     with pytest.raises(ValueError, match="precision"):
         kernels.gram_forward(x, True, precision="fp16")
     with pytest.raises(ValueError, match="precision"):
-        kernels.gram_backward(_randn((1, 7, 7), triton_device), x, x.mean(1), True, precision="TF32")
+        kernels.gram_backward(rand_input((1, 7, 7), triton_device), x, x.mean(1), True, precision="TF32")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -465,39 +396,28 @@ def test_precision_rejects_unknown(triton_device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1, 256, 16384), (1, 64, 200704), (1, 64, 802816), (1, 4096, 512), (3, 100, 5000)])
 def test_gram_large_gpu(triton_device, shape):
-    x = _randn(shape, triton_device, offset=1000.0)
+    x = rand_input(shape, triton_device, offset=1000.0)
     k, mean = kernels.gram_forward(x, True)
-    k_ref, mean_ref = _ref_gram(x, True)
-    assert _rel_err(k, k_ref) < 2e-6
-    _assert_close(k, k_ref, torch.float32)
-    m = _randn((shape[0], shape[1], shape[1]), triton_device)
-    _assert_close(kernels.gram_backward(m, x, mean, True), _ref_backward(m, x, mean, True), torch.float32)
-    _assert_close(kernels.frobenius_dots(k, m), _ref_dots(k_ref, m), torch.float32)
+    k_ref, mean_ref = ref_gram(x, True)
+    assert rel_err(k, k_ref) < 2e-6
+    assert_close_scaled(k, k_ref, torch.float32)
+    m = rand_input((shape[0], shape[1], shape[1]), triton_device)
+    assert_close_scaled(kernels.gram_backward(m, x, mean, True), ref_gram_backward(m, x, mean, True), torch.float32)
+    assert_close_scaled(kernels.frobenius_dots(k, m), ref_dots(k_ref, m), torch.float32)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(70000, 8, 16), (66000, 70, 24)], ids=["single-tile", "tiled"])
 def test_batch_past_grid_axis_limit_gpu(triton_device, shape):
     """More than 65,535 problems in one launch (the batch was a grid axis limited to 65,535)."""
-    x = _randn(shape, triton_device, offset=3.0)
+    x = rand_input(shape, triton_device, offset=3.0)
     k, mean = kernels.gram_forward(x, True)
-    k_ref, mean_ref = _ref_gram(x, True)
-    _assert_close(k, k_ref, torch.float32)
-    _assert_close(mean, mean_ref, torch.float32)
-    m = _randn(k.shape, triton_device)
-    _assert_close(kernels.gram_backward(m, x, mean, True), _ref_backward(m, x, mean, True), torch.float32)
-    _assert_close(kernels.frobenius_dots(k, m), _ref_dots(k_ref, m), torch.float32)
-
-
-def _sum_f64(*tensors: torch.Tensor, rows: int = 4096) -> float:
-    """Σ of the elementwise product of same-shape tensors in float64, ``rows`` leading indices at a time."""
-    total = 0.0
-    for i in range(0, tensors[0].shape[0], rows):
-        prod = tensors[0][i : i + rows].double()
-        for t in tensors[1:]:
-            prod = prod * t[i : i + rows].double()
-        total += prod.sum().item()
-    return total
+    k_ref, mean_ref = ref_gram(x, True)
+    assert_close_scaled(k, k_ref, torch.float32)
+    assert_close_scaled(mean, mean_ref, torch.float32)
+    m = rand_input(k.shape, triton_device)
+    assert_close_scaled(kernels.gram_backward(m, x, mean, True), ref_gram_backward(m, x, mean, True), torch.float32)
+    assert_close_scaled(kernels.frobenius_dots(k, m), ref_dots(k_ref, m), torch.float32)
 
 
 @pytest.mark.gpu
@@ -509,7 +429,7 @@ def test_split_offsets_past_int32_gpu(triton_device, monkeypatch):
     x = torch.randn((1, 20000, 1024), device=triton_device)
     k, _ = kernels.gram_forward(x, False, split_k=8)
     for rows in (slice(0, 64), slice(-64, None)):
-        _assert_close(k[0, rows], x[0, rows].double() @ x[0].double().T, torch.float32)
+        assert_close_scaled(k[0, rows], x[0, rows].double() @ x[0].double().T, torch.float32)
 
 
 @pytest.mark.gpu
@@ -520,12 +440,12 @@ def test_feature_offsets_past_int32_gpu(triton_device, monkeypatch):
     d = 2**31 + 64
     x = torch.randn((1, 2, d), device=triton_device)
     k, _ = kernels.gram_forward(x, False)
-    ref = [[_sum_f64(x[0, i], x[0, j], rows=1 << 28) for j in range(2)] for i in range(2)]
-    _assert_close(k[0], torch.tensor(ref, dtype=torch.float64), torch.float32)
+    ref = [[sum_f64(x[0, i], x[0, j], rows=1 << 28) for j in range(2)] for i in range(2)]
+    assert_close_scaled(k[0], torch.tensor(ref, dtype=torch.float64), torch.float32)
     k, mean = kernels.gram_forward(x, True)  # centered: [[a, -a], [-a, a]], a = Σ ((x0 - x1) / 2)²
     half = (x[0, 0] - x[0, 1]) * 0.5
-    a = _sum_f64(half, half, rows=1 << 28)
-    _assert_close(k[0], torch.tensor([[a, -a], [-a, a]], dtype=torch.float64), torch.float32)
+    a = sum_f64(half, half, rows=1 << 28)
+    assert_close_scaled(k[0], torch.tensor([[a, -a], [-a, a]], dtype=torch.float64), torch.float32)
     tail = slice(2**31 - 1024, None)  # the means written past 2³¹
     torch.testing.assert_close(mean[0, tail], (x[0, 0, tail] + x[0, 1, tail]) * 0.5, atol=1e-6, rtol=1e-6)
     del mean, half
@@ -535,30 +455,17 @@ def test_feature_offsets_past_int32_gpu(triton_device, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_frobenius_dots_past_int32_gpu(triton_device, monkeypatch):
-    """n² = 2,147,488,281 > 2³¹ − 1 elements walked by a single program (num_blocks=1)."""
-    monkeypatch.setenv("CKAKD_AUTOTUNE", "0")
-    n = 46341
-    k = torch.randn((1, n, n), device=triton_device)
-    l = torch.randn((1, n, n), device=triton_device).add_(k, alpha=0.5)
-    out = kernels.frobenius_dots(k, l, num_blocks=1)[0].double().cpu()
-    kl, kk, ll = _sum_f64(k[0], l[0]), _sum_f64(k[0], k[0]), _sum_f64(l[0], l[0])
-    scale = (kk * ll) ** 0.5
-    assert (out - torch.tensor([kl, kk, ll], dtype=torch.float64)).abs().max().item() <= 1e-3 * scale
-
-
-@pytest.mark.gpu
 def test_precision_accuracy_gpu(triton_device):
     """ieee is fp32-exact, tf32x3 close to it, tf32 measurably coarser (so the keyword reaches tl.dot)."""
     x = torch.randn((1, 256, 16384), device=triton_device)
     m = torch.randn((1, 256, 256), device=triton_device)
-    k_ref, _ = _ref_gram(x, True)
+    k_ref, _ = ref_gram(x, True)
     err_k, err_g = {}, {}
     for precision in gram_mod.PRECISIONS:
         k, mean = kernels.gram_forward(x, True, precision=precision)
-        err_k[precision] = _rel_err(k, k_ref)
+        err_k[precision] = rel_err(k, k_ref)
         g = kernels.gram_backward(m, x, mean, True, precision=precision)
-        err_g[precision] = _rel_err(g, _ref_backward(m, x, mean, True))
+        err_g[precision] = rel_err(g, ref_gram_backward(m, x, mean, True))
     assert err_k["ieee"] < 2e-6 and err_g["ieee"] < 2e-6
     assert err_k["tf32x3"] < 1e-5 and err_g["tf32x3"] < 1e-5
     assert err_g["tf32"] > 1e-5 and err_g["tf32"] > 10 * err_g["ieee"] and err_k["tf32"] < 1e-2
@@ -567,8 +474,8 @@ def test_precision_accuracy_gpu(triton_device):
 @pytest.mark.gpu
 def test_split_paths_deterministic_gpu(triton_device):
     """Split-K and row-split reductions are two-stage in a fixed order: bitwise-equal reruns."""
-    x = _randn((2, 4096, 512), triton_device, offset=1000.0)
+    x = rand_input((2, 4096, 512), triton_device, offset=1000.0)
     k1, mean1 = kernels.gram_forward(x, True, split_k=4, row_split=8)
     k2, mean2 = kernels.gram_forward(x, True, split_k=4, row_split=8)
     assert torch.equal(k1, k2) and torch.equal(mean1, mean2)
-    assert _rel_err(k1, _ref_gram(x, True)[0]) < 2e-6
+    assert rel_err(k1, ref_gram(x, True)[0]) < 2e-6

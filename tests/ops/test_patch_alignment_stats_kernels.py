@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from tests.conftest import require_kernels
-from tests.kernel_helpers import LOW, _assert_close, _problems, _randn, _ref_patch, _rel_err, _unproblems
+from tests.kernel_helpers import (
+    LOW,
+    assert_close_scaled,
+    from_problem_matrices,
+    problem_matrices,
+    rand_input,
+    ref_patch,
+    rel_err,
+)
 
 kernels = require_kernels()
 
@@ -25,9 +33,9 @@ REDUCES = ["channel", "batch", "spatial"]
 
 def _patch_inputs(shape, device, dtype=torch.float32, offset=0.0):
     """Student channels_last, teacher a strided slice: both non-contiguous, with different strides."""
-    f_s = _randn(shape, device, dtype, offset=offset).to(memory_format=torch.channels_last)
+    f_s = rand_input(shape, device, dtype, offset=offset).to(memory_format=torch.channels_last)
     B, C, H, W = shape
-    f_t = _randn((B, 2 * C, H, 2 * W), device, dtype, offset=offset, scale=2.0)[:, ::2, :, ::2]
+    f_t = rand_input((B, 2 * C, H, 2 * W), device, dtype, offset=offset, scale=2.0)[:, ::2, :, ::2]
     f_t.add_(0.5 * f_s)  # correlated with the student; in place keeps the strided layout
     assert not f_s.is_contiguous() and not f_t.is_contiguous()
     return f_s, f_t
@@ -44,51 +52,51 @@ def test_patch_cka_fp32(triton_device, poisoned_empty, shape, patch, block_d, re
     ph, pw = patch
     f_s, f_t = _patch_inputs(shape, triton_device)
     stats, k_s, k_t = kernels.patch_cka_forward(f_s, f_t, ph, pw, reduce, center, block_d=block_d)
-    st_ref, ks_ref, kt_ref, xs, xt = _ref_patch(f_s, f_t, ph, pw, reduce, center)
+    st_ref, ks_ref, kt_ref, xs, xt = ref_patch(f_s, f_t, ph, pw, reduce, center)
     G, P, _ = ks_ref.shape
     assert stats.shape == (G, 3) and k_s.shape == k_t.shape == (G, P, P)
     for got in (stats, k_s, k_t):
         assert got.dtype == torch.float32 and not got.isnan().any()
-    _assert_close(k_s, ks_ref, torch.float32)
-    _assert_close(k_t, kt_ref, torch.float32)
-    _assert_close(stats, st_ref, torch.float32)
+    assert_close_scaled(k_s, ks_ref, torch.float32)
+    assert_close_scaled(k_t, kt_ref, torch.float32)
+    assert_close_scaled(stats, st_ref, torch.float32)
 
-    m_s = _randn((G, P, P), triton_device)
-    m_t = _randn((G, P, P), triton_device).transpose(1, 2)  # non-contiguous coefficients
+    m_s = rand_input((G, P, P), triton_device)
+    m_t = rand_input((G, P, P), triton_device).transpose(1, 2)  # non-contiguous coefficients
     g_s, g_t = kernels.patch_cka_backward(m_s, m_t, f_s, f_t, ph, pw, reduce, center, block_d=block_d)
     for got, src in ((g_s, f_s), (g_t, f_t)):
         assert got.shape == src.shape and got.dtype == src.dtype and got.is_contiguous()
         assert not got.isnan().any()
-    _assert_close(g_s, _unproblems(m_s.double() @ xs, shape, ph, pw, reduce), torch.float32)
-    _assert_close(g_t, _unproblems(m_t.double() @ xt, shape, ph, pw, reduce), torch.float32)
+    assert_close_scaled(g_s, from_problem_matrices(m_s.double() @ xs, shape, ph, pw, reduce), torch.float32)
+    assert_close_scaled(g_t, from_problem_matrices(m_t.double() @ xt, shape, ph, pw, reduce), torch.float32)
 
 
 def test_patch_layout_helpers():
     """The reference reshapes agree with the element formula of the module docstring."""
     f = torch.arange(2 * 3 * 4 * 6, dtype=torch.float64).reshape(2, 3, 4, 6)
     ph, pw, Pw = 2, 3, 2
-    x = _problems(f, ph, pw, "channel")
+    x = problem_matrices(f, ph, pw, "channel")
     b, c, pi, pj, i, j = 1, 2, 1, 0, 1, 2
     assert x[c, pi * Pw + pj, (b * ph + i) * pw + j] == f[b, c, pi * ph + i, pj * pw + j]
-    x = _problems(f, ph, pw, "batch")
+    x = problem_matrices(f, ph, pw, "batch")
     assert x[b, pi * Pw + pj, (c * ph + i) * pw + j] == f[b, c, pi * ph + i, pj * pw + j]
-    x = _problems(f, ph, pw, "spatial")
+    x = problem_matrices(f, ph, pw, "spatial")
     assert x[i * pw + j, pi * Pw + pj, b * 3 + c] == f[b, c, pi * ph + i, pj * pw + j]
     for reduce in REDUCES:
-        assert torch.equal(_unproblems(_problems(f, ph, pw, reduce), f.shape, ph, pw, reduce), f)
+        assert torch.equal(from_problem_matrices(problem_matrices(f, ph, pw, reduce), f.shape, ph, pw, reduce), f)
 
 
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_patch_cka_large_offset(triton_device, reduce):
     f_s, f_t = _patch_inputs((2, 3, 8, 12), triton_device, offset=1000.0)
     stats, k_s, k_t = kernels.patch_cka_forward(f_s, f_t, 2, 4, reduce, True)
-    st_ref, ks_ref, kt_ref, xs, xt = _ref_patch(f_s, f_t, 2, 4, reduce, True)
-    assert _rel_err(k_s, ks_ref) < 2e-6 and _rel_err(k_t, kt_ref) < 2e-6
-    _assert_close(stats, st_ref, torch.float32)
+    st_ref, ks_ref, kt_ref, xs, xt = ref_patch(f_s, f_t, 2, 4, reduce, True)
+    assert rel_err(k_s, ks_ref) < 2e-6 and rel_err(k_t, kt_ref) < 2e-6
+    assert_close_scaled(stats, st_ref, torch.float32)
     G, P, _ = ks_ref.shape
-    m = _randn((G, P, P), triton_device)
+    m = rand_input((G, P, P), triton_device)
     g_s, _ = kernels.patch_cka_backward(m, m, f_s, f_t, 2, 4, reduce, True)
-    _assert_close(g_s, _unproblems(m.double() @ xs, f_s.shape, 2, 4, reduce), torch.float32)
+    assert_close_scaled(g_s, from_problem_matrices(m.double() @ xs, f_s.shape, 2, 4, reduce), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -96,16 +104,16 @@ def test_patch_cka_large_offset(triton_device, reduce):
 def test_patch_cka_low_precision(triton_device, dtype, reduce):
     f_s, f_t = _patch_inputs((2, 3, 8, 12), triton_device, dtype)
     stats, k_s, k_t = kernels.patch_cka_forward(f_s, f_t, 2, 4, reduce, True)
-    st_ref, ks_ref, kt_ref, xs, xt = _ref_patch(f_s, f_t, 2, 4, reduce, True)
-    _assert_close(k_s, ks_ref, dtype)
-    _assert_close(k_t, kt_ref, dtype)
-    _assert_close(stats, st_ref, dtype)
+    st_ref, ks_ref, kt_ref, xs, xt = ref_patch(f_s, f_t, 2, 4, reduce, True)
+    assert_close_scaled(k_s, ks_ref, dtype)
+    assert_close_scaled(k_t, kt_ref, dtype)
+    assert_close_scaled(stats, st_ref, dtype)
     G, P, _ = ks_ref.shape
-    m_s, m_t = _randn((G, P, P), triton_device), _randn((G, P, P), triton_device)
+    m_s, m_t = rand_input((G, P, P), triton_device), rand_input((G, P, P), triton_device)
     g_s, g_t = kernels.patch_cka_backward(m_s, m_t, f_s, f_t, 2, 4, reduce, True)
     assert g_s.dtype == g_t.dtype == dtype
-    _assert_close(g_s, _unproblems(m_s.double() @ xs, f_s.shape, 2, 4, reduce), dtype)
-    _assert_close(g_t, _unproblems(m_t.double() @ xt, f_t.shape, 2, 4, reduce), dtype)
+    assert_close_scaled(g_s, from_problem_matrices(m_s.double() @ xs, f_s.shape, 2, 4, reduce), dtype)
+    assert_close_scaled(g_t, from_problem_matrices(m_t.double() @ xt, f_t.shape, 2, 4, reduce), dtype)
 
 
 def test_patch_cka_max_patches(triton_device, poisoned_empty):
@@ -113,12 +121,12 @@ def test_patch_cka_max_patches(triton_device, poisoned_empty):
     shape = (1, 2, 16, 8)
     f_s, f_t = _patch_inputs(shape, triton_device)
     stats, k_s, k_t = kernels.patch_cka_forward(f_s, f_t, 1, 1, "channel", True)
-    st_ref, ks_ref, kt_ref, xs, xt = _ref_patch(f_s, f_t, 1, 1, "channel", True)
-    _assert_close(k_s, ks_ref, torch.float32)
-    _assert_close(stats, st_ref, torch.float32)
-    m = _randn((2, 128, 128), triton_device)
+    st_ref, ks_ref, kt_ref, xs, xt = ref_patch(f_s, f_t, 1, 1, "channel", True)
+    assert_close_scaled(k_s, ks_ref, torch.float32)
+    assert_close_scaled(stats, st_ref, torch.float32)
+    m = rand_input((2, 128, 128), triton_device)
     g_s, g_t = kernels.patch_cka_backward(m, m, f_s, f_t, 1, 1, "channel", True)
-    _assert_close(g_t, _unproblems(m.double() @ xt, shape, 1, 1, "channel"), torch.float32)
+    assert_close_scaled(g_t, from_problem_matrices(m.double() @ xt, shape, 1, 1, "channel"), torch.float32)
 
 
 def test_patch_cka_single_patch(triton_device):
@@ -131,7 +139,7 @@ def test_patch_cka_single_patch(triton_device):
 
 
 def test_patch_cka_bad_input(triton_device):
-    f = _randn((1, 2, 24, 8), triton_device)
+    f = rand_input((1, 2, 24, 8), triton_device)
     with pytest.raises(ValueError, match="128"):
         kernels.patch_cka_forward(f, f, 1, 1, "channel", True)  # P = 192
     with pytest.raises(ValueError):
@@ -149,15 +157,15 @@ def test_patch_cka_forward_split_over_features(triton_device, poisoned_empty, re
     element written, Grams exactly symmetric; ``split`` larger than the chunk count is clamped."""
     f_s, f_t = _patch_inputs((2, 6, 8, 12), triton_device, offset=5.0)
     stats, k_s, k_t = kernels.patch_cka_forward(f_s, f_t, 2, 4, reduce, True, block_d=16, split=split)
-    st_ref, ks_ref, kt_ref, _, _ = _ref_patch(f_s, f_t, 2, 4, reduce, True)
+    st_ref, ks_ref, kt_ref, _, _ = ref_patch(f_s, f_t, 2, 4, reduce, True)
     for got in (stats, k_s, k_t):
         assert not got.isnan().any()
-    _assert_close(k_s, ks_ref, torch.float32)
-    _assert_close(k_t, kt_ref, torch.float32)
-    _assert_close(stats, st_ref, torch.float32)
+    assert_close_scaled(k_s, ks_ref, torch.float32)
+    assert_close_scaled(k_t, kt_ref, torch.float32)
+    assert_close_scaled(stats, st_ref, torch.float32)
     assert torch.equal(k_s, k_s.transpose(1, 2)) and torch.equal(k_t, k_t.transpose(1, 2))
     one, _, _ = kernels.patch_cka_forward(f_s, f_t, 2, 4, reduce, True, block_d=16, split=1)
-    _assert_close(stats, one.double(), torch.float32)
+    assert_close_scaled(stats, one.double(), torch.float32)
 
 
 @pytest.mark.parametrize("need", [(True, False), (False, True)], ids=["student-only", "teacher-only"])
@@ -169,9 +177,9 @@ def test_patch_cka_backward_computes_only_needed(triton_device, poisoned_empty, 
 
     need_s, need_t = need
     f_s, f_t = _patch_inputs((2, 3, 8, 12), triton_device)
-    _, _, _, xs, xt = _ref_patch(f_s, f_t, 2, 4, reduce, True)
+    _, _, _, xs, xt = ref_patch(f_s, f_t, 2, 4, reduce, True)
     G, P, _ = xs.shape
-    m = _randn((G, P, P), triton_device)
+    m = rand_input((G, P, P), triton_device)
     poison = torch.full((G, P, P), float("nan"), device=triton_device)
     grids = []
     real_launch = _launch.launch
@@ -188,7 +196,7 @@ def test_patch_cka_backward_computes_only_needed(triton_device, poisoned_empty, 
     got, unneeded, x, src = (g_s, g_t, xs, f_s) if need_s else (g_t, g_s, xt, f_t)
     assert unneeded.shape == (0,)
     assert got.shape == src.shape and not got.isnan().any()
-    _assert_close(got, _unproblems(m.double() @ x, src.shape, 2, 4, reduce), torch.float32)
+    assert_close_scaled(got, from_problem_matrices(m.double() @ x, src.shape, 2, 4, reduce), torch.float32)
 
 
 @pytest.mark.parametrize("which", ["forward", "backward"])
@@ -203,18 +211,20 @@ def test_patch_cka_every_launch_candidate(triton_device, monkeypatch, which):
     for p_pad, configs in table.items():
         shape, (ph, pw) = shapes[p_pad]
         f_s, f_t = _patch_inputs(shape, triton_device, offset=2.0)
-        _, ks_ref, _, xs, _ = _ref_patch(f_s, f_t, ph, pw, "channel", True)
+        _, ks_ref, _, xs, _ = ref_patch(f_s, f_t, ph, pw, "channel", True)
         G, P, _ = ks_ref.shape
         assert pc._p_pad(P) == p_pad
-        m = _randn((G, P, P), triton_device)
+        m = rand_input((G, P, P), triton_device)
         for config in configs:
             monkeypatch.setitem(table, p_pad, [config])
             if which == "forward":
                 _, k_s, _ = kernels.patch_cka_forward(f_s, f_t, ph, pw, "channel", True)
-                _assert_close(k_s, ks_ref, torch.float32)
+                assert_close_scaled(k_s, ks_ref, torch.float32)
             else:
                 g_s, _ = kernels.patch_cka_backward(m, m, f_s, f_t, ph, pw, "channel", True, need_t=False)
-                _assert_close(g_s, _unproblems(m.double() @ xs, shape, ph, pw, "channel"), torch.float32)
+                assert_close_scaled(
+                    g_s, from_problem_matrices(m.double() @ xs, shape, ph, pw, "channel"), torch.float32
+                )
 
 
 @pytest.mark.parametrize(
@@ -265,14 +275,14 @@ def _ref_shape(shape, patch, reduce):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_patch_cka_fpn_gpu(triton_device, reduce, dtype):
     shape, ph, pw = (2, 256, 96, 160), 16, 16
-    f_s = _randn(shape, triton_device, dtype, offset=2.0).to(memory_format=torch.channels_last)
-    f_t = _randn(shape, triton_device, dtype)
+    f_s = rand_input(shape, triton_device, dtype, offset=2.0).to(memory_format=torch.channels_last)
+    f_t = rand_input(shape, triton_device, dtype)
     stats, k_s, k_t = kernels.patch_cka_forward(f_s, f_t, ph, pw, reduce, True)
-    st_ref, ks_ref, kt_ref, xs, xt = _ref_patch(f_s, f_t, ph, pw, reduce, True)
-    _assert_close(k_s, ks_ref, dtype)
-    _assert_close(stats, st_ref, dtype)
+    st_ref, ks_ref, kt_ref, xs, xt = ref_patch(f_s, f_t, ph, pw, reduce, True)
+    assert_close_scaled(k_s, ks_ref, dtype)
+    assert_close_scaled(stats, st_ref, dtype)
     G, P, _ = ks_ref.shape
-    m = _randn((G, P, P), triton_device)
+    m = rand_input((G, P, P), triton_device)
     g_s, g_t = kernels.patch_cka_backward(m, m, f_s, f_t, ph, pw, reduce, True)
-    _assert_close(g_s, _unproblems(m.double() @ xs, shape, ph, pw, reduce), dtype)
-    _assert_close(g_t, _unproblems(m.double() @ xt, shape, ph, pw, reduce), dtype)
+    assert_close_scaled(g_s, from_problem_matrices(m.double() @ xs, shape, ph, pw, reduce), dtype)
+    assert_close_scaled(g_t, from_problem_matrices(m.double() @ xt, shape, ph, pw, reduce), dtype)
