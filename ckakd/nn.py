@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from ckakd import _checks
 from ckakd import functional as F_
 from ckakd.ops import _backend
-from ckakd.ops.alignment import MODES
-from ckakd.ops.patch import REDUCTIONS
+from ckakd.ops.alignment_stats import MODES
+from ckakd.ops.patch_alignment_stats import REDUCTIONS
 from ckakd.wasserstein import COVARIANCES, wkd_feature_loss
 from ckakd.wkd import check_cost, check_solver_args, wkd_logit_loss
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ckakd import _ext
+
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -93,8 +95,6 @@ def triton_status() -> BackendStatus:
 
 def extension_status() -> tuple[BackendStatus, BackendStatus]:
     """The C++ extension (batched Sinkhorn): prebuilt ``ckakd._C`` or a JIT build of ``csrc/`` (see ``_ext``)."""
-    from ckakd import _ext
-
     ext = _ext.load()
     loaded, detail = _ext.status(load_now=False)
     if ext is None:
@@ -147,8 +147,6 @@ def resolve_sinkhorn(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {', '.join(map(repr, SINKHORN_BACKENDS))}; got {backend!r}")
     if backend == "torch":
         return backend
-    from ckakd import _ext
-
     ext = _ext.load()
     on_cuda = device.type == "cuda"
     if backend == "auto":
