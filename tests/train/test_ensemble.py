@@ -12,9 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from ckakd.train import create_model, runner
+from ckakd.train.config import apply_overrides, config_from_dict
 from ckakd.train.data import Compose, MultiView, RandomCropFlip, load_digits_dataset, make_loader, strong_augment
 from ckakd.train.distillers import KD, EnsembleKD, build_distiller, kd_loss, standardize_logits
-from ckakd.train.engine import Trainer, TrainSettings, evaluate
+from ckakd.train.engine import Trainer, TrainSettings, evaluate, save_checkpoint
 
 C = 5
 
@@ -330,9 +332,6 @@ def test_trainer_multiview_top1_uses_student_view(tmp_path):
 @pytest.fixture(scope="module")
 def teacher_ckpts(tmp_path_factory) -> list[Path]:
     """Two untrained resnet8 digits 'teachers' saved as trainer checkpoints (weights only matter for shape)."""
-    from ckakd.train import create_model
-    from ckakd.train.engine import save_checkpoint
-
     out = tmp_path_factory.mktemp("teachers")
     paths = []
     for seed in (0, 1):
@@ -344,8 +343,6 @@ def teacher_ckpts(tmp_path_factory) -> list[Path]:
 
 def _cfg(teacher_ckpts: list[Path], tmp_path: Path, *overrides: str):
     """A tiny two-teacher ensemble_kd digits config: student augment none, T1 weak, T2 strong."""
-    from ckakd.train.config import apply_overrides, config_from_dict
-
     data = {
         "run": {"name": "ens", "out_dir": str(tmp_path), "progress": False, "device": "cpu"},
         "data": {"name": "digits", "batch_size": 32, "augment": "none", "max_train_batches": 2},
@@ -359,8 +356,6 @@ def _cfg(teacher_ckpts: list[Path], tmp_path: Path, *overrides: str):
 
 
 def test_runner_builds_multiview_loaders_from_the_config(teacher_ckpts, tmp_path):
-    from ckakd.train import runner
-
     cfg = _cfg(teacher_ckpts, tmp_path)
     bundle = runner.build_data(cfg)
     views, teacher_views = runner.build_train_views(cfg, bundle)
@@ -387,8 +382,6 @@ def test_runner_builds_multiview_loaders_from_the_config(teacher_ckpts, tmp_path
 
 
 def test_runner_view_errors(teacher_ckpts, tmp_path):
-    from ckakd.train import runner
-
     cfg = _cfg(teacher_ckpts, tmp_path)
     bundle = runner.build_data(cfg)
     kd = _cfg(teacher_ckpts, tmp_path, "distiller.name=kd", "distiller.kwargs={}", "teachers=[]")
@@ -402,8 +395,6 @@ def test_runner_view_errors(teacher_ckpts, tmp_path):
 
 
 def test_runner_distills_on_multiview_batches(teacher_ckpts, tmp_path):
-    from ckakd.train import runner
-
     class Probe:
         def __init__(self) -> None:
             self.kinds: list[str] = []
