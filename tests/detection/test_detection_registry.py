@@ -18,6 +18,7 @@ from ckakd.train.distillers.registry import (
     register_distiller,
     registered_distillers,
 )
+from ckakd.train.engine.checkpoint import model_identity
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ckakd"
 COST = torch.full((3, 3), 0.5).fill_diagonal_(0.0)
@@ -142,3 +143,10 @@ def test_no_method_string_switch_remains_in_the_detection_package():
                 ):
                     hits.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert not hits, hits
+
+
+@pytest.mark.parametrize("method", ["none", "pcka_mimic", "wkd_lf"])
+def test_checkpoints_record_every_method_as_detection_distiller(method):
+    """The identity a checkpoint records is the one the single class had: older checkpoints still resume."""
+    d = DetectionDistiller(tiny(8), tiny(16, seed=1), method=method, **kwargs_for(method))
+    assert model_identity(d) == {"model": "DetectionDistiller", "student": "RetinaNet"}

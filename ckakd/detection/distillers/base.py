@@ -123,6 +123,9 @@ class DetectionDistiller(Distiller, metaclass=_ByMethod):
     (:meth:`extra_parameters`), ``None`` when there is none. :attr:`method` is the registry name.
     """
 
+    # the model identity checkpoints record (``ckakd.train.engine.checkpoint.model_identity``): one name for every
+    # method, as when one class implemented them all, so that older checkpoints resume
+    checkpoint_name: str = "DetectionDistiller"
     family: str = ""  # what the error naming another method's option calls this method's options ("PCKA")
     default_weight: float = 1.0
     projector: str = "mismatched"

@@ -131,8 +131,10 @@ def apply_weights(ckpt: dict, model: nn.Module, path: Path) -> None:
 
 def model_identity(model: nn.Module) -> dict[str, str]:
     """What a checkpoint records of the model it trained: the class of the trained module (a Distiller or the
-    plain classifier) and of its student."""
-    return {"model": type(model).__name__, "student": type(student_of(model)).__name__}
+    plain classifier) and of its student; a class may name itself with a ``checkpoint_name`` attribute (every
+    detection distiller is ``"DetectionDistiller"``, as checkpoints have recorded it)."""
+    model_name = getattr(type(model), "checkpoint_name", type(model).__name__)
+    return {"model": model_name, "student": type(student_of(model)).__name__}
 
 
 def _describe_identity(ident: Mapping[str, Any]) -> str:
