@@ -1,11 +1,12 @@
 """The reference trainer's loop, independent of any config format (see :mod:`ckakd.train.engine.trainer`).
 
-One job per module: :mod:`.settings` (:class:`TrainSettings`), :mod:`.seeding`, :mod:`.schedule` (optimizer, lr
-schedule, warmup), :mod:`.device`, :mod:`.checkpoint` (save/load, resume checks), :mod:`.metrics_log` (metrics files,
-plots, progress), :mod:`.cka_probe`, :mod:`.task` (the :class:`Task` protocol, :class:`ClassificationTask`,
-:func:`evaluate`), :mod:`.loaders` (DDP glue), :mod:`.callbacks` and :mod:`.trainer` (:class:`Trainer`). Every name
-``ckakd.train.engine`` had as a single module is still importable from here (``__all__`` unchanged); so are
-:func:`autocast` (formerly the private ``_autocast``), :func:`resolve_device` and :class:`Task`.
+One job per module: :mod:`.settings` (the run / optim / schedule / train sections and :class:`TrainSettings`),
+:mod:`.seeding`, :mod:`.schedule` (optimizer, lr schedule, warmup), :mod:`.device`, :mod:`.checkpoint` (save/load,
+resume checks), :mod:`.metrics_log` (metrics files, plots, progress), :mod:`.cka_probe`, :mod:`.task` (the
+:class:`Task` protocol, :class:`ClassificationTask`, :func:`evaluate`), :mod:`.loaders` (DDP glue), :mod:`.callbacks`
+and :mod:`.trainer` (:class:`Trainer`). Every name ``ckakd.train.engine`` had as a single module is still importable
+from here (``__all__`` unchanged); so are :func:`autocast` (formerly the private ``_autocast``),
+:func:`resolve_device` and :class:`Task`.
 """
 
 from __future__ import annotations
