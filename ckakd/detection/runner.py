@@ -17,10 +17,19 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
+from ckakd.detection import data as DD
+from ckakd.detection.adapters import build_torchvision_detector
 from ckakd.detection.config import DetectionConfig
+from ckakd.detection.data import make_detection_loader
+from ckakd.detection.distill import detection_class_interrelation
 from ckakd.detection.distillers import DISTILL_METHODS, DetectionDistiller
+from ckakd.detection.models import FCOS, RetinaNet
+from ckakd.detection.task import DetectionTask
+from ckakd.detection.visualize import plot_detections
+from ckakd.interrelation import save_interrelation
 from ckakd.train.engine import Trainer, seed_everything
 from ckakd.train.fileio import OutputError
+from ckakd.train.hooks import FeatureHooks
 from ckakd.train.runner import (
     ConfigError,
     check_run_resume,
@@ -101,8 +110,6 @@ class _Rendered(Dataset):
 
 def build_detection_data(cfg: DetectionConfig) -> DetectionData:
     """The training / validation datasets of ``cfg.data`` and the training box transform."""
-    from ckakd.detection import data as DD
-
     d = cfg.data
     if d.name == "synthetic":
         kw = {
@@ -138,7 +145,6 @@ def build_detection_data(cfg: DetectionConfig) -> DetectionData:
 
 def detection_loaders(cfg: DetectionConfig, data: DetectionData) -> tuple[Any, Any]:
     """Seeded (train, val) loaders; the trainer swaps in distributed samplers under torchrun."""
-    from ckakd.detection.data import make_detection_loader
 
     d = cfg.data
     train = make_detection_loader(
@@ -153,13 +159,9 @@ def detection_loaders(cfg: DetectionConfig, data: DetectionData) -> tuple[Any, A
 
 def build_detector(name: str | None, kwargs: dict[str, Any], num_classes: int, *, section: str) -> nn.Module:
     """``retinanet`` / ``fcos`` (ours) or ``torchvision.<builder>`` with ``kwargs``; errors name ``section``."""
-    from ckakd.detection.models import FCOS, RetinaNet
-
     if name is None:
         raise ConfigError(f"{section}.name is required")
     if name.startswith(TORCHVISION_PREFIX):
-        from ckakd.detection.adapters import build_torchvision_detector
-
         try:
             return build_torchvision_detector(name[len(TORCHVISION_PREFIX) :], num_classes, **kwargs)
         except ImportError as exc:
@@ -213,7 +215,6 @@ def build_detection_distiller(cfg: DetectionConfig, student: nn.Module, teacher:
 
 
 def _cka_pairs(cfg: DetectionConfig, student: nn.Module, teacher: nn.Module | None) -> list[tuple[str, str]]:
-    from ckakd.train.hooks import FeatureHooks
 
     pairs = [tuple(p) for p in cfg.train.cka_pairs]
     if pairs and teacher is None:
@@ -232,8 +233,6 @@ def _cka_pairs(cfg: DetectionConfig, student: nn.Module, teacher: nn.Module | No
 
 def train_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
     """Train ``cfg.model`` on ``cfg.data`` (no distillation); outputs in ``run_dir(cfg)``."""
-    from ckakd.detection.task import DetectionTask
-
     cfg = _require_detection(cfg)
     preflight(cfg)
     data = build_detection_data(cfg)
@@ -252,8 +251,6 @@ def train_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: Se
 def distill_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
     """Distil ``cfg.teacher`` into ``cfg.model`` with ``cfg.distiller`` on ``cfg.data``. Distiller ``none`` (the
     student alone) is refused: that is ``detect-train``."""
-    from ckakd.detection.task import DetectionTask
-
     cfg = _require_detection(cfg)
     if cfg.distiller.name == "none":
         raise ConfigError(
@@ -285,8 +282,6 @@ def evaluate_detection_checkpoint(
 ) -> dict[str, float]:
     """COCO metrics (percent) of ``cfg.model`` loaded from ``checkpoint`` on the validation split; ``plot``: also
     draw ground truth and detections of the first validation images to this PNG."""
-    from ckakd.detection.task import DetectionTask
-
     cfg = _require_detection(cfg)
     data = build_detection_data(cfg)
     model = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
@@ -295,8 +290,6 @@ def evaluate_detection_checkpoint(
     _, val = detection_loaders(cfg, data)
     metrics = DetectionTask().evaluate(model.to(device), val, device, amp=cfg.run.amp, amp_dtype=cfg.run.amp_dtype)
     if plot is not None:
-        from ckakd.detection.visualize import plot_detections
-
         plot_detections({Path(checkpoint).name: model}, data.val, plot, device=device)
     return metrics
 
@@ -312,9 +305,6 @@ def compute_detection_interrelation(
     """The WKD-L category interrelation of the trained ``cfg.teacher`` on the training split (RoI-pooled
     features per ground-truth class, see :func:`~ckakd.detection.distill.detection_class_interrelation`), saved
     next to the teacher checkpoint (``interrelation_<kernel>.pt``) for ``distiller.cost``."""
-    from ckakd.detection.distill import detection_class_interrelation
-    from ckakd.interrelation import save_interrelation
-
     cfg = _require_detection(cfg)
     data = build_detection_data(cfg)
     teacher = build_teacher_detector(cfg, data.num_classes)
