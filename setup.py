@@ -77,7 +77,7 @@ def _torch_has_cuda() -> bool:
 # The optional dependencies. ``train``: the trainer (YAML configs, progress bars, the curves it plots); ``plot``:
 # the plots alone; ``detection``: the trainer plus COCO evaluation and image reading; ``demo``: everything
 # ``ckakd demo`` needs (the trainer and scikit-learn's bundled digits); ``test``: everything ``python -m pytest``
-# needs. ckakd/_cli_common.py maps a missing module to its extra: keep the two in step.
+# needs. ckakd/apps/errors.py maps a missing module to its extra: keep the two in step.
 TRAIN = ["pyyaml>=5.4", "tqdm", "matplotlib"]
 EXTRAS = {
     "triton": ["triton>=3.6"],
@@ -124,8 +124,13 @@ def main() -> None:
             "ckakd.train.engine",
             "ckakd.train.models",
             "ckakd.detection",
+            "ckakd.detection.data",
+            "ckakd.detection.distillers",
+            "ckakd.detection.models",
             "ckakd.kernels",
             "ckakd.configs",
+            "ckakd.apps",
+            "ckakd.apps.selftest",
         ],
         package_data={"ckakd.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
         ext_modules=ext_modules,
@@ -133,10 +138,10 @@ def main() -> None:
         # torch is deliberately not pinned here beyond a floor: an unpinned or newer requirement would make
         # pip replace the torch a user already has (GPU users have their own build).
         # The losses need torch and numpy only; everything else is an extra (the CLI names the one to install
-        # when a command needs it, see ckakd/_cli_common.py).
+        # when a command needs it, see ckakd/apps/errors.py).
         install_requires=["torch>=2.4", "numpy"],
         extras_require=EXTRAS,
-        entry_points={"console_scripts": ["ckakd=ckakd.cli:main", "ckakd-demo=ckakd.demo:main"]},
+        entry_points={"console_scripts": ["ckakd=ckakd.apps.cli:main", "ckakd-demo=ckakd.apps.demo:main"]},
     )
 
 

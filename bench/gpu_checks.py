@@ -176,7 +176,7 @@ def _fwd_bwd(fn: Callable, inputs: Sequence, need: Sequence[bool], seed: int = 9
 def sanitizer_cases(env: Env, runner: Runner) -> None:
     """Tiny cases: every CUDA / Triton kernel launched once forward and backward, synchronized after each."""
     import ckakd
-    from ckakd.selftest import environment
+    from ckakd.apps.selftest import environment
 
     def sinkhorn_case(b: int, c: int, general: bool) -> Callable[[], str]:
         def run() -> str:

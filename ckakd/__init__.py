@@ -10,8 +10,8 @@ modules in ``ckakd.nn``; naive float64 formulas in ``ckakd.reference``; ``backen
 implementations are active.
 
 ``import ckakd`` loads the loss core only (the modules above and ``ckakd.ops``). The rest (the trainer
-``ckakd.train``, ``ckakd.detection``, ``ckakd.diagnostics``, the apps ``ckakd.cli`` / ``demo`` / ``study`` /
-``selftest``, the Triton ``ckakd.kernels``) is imported on first attribute access (PEP 562), so their optional
+``ckakd.train``, ``ckakd.detection``, ``ckakd.diagnostics``, the applications ``ckakd.apps`` (the ``ckakd`` command),
+the Triton ``ckakd.kernels``) is imported on first attribute access (PEP 562), so their optional
 dependencies (pyyaml, tqdm, matplotlib, pycocotools, scikit-learn) are never needed to use the losses.
 """
 
@@ -78,7 +78,7 @@ __all__ = [
 ]
 
 # Subpackages / modules outside the loss core: ``ckakd.<name>`` imports them on first access (PEP 562).
-_LAZY_SUBMODULES = frozenset({"cli", "demo", "detection", "diagnostics", "kernels", "selftest", "study", "train"})
+_LAZY_SUBMODULES = frozenset({"apps", "detection", "diagnostics", "kernels", "train"})
 
 
 def __getattr__(name: str):

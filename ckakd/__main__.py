@@ -1,5 +1,5 @@
 """``python -m ckakd <command>``: the same as the ``ckakd`` console script."""
 
-from ckakd.cli import main
+from ckakd.apps.cli import main
 
 raise SystemExit(main())

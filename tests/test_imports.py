@@ -24,7 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "ckakd"
 
-NOT_CORE = ("ckakd.train", "ckakd.detection", "ckakd.diagnostics", "ckakd.demo", "ckakd.study", "ckakd.cli")
+NOT_CORE = ("ckakd.train", "ckakd.detection", "ckakd.diagnostics", "ckakd.apps")
 HEAVY = ("matplotlib", "tqdm", "pycocotools", "yaml", "sklearn")
 
 # dir(ckakd) (public part) in a fresh interpreter: the loss API and its modules. A change here is an API change.
@@ -102,13 +102,14 @@ def test_import_ckakd_loads_the_loss_core_only():
 
 
 def test_cli_modules_load_no_trainer_or_detector_at_import():
-    """``ckakd.detection.cli`` (imported by ``ckakd --help``) needs argparse helpers and the demo's arguments, not
-    the detectors, the trainer or the optional dependencies; ``ckakd.ops.centered_gram`` adds nothing to the root's
-    core."""
-    det = _fresh_import("ckakd.detection.cli")
-    assert not _under(det["ckakd"], ("ckakd.train", "ckakd.cli", "ckakd.diagnostics", "ckakd.detection.trainer"))
-    assert not _under(det["ckakd"], ("ckakd.detection.models", "ckakd.detection.task")), det["ckakd"]
-    assert not _under(det["new"], HEAVY)
+    """``ckakd.apps.cli`` (imported by ``ckakd --help``) builds the parser of every command without the detection
+    stack, the trainer's model zoo and config loader, or the optional dependencies; ``ckakd.ops.centered_gram`` adds
+    nothing to the root's core."""
+    cli = _fresh_import("ckakd.apps.cli")
+    detection_stack = ("models", "task", "trainer", "runner", "distillers", "adapters", "config")
+    assert not _under(cli["ckakd"], tuple(f"ckakd.detection.{m}" for m in detection_stack)), cli["ckakd"]
+    assert not _under(cli["ckakd"], ("ckakd.train.runner", "ckakd.train.config")), cli["ckakd"]
+    assert not _under(cli["new"], HEAVY), _under(cli["new"], HEAVY)
     assert _fresh_import("ckakd.ops.centered_gram")["ckakd"] == _fresh_import("ckakd")["ckakd"]
 
 
@@ -216,18 +217,40 @@ def test_no_import_cycle_in_ckakd():
     # not vacuous: known edges are seen (absolute, relative and `from ckakd import module`)
     assert "ckakd.ops.centered_gram" in graph["ckakd.functional"] and "ckakd._checks" in graph["ckakd.functional"]
     assert "ckakd.train.hooks" in graph["ckakd.train"]
-    assert "ckakd._cli_common" in graph["ckakd.detection.cli"]
+    assert "ckakd.apps.errors" in graph["ckakd.apps.cli"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-def test_cli_and_detection_cli_do_not_import_each_other():
-    graph = import_graph(PACKAGE)
-    assert "ckakd.cli" not in graph["ckakd.detection.cli"]
-    tree = ast.parse((PACKAGE / "detection" / "cli.py").read_text(encoding="utf-8"))
-    names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    assert "ckakd.cli" not in names  # not even inside a function
+def _imported_names(path: Path, package: str) -> list[str]:
+    """Every module ``path`` imports, at module level or inside a function, relative imports resolved."""
+    parts = package.split(".")
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(parts[: len(parts) - node.level + 1]) if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            names.append(module)
+            names += [f"{module}.{a.name}" for a in node.names]
+    return names
+
+
+def test_the_library_does_not_import_the_apps():
+    """Nothing outside ``ckakd/apps`` imports ``ckakd.apps`` (not even inside a function): the applications sit on
+    top of the library; ``ckakd/__main__.py`` (``python -m ckakd``) is their entry point."""
+    offenders = []
+    for name, (path, is_pkg) in _module_files(PACKAGE).items():
+        if name == "ckakd.apps" or name.startswith("ckakd.apps.") or name == "ckakd.__main__":
+            continue
+        package = name if is_pkg else name.rpartition(".")[0]
+        if any(n == "ckakd.apps" or n.startswith("ckakd.apps.") for n in _imported_names(path, package)):
+            offenders.append(name)
+    assert offenders == [], offenders
+    # not vacuous: the entry point and the apps themselves are seen importing it
+    assert "ckakd.apps.cli" in _imported_names(PACKAGE / "__main__.py", "ckakd")
+    assert "ckakd.apps.errors" in _imported_names(PACKAGE / "apps" / "demo.py", "ckakd.apps")
 
 
 def test_the_cycle_finder_finds_a_cycle(tmp_path):
@@ -267,7 +290,7 @@ def test_every_public_name_of_the_root_resolves():
 def test_the_rest_of_ckakd_is_reachable_from_the_root():
     import ckakd
 
-    for name in ("train", "detection", "diagnostics", "cli", "demo", "study", "selftest", "kernels"):
+    for name in ("train", "detection", "diagnostics", "apps", "kernels"):
         module = getattr(ckakd, name)
         assert module.__name__ == f"ckakd.{name}" and sys.modules[module.__name__] is module
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
@@ -299,11 +322,11 @@ def _setup_extras() -> dict[str, list[str]]:
 
 
 def test_each_optional_dependency_names_an_extra_that_installs_it():
-    from ckakd._cli_common import _PIP_NAMES, EXTRAS
+    from ckakd.apps.errors import EXTRAS, PIP_NAMES
 
     extras = _setup_extras()
     for module, extra in EXTRAS.items():
-        pip_name = _PIP_NAMES.get(module, module)
+        pip_name = PIP_NAMES.get(module, module)
         assert any(r.split(">")[0].split("=")[0] == pip_name for r in extras[extra]), (module, extra)
         # the README's two commands install everything: [test] (pytest) and [demo] (ckakd demo)
         assert any(r.split(">")[0] == pip_name for r in extras["test"]), pip_name
@@ -313,15 +336,15 @@ def test_each_optional_dependency_names_an_extra_that_installs_it():
 
 @pytest.mark.parametrize("module", ["yaml", "tqdm.auto", "matplotlib.figure", "pycocotools.coco", "sklearn", "PIL"])
 def test_cli_names_the_extra_of_a_missing_module(module, monkeypatch, capsys):
-    from ckakd import _cli_common, cli
+    from ckakd.apps import cli, errors
 
     def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
-    monkeypatch.setattr(cli, "_dispatch", dispatch)
+    monkeypatch.setattr(cli, "dispatch", dispatch)
     assert cli.main(["configs"]) == 1
     err = capsys.readouterr().err
-    extra = _cli_common.EXTRAS[module.split(".")[0]]
+    extra = errors.EXTRAS[module.split(".")[0]]
     assert err.count("\n") == 1 and err.startswith("ckakd configs: error: ")
     assert f'pip install "ckakd[{extra}]"' in err, err
 
@@ -329,25 +352,24 @@ def test_cli_names_the_extra_of_a_missing_module(module, monkeypatch, capsys):
 def test_cli_names_the_detection_extra_when_pycocotools_is_missing(monkeypatch, capsys):
     """The real import path: CocoEvaluator's import of pycocotools fails (ImportError raised from the
     ModuleNotFoundError)."""
-    from ckakd import cli
-    from ckakd.detection import cli as detection_cli
+    from ckakd.apps import cli
     from ckakd.detection import evaluation
 
     monkeypatch.setitem(sys.modules, "pycocotools", None)
     monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
-    monkeypatch.setattr(detection_cli, "run_detection_command", lambda args, argv: evaluation._import_pycocotools())
+    monkeypatch.setattr(cli, "run_detection_command", lambda args, argv: evaluation._import_pycocotools())
     assert cli.main(["detect-eval", "detection/retinanet_teacher", "--checkpoint", "x.pt"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pycocotools is not installed" in err and "ckakd[detection]" in err, err
 
 
 def test_other_import_errors_are_not_hidden(monkeypatch):
-    from ckakd import cli
+    from ckakd.apps import cli
 
     def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         raise ModuleNotFoundError("No module named 'not_an_extra'", name="not_an_extra")
 
-    monkeypatch.setattr(cli, "_dispatch", dispatch)
+    monkeypatch.setattr(cli, "dispatch", dispatch)
     with pytest.raises(ModuleNotFoundError, match="not_an_extra"):
         cli.main(["configs"])
 
@@ -358,7 +380,7 @@ def test_missing_pyyaml_in_a_fresh_interpreter(tmp_path):
         """
         import sys
         sys.modules["yaml"] = None  # import yaml -> ModuleNotFoundError
-        from ckakd import cli, demo
+        from ckakd.apps import cli, demo
         print("configs", cli.main(["configs"]), flush=True)
         print("demo", demo.main(["--methods", "ce", "--seeds", "1", "--epochs", "1", "--out", sys.argv[1]]), flush=True)
         """

@@ -2,7 +2,7 @@
 (torchvision imported only when one is built), the FPN / classification-branch distiller and the trainer task.
 
 The names below are imported from their submodules on first access (PEP 562): ``import ckakd.detection`` (e.g. by
-``ckakd.detection.cli``) does not load the detectors, the trainer task or ``ckakd.train``.
+``ckakd --help``) does not load the detectors, the trainer task or ``ckakd.train``.
 """
 
 import importlib as _importlib

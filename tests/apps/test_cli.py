@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("yaml")
 
-from ckakd import cli  # noqa: E402
+from ckakd.apps import cli  # noqa: E402
 
 TINY = ["schedule.epochs=1", "data.max_train_batches=3", "run.progress=false"]
 
@@ -130,7 +130,7 @@ def test_distill_errors_name_the_problem(teacher, tmp_path, capsys):
 
 
 def test_demo_tiny(tmp_path, capsys):
-    from ckakd.demo import run_demo
+    from ckakd.apps.demo import run_demo
 
     results = run_demo(["ce", "rcka", "wkd_l"], 2, tmp_path, epochs=1, teacher_epochs=1, progress=False)
     out = capsys.readouterr().out
@@ -154,8 +154,9 @@ def test_console_script():
         assert command in proc.stdout
 
 
-def test_module_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "ckakd.cli", "info"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("module", ["ckakd", "ckakd.apps.cli"])
+def test_module_entry_point(module):
+    proc = subprocess.run([sys.executable, "-m", module, "info"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "backends:" in proc.stdout
 
 

@@ -1,4 +1,4 @@
-"""``python -m ckakd.demo`` / ``ckakd demo``: argument handling (the full tiny run is in test_cli.py)."""
+"""``ckakd-demo`` / ``ckakd demo``: argument handling (the full tiny run is in test_cli.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ pytest.importorskip("sklearn")
 
 
 def test_demo_main_runs_and_writes_results(tmp_path, capsys):
-    from ckakd import demo
+    from ckakd.apps import demo
 
     args = ["--methods", "ce,kd", "--seeds", "1", "--epochs", "1", "--teacher-epochs", "1", "--no-progress"]
     assert demo.main([*args, "--out", str(tmp_path)]) == 0
@@ -22,7 +22,7 @@ def test_demo_main_runs_and_writes_results(tmp_path, capsys):
 
 
 def test_demo_rejects_unknown_methods_and_seeds(tmp_path, capsys):
-    from ckakd import demo
+    from ckakd.apps import demo
 
     assert demo.main(["--methods", "ce,nosuch", "--out", str(tmp_path)]) == 2
     assert "nosuch" in capsys.readouterr().err
@@ -33,7 +33,7 @@ def test_demo_rejects_unknown_methods_and_seeds(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag", ["--epochs", "--teacher-epochs"])
 def test_demo_rejects_zero_epochs_before_training_the_teacher(tmp_path, capsys, flag):
-    from ckakd import demo
+    from ckakd.apps import demo
 
     args = ["--methods", "kd", "--seeds", "1", "--teacher-epochs", "1", "--no-progress", "--out", str(tmp_path)]
     assert demo.main([*args, flag, "0"]) == 2
@@ -43,7 +43,7 @@ def test_demo_rejects_zero_epochs_before_training_the_teacher(tmp_path, capsys, 
 
 
 def test_demo_out_under_a_file_is_refused(tmp_path, capsys):
-    from ckakd import demo
+    from ckakd.apps import demo
 
     (tmp_path / "file").write_text("x")
     assert demo.main(["--methods", "kd", "--seeds", "1", "--out", str(tmp_path / "file" / "demo")]) == 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckakd import cli
+from ckakd.apps import cli
 from ckakd.train.engine import Trainer, load_checkpoint
 
 

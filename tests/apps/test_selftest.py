@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import ckakd
-from ckakd import selftest
-from ckakd.cli import build_parser
+from ckakd.apps import selftest
+from ckakd.apps.cli import build_parser
+from ckakd.apps.selftest import bench
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -187,7 +188,8 @@ def test_command_enables_the_interpreter_before_triton_is_imported(tmp_path):
 
 
 def test_bench_option_runs_the_checkouts_benchmarks_or_says_why_not(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(selftest, "_bench_dir", lambda: tmp_path)
+    assert bench.bench_dir() == REPO / "bench"  # this checkout's, found from the package's own path
+    monkeypatch.setattr(bench, "bench_dir", lambda: tmp_path)
     rc, report = _run(tmp_path, "--only", "gaussian_wasserstein[diag]", "--bench")
     assert rc == 0 and "--bench needs a source checkout" in capsys.readouterr().out
     assert report["checks"][-1]["op"] == "bench" and report["checks"][-1]["status"] == "skip"
@@ -203,10 +205,10 @@ def test_bench_option_runs_the_checkouts_benchmarks_or_says_why_not(tmp_path, mo
 def test_cli_wiring_and_listing(capsys):
     args = build_parser().parse_args(["selftest", "--json", "x.json", "--bench", "--only", "cka"])
     assert args.command == "selftest" and args.json == "x.json" and args.bench and args.only == "cka"
-    assert ckakd.cli.main(["selftest", "--list", "--only", "sinkhorn"]) == 0
+    assert ckakd.apps.cli.main(["selftest", "--list", "--only", "sinkhorn"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert listed and all("sinkhorn" in line for line in listed)
-    assert ckakd.cli.main(["selftest", "--list", "--only", "no-such-check"]) == 2
+    assert ckakd.apps.cli.main(["selftest", "--list", "--only", "no-such-check"]) == 2
 
 
 def test_compare_flags_nan_and_shape_mismatch():

@@ -1,5 +1,6 @@
-"""What a run writes besides checkpoints: ``metrics.jsonl`` / ``metrics.csv`` (:func:`write_metrics_files`), the
-plots ``curves.png`` / ``cka.png`` (:func:`plot_curves`; matplotlib is imported there only), progress messages
+"""What a run writes besides checkpoints: ``metrics.jsonl`` / ``metrics.csv`` (:func:`write_metrics_files`; read
+back by :func:`read_metrics`), the plots ``curves.png`` / ``cka.png`` (:func:`plot_curves`; matplotlib is imported
+there only), progress messages
 (:func:`log_message`) and the check that the run's output files (:data:`OUTPUT_FILES`) can be written
 (:func:`check_output_paths`)."""
 
@@ -22,6 +23,7 @@ __all__ = [
     "log_message",
     "logger",
     "plot_curves",
+    "read_metrics",
     "savefig",
     "write_metrics_files",
 ]
@@ -74,6 +76,16 @@ def write_metrics_files(out_dir: Path, history: Sequence[dict], *, rewrite: bool
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in history)
     atomic_write_bytes(out_dir / "metrics.csv", buf.getvalue().encode())
+
+
+def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of ``out_dir/metrics.csv`` (one per epoch; values as written, ``""`` where a column is empty);
+    ``[]`` when the run wrote none."""
+    path = Path(out_dir) / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
 
 
 def plot_curves(

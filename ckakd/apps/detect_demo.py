@@ -17,9 +17,13 @@ import contextlib
 import inspect
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ckakd.apps.errors import run_guarded
 from ckakd.detection.evaluation import METRIC_NAMES
 
 __all__ = [
@@ -33,6 +37,7 @@ DEMO_METHODS = ("baseline", "pcka", "pcka_mimic", "kd_patch")
 
 
 def add_detect_demo_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``ckakd detect-demo`` options (defaults: :func:`run_detect_demo`'s)."""
     defaults = {k: v.default for k, v in inspect.signature(run_detect_demo).parameters.items()}
     epochs, num_train, num_val = defaults["epochs"], defaults["num_train"], defaults["num_val"]
     p.add_argument("--epochs", type=int, default=epochs, help=f"student epochs (default {epochs})")
@@ -61,10 +66,8 @@ def _table(results: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int | None):
+def _torch_threads(threads: int | None) -> Iterator[None]:
     """Set torch's intra-op threads for the block (``None``: leave them), restoring them afterwards."""
-    import torch
-
     prev = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -158,8 +161,8 @@ def run_detect_demo(
         "threads": threads,
     }
     with _torch_threads(threads):
-        import torch
-
+        # The detectors and the trainer are imported here, not at module level: the `ckakd` parser imports this
+        # module for the detect-demo options, and `ckakd --help` must not load the detection stack.
         from ckakd.detection.data import SyntheticDigitsDetection, make_detection_loader
         from ckakd.detection.models import RetinaNet
         from ckakd.detection.trainer import DetectionDistiller, train_detector
@@ -250,8 +253,10 @@ def run_detect_demo(
 
 
 def run_detect_demo_from_args(args: argparse.Namespace) -> int:
+    """``ckakd detect-demo``: 0 on success, 2 on bad arguments, 1 when an output cannot be written, 130 on Ctrl-C."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    try:
+
+    def body() -> None:
         run_detect_demo(
             epochs=args.epochs,
             teacher_epochs=args.teacher_epochs,
@@ -263,7 +268,5 @@ def run_detect_demo_from_args(args: argparse.Namespace) -> int:
             seed=args.seed,
             threads=args.threads,
         )
-    except ValueError as exc:
-        print(f"ckakd detect-demo: error: {exc}")
-        return 2
-    return 0
+
+    return run_guarded("detect-demo", body)

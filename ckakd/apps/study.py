@@ -29,6 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ckakd import diagnostics as dg
+from ckakd.apps.demo import write_report
+from ckakd.apps.errors import run_guarded
+from ckakd.apps.plots import plot_attention_overlays, plot_fidelity_vs_accuracy, plot_study_history
+from ckakd.train import data as D
+from ckakd.train.engine import load_checkpoint
+from ckakd.train.engine.metrics_log import read_metrics
 
 __all__ = ["add_study_arguments", "run_study", "run_study_from_args", "SETTINGS"]
 
@@ -40,6 +50,7 @@ SETTINGS = [f"T1{a}T2{b}S{c}" for a, b, c in itertools.product("ws", repeat=3)]
 
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``ckakd study`` options."""
     p.add_argument("--vanilla-config", default=CONFIGS["vanilla"], help=f"default {CONFIGS['vanilla']}")
     p.add_argument("--standardized-config", default=CONFIGS["standardized"], help=f"default {CONFIGS['standardized']}")
     p.add_argument("--epochs", type=int, default=8, help="student epochs (default 8)")
@@ -53,6 +64,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
 
 def _teacher(out: Path, seed: int, epochs: int | None, retrain: bool, progress: bool) -> tuple[Any, Path, float]:
     """Train (or reuse) ``digits/teacher`` with ``seed``; returns (config, checkpoint, best val top-1 %)."""
+    # the config loader needs pyyaml (optional): imported when the study runs, so that a missing one is reported
     from ckakd.train import config as C
     from ckakd.train import runner
 
@@ -68,7 +80,7 @@ def _teacher(out: Path, seed: int, epochs: int | None, retrain: bool, progress: 
 
 def _val_views(bundle: Any, strengths: list[str], seed: int) -> list[torch.Tensor]:
     """The validation images under each strength (same seeded draw per strength), as (N, C, H, W) tensors."""
-    from ckakd.train import runner
+    from ckakd.train import runner  # pyyaml, as in _teacher
 
     images = torch.stack([bundle.val[i][0] for i in range(len(bundle.val))])
     out = []
@@ -83,15 +95,13 @@ def _labels(bundle: Any) -> torch.Tensor:
     return torch.tensor([int(bundle.val[i][1]) for i in range(len(bundle.val))])
 
 
-def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 256):
-    from torch.utils.data import DataLoader, TensorDataset
-
+def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
-def _final_metrics(setting: str, teachers: list, student, bundle: Any, train_loader_clean) -> dict[str, float]:
-    from ckakd import diagnostics as dg
-
+def _final_metrics(
+    setting: str, teachers: list[nn.Module], student: nn.Module, bundle: Any, train_loader_clean: DataLoader
+) -> dict[str, float]:
     a1, a2, a_s = (STRENGTHS[c] for c in setting[2] + setting[5] + setting[7])
     clean = torch.stack([bundle.val[i][0] for i in range(len(bundle.val))])
     y = _labels(bundle)
@@ -131,10 +141,8 @@ def run_study(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the grid; returns ``{"teachers": ..., "rows": [...]}`` (also written to ``study.json``)."""
-    from ckakd import diagnostics as dg
-    from ckakd.demo import _read_metrics, write_report
+    # the config loader needs pyyaml (optional): imported when the study runs, so that a missing one is reported
     from ckakd.train import config as C
-    from ckakd.train import data as D
     from ckakd.train import runner
 
     configs = {**CONFIGS, **(configs or {})}
@@ -186,13 +194,11 @@ def run_study(
         student = runner.build_model(
             cfg.model.name, cfg.model.kwargs, bundle.num_classes, bundle.input_shape[0], section="model"
         )
-        from ckakd.train.engine import load_checkpoint
-
         load_checkpoint(Path(result["out_dir"]) / "latest.pt", student)
         student.eval()
         train_clean = D.make_loader(bundle.train, 256, False, 0, 0, False, None)
         metrics = _final_metrics(setting, teachers, student, bundle, train_clean)
-        history = _read_metrics(Path(result["out_dir"]))
+        history = read_metrics(Path(result["out_dir"]))
         rows.append({"setting": setting, "kd": kind, **metrics, "out_dir": result["out_dir"], "history": history})
         if bar is not None:
             bar.update(1)
@@ -208,7 +214,7 @@ def run_study(
         "rows": rows,
         "total_time_s": time.perf_counter() - t0,
     }
-    plots = _plots(results, out, teachers_ckpts=(tcfg1, ck1, tcfg2, ck2))
+    plots = _plots(results, out)
     write_report(out, "study", results, _table(results), [*plots, "teacher_seed0/", "teacher_seed1/", "students/"])
     return results
 
@@ -230,69 +236,20 @@ def _table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plots(results: dict[str, Any], out: Path, teachers_ckpts: tuple) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plots(results: dict[str, Any], out: Path) -> list[str]:
+    """The study's three figures under ``out``; their file names."""
     rows = results["rows"]
-    written = []
-    # 1. IoU and fidelity over training (the paper's Figures 1-3), one line per setting
-    keys = [
-        ("diag/iou/T1-S", "IoU(T1, S)"),
-        ("diag/agree/ens-S", "agreement(ens, S)"),
-        ("diag/mi_mm/ens-S", "MI(ens, S)"),
-    ]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
-    for ax, (key, label) in zip(axes, keys, strict=True):
-        colors = plt.get_cmap("tab10")
-        for r in rows:
-            ys = [float(h[key]) for h in r["history"] if h.get(key) not in (None, "")]
-            if ys:  # colour = the augmentation setting, line style = vanilla (solid) / standardized (dashed)
-                style = "-" if r["kd"] == "vanilla" else "--"
-                color = colors(SETTINGS.index(r["setting"]) % 10)
-                label = f"{r['setting']} {r['kd'][:3]}"
-                ax.plot(range(1, len(ys) + 1), ys, style, color=color, marker=".", alpha=0.85, label=label)
-        ax.set_xlabel("epoch")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "iou_fidelity_over_training.png", dpi=110)
-    plt.close(fig)
-    written.append("iou_fidelity_over_training.png")
-    # 2. fidelity vs accuracy scatter
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for kind, marker in (("vanilla", "o"), ("standardized", "^")):
-        rs = [r for r in rows if r["kd"] == kind]
-        if rs:
-            ax.scatter([r["agree_ens_s"] for r in rs], [r["student_acc"] for r in rs], marker=marker, label=kind)
-            for r in rs:
-                ax.annotate(r["setting"], (r["agree_ens_s"], r["student_acc"]), fontsize=6)
-    ax.set_xlabel("fidelity: top-1 agreement(ensemble, student)")
-    ax.set_ylabel("student val accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "fidelity_vs_accuracy.png", dpi=110)
-    plt.close(fig)
-    written.append("fidelity_vs_accuracy.png")
-    # 3. attention overlays for T1 / T2 / S on a few validation images (strongest setting), per-image IoU
-    written += _overlays(results, out, teachers_ckpts)
-    return written
+    plot_study_history(rows, out / "iou_fidelity_over_training.png", SETTINGS)
+    plot_fidelity_vs_accuracy(rows, out / "fidelity_vs_accuracy.png")
+    written = ["iou_fidelity_over_training.png", "fidelity_vs_accuracy.png"]
+    # attention overlays for T1 / T2 / S on a few validation images (strongest setting), per-image IoU
+    return written + _overlays(rows, out)
 
 
-def _overlays(results: dict[str, Any], out: Path, teachers_ckpts: tuple) -> list[str]:
-    import matplotlib.pyplot as plt
-
-    from ckakd import diagnostics as dg
-    from ckakd.train import config as C
+def _overlays(rows: list[dict[str, Any]], out: Path) -> list[str]:
+    from ckakd.train import config as C  # pyyaml, as in _teacher
     from ckakd.train import runner
-    from ckakd.train.engine import load_checkpoint
 
-    tcfg1, ck1, tcfg2, ck2 = teachers_ckpts
-    rows = results["rows"]
     if not rows:
         return []
     row = max(rows, key=lambda r: r["setting"].count("s"))
@@ -309,28 +266,18 @@ def _overlays(results: dict[str, Any], out: Path, teachers_ckpts: tuple) -> list
     maps = [dg.cam(teachers[0], v1), dg.cam(teachers[1], v2), dg.cam(student, vs)]
     masks = [dg.attention_masks(m) for m in maps]
     per_image = dg.attention_iou(masks[0], masks[1])["per_image"]
-    fig, axes = plt.subplots(3, 6, figsize=(12, 6.5))
-    for j in range(6):
-        for i, (name, view, m) in enumerate((("T1", v1, maps[0]), ("T2", v2, maps[1]), ("S", vs, maps[2]))):
-            ax = axes[i, j]
-            ax.imshow(view[j].mean(0).numpy(), cmap="gray")
-            ax.imshow(m[j].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(name)
-        axes[0, j].set_title(f"IoU(T1,T2) {float(per_image[j]):.2f}", fontsize=8)
-    fig.suptitle(f"CAM attention, {row['setting']} ({row['kd']} KD); masks at 0.4")
-    fig.tight_layout()
-    fig.savefig(out / "attention_overlays.png", dpi=110)
-    plt.close(fig)
+    panels = [("T1", v1, maps[0]), ("T2", v2, maps[1]), ("S", vs, maps[2])]
+    title = f"CAM attention, {row['setting']} ({row['kd']} KD); masks at 0.4"
+    plot_attention_overlays(panels, per_image, title, out / "attention_overlays.png")
     return ["attention_overlays.png"]
 
 
 def run_study_from_args(args: argparse.Namespace) -> int:
+    """``ckakd study``: 0 on success, 2 on bad arguments, 1 when an output cannot be written, 130 on Ctrl-C."""
     settings = None if args.settings == "all" else [s.strip() for s in args.settings.split(",") if s.strip()]
     kinds = tuple(k.strip() for k in args.kd.split(",") if k.strip())
-    try:
+
+    def body() -> None:
         run_study(
             args.out,
             configs={"vanilla": args.vanilla_config, "standardized": args.standardized_config},
@@ -341,7 +288,5 @@ def run_study_from_args(args: argparse.Namespace) -> int:
             retrain_teachers=args.retrain_teachers,
             progress=not args.no_progress,
         )
-    except ValueError as exc:
-        print(f"ckakd study: error: {exc}")
-        return 2
-    return 0
+
+    return run_guarded("study", body, after_interrupt="run it again to continue (trained teachers are reused)")

@@ -1,4 +1,4 @@
-"""The ``ckakd`` command.
+"""The ``ckakd`` command: one parser for every classification and detection command.
 
     ckakd demo                                   the main job on the embedded digits data
     ckakd train-teacher CONFIG [key=value ...]   train a model with cross-entropy
@@ -8,6 +8,7 @@
     ckakd study                                  the ensemble-KD diagnostics study (digits by default)
     ckakd configs                                list the shipped configs
     ckakd info                                   versions and active backends
+    ckakd selftest                               every op on every active backend against ckakd.reference
     ckakd detect-demo                            RetinaNet teacher + distilled students, COCO AP table
     ckakd detect-train | detect-distill CONFIG   detection training / distillation (detection/* configs)
     ckakd detect-eval CONFIG --checkpoint PATH   COCO metrics of a detector checkpoint
@@ -23,34 +24,54 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-# The shared helpers live in ckakd._cli_common (ckakd.detection.cli imports them from there, not from here);
-# re-exported under their old names.
-from ckakd._cli_common import (
-    add_config_args,
-    report,
-    resume_command,
-    run_guarded,
-    run_reporting_missing_extras,
-)
+import torch
 
-__all__ = ["main", "build_parser"]
+import ckakd
+from ckakd.apps.demo import add_demo_arguments, run_demo_from_args
+from ckakd.apps.detect_demo import add_detect_demo_arguments, run_detect_demo_from_args
+from ckakd.apps.errors import run_guarded, run_reporting_missing_extras
+from ckakd.apps.selftest import add_selftest_arguments, run_selftest_from_args
+from ckakd.apps.study import add_study_arguments, run_study_from_args
+
+__all__ = ["add_config_args", "build_parser", "info", "main", "report", "resume_command"]
+
+_DETECTION_CONFIG_HELP = "a detection YAML config or a shipped name, e.g. detection/retinanet_teacher"
+
+
+def add_config_args(
+    p: argparse.ArgumentParser, config_help: str = "a YAML config file or a shipped config name (see `ckakd configs`)"
+) -> None:
+    """The ``CONFIG [key=value ...]`` positionals of the config-driven commands."""
+    p.add_argument("config", help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.1")
+
+
+def report(text: str) -> None:
+    """Print once: on rank 0 under torchrun."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text)
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues the run ``argv`` started (``--resume`` added once)."""
+    args = list(argv)
+    return "ckakd " + shlex.join(args if "--resume" in args else [*args, "--resume"])
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ckakd`` parser with every command (building it imports neither the trainer nor the detectors)."""
     parser = argparse.ArgumentParser(
         prog="ckakd", description="Knowledge distillation with CKA and Wasserstein losses: reference trainer."
     )
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
 
-    from ckakd.demo import add_demo_arguments
-
     demo = sub.add_parser("demo", help="the main job: teacher + students on the embedded digits data")
     add_demo_arguments(demo)
-
-    from ckakd.study import add_study_arguments
 
     study = sub.add_parser("study", help="the ensemble-KD study of 'Why does KD work?' (T1/T2/S x weak/strong)")
     add_study_arguments(study)
@@ -74,11 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="teacher feature layer (dotted path; default: its last stage)")
     p.add_argument("--out", default=None, help="output file (default: next to the teacher checkpoint)")
 
-    from ckakd.detection.cli import add_detection_commands
-
-    add_detection_commands(sub)
-
-    from ckakd.selftest import add_selftest_arguments
+    _add_detection_commands(sub)
 
     p = sub.add_parser("selftest", help="check every op on every active backend against ckakd.reference")
     add_selftest_arguments(p)
@@ -89,12 +106,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def info() -> dict:
-    import torch
+def _add_detection_commands(sub: Any) -> None:
+    """The ``detect-*`` commands, on the same YAML configs and trainer as classification."""
+    p = sub.add_parser("detect-demo", help="detection: teacher + distilled students on synthetic digits, COCO table")
+    add_detect_demo_arguments(p)
+    for name, helptext in (
+        ("detect-train", "train a detector (RetinaNet / FCOS / torchvision) from a detection config"),
+        ("detect-distill", "distil a trained teacher detector into a student on the FPN features / cls branch"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        add_config_args(p, _DETECTION_CONFIG_HELP)
+        p.add_argument("--resume", action="store_true", help="continue from <out_dir>/<name>/latest.pt if present")
+    p = sub.add_parser("detect-eval", help="COCO metrics of a detector checkpoint on the validation split")
+    add_config_args(p, _DETECTION_CONFIG_HELP)
+    p.add_argument("--checkpoint", required=True, help="latest.pt / best.pt written by detect-train / detect-distill")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw ground truth and detections to this PNG")
+    p = sub.add_parser("detect-interrelation", help="the WKD-L category interrelation of the trained `teacher`")
+    add_config_args(p, _DETECTION_CONFIG_HELP)
+    p.add_argument("--kernel", default="cka", choices=["cka", "poly", "rbf", "cosine", "centroid"])
+    p.add_argument(
+        "--source", default="cls_tower", choices=["cls_tower", "fpn"], help="features pooled in the GT boxes"
+    )
+    p.add_argument("--samples-per-class", type=int, default=32, help="boxes per class (default 32)")
+    p.add_argument("--out", default=None, help="output file (default: next to the teacher checkpoint)")
 
-    import ckakd
 
-    out = {
+def info() -> dict[str, Any]:
+    """Versions (ckakd, python, torch, CUDA, triton), devices, CPU threads and ``ckakd.backends()``."""
+    out: dict[str, Any] = {
         "ckakd": getattr(ckakd, "__version__", "unknown"),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -103,7 +142,7 @@ def info() -> dict:
         "cpu_threads": torch.get_num_threads(),
     }
     try:
-        import triton
+        import triton  # optional: only its version is reported
 
         out["triton"] = triton.__version__
     except ImportError:
@@ -125,7 +164,7 @@ def _print_info(as_json: bool) -> None:
         print(f"  {name:8s} {'active  ' if b['active'] else 'inactive'}  {b['detail']}")
 
 
-def _summary(result: dict) -> str:
+def _summary(result: dict[str, Any]) -> str:
     keys = ("best_top1", "final_top1", "epochs_run", "train_time_s")
     parts = [
         f"{k}={result[k]:.4f}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}"
@@ -135,10 +174,20 @@ def _summary(result: dict) -> str:
     return " ".join(parts)
 
 
+def _detection_summary(result: dict[str, Any]) -> str:
+    final = result.get("final_val") or {}
+    parts = [f"{k}={final[k]:.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if final.get(k) is not None]
+    best = result.get("best_value")
+    if best is not None:
+        parts.append(f"best_AP={best:.2f}@{result.get('best_epoch')}")
+    parts.append(f"epochs_run={result.get('epochs_run')} train_time_s={result.get('train_time_s', 0.0):.1f}")
+    return " ".join(parts)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ckakd`` with ``argv``; the exit status. An optional dependency that is missing (see
-    ``ckakd._cli_common.EXTRAS``) ends the command with one line on stderr naming the extra that installs it, status 1.
-    """
+    ``ckakd.apps.errors.EXTRAS``) ends the command with one line on stderr naming the extra that installs it,
+    status 1."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # key=value overrides may also follow the options (`ckakd eval cfg --checkpoint x optim.lr=1`)
@@ -148,39 +197,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    return run_reporting_missing_extras(args.command, lambda: _dispatch(args, argv))
+    return run_reporting_missing_extras(args.command, lambda: dispatch(args, argv))
 
 
-def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the parsed command ``args`` (``argv``: the command line, for the resume hint after Ctrl-C)."""
     if args.command == "info":
         _print_info(args.json)
         return 0
     if args.command == "selftest":
-        from ckakd.selftest import run_selftest_from_args
-
         return run_selftest_from_args(args)
     if args.command == "demo":
-        from ckakd.demo import run_demo_from_args
-
         return run_demo_from_args(args)
+    if args.command == "detect-demo":
+        return run_detect_demo_from_args(args)
     if args.command.startswith("detect-"):
-        from ckakd.detection.cli import run_detection_command
-
         return run_detection_command(args, argv)
     if args.command == "study":
-        from ckakd.study import run_study_from_args
-
         return run_study_from_args(args)
 
+    # Imported here: the config loader needs pyyaml (an optional dependency, reported by
+    # run_reporting_missing_extras), and `ckakd --help` should not pay for the trainer's model zoo.
     from ckakd.detection.config import DetectionConfig  # registers `task: detection` with the loader
     from ckakd.train import config as C
+    from ckakd.train import runner
 
     if args.command == "configs":
         for name in C.list_configs():
             print(name)
         return 0
-
-    from ckakd.train import runner
 
     def body() -> None:
         cfg = C.load_config(args.config, args.overrides)
@@ -206,8 +251,37 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             )
             print(f"interrelation ({args.kernel}) written to {os.fspath(path)}")
 
-    hint = resume_command(argv) if args.command in ("train-teacher", "distill") else None
-    return run_guarded(args.command, body, resume_hint=hint)
+    hint = f"continue with: {resume_command(argv)}" if args.command in ("train-teacher", "distill") else None
+    return run_guarded(args.command, body, after_interrupt=hint)
+
+
+def run_detection_command(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """Run ``detect-train`` / ``detect-distill`` / ``detect-eval`` / ``detect-interrelation``; 0 on success, 2 on
+    bad input, 1 when training stopped (non-finite loss, unwritable output), 130 on Ctrl-C."""
+    # Imported here: the detection stack (detectors, pycocotools evaluation, the trainer task) loads only for a
+    # detection command, so that `ckakd --help` and the classification commands do not import it.
+    from ckakd.detection import runner
+    from ckakd.train import config as C
+
+    def body() -> None:
+        cfg = C.load_config(args.config, args.overrides)
+        if args.command == "detect-train":
+            result = runner.train_detection(cfg, resume=args.resume)
+            report(f"detect-train done: {_detection_summary(result)}\noutputs: {result['out_dir']}")
+        elif args.command == "detect-distill":
+            result = runner.distill_detection(cfg, resume=args.resume)
+            report(f"detect-distill done: {_detection_summary(result)}\noutputs: {result['out_dir']}")
+        elif args.command == "detect-eval":
+            print(json.dumps(runner.evaluate_detection_checkpoint(cfg, args.checkpoint, plot=args.plot), indent=2))
+        elif args.command == "detect-interrelation":
+            path = runner.compute_detection_interrelation(
+                cfg, kernel=args.kernel, source=args.source, samples_per_class=args.samples_per_class, out=args.out
+            )
+            print(f"interrelation ({args.kernel}, {args.source}) written to {os.fspath(path)}")
+
+    resumable = argv and args.command in ("detect-train", "detect-distill")
+    hint = f"continue with: {resume_command(argv)}" if resumable else None
+    return run_guarded(args.command, body, after_interrupt=hint)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,28 +7,30 @@ teacher–student CKA of the last stage and the training time, honestly, whateve
 ``results.json``, ``results.md`` and ``curves.png`` under ``--out``.
 
     ckakd demo [--methods ce,kd,dkd,rcka,wkd_l,wkd_lf] [--seeds 3] [--epochs N] [--out runs/demo]
-    python -m ckakd.demo ...
+    ckakd-demo ...
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from ckakd._cli_common import run_reporting_missing_extras
+from ckakd.apps.errors import run_guarded, run_reporting_missing_extras
+from ckakd.apps.plots import plot_demo_curves
+from ckakd.train.engine.metrics_log import read_metrics
+from ckakd.train.fileio import atomic_write_bytes, probe_writable
 
 DEFAULT_METHODS = ("ce", "kd", "dkd", "rcka", "wkd_l", "wkd_lf")
 
-__all__ = ["DEFAULT_METHODS", "add_demo_arguments", "run_demo", "run_demo_from_args", "main"]
+__all__ = ["DEFAULT_METHODS", "add_demo_arguments", "run_demo", "run_demo_from_args", "main", "write_report"]
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``ckakd demo`` options."""
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated digits/<method> configs")
     p.add_argument("--seeds", type=int, default=5, help="student seeds per method (default 5)")
     p.add_argument("--epochs", type=int, default=None, help="student epochs (default: the configs')")
@@ -44,16 +46,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var)
 
 
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
-
-
 def _teacher(out: Path, teacher_epochs: int | None, retrain: bool, progress: bool) -> tuple[Path, dict]:
     """The teacher checkpoint (trained now or reused when the resolved config is unchanged) and its result."""
+    # the config loader needs pyyaml (optional): imported when the demo runs, so that a missing one is reported
     from ckakd.train import config as C
     from ckakd.train import runner
 
@@ -71,8 +66,6 @@ def _teacher(out: Path, teacher_epochs: int | None, retrain: bool, progress: boo
 
 def write_report(out: Path, stem: str, results: dict[str, Any], table: str, files: list[str]) -> None:
     """``<stem>.json`` and ``<stem>.md`` under ``out``, then the table and where everything went."""
-    from ckakd.train.fileio import atomic_write_bytes
-
     atomic_write_bytes(out / f"{stem}.json", json.dumps(results, indent=2, default=float).encode())
     atomic_write_bytes(out / f"{stem}.md", (table + "\n").encode())
     print()
@@ -91,6 +84,7 @@ def run_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the demo; returns ``{"teacher": ..., "runs": [...], "summary": [...]}`` (also written as JSON)."""
+    # the config loader needs pyyaml (optional): imported when the demo runs, so that a missing one is reported
     from ckakd.train import config as C
     from ckakd.train import runner
 
@@ -105,8 +99,6 @@ def run_demo(
         shipped = sorted(n.split("/", 1)[1] for n in known if n.startswith("digits/") and n != "digits/base")
         raise ValueError(f"unknown demo method(s) {unknown}; shipped digits configs: {', '.join(shipped)}")
     out = Path(out).expanduser()
-    from ckakd.train.fileio import probe_writable
-
     problem = probe_writable(out)
     if problem:
         raise ValueError(f"--out {out}: {problem}")
@@ -148,7 +140,7 @@ def run_demo(
         cfg = C.load_config(f"digits/{method}", overrides)
         start = time.perf_counter()
         result = runner.distill(cfg, baseline=True)  # the `ce` row is the student trained alone
-        rows = _read_metrics(Path(result["out_dir"]))
+        rows = read_metrics(Path(result["out_dir"]))
         cka_cols = [k for k in (rows[-1] if rows else {}) if k.startswith("cka/")]
         runs.append(
             {
@@ -191,7 +183,7 @@ def run_demo(
         "summary": summary,
         "total_time_s": time.perf_counter() - t0,
     }
-    plot = _plot(runs, methods, out / "curves.png")
+    plot = plot_demo_curves(runs, methods, out / "curves.png")
     write_report(out, "results", results, _table(results), [*(["curves.png"] if plot else []), "teacher/", "students/"])
     return results
 
@@ -214,43 +206,11 @@ def _table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plot(runs: list[dict[str, Any]], methods: list[str], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in methods:
-        curves = [r["curve"] for r in runs if r["method"] == method and r["curve"]]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-        ax.plot(range(1, n + 1), mean, label=f"{method} ({len(curves)} seeds)")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("student val top-1 % (mean over seeds)")
-    ax.set_title("ckakd demo: digits")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def run_demo_from_args(args: argparse.Namespace) -> int:
     """``ckakd demo``: 0 on success, 2 on bad arguments, 1 when an output cannot be written, 130 on Ctrl-C."""
-    from ckakd.train.fileio import OutputError
-
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    try:
+
+    def body() -> None:
         run_demo(
             methods,
             args.seeds,
@@ -260,21 +220,12 @@ def run_demo_from_args(args: argparse.Namespace) -> int:
             retrain_teacher=args.retrain_teacher,
             progress=not args.no_progress,
         )
-    except ValueError as exc:
-        print(f"ckakd demo: error: {exc}", file=sys.stderr)
-        return 2
-    except OutputError as exc:
-        print(f"ckakd demo: stopped: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(
-            "ckakd demo: interrupted (Ctrl-C); run it again to continue (a trained teacher is reused)", file=sys.stderr
-        )
-        return 130
-    return 0
+
+    return run_guarded("demo", body, after_interrupt="run it again to continue (a trained teacher is reused)")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``ckakd-demo``: ``ckakd demo`` as its own console script; the exit status."""
     parser = argparse.ArgumentParser(prog="ckakd demo", description=__doc__.split("\n\n")[0])
     add_demo_arguments(parser)
     args = parser.parse_args(argv)

@@ -1,23 +1,25 @@
-"""Helpers shared by the ``ckakd`` command (``ckakd.cli``) and its ``detect-*`` commands (``ckakd.detection.cli``).
+"""How every ``ckakd`` command ends: the error-to-exit-status mapping and the missing-extra message.
 
-Both import this module and neither imports the other at module level: ``ckakd.cli`` builds the parser and calls
-``ckakd.detection.cli.add_detection_commands`` / ``run_detection_command`` from inside its functions.
+* :func:`run_guarded` runs a command's body: 0 on success, 2 on bad input, 1 when training or writing stopped,
+  130 on Ctrl-C, with one line on stderr for each failure.
+* :func:`run_reporting_missing_extras` turns the import failure of an optional dependency (:data:`EXTRAS`) into one
+  line naming the setup.py extra that installs it, status 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+
+from ckakd.train.engine import NonFiniteLossError
+from ckakd.train.fileio import OutputError
 
 __all__ = [
     "EXTRAS",
-    "add_config_args",
+    "PIP_NAMES",
     "missing_extra",
     "missing_extra_message",
-    "report",
-    "resume_command",
     "run_guarded",
     "run_reporting_missing_extras",
 ]
@@ -32,43 +34,18 @@ EXTRAS: dict[str, str] = {
     "sklearn": "demo",
 }
 # The pip names of the modules whose import name differs.
-_PIP_NAMES = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn"}
+PIP_NAMES: dict[str, str] = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn"}
 
 
-def add_config_args(
-    p: argparse.ArgumentParser, config_help: str = "a YAML config file or a shipped config name (see `ckakd configs`)"
-) -> None:
-    """The ``CONFIG [key=value ...]`` positionals of the config-driven commands."""
-    p.add_argument("config", help=config_help)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.1")
-
-
-def report(text: str) -> None:
-    """Print once: on rank 0 under torchrun."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(text)
-
-
-def resume_command(argv: Sequence[str]) -> str:
-    """The command line that continues the run ``argv`` started (``--resume`` added once)."""
-    import shlex
-
-    args = list(argv)
-    return "ckakd " + shlex.join(args if "--resume" in args else [*args, "--resume"])
-
-
-def run_guarded(command: str, body: Callable[[], None], *, resume_hint: str | None = None) -> int:
-    """Run a command's ``body``: 0 on success, 2 on bad input (``ValueError`` / ``FileNotFoundError``, one
-    message on stderr), 1 when training stopped (a non-finite loss: the last good epoch is in latest.pt; an output
-    that could not be written: disk full, read-only), 130 on Ctrl-C (one line, with ``resume_hint``: the command
-    that continues the run)."""
-    from ckakd.train.engine import NonFiniteLossError
-    from ckakd.train.fileio import OutputError
-
+def run_guarded(command: str, body: Callable[[], object], *, after_interrupt: str | None = None) -> int:
+    """Run ``ckakd <command>``'s ``body``: 0 on success, 2 on bad input (``ValueError`` / ``FileNotFoundError``,
+    one message on stderr), 1 when training stopped (a non-finite loss: the last good epoch is in latest.pt; an
+    output that could not be written: disk full, read-only), 130 on Ctrl-C (one line on rank 0, ending with
+    ``after_interrupt``: what continues the run, e.g. ``"continue with: ckakd ... --resume"``)."""
     try:
         body()
     except KeyboardInterrupt:
-        then = f"; continue with: {resume_hint}" if resume_hint else ""
+        then = f"; {after_interrupt}" if after_interrupt else ""
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"ckakd {command}: interrupted (Ctrl-C){then}", file=sys.stderr)
         return 130
@@ -97,7 +74,7 @@ def missing_extra(exc: BaseException) -> tuple[str, str] | None:
 
 def missing_extra_message(command: str, module: str, extra: str) -> str:
     """The one-line error for a missing optional dependency."""
-    pip_name = _PIP_NAMES.get(module, module)
+    pip_name = PIP_NAMES.get(module, module)
     return (
         f"ckakd {command}: error: {pip_name} is not installed; install the [{extra}] extra: "
         f'pip install "ckakd[{extra}]" (from a checkout: pip install -e ".[{extra}]")'
