@@ -50,7 +50,7 @@ MIX_ORDER = PATCH_MIX_ORDER  # reduce="mix" (PCKA paper, Table 5): level 0, leve
 Maps = Tensor | Sequence[Tensor]  # one (B, C, H, W) map or a list of paired levels
 
 
-def _level_lists(
+def paired_lists(
     a: Tensor | Sequence[Tensor], b: Tensor | Sequence[Tensor], what: str, levels: str
 ) -> tuple[list[Tensor], list[Tensor]]:
     """One tensor or a sequence of per-level tensors each -> two lists of the same non-zero length."""
@@ -61,8 +61,9 @@ def _level_lists(
     return a_list, b_list
 
 
-def _pairs(f_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    s_list, t_list = _level_lists(f_s, f_t, "student and teacher", "FPN levels")
+def paired_maps(f_s: Tensor | Sequence[Tensor], f_t: Tensor | Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """Student / teacher (B, C, H, W) maps, one each or per level, as checked pairs of the same batch and channels."""
+    s_list, t_list = paired_lists(f_s, f_t, "student and teacher", "FPN levels")
     for i, (s, t) in enumerate(zip(s_list, t_list, strict=True)):
         if s.dim() != 4 or t.dim() != 4:
             raise ValueError(f"level {i}: expected (B, C, H, W) maps, got {tuple(s.shape)} and {tuple(t.shape)}")
@@ -133,7 +134,7 @@ def pcka_loss(
     inter_weight = float(inter_weight)
     if not math.isfinite(inter_weight) or inter_weight < 0:
         raise ValueError(f"inter_weight must be finite and >= 0, got {inter_weight}")
-    pairs = _pairs(f_s, f_t)
+    pairs = paired_maps(f_s, f_t)
     total = pairs[0][0].new_zeros(())
     inter = pairs[0][0].new_zeros(())
     for level, (s, t) in enumerate(pairs):
@@ -165,7 +166,7 @@ def pcka_inter(
     if mode not in ("centered", "uncentered"):
         raise ValueError(f"the PCKA inter term supports mode 'centered' or 'uncentered', got {mode!r}")
     ph, pw = _size(patch_size)
-    pair = _pairs(f_s, f_t)[0]
+    pair = paired_maps(f_s, f_t)[0]
     acc = torch.float64 if torch.float64 in (f_s.dtype, f_t.dtype) else torch.float32
     with torch.autocast(f_s.device.type, enabled=False):
         xs, xt = [], []
@@ -201,7 +202,7 @@ def kd_patch_loss(
 ) -> Tensor:
     """KD inside each (sample, channel, patch): KL(softmax(t/τ) ‖ softmax(s/τ)) over positions, ·τ², mean."""
     total = None
-    for s, t in _pairs(f_s, f_t):
+    for s, t in paired_maps(f_s, f_t):
         ps, pt = patchify(s, patch_size) / temperature, patchify(t, patch_size) / temperature
         kl = F.kl_div(F.log_softmax(ps, -1), F.log_softmax(pt, -1), reduction="none", log_target=True).sum(-1)
         term = kl.mean() * temperature**2
@@ -214,7 +215,7 @@ def at_patch_loss(
 ) -> Tensor:
     """Attention transfer per patch: a = normalize(mean_c |f|^p) within every patch; mean squared difference."""
     total = None
-    for s, t in _pairs(f_s, f_t):
+    for s, t in paired_maps(f_s, f_t):
         a_s = F.normalize(patchify(s.abs().pow(p).mean(1, keepdim=True), patch_size), dim=-1)
         a_t = F.normalize(patchify(t.abs().pow(p).mean(1, keepdim=True), patch_size), dim=-1)
         term = (a_s - a_t).pow(2).mean()
@@ -238,7 +239,7 @@ def dist_patch_loss(
     """DIST on patch distributions (softmax over a patch's positions): β·inter (Pearson over positions per
     row) + γ·intra (Pearson over the (sample, channel, patch) rows per position), ·τ²."""
     total = None
-    for s, t in _pairs(f_s, f_t):
+    for s, t in paired_maps(f_s, f_t):
         ps = F.softmax(patchify(s, patch_size) / temperature, -1).flatten(0, 2)  # (rows, P_H·P_W)
         pt = F.softmax(patchify(t, patch_size) / temperature, -1).flatten(0, 2)
         inter = _pearson_distance(ps, pt, dim=1).mean()
@@ -253,7 +254,7 @@ def mmd_patch_loss(f_s: Maps, f_t: Maps, *, patch_size: int | Sequence[int] = (4
     channel c, rows are the patches and features are (sample, in-patch position), as PCKA's ``reduce="channel"``;
     mean over channels, summed over levels (the paper's Table 7 "MMD w/ patch")."""
     total = None
-    for s, t in _pairs(f_s, f_t):
+    for s, t in paired_maps(f_s, f_t):
         terms = [_mmd_rows(patchify(f, patch_size).permute(1, 2, 0, 3).flatten(2)) for f in (s, t)]
         n = terms[0][1]
         term = (n**2 * (terms[0][0] - terms[1][0]).square()).mean().to(s.dtype)
@@ -276,7 +277,7 @@ def wkd_feature_fpn_loss(
     """WKD-F (``ckakd.wkd_feature_loss``: Wasserstein distance of per-channel diagonal Gaussians) summed over
     FPN levels; a level too small for the grid uses grid 1, and single-position levels (P7 of a small image:
     no variance) are skipped."""
-    pairs = _pairs(f_s, f_t)
+    pairs = paired_maps(f_s, f_t)
     total = pairs[0][0].new_zeros(())
     for s, t in pairs:
         if s.shape[-2] * s.shape[-1] < 2:

@@ -29,14 +29,14 @@ from ckakd.detection.ops import roi_align
 from ckakd.interrelation import InterrelationBuilder, interrelation
 from ckakd.patch_baselines import MIX_ORDER as MIX_ORDER  # importable here as before
 from ckakd.patch_baselines import (
-    _level_lists,
-    _pairs,
     at_patch_loss,
     default_resize,
     dist_patch_loss,
     kd_patch_loss,
     level_patch_size,
     mmd_patch_loss,
+    paired_lists,
+    paired_maps,
     patchify,
     pcka_inter,
     pcka_loss,
@@ -70,7 +70,7 @@ __all__ = [
 
 def _cls_levels(s_cls: Tensor | Sequence[Tensor], t_cls: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Validate per-level (B, N_l, K) student / teacher logits; return them concatenated over levels (B, N, K)."""
-    s_list, t_list = _level_lists(s_cls, t_cls, "s_cls and t_cls", "levels")
+    s_list, t_list = paired_lists(s_cls, t_cls, "s_cls and t_cls", "levels")
     for i, (s, t) in enumerate(zip(s_list, t_list, strict=True)):
         for name, x in (("s_cls", s), ("t_cls", t)):
             if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 3:
@@ -349,5 +349,5 @@ class PatchMimic(nn.Module):
 
     def mimic_loss(self, f_s: Sequence[Tensor], f_t: Sequence[Tensor], weight: float = 1.0) -> Tensor:
         projected = self(f_s)
-        pairs = _pairs(projected, list(f_t))
+        pairs = paired_maps(projected, list(f_t))
         return weight * sum(F.mse_loss(s, t) for s, t in pairs)
