@@ -1,5 +1,6 @@
 """Detection: box utilities, plain-PyTorch dense detectors (RetinaNet, FCOS on ResNet+FPN), torchvision adapters
-(torchvision imported only when one is built), the FPN / classification-branch distiller and the trainer task.
+(torchvision imported only when one is built), NMS / RoIAlign (``ops``), the distillers on the FPN levels or the
+classification branch (``distillers``, in the shared distiller registry) and the trainer task.
 
 The names below are imported from their submodules on first access (PEP 562): ``import ckakd.detection`` (e.g. by
 ``ckakd --help``) does not load the detectors, the trainer task or ``ckakd.train``.
@@ -82,9 +83,8 @@ _SUBMODULES = frozenset(
     [
         "adapters",
         "boxes",
-        "cli",
+        "config",
         "data",
-        "demo",
         "distill",
         "distillers",
         "evaluation",
