@@ -195,7 +195,7 @@ def register(forward: str, backward: str, backend: str | None) -> None:
     """Fakes for the ops ``forward`` and ``backward`` (qualified names) and the autograd formula of ``forward``."""
     torch.library.register_fake(forward, forward_fake)
     torch.library.register_fake(backward, backward_fake)
-    setup_context, formula = _autograd(getattr(torch.ops.ckakd, backward.split("::")[1]), backend)
+    setup_context, formula = _autograd(getattr(torch.ops.ckakd, backward.removeprefix("ckakd::")), backend)
     torch.library.register_autograd(forward, formula, setup_context=setup_context)
 
 
