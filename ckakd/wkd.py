@@ -130,8 +130,9 @@ class _CostCache:
 
 
 _COST_CACHE = _CostCache()
-# The stacklevel of the solver's warnings, from _solve_fp's callees: _solve_fp, _solve, sinkhorn / wkd_logit_loss,
-# then the user's call.
+# The stacklevel (as in warnings.warn) that _solve_fp passes to the solver's warnings so that they name the user's
+# line: seen from fixed_kernels / _CostCache.kernels / solve_converged, 2 is _solve_fp, 3 _solve, 4 sinkhorn or
+# wkd_logit_loss, 5 their caller.
 _USER = 5
 
 
