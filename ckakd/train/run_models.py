@@ -113,7 +113,7 @@ def build_run_distiller(
     bundle: DataBundle,
     *,
     teacher_views: Sequence[str] | None = None,
-):
+) -> nn.Module:
     """``build_distiller`` with the config's kwargs, the loaded WKD cost and the input shape;
     ``teacher_views`` (from :func:`build_train_views`) goes to ``ensemble_kd``."""
     kwargs = dict(cfg.distiller.kwargs)
