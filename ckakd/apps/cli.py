@@ -64,7 +64,7 @@ def resume_command(argv: Sequence[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``ckakd`` parser with every command (building it imports neither the trainer nor the detectors)."""
+    """The ``ckakd`` parser with every command (building it loads neither pyyaml nor the detection stack)."""
     parser = argparse.ArgumentParser(
         prog="ckakd", description="Knowledge distillation with CKA and Wasserstein losses: reference trainer."
     )
@@ -216,8 +216,8 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "study":
         return run_study_from_args(args)
 
-    # Imported here: the config loader needs pyyaml (an optional dependency, reported by
-    # run_reporting_missing_extras), and `ckakd --help` should not pay for the trainer's model zoo.
+    # Imported here: the config loader needs pyyaml (an optional dependency: a missing one is reported by
+    # run_reporting_missing_extras, not raised at import), and `ckakd --help` should not load the detection stack.
     from ckakd.detection.config import DetectionConfig  # registers `task: detection` with the loader
     from ckakd.train import config as C
     from ckakd.train import runner

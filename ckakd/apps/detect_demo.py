@@ -164,8 +164,9 @@ def run_detect_demo(
         # The detectors and the trainer are imported here, not at module level: the `ckakd` parser imports this
         # module for the detect-demo options, and `ckakd --help` must not load the detection stack.
         from ckakd.detection.data import SyntheticDigitsDetection, make_detection_loader
+        from ckakd.detection.distillers import DetectionDistiller
         from ckakd.detection.models import RetinaNet
-        from ckakd.detection.trainer import DetectionDistiller, train_detector
+        from ckakd.detection.trainer import train_detector
 
         out.mkdir(parents=True, exist_ok=True)
         t_start = time.perf_counter()
