@@ -7,8 +7,8 @@ One op family per module, each with its ``@triton.jit`` kernels and a Python lau
   :mod:`.gram_backward` — its backward ``M Xc``.
 * :mod:`.frobenius` — ``[Σ K∘L, Σ K∘K, Σ L∘L]`` per batch entry (the HSIC / CKA sums).
 * :mod:`.patch_alignment_stats` — batched patch CKA (PCKA, op ``ckakd::patch_alignment_stats``): all
-  problems' partial Grams split over features, then one finalizing launch for the Grams and sums; the
-  backward in one launch, for the needed tensors only.
+  problems' partial Grams split over features, then one finalizing launch for the Grams and sums;
+  :mod:`.patch_alignment_stats_backward` — its backward in one launch, for the needed tensors only.
 * :mod:`._launch` — the one launch point: grid limits, device guard, candidate configurations (autotuned per
   shape bucket on a GPU), the SM count and dot precisions shared by the launchers, and recording for the
   offline compile report (``bench/compile_report.py``).
@@ -23,7 +23,8 @@ from __future__ import annotations
 from .frobenius import frobenius_dots
 from .gram import gram_forward
 from .gram_backward import gram_backward
-from .patch_alignment_stats import MAX_PATCHES, patch_cka_backward, patch_cka_forward
+from .patch_alignment_stats import MAX_PATCHES, patch_cka_forward
+from .patch_alignment_stats_backward import patch_cka_backward
 
 __all__ = [
     "MAX_PATCHES",

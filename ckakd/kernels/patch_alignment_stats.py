@@ -35,15 +35,7 @@ Forward, two launches
    no atomics), reading entry ``(min(i, j), max(i, j))`` so that the result is exactly symmetric, writes
    both ``P x P`` Grams and ``[Σ Ks∘Kt, Σ Ks∘Ks, Σ Kt∘Kt]``, in ``BLOCK_R``-row slices.
 
-Backward, one launch
---------------------
-``_patch_cka_bwd_kernel`` — grid ``(G · cdiv(D, BLOCK_D), n_needed)``: ``grad_X[g] = m[g] @ Xc[g]`` for a
-``P_PAD x BLOCK_D`` chunk of one problem of one tensor; only the tensors whose gradient is needed get
-programs (the frozen teacher costs nothing). The program walks the ``P`` rows once for the column means
-(same shifted form), then again in ``BLOCK_R``-row blocks, centering each and accumulating
-``m[g][:, rows] @ Xc[rows]`` (one ``P_PAD``-deep fp32 dot would not fit in registers; the second read
-hits L1/L2). The result is scattered to where the chunk came from, in a contiguous output of the input's
-dtype. Both large extents sit on grid axis 0 (limit 2³¹ − 1).
+Backward: :mod:`.patch_alignment_stats_backward` (one launch, the needed tensors only).
 
 All products are ``tl.dot(..., input_precision="ieee")`` with fp32 accumulation; fp16/bf16 inputs are
 converted to fp32 in registers.
@@ -57,10 +49,23 @@ import triton.language as tl
 
 from ._launch import DOT_PRECISION, choose, launch, num_sms
 
-__all__ = ["patch_cka_forward", "patch_cka_backward", "MAX_PATCHES", "FWD_CONFIGS", "BWD_CONFIGS"]
+__all__ = [
+    "FINALIZE_CONFIG",
+    "FWD_CONFIGS",
+    "MAX_PATCHES",
+    "REDUCE_CODES",
+    "center_rows",
+    "col_offsets",
+    "padded_patches",
+    "patch_cka_forward",
+    "problem_offset",
+    "problem_shape",
+    "row_offsets",
+    "table_candidates",
+]
 
 MAX_PATCHES = 128
-_REDUCE = {"channel": 0, "batch": 1, "spatial": 2}
+REDUCE_CODES = {"channel": 0, "batch": 1, "spatial": 2}
 _INT32_MAX = 2**31 - 1
 
 # Launch candidates per P_PAD, first = default (the only one under the interpreter / CKAKD_AUTOTUNE=0).
@@ -73,14 +78,7 @@ FWD_CONFIGS: dict[int, list[dict[str, int]]] = {
     64: [{"BLOCK_D": 32, "num_warps": 16}, {"BLOCK_D": 16, "num_warps": 8}, {"BLOCK_D": 16, "num_warps": 4}],
     128: [{"BLOCK_D": 32, "num_warps": 8}, {"BLOCK_D": 16, "num_warps": 8}],
 }
-BWD_CONFIGS: dict[int, list[dict[str, int]]] = {
-    16: [{"BLOCK_D": 32, "num_warps": 4}, {"BLOCK_D": 16, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 16}],
-    32: [{"BLOCK_D": 32, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 8}],
-    64: [{"BLOCK_D": 32, "num_warps": 8}, {"BLOCK_D": 16, "num_warps": 4}],
-    128: [{"BLOCK_D": 32, "num_warps": 16}, {"BLOCK_D": 16, "num_warps": 8}, {"BLOCK_D": 16, "num_warps": 16}],
-}
 FINALIZE_CONFIG = {"BLOCK_R": 16, "num_warps": 4}
-_BLOCK_R = 16  # rows per block of the backward's reduction over patches
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,7 +87,7 @@ _BLOCK_R = 16  # rows per block of the backward's reduction over patches
 
 
 @triton.jit
-def _problem_offset(g, sB, sC, sH, sW, REDUCE: tl.constexpr, PW: tl.constexpr):
+def problem_offset(g, sB, sC, sH, sW, REDUCE: tl.constexpr, PW: tl.constexpr):
     """Offset of problem ``g``'s origin in the 4-D tensor (``g`` int32)."""
     if REDUCE == 0:
         off = g.to(tl.int64) * sC
@@ -101,7 +99,7 @@ def _problem_offset(g, sB, sC, sH, sW, REDUCE: tl.constexpr, PW: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(rows, Pw, sH, sW, PH: tl.constexpr, PW: tl.constexpr):
+def row_offsets(rows, Pw, sH, sW, PH: tl.constexpr, PW: tl.constexpr):
     """Offsets of the top-left corner of patch ``p = pi * Pw + pj`` (``rows``, ``Pw`` int32)."""
     pi = rows // Pw
     pj = rows - pi * Pw
@@ -109,7 +107,7 @@ def _row_offsets(rows, Pw, sH, sW, PH: tl.constexpr, PW: tl.constexpr):
 
 
 @triton.jit
-def _col_offsets(f, C, sB, sC, sH, sW, REDUCE: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
+def col_offsets(f, C, sB, sC, sH, sW, REDUCE: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
     """Offsets of feature columns ``f`` (int32; see the table in the module docstring)."""
     if REDUCE == 2:
         outer = f // C
@@ -128,7 +126,7 @@ def _col_offsets(f, C, sB, sC, sH, sW, REDUCE: tl.constexpr, PH: tl.constexpr, P
 
 
 @triton.jit
-def _center_rows(xv, mask, rows, n_rows):
+def center_rows(xv, mask, rows, n_rows):
     """Subtract the mean over the valid rows of every column; masked entries stay exactly 0.
 
     Row 0 is subtracted first (exact for offset-dominated data), then the small mean of the shifted
@@ -170,16 +168,16 @@ def _gram_partial_one(
     """``part[i, j] = Σ_{f in [d_start, d_end)} Xc_g[i, f] Xc_g[j, f]`` for one tensor, ``i, j < P``."""
     rows = tl.arange(0, P_PAD)
     rmask = rows < P
-    base = x_ptr + _problem_offset(g, sB, sC, sH, sW, REDUCE, PW)
-    row_ptrs = base + _row_offsets(rows, Pw, sH, sW, PH, PW)[:, None]
+    base = x_ptr + problem_offset(g, sB, sC, sH, sW, REDUCE, PW)
+    row_ptrs = base + row_offsets(rows, Pw, sH, sW, PH, PW)[:, None]
     acc = tl.zeros((P_PAD, P_PAD), dtype=tl.float32)
     for d0 in range(d_start, d_end, BLOCK_D):
         f = d0 + tl.arange(0, BLOCK_D)
         mask = rmask[:, None] & (f < d_end)[None, :]
-        col = _col_offsets(f, C, sB, sC, sH, sW, REDUCE, PH, PW)
+        col = col_offsets(f, C, sB, sC, sH, sW, REDUCE, PH, PW)
         xv = tl.load(row_ptrs + col[None, :], mask=mask, other=0.0).to(tl.float32)
         if CENTER:
-            xv = _center_rows(xv, mask, rows, P)
+            xv = center_rows(xv, mask, rows, P)
         acc += tl.dot(xv, tl.trans(xv), input_precision=PRECISION)
     offs = rows[:, None] * P + rows[None, :]
     tl.store(part_ptr + offs, acc, mask=rmask[:, None] & rmask[None, :])
@@ -283,139 +281,11 @@ def _patch_finalize_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------
-# backward
-# ---------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _patch_bwd_one(
-    m_ptr,
-    x_ptr,
-    out_ptr,
-    g,
-    f,
-    fmask,
-    C,
-    Pw,
-    P,
-    m_sg,
-    m_si,
-    m_sj,
-    sB,
-    sC,
-    sH,
-    sW,
-    o_sB,
-    o_sC,
-    o_sH,
-    REDUCE: tl.constexpr,
-    CENTER: tl.constexpr,
-    PH: tl.constexpr,
-    PW: tl.constexpr,
-    P_PAD: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """``out[positions of X_g[:, f]] = m[g] @ Xc_g[:, f]`` for one of the two tensors."""
-    x_row0 = x_ptr + _problem_offset(g, sB, sC, sH, sW, REDUCE, PW) + _col_offsets(f, C, sB, sC, sH, sW, REDUCE, PH, PW)
-    x_cols = x_row0[None, :]  # patch 0 has row offset 0
-    if CENTER:
-        shift = tl.load(x_row0, mask=fmask, other=0.0).to(tl.float32)
-        part = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-        for r0 in range(0, P, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            msk = (rr < P)[:, None] & fmask[None, :]
-            xv = tl.load(x_cols + _row_offsets(rr, Pw, sH, sW, PH, PW)[:, None], mask=msk, other=0.0)
-            part += tl.where(msk, xv.to(tl.float32) - shift[None, :], 0.0)
-        corr = tl.sum(part, axis=0) / P
-
-    rows = tl.arange(0, P_PAD)
-    rmask = rows < P
-    m_rows = m_ptr + g.to(tl.int64) * m_sg + rows.to(tl.int64)[:, None] * m_si
-    acc = tl.zeros((P_PAD, BLOCK_D), dtype=tl.float32)
-    for r0 in range(0, P, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        rrmask = rr < P
-        msk = rrmask[:, None] & fmask[None, :]
-        xv = tl.load(x_cols + _row_offsets(rr, Pw, sH, sW, PH, PW)[:, None], mask=msk, other=0.0)
-        xv = xv.to(tl.float32)
-        if CENTER:
-            xv = tl.where(msk, (xv - shift[None, :]) - corr[None, :], 0.0)
-        mv = tl.load(m_rows + rr.to(tl.int64)[None, :] * m_sj, mask=rmask[:, None] & rrmask[None, :], other=0.0)
-        acc += tl.dot(mv.to(tl.float32), xv, input_precision=PRECISION)
-
-    o_base = out_ptr + _problem_offset(g, o_sB, o_sC, o_sH, 1, REDUCE, PW)
-    o_ptrs = o_base + _row_offsets(rows, Pw, o_sH, 1, PH, PW)[:, None]
-    o_col = _col_offsets(f, C, o_sB, o_sC, o_sH, 1, REDUCE, PH, PW)
-    tl.store(o_ptrs + o_col[None, :], acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & fmask[None, :])
-
-
-@triton.jit
-def _patch_cka_bwd_kernel(
-    ms_ptr,
-    mt_ptr,
-    s_ptr,
-    t_ptr,
-    gs_ptr,
-    gt_ptr,
-    C,
-    Pw,
-    P,
-    D,
-    n_dblocks,
-    ms_sg,
-    ms_si,
-    ms_sj,
-    mt_sg,
-    mt_si,
-    mt_sj,
-    s_sB,
-    s_sC,
-    s_sH,
-    s_sW,
-    t_sB,
-    t_sC,
-    t_sH,
-    t_sW,
-    o_sB,
-    o_sC,
-    o_sH,
-    NEED_S: tl.constexpr,
-    NEED_T: tl.constexpr,
-    REDUCE: tl.constexpr,
-    CENTER: tl.constexpr,
-    PH: tl.constexpr,
-    PW: tl.constexpr,
-    P_PAD: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    g = pid // n_dblocks
-    f = (pid - g * n_dblocks) * BLOCK_D + tl.arange(0, BLOCK_D)
-    fmask = f < D
-    # axis 1 enumerates the needed tensors: student first when both are needed
-    which = tl.program_id(1) + (0 if NEED_S else 1)
-    # fmt: off
-    if NEED_S:
-        if which == 0:
-            _patch_bwd_one(ms_ptr, s_ptr, gs_ptr, g, f, fmask, C, Pw, P, ms_sg, ms_si, ms_sj, s_sB, s_sC, s_sH, s_sW,
-                           o_sB, o_sC, o_sH, REDUCE, CENTER, PH, PW, P_PAD, BLOCK_R, BLOCK_D, PRECISION)
-    if NEED_T:
-        if which == 1:
-            _patch_bwd_one(mt_ptr, t_ptr, gt_ptr, g, f, fmask, C, Pw, P, mt_sg, mt_si, mt_sj, t_sB, t_sC, t_sH, t_sW,
-                           o_sB, o_sC, o_sH, REDUCE, CENTER, PH, PW, P_PAD, BLOCK_R, BLOCK_D, PRECISION)
-    # fmt: on
-
-
-# ---------------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------------
 
 
-def _problem_shape(f_s: torch.Tensor, f_t: torch.Tensor, ph: int, pw: int, reduce: str) -> tuple[int, int, int]:
+def problem_shape(f_s: torch.Tensor, f_t: torch.Tensor, ph: int, pw: int, reduce: str) -> tuple[int, int, int]:
     """(G, P, D) of the batched problem; validates the arguments (cheap checks only)."""
     if f_s.dim() != 4 or f_s.shape != f_t.shape:
         raise ValueError(
@@ -423,8 +293,8 @@ def _problem_shape(f_s: torch.Tensor, f_t: torch.Tensor, ph: int, pw: int, reduc
         )
     if f_s.device != f_t.device:
         raise ValueError(f"f_s and f_t must be on one device, got {f_s.device} and {f_t.device}")
-    if reduce not in _REDUCE:
-        raise ValueError(f"reduce must be one of {sorted(_REDUCE)}, got {reduce!r}")
+    if reduce not in REDUCE_CODES:
+        raise ValueError(f"reduce must be one of {sorted(REDUCE_CODES)}, got {reduce!r}")
     B, C, H, W = f_s.shape
     if ph < 1 or pw < 1 or H % ph or W % pw:
         raise ValueError(f"patch ({ph}, {pw}) must divide the spatial size ({H}, {W})")
@@ -437,11 +307,12 @@ def _problem_shape(f_s: torch.Tensor, f_t: torch.Tensor, ph: int, pw: int, reduc
     return G, P, D
 
 
-def _p_pad(P: int) -> int:
+def padded_patches(P: int) -> int:
+    """P_PAD: the patch count padded to a power of two, at least 16 (the kernels' row tile)."""
     return max(16, triton.next_power_of_2(P))
 
 
-def _candidates(table: dict[int, list[dict[str, int]]], p_pad: int, D: int, block_d: int | None) -> list[dict]:
+def table_candidates(table: dict[int, list[dict[str, int]]], p_pad: int, D: int, block_d: int | None) -> list[dict]:
     """The table's candidates for P_PAD with BLOCK_D capped at the (padded) feature count, deduplicated."""
     cap = max(16, triton.next_power_of_2(max(D, 1)))
     out: list[dict] = []
@@ -488,7 +359,7 @@ def patch_cka_forward(
     Raises:
         ValueError: bad shapes / reduce, or ``P > 128`` (the caller falls back to another path).
     """
-    G, P, D = _problem_shape(f_s, f_t, ph, pw, reduce)
+    G, P, D = problem_shape(f_s, f_t, ph, pw, reduce)
     dev = f_s.device
     stats = torch.empty((G, 3), device=dev, dtype=torch.float32)
     k_s = torch.empty((G, P, P), device=dev, dtype=torch.float32)
@@ -497,9 +368,9 @@ def patch_cka_forward(
         return stats, k_s, k_t
     if D == 0:
         return stats.zero_(), k_s.zero_(), k_t.zero_()
-    p_pad = _p_pad(P)
+    p_pad = padded_patches(P)
     C, W = f_s.shape[1], f_s.shape[3]
-    candidates = _candidates(FWD_CONFIGS, p_pad, D, block_d)
+    candidates = table_candidates(FWD_CONFIGS, p_pad, D, block_d)
 
     def run(config: dict) -> None:
         bd = config["BLOCK_D"]
@@ -511,7 +382,7 @@ def patch_cka_forward(
         # fmt: off
         launch(_patch_gram_partial_kernel, (G * n_split, 2),
                f_s, f_t, part, G, C, W // pw, P, D, chunks_per_split * bd, n_split, *f_s.stride(), *f_t.stride(),
-               device=dev, REDUCE=_REDUCE[reduce], CENTER=bool(center), PH=ph, PW=pw, P_PAD=p_pad,
+               device=dev, REDUCE=REDUCE_CODES[reduce], CENTER=bool(center), PH=ph, PW=pw, P_PAD=p_pad,
                BLOCK_D=bd, PRECISION=DOT_PRECISION, num_warps=config["num_warps"])
         launch(_patch_finalize_kernel, (G,), part, stats, k_s, k_t, G, P, n_split,
                device=dev, P_PAD=p_pad, **FINALIZE_CONFIG)
@@ -520,64 +391,3 @@ def patch_cka_forward(
     choose("patch_cka_forward", (reduce, p_pad, triton.next_power_of_2(G), triton.next_power_of_2(D)), candidates,
            run, dev)  # fmt: skip
     return stats, k_s, k_t
-
-
-def patch_cka_backward(
-    m_s: torch.Tensor,
-    m_t: torch.Tensor,
-    f_s: torch.Tensor,
-    f_t: torch.Tensor,
-    ph: int,
-    pw: int,
-    reduce: str,
-    center: bool,
-    *,
-    need_s: bool = True,
-    need_t: bool = True,
-    block_d: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``grad_X[g] = m[g] @ Xc[g]`` for the needed tensors, scattered back to ``(B, C, H, W)``, one launch.
-
-    Args:
-        m_s, m_t: ``(G, P, P)`` coefficient matrices (any strides; read as fp32). One that is not needed
-            is not read (any tensor may be passed).
-        f_s, f_t, ph, pw, reduce, center: as in :func:`patch_cka_forward`.
-        need_s, need_t: which gradients to compute; an unneeded one is returned as an empty ``(0,)``
-            tensor and costs nothing.
-        block_d: force the feature chunk (power of two >= 16; testing / tuning).
-
-    Returns:
-        ``(grad_s, grad_t)``: contiguous ``(B, C, H, W)`` of ``f_s.dtype`` / ``f_t.dtype`` (or empty).
-    """
-    G, P, D = _problem_shape(f_s, f_t, ph, pw, reduce)
-    for name, m, need in (("m_s", m_s, need_s), ("m_t", m_t, need_t)):
-        if need and m.shape != (G, P, P):
-            raise ValueError(f"{name} must be (G, P, P) = {(G, P, P)}, got {tuple(m.shape)}")
-    dev = f_s.device
-    grad_s = torch.empty(f_s.shape, device=dev, dtype=f_s.dtype) if need_s else f_s.new_empty(0)
-    grad_t = torch.empty(f_t.shape, device=dev, dtype=f_t.dtype) if need_t else f_t.new_empty(0)
-    n_needed = int(need_s) + int(need_t)
-    if n_needed == 0 or f_s.numel() == 0:
-        return grad_s, grad_t
-    p_pad = _p_pad(P)
-    B, C, H, W = f_s.shape
-    # an unneeded tensor's pointers are never dereferenced: pass the needed one's in their place
-    ms, mt = (m_s if need_s else m_t), (m_t if need_t else m_s)
-    gs, gt = (grad_s if need_s else grad_t), (grad_t if need_t else grad_s)
-    candidates = _candidates(BWD_CONFIGS, p_pad, D, block_d)
-
-    def run(config: dict) -> None:
-        bd = config["BLOCK_D"]
-        n_dblocks = triton.cdiv(D, bd)
-        # fmt: off
-        launch(_patch_cka_bwd_kernel, (G * n_dblocks, n_needed),
-               ms, mt, f_s, f_t, gs, gt, C, W // pw, P, D, n_dblocks, *ms.stride(), *mt.stride(),
-               *f_s.stride(), *f_t.stride(), C * H * W, H * W, W,
-               device=dev, NEED_S=bool(need_s), NEED_T=bool(need_t), REDUCE=_REDUCE[reduce], CENTER=bool(center),
-               PH=ph, PW=pw, P_PAD=p_pad, BLOCK_R=_BLOCK_R, BLOCK_D=bd, PRECISION=DOT_PRECISION,
-               num_warps=config["num_warps"])
-        # fmt: on
-
-    choose("patch_cka_backward", (reduce, p_pad, triton.next_power_of_2(G), triton.next_power_of_2(D)), candidates,
-           run, dev)  # fmt: skip
-    return grad_s, grad_t

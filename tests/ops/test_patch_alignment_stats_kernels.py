@@ -1,4 +1,5 @@
-"""Tests of the Triton patch-CKA kernels (``ckakd.kernels.patch_alignment_stats``) against plain float64 torch formulas.
+"""Tests of the Triton patch-CKA kernels (``ckakd.kernels.patch_alignment_stats`` and ``_backward``) against
+plain float64 torch formulas.
 
 Without CUDA they run under the Triton CPU interpreter (``TRITON_INTERPRET=1``, set by conftest), so
 shapes are small; on a CUDA machine a missing Triton or kernels package fails this module (conftest's
@@ -188,7 +189,7 @@ def test_patch_cka_backward_computes_only_needed(triton_device, poisoned_empty, 
         grids.append(tuple(grid))
         return real_launch(kernel, grid, *args, **meta)
 
-    monkeypatch.setattr(kernels.patch_alignment_stats, "launch", spy)
+    monkeypatch.setattr(kernels.patch_alignment_stats_backward, "launch", spy)
     g_s, g_t = kernels.patch_cka_backward(
         m if need_s else poison, m if need_t else poison, f_s, f_t, 2, 4, reduce, True, need_s=need_s, need_t=need_t
     )
@@ -203,8 +204,9 @@ def test_patch_cka_backward_computes_only_needed(triton_device, poisoned_empty, 
 def test_patch_cka_every_launch_candidate(triton_device, monkeypatch, which):
     """Every candidate configuration (on a GPU the autotuner may pick any) computes the same result."""
     from ckakd.kernels import patch_alignment_stats as pc
+    from ckakd.kernels import patch_alignment_stats_backward as pcb
 
-    table = pc.FWD_CONFIGS if which == "forward" else pc.BWD_CONFIGS
+    table = pc.FWD_CONFIGS if which == "forward" else pcb.BWD_CONFIGS
     shapes = {16: ((1, 3, 8, 12), (2, 4)), 32: ((1, 2, 8, 16), (2, 2)), 64: ((1, 2, 16, 16), (2, 2)),
               128: ((1, 2, 16, 8), (1, 1))}  # fmt: skip
     assert set(table) == set(shapes)
@@ -213,7 +215,7 @@ def test_patch_cka_every_launch_candidate(triton_device, monkeypatch, which):
         f_s, f_t = _patch_inputs(shape, triton_device, offset=2.0)
         _, ks_ref, _, xs, _ = ref_patch(f_s, f_t, ph, pw, "channel", True)
         G, P, _ = ks_ref.shape
-        assert pc._p_pad(P) == p_pad
+        assert pc.padded_patches(P) == p_pad
         m = rand_input((G, P, P), triton_device)
         for config in configs:
             monkeypatch.setitem(table, p_pad, [config])
