@@ -49,3 +49,15 @@ def test_demo_out_under_a_file_is_refused(tmp_path, capsys):
     assert demo.main(["--methods", "kd", "--seeds", "1", "--out", str(tmp_path / "file" / "demo")]) == 2
     err = capsys.readouterr().err
     assert "--out" in err and "file is a file, not a folder" in err and "Traceback" not in err
+
+
+def test_demo_ctrl_c_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
+    from ckakd.apps import demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    assert demo.main(["--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err == "ckakd demo: interrupted (Ctrl-C); run it again to continue (a trained teacher is reused)\n", err

@@ -100,3 +100,10 @@ def test_detect_train_ctrl_c_then_resume_and_refused_changes(tmp_path, capsys, m
     code, out, err = run_cli(shlex.split(command)[1:], capsys)
     assert code == 0 and "epochs_run=1" in out, err
     assert load_checkpoint(run / "latest.pt")["epoch"] == 2
+
+
+def test_detect_demo_bad_method_is_one_line_on_stderr(tmp_path, capsys):
+    code, out, err = run_cli(["detect-demo", "--methods", "baseline,nosuch", "--out", str(tmp_path)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("ckakd detect-demo: error: unknown demo methods ['nosuch']"), err
+    assert not any(tmp_path.iterdir())

@@ -42,3 +42,15 @@ def test_study_rejects_bad_arguments(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("ckakd study: error: ") and "fancy" in err and err.count("\n") == 1, err
     assert not any(tmp_path.rglob("*.pt"))
+
+
+def test_study_ctrl_c_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
+    from ckakd.apps import cli, study
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "run_study", interrupted)
+    assert cli.main(["study", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err == "ckakd study: interrupted (Ctrl-C); run it again to continue (trained teachers are reused)\n", err
