@@ -8,6 +8,7 @@ import copy
 import io
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from ..fileio import atomic_write_bytes
 from ..schema import plain
+from .seeding import set_rng_state
 from .settings import TrainSettings
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "clone_cpu",
     "extra_of",
     "load_checkpoint",
+    "restore_training",
     "model_identity",
     "save_checkpoint",
     "student_of",
@@ -238,6 +241,63 @@ def check_resume(
             "else"
         )
     return ckpt
+
+
+@dataclass
+class Restored:
+    """Where a resumed run continues (see :func:`restore_training`)."""
+
+    history: list[dict]
+    best_value: float | None
+    best_epoch: int | None
+    start_epoch: int
+    global_step: int
+    metric_changed: bool  # the checkpoint tracked another metric: best.pt restarts
+
+
+def restore_training(
+    ckpt: dict,
+    path: Path,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    *,
+    metric: str,
+    rank: int,
+    optimizer_name: str,
+) -> Restored:
+    """Continue from the checkpoint dict ``ckpt`` (read from ``path``, already checked by :func:`check_resume`):
+    load its weights into ``model``, the optimizer / scheduler / AMP scaler states, this ``rank``'s RNG state and the
+    scheduled learning rates; returns the history and counters to continue with (``metric``: the one this run
+    tracks; a checkpoint that tracked another starts best.pt over; ``optimizer_name`` names it in errors)."""
+    apply_weights(ckpt, model, path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+        raise ValueError(
+            f"cannot resume from {path}: its optimizer/scheduler state does not fit this run's "
+            f"{optimizer_name} optimizer over {n_params} parameters ({type(exc).__name__}: {exc})"
+        ) from exc
+    if ckpt.get("scaler") is not None and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    history = list(ckpt.get("history") or [])
+    best = ckpt.get("best_value", ckpt.get("best_top1"))
+    metric_changed = ckpt.get("metric", "top1") != metric
+    if metric_changed:
+        best = None
+    start_epoch = int(ckpt["epoch"])
+    if len(history) != start_epoch:
+        history = [r for r in history if int(r["epoch"]) <= start_epoch]
+    rngs = ckpt.get("rng") or []
+    if rngs:
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        g["lr"] = lr
+    best_epoch = ckpt.get("best_epoch") if best is not None else None
+    return Restored(history, best, best_epoch, start_epoch, int(ckpt.get("global_step") or 0), metric_changed)
 
 
 def clone_cpu(obj: Any) -> Any:

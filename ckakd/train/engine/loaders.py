@@ -4,6 +4,7 @@ augmentations depend only on ``(seed, epoch[, rank])``."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -75,8 +76,6 @@ def reseed_loader(loader: Any, epoch: int, *, seed: int, rank: int = 0) -> None:
 def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:
     """``module`` in DistributedDataParallel. Buffers (BatchNorm statistics) are synced once at construction and
     broadcast from rank 0 once per epoch by the trainer, not at every forward."""
-    import inspect
-
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     sync = (

@@ -20,6 +20,7 @@ from ..fileio import OutputError, append_text, atomic_write_bytes
 __all__ = [
     "OUTPUT_FILES",
     "check_output_paths",
+    "fit_summary",
     "log_message",
     "logger",
     "plot_curves",
@@ -136,3 +137,39 @@ def savefig(fig: Any, path: Path) -> None:
         fig.savefig(path, dpi=100)
     except OSError as exc:
         raise OutputError(path, exc) from exc
+
+
+def fit_summary(
+    history: Sequence[dict[str, Any]],
+    metric: str,
+    best_value: float | None,
+    best_epoch: int | None,
+    epochs_run: int,
+    out_dir: str | os.PathLike,
+) -> dict[str, Any]:
+    """What :meth:`~ckakd.train.engine.Trainer.fit` returns, from the metrics rows of every completed epoch:
+    ``metric``, ``best_value``, ``best_epoch``, ``final_val`` (the last row's ``val/*`` values, keys without the
+    prefix), ``final_train_loss``, ``epochs_run`` (by this call), ``epochs_completed``, ``train_time_s`` (all rows),
+    ``cka`` (last values), ``out_dir``; for ``metric="top1"`` also ``best_top1``, ``final_top1``, ``final_top5``,
+    ``final_val_loss``."""
+    last = history[-1] if history else {}
+    result: dict[str, Any] = {
+        "metric": metric,
+        "best_value": best_value,
+        "best_epoch": best_epoch,
+        "final_val": {k[4:]: v for k, v in last.items() if k.startswith("val/")},
+        "final_train_loss": last.get("train/loss"),
+        "epochs_run": epochs_run,
+        "epochs_completed": len(history),
+        "train_time_s": float(sum(r.get("epoch_time_s", 0.0) for r in history)),
+        "cka": {k: v for k, v in last.items() if k.startswith("cka/")},
+        "out_dir": str(out_dir),
+    }
+    if metric == "top1":
+        result.update(
+            best_top1=best_value,
+            final_top1=last.get("val/top1"),
+            final_top5=last.get("val/top5"),
+            final_val_loss=last.get("val/loss"),
+        )
+    return result

@@ -38,13 +38,13 @@ from .. import distributed as dist
 from ..fileio import OutputError
 from ..schema import plain
 from .callbacks import TrainerCallback, check_callbacks, run_epoch_callbacks
-from .checkpoint import apply_weights, check_resume, clone_cpu, extra_of, model_identity, save_checkpoint, student_of
+from .checkpoint import check_resume, clone_cpu, extra_of, model_identity, restore_training, save_checkpoint, student_of
 from .cka_probe import CKA_MAX_IMAGES, check_cka_paths, collect_images, measure_cka
 from .device import autocast, collective_device, resolve_device
 from .loaders import distributed_loader, reseed_loader, wrap_ddp
-from .metrics_log import check_output_paths, log_message, logger, plot_curves, write_metrics_files
+from .metrics_log import check_output_paths, fit_summary, log_message, logger, plot_curves, write_metrics_files
 from .schedule import apply_step_warmup, build_optimizer, lr_factor
-from .seeding import rng_state, seed_everything, set_rng_state
+from .seeding import rng_state, seed_everything
 from .settings import AMP_DTYPES, TrainSettings
 from .task import ClassificationTask, Task, TrainStep, missing_task_members
 
@@ -198,9 +198,8 @@ class Trainer:
         """``{"cka/<student path>~<teacher path>": CKA}`` on the fixed validation subset (rank 0 only)."""
         if self._cka_images is None or self.teacher_for_cka is None:
             return {}
-        return measure_cka(
-            self.student, self.teacher_for_cka, self._cka_images, self.settings.train.cka_pairs, self.device
-        )
+        pairs = self.settings.train.cka_pairs
+        return measure_cka(self.student, self.teacher_for_cka, self._cka_images, pairs, self.device)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -240,36 +239,16 @@ class Trainer:
             return
         ckpt = check_resume(path, self.settings, world_size=self.world_size, model=self.model)
         assert ckpt is not None
-        apply_weights(ckpt, self.model, path)
-        try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            raise ValueError(
-                f"cannot resume from {path}: its optimizer/scheduler state does not fit this run's "
-                f"{self.settings.optim.name} optimizer over {len(self.params)} parameters ({type(exc).__name__}: {exc})"
-            ) from exc
-        if ckpt.get("scaler") is not None and self.scaler.is_enabled():
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.history = list(ckpt.get("history") or [])
-        best = ckpt.get("best_value", ckpt.get("best_top1"))
-        if ckpt.get("metric", "top1") != self.task.metric:
-            self._log(
-                f"resume: {path} tracked best {ckpt.get('metric')!r}, this run tracks {self.task.metric!r}: "
-                "best.pt restarts",
-                logging.WARNING,
-            )
-            best = None
-        self.best_value, self.best_epoch = best, (ckpt.get("best_epoch") if best is not None else None)
-        self.start_epoch = int(ckpt["epoch"])
-        self._global_step = int(ckpt.get("global_step") or 0)
-        if len(self.history) != self.start_epoch:
-            self.history = [r for r in self.history if int(r["epoch"]) <= self.start_epoch]
-        rngs = ckpt.get("rng") or []
-        if rngs:
-            set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
-        for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
-            g["lr"] = lr
+        metric, name = self.task.metric, self.settings.optim.name
+        r = restore_training(
+            ckpt, path, self.model, self.optimizer, self.scheduler, self.scaler, metric=metric, rank=self.rank,
+            optimizer_name=name,
+        )  # fmt: skip
+        if r.metric_changed:
+            msg = f"resume: {path} tracked best {ckpt.get('metric')!r}, this run tracks {metric!r}: best.pt restarts"
+            self._log(msg, logging.WARNING)
+        self.history, self.best_value, self.best_epoch = r.history, r.best_value, r.best_epoch
+        self.start_epoch, self._global_step = r.start_epoch, r.global_step
         self._log(f"resumed from {path} after epoch {self.start_epoch}")
 
     # ------------------------------------------------------------------ metrics files
@@ -282,15 +261,15 @@ class Trainer:
         if not self.is_main or not self.history:
             return
         metric = self.task.metric
-        cka_keys = (
-            [f"cka/{s}~{t}" for s, t in self.settings.train.cka_pairs] if self.teacher_for_cka is not None else []
-        )
+        pairs = self.settings.train.cka_pairs if self.teacher_for_cka is not None else []
+        cka_keys = [f"cka/{s}~{t}" for s, t in pairs]
         plot_curves(self.out_dir, self.history, metric, getattr(self.task, "metric_label", metric), cka_keys)
 
     # ------------------------------------------------------------------ training
 
     def _train_epoch(self, epoch: int) -> dict:
         s = self.settings
+        every = s.train.log_every
         self._step_module.train()  # Distiller.train keeps the teachers in eval mode
         if callable(getattr(self.model, "set_epoch", None)):
             self.model.set_epoch(epoch, s.schedule.epochs)
@@ -353,14 +332,9 @@ class Trainer:
                 running = {"loss": f"{totals[0] / totals[2]:.4f}"}
                 if hard_labels:
                     running["acc"] = f"{100.0 * totals[1] / totals[2]:.1f}"
-                if not bar.disable and (s.train.log_every <= 1 or step % s.train.log_every == 0):
+                if not bar.disable and (every <= 1 or step % every == 0):
                     bar.set_postfix(running)
-                elif (
-                    not s.run.progress
-                    and s.train.log_every > 0
-                    and (step + 1) % s.train.log_every == 0
-                    and self.is_main
-                ):
+                elif not s.run.progress and every > 0 and (step + 1) % every == 0 and self.is_main:
                     text = " ".join(f"{k} {v}" for k, v in running.items())
                     logger.info("epoch %d step %d: %s", epoch + 1, step + 1, text)
         finally:
@@ -449,26 +423,7 @@ class Trainer:
             hook = getattr(cb, "on_fit_end", None)
             if callable(hook):
                 hook(self)
-        last = self.history[-1] if self.history else {}
-        result: dict[str, Any] = {
-            "metric": self.task.metric,
-            "best_value": self.best_value,
-            "best_epoch": self.best_epoch,
-            "final_val": {k[4:]: v for k, v in last.items() if k.startswith("val/")},
-            "final_train_loss": last.get("train/loss"),
-            "epochs_run": epochs_run,
-            "epochs_completed": len(self.history),
-            "train_time_s": float(sum(r.get("epoch_time_s", 0.0) for r in self.history)),
-            "cka": {k: v for k, v in last.items() if k.startswith("cka/")},
-            "out_dir": str(self.out_dir),
-        }
-        if self.task.metric == "top1":
-            result.update(
-                best_top1=self.best_value,
-                final_top1=last.get("val/top1"),
-                final_top5=last.get("val/top5"),
-                final_val_loss=last.get("val/loss"),
-            )
+        result = fit_summary(self.history, self.task.metric, self.best_value, self.best_epoch, epochs_run, self.out_dir)
         if self._owns_group:
             dist.barrier()
             dist.cleanup()
