@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Literal, get_type_hints
 
+import numpy as np
 import torch
 
 from ..schema import (
@@ -216,13 +217,15 @@ class TrainSettings:
 
 def _normalize(key: str, value: Any) -> Any:
     """Keyword spellings :meth:`TrainSettings.create` accepts beyond a config file's: ``"SGD"``, ``"bf16"`` /
-    ``"fp16"``, a :class:`torch.device`."""
+    ``"fp16"``, a :class:`torch.device`, numpy scalars, any iterable of milestones or pairs."""
+    if isinstance(value, np.generic):
+        return value.item()
     if key in ("optimizer", "schedule") and isinstance(value, str):
         return value.lower()
     if key == "amp_dtype" and isinstance(value, str):
         return _AMP_ALIASES.get(value, value)
     if key == "device" and isinstance(value, torch.device):
         return str(value)
-    if key in ("milestones", "cka_pairs") and not isinstance(value, str | Mapping):
-        return list(value)
+    if key in ("milestones", "cka_pairs") and hasattr(value, "__iter__") and not isinstance(value, str | Mapping):
+        return [v.item() if isinstance(v, np.generic) else v for v in value]
     return value
