@@ -7,9 +7,8 @@ import torch
 
 import ckakd
 from ckakd import reference as R
-from tests import kernel_helpers
-
-backend_device = kernel_helpers.backend_device  # the (backend, device) fixture
+from ckakd.ops.alignment_stats import alignment_stats
+from ckakd.ops.centered_gram import centered_gram
 
 MODES = ["centered", "debiased", "uncentered"]
 
@@ -25,9 +24,6 @@ def test_gram_form_equals_feature_space_form():
 
 
 def test_opcheck_alignment_and_gram_ops():
-    from ckakd.ops.alignment_stats import alignment_stats
-    from ckakd.ops.centered_gram import centered_gram
-
     for n, dx, dy in [(6, 5, 4), (20, 3, 2)]:
         for mode in MODES:
             x = torch.randn(2, n, dx, dtype=torch.float64, requires_grad=True)
@@ -37,8 +33,6 @@ def test_opcheck_alignment_and_gram_ops():
 
 
 def test_opcheck_triton_path(triton_device):
-    from ckakd.ops.alignment_stats import alignment_stats
-
     x = torch.randn(1, 8, 16, device=triton_device, requires_grad=True)
     y = torch.randn(1, 8, 16, device=triton_device, requires_grad=True)
     torch.library.opcheck(alignment_stats, (x, y, "centered", "triton"), test_utils=("test_schema", "test_faketensor"))

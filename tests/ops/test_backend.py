@@ -7,12 +7,7 @@ import pytest
 import torch
 
 import ckakd
-from ckakd.ops import track_dispatch
-from tests import kernel_helpers
-
-backend_device = kernel_helpers.backend_device  # the (backend, device) fixture
-
-MODES = ["centered", "debiased", "uncentered"]
+from ckakd.ops import last_dispatch, track_dispatch
 
 
 def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
@@ -24,8 +19,6 @@ def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
 def test_dispatch_record_names_the_backend_that_ran(triton_device):
     """``track_dispatch`` counts what ran, not what was asked: 'auto' on CPU tensors runs torch; float64 asked
     of Triton runs torch (the kernels compute in fp32); an explicit 'triton' runs the kernels."""
-    from ckakd.ops import last_dispatch
-
     x, y = torch.randn(9, 20, requires_grad=True), torch.randn(9, 30)
     with track_dispatch() as ran:
         ckakd.cka(x, y).backward()

@@ -8,12 +8,11 @@ import torch
 
 import ckakd
 from ckakd import reference as R
+from ckakd.ops import _gram_primitives
 from tests import kernel_helpers
 from tests.kernel_helpers import assert_close_tol, rand_features, weighted_grads
 
 backend_device = kernel_helpers.backend_device  # the (backend, device) fixture
-
-MODES = ["centered", "debiased", "uncentered"]
 
 
 @pytest.mark.parametrize("shape", [(8, 16), (13, 37)])
@@ -35,8 +34,6 @@ def test_centered_gram_forward_and_grad(backend_device, shape):
 def test_torch_path_centered_gram_is_fp32_exact_at_a_large_offset(batch):
     """Features with mean 1000: the torch path subtracts row 0 before the mean (a rounded fp32 mean is off by
     ~3e-5 and shifted every centered value: 2e-5 of the Gram's scale before), so the Gram keeps fp32 accuracy."""
-    from ckakd.ops import _gram_primitives
-
     shape = (64, 300) if batch is None else (batch, 64, 300)
     x = (torch.randn(shape, dtype=torch.float64) + 1000.0).float()
     x3 = x if batch else x[None]

@@ -7,7 +7,7 @@ import torch
 
 import ckakd
 from ckakd import reference as R
-from ckakd.ops.patch_alignment_stats import from_problems, to_problems
+from ckakd.ops.patch_alignment_stats import from_problems, patch_alignment_stats, to_problems
 from tests.kernel_helpers import assert_close_tol
 
 REDUCTIONS = ["channel", "batch", "spatial"]
@@ -25,8 +25,6 @@ def test_problem_layout_roundtrip():
 
 
 def test_opcheck_patch_op():
-    from ckakd.ops.patch_alignment_stats import patch_alignment_stats
-
     f_s = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     f_t = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     for reduce in REDUCTIONS:

@@ -9,6 +9,8 @@ the kernel saw, and tolerances relative to the scale of the expected result.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -24,6 +26,9 @@ from tests.kernel_helpers import (
 )
 
 kernels = require_kernels()
+_launch = importlib.import_module("ckakd.kernels._launch")
+pc = importlib.import_module("ckakd.kernels.patch_alignment_stats")
+pcb = importlib.import_module("ckakd.kernels.patch_alignment_stats_backward")
 
 # ---------------------------------------------------------------------------------------------------
 # patch_cka_forward / patch_cka_backward
@@ -174,8 +179,6 @@ def test_patch_cka_forward_split_over_features(triton_device, poisoned_empty, re
 def test_patch_cka_backward_computes_only_needed(triton_device, poisoned_empty, monkeypatch, reduce, need):
     """An unneeded gradient is an empty tensor, its coefficients are never read (NaN here), and the grid has
     programs for the needed tensor only."""
-    from ckakd.kernels import _launch
-
     need_s, need_t = need
     f_s, f_t = _patch_inputs((2, 3, 8, 12), triton_device)
     _, _, _, xs, xt = ref_patch(f_s, f_t, 2, 4, reduce, True)
@@ -203,9 +206,6 @@ def test_patch_cka_backward_computes_only_needed(triton_device, poisoned_empty, 
 @pytest.mark.parametrize("which", ["forward", "backward"])
 def test_patch_cka_every_launch_candidate(triton_device, monkeypatch, which):
     """Every candidate configuration (on a GPU the autotuner may pick any) computes the same result."""
-    from ckakd.kernels import patch_alignment_stats as pc
-    from ckakd.kernels import patch_alignment_stats_backward as pcb
-
     table = pc.FWD_CONFIGS if which == "forward" else pcb.BWD_CONFIGS
     shapes = {16: ((1, 3, 8, 12), (2, 4)), 32: ((1, 2, 8, 16), (2, 2)), 64: ((1, 2, 16, 16), (2, 2)),
               128: ((1, 2, 16, 8), (1, 1))}  # fmt: skip
@@ -242,9 +242,6 @@ def test_patch_cka_every_launch_candidate(triton_device, monkeypatch, which):
 def test_patch_cka_grids_within_cuda_limits(monkeypatch, shape, patch, reduce):
     """Every launch of huge problems stays inside CUDA's grid limits (meta tensors: nothing is allocated or
     run), and the batch-reduce FPN forward is split over enough programs to fill an H200 (132 SMs)."""
-    from ckakd.kernels import _launch
-    from ckakd.kernels import patch_alignment_stats as pc
-
     monkeypatch.setattr(pc, "num_sms", lambda device: 132)
     launches = []
     f = torch.empty(shape, device="meta")
