@@ -15,6 +15,7 @@ import collections
 import contextlib
 import functools
 import os
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -71,12 +72,20 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def triton_kernels() -> types.ModuleType:
+    """The Triton kernels package ``ckakd.kernels``, imported on first use (it imports triton, an optional
+    dependency): the one place the ops reach the kernels from."""
+    import ckakd.kernels
+
+    return ckakd.kernels
+
+
 @functools.cache
 def _triton_import() -> tuple[bool, str]:
     try:
         import triton
 
-        import ckakd.kernels  # noqa: F401
+        triton_kernels()
     except Exception as exc:  # ImportError, or a broken triton install
         return False, f"cannot import triton / ckakd.kernels ({type(exc).__name__}: {exc})"
     return True, f"triton {triton.__version__}"

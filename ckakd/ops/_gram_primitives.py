@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ckakd._checks import accumulation_dtype as _acc_dtype
-from ckakd.ops._backend import record_dispatch
+from ckakd.ops._backend import record_dispatch, triton_kernels
 
 # Columns per chunk for the torch path: bounds temporaries whatever d is. Single problems (b = 1) use
 # cache-sized chunks (~4 MB of fp32 per chunk): the centering of a chunk and the products that read it
@@ -132,8 +132,7 @@ def gram(x: Tensor, center: bool, backend: str, scale: Tensor | None = None) -> 
     """x (b, n, d) -> (K (b, n, n), mean (b, d)) of the features ``x·scale`` (scale (b,) powers of two,
     or None for 1), in fp32 (fp64 for fp64 input)."""
     if backend == "triton" and x.dtype != torch.float64:
-        from ckakd import kernels
-
+        kernels = triton_kernels()
         record_dispatch("gram", "triton")
         return kernels.gram_forward(x if scale is None else scaled_copy(x, scale), center)
     record_dispatch("gram", "torch")
@@ -190,8 +189,7 @@ def gram_apply(
     """
     acc = _acc_dtype(x)
     if backend == "triton" and x.dtype != torch.float64:
-        from ckakd import kernels
-
+        kernels = triton_kernels()
         record_dispatch("gram_apply", "triton")
         xs = x if scale is None else scaled_copy(x, scale)
         out = kernels.gram_backward(m.float().contiguous(), xs, mean.float().contiguous(), center)
@@ -215,8 +213,7 @@ def gram_apply(
 def frobenius_dots(k: Tensor, l: Tensor, backend: str) -> Tensor:
     """k, l (b, n, n) -> (b, 3): [Σ k∘l, Σ k∘k, Σ l∘l]."""
     if backend == "triton" and k.dtype == torch.float32 and l.dtype == torch.float32:
-        from ckakd import kernels
-
+        kernels = triton_kernels()
         record_dispatch("frobenius_dots", "triton")
         return kernels.frobenius_dots(k.contiguous(), l.contiguous())
     record_dispatch("frobenius_dots", "torch")

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ckakd._checks import accumulation_dtype as _acc_dtype
 from ckakd.ops import _gram_primitives
-from ckakd.ops._backend import record_dispatch
+from ckakd.ops._backend import record_dispatch, triton_kernels
 from ckakd.ops.alignment_stats import differentiable_alignment_grads
 
 REDUCTIONS = ("channel", "batch", "spatial")
@@ -93,8 +93,7 @@ def patch_alignment_stats(
     exps = _exponents(f_s, f_t)
     a_s, a_t = _gram_primitives.exp2(-exps[:1], acc), _gram_primitives.exp2(-exps[1:], acc)
     if _triton_ok(f_s, f_t, backend):
-        from ckakd import kernels
-
+        kernels = triton_kernels()
         record_dispatch("patch_cka_forward", "triton")
         fs, ft = _gram_primitives.scaled_copy(f_s[None], a_s)[0], _gram_primitives.scaled_copy(f_t[None], a_t)[0]
         stats, k_s, k_t = kernels.patch_cka_forward(fs, ft, ph, pw, reduce, center)
@@ -164,8 +163,7 @@ def patch_alignment_stats_backward(
         )
     (m_s, a_s, out_s), (m_t, a_t, out_t) = scaled
     if _triton_ok(f_s, f_t, backend):
-        from ckakd import kernels
-
+        kernels = triton_kernels()
         record_dispatch("patch_cka_backward", "triton")
         fs = _gram_primitives.scaled_copy(f_s[None], a_s)[0] if need_s else f_s
         ft = _gram_primitives.scaled_copy(f_t[None], a_t)[0] if need_t else f_t

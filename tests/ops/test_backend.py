@@ -11,6 +11,9 @@ from ckakd.ops import last_dispatch, track_dispatch
 
 
 def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
+    # import triton and the kernels first, under the interpreter setting of the run (conftest): kernels first
+    # imported with TRITON_INTERPRET=0 would be compiled for a GPU for the rest of the process
+    ckakd.backends()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors"):
         ckakd.cka(torch.randn(5, 3), torch.randn(5, 3), backend="triton")
