@@ -5,7 +5,7 @@ triton is first imported, so it is set here, at collection time.
 
 On a CUDA machine a test run must not pass on the torch fallbacks: a missing Triton, ``ckakd.kernels`` or
 C++/CUDA extension is a *failure* there (``require_kernels`` / ``require_extension`` raise at import, and
-``tests/test_fast_paths.py`` checks every backend), while on a CPU machine the same absence skips. The
+``tests/ops/test_fast_paths.py`` checks every backend), while on a CPU machine the same absence skips. The
 environment variable ``CKAKD_TEST_ASSUME_CUDA=1`` makes this conftest treat the machine as a CUDA one, so that
 the rule itself can be tested on a CPU (``test_fast_paths.py`` does, in a subprocess).
 """
