@@ -85,6 +85,8 @@ EXTRAS = {
     "plot": ["matplotlib"],
     "detection": [*TRAIN, "pycocotools", "pillow", "scikit-learn"],
     "demo": [*TRAIN, "scikit-learn"],
+    "tensorboard": ["tensorboard"],
+    "wandb": ["wandb"],
     "test": [
         *TRAIN,
         "pytest",
@@ -112,6 +114,8 @@ def main() -> None:
         if os.path.exists(os.path.join(HERE, "README.md"))
         else "",
         long_description_content_type="text/markdown",
+        license_expression="MIT",
+        license_files=["LICENSE"],
         python_requires=">=3.10",
         packages=[
             "ckakd",

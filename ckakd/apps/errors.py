@@ -32,6 +32,8 @@ EXTRAS: dict[str, str] = {
     "pycocotools": "detection",
     "PIL": "detection",
     "sklearn": "demo",
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
 }
 # The pip names of the modules whose import name differs.
 PIP_NAMES: dict[str, str] = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn"}
