@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -273,3 +275,58 @@ def resolve_module(model: nn.Module, path: str, *, what: str = "") -> nn.Module:
             f"{prefix}({type(model).__name__}) has no submodule {path!r}{hint}; available modules include "
             f"{module_names(model)}"
         ) from None
+
+
+def takes_keyword(fn: Callable, name: str) -> bool:
+    """Whether calling ``fn(..., name=...)`` is accepted: ``fn``'s signature names ``name`` or takes ``**kwargs``
+    (False when the signature cannot be read)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+Reduction = Literal["mean", "sum", "none"]
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: object) -> str:
+    """``reduction`` of a per-sample loss: "mean" (over the batch), "sum" or "none" (the (B,) values)."""
+    return check_choice("reduction", reduction, REDUCTIONS)
+
+
+def reduce_samples(per_sample: Tensor, reduction: str) -> Tensor:
+    """(B,) per-sample losses -> their mean, their sum, or themselves (``reduction="none"``)."""
+    if reduction == "none":
+        return per_sample
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def renamed_arguments(**old_to_new: str) -> Callable[[_Fn], _Fn]:
+    """Decorator: keyword arguments renamed in the public API (``T=`` -> ``temperature=``) keep working, with a
+    DeprecationWarning naming the new spelling; passing both is a ``TypeError``. The signature seen by
+    ``inspect.signature`` is the new one; ``wrapper.renamed_arguments`` holds ``{old: new}``."""
+
+    def decorate(fn: _Fn) -> _Fn:
+        where = fn.__qualname__.removesuffix(".__init__")
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{where}() got both {new!r} and its deprecated spelling {old!r}; pass {new!r}")
+                    warnings.warn(
+                        f"{where}: the argument {old!r} is deprecated, use {new!r}", DeprecationWarning, stacklevel=2
+                    )
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        wrapper.renamed_arguments = dict(old_to_new)  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

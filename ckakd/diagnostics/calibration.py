@@ -4,7 +4,6 @@ train–validation gap and the expected calibration error (equal-width bins)."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 
 import torch
@@ -12,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ckakd._checks import takes_keyword
 from ckakd.diagnostics._common import eval_mode, forward_logits, iter_batches
 
 __all__ = [
@@ -22,14 +22,6 @@ __all__ = [
     "ECEAccumulator",
     "expected_calibration_error_over_loader",
 ]
-
-
-def _accepts_generator(fn: Callable) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return "generator" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def accuracy(
@@ -68,7 +60,7 @@ def affinity(
     if not callable(augment):
         raise ValueError(f"augment must be a callable on (C, H, W) images, got {type(augment).__name__}")
     gen = torch.Generator().manual_seed(int(seed))
-    with_gen = _accepts_generator(augment)
+    with_gen = takes_keyword(augment, "generator")
     clean = aug = n = 0
     with eval_mode(model):
         for x, y in iter_batches(loader, max_batches, "affinity"):

@@ -11,7 +11,6 @@ checkpoints against their models, hook paths, class counts, the WKD cost; :mod:`
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -37,6 +36,7 @@ from .engine import (
     resolve_device,
     seed_everything,
 )
+from .engine.metrics_log import read_metrics
 from .fileio import OutputError, probe_writable
 from .hooks import FeatureHooks
 from .run_data import (
@@ -209,8 +209,7 @@ def cached_train_teacher(cfg: Config, *, retrain: bool = False) -> tuple[Path, f
             reused = False
     if not reused:
         train_teacher(cfg)
-    with (tdir / "metrics.csv").open() as f:
-        best = max((float(r["val/top1"]) for r in csv.DictReader(f) if r.get("val/top1")), default=float("nan"))
+    best = max((float(r["val/top1"]) for r in read_metrics(tdir) if r.get("val/top1")), default=float("nan"))
     return ckpt, best, reused
 
 

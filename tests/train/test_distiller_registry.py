@@ -25,13 +25,13 @@ ORDER = [
     "wkd_l", "wkd_f", "wkd_lf", "ensemble_kd",
 ]  # fmt: skip
 # dir() of the single-module ckakd.train.distillers (public part) before it became a package
+# The old single module's own names (not the stdlib and torch modules it happened to import).
 OLD_PUBLIC = [
-    "AT", "Any", "CEOnly", "DIST", "DISTILLERS", "DKD", "Distiller", "EnsembleKD", "F", "FCKA", "FeatureHooks",
-    "FitNet", "Iterator", "KD", "LCKA", "LSKD", "MIN_PATCHES", "MMD", "Mapping", "PATCH_RESIZE", "PatchCKA", "RCKA",
-    "STUDENT_VIEW", "Sequence", "Tensor", "WKDFeature", "WKDLogit", "WKDLogitFeature", "annotations", "at_loss",
-    "build_distiller", "ckakd", "cosine_decay_weight", "dist_loss", "dkd_loss", "fit_patch_size", "gather_batch",
-    "inspect", "itertools", "kd_loss", "math", "module_names", "nn", "os", "patch_grid", "rcka_logit_options",
-    "resolve_module", "standardize_logits", "torch",
+    "AT", "CEOnly", "DIST", "DISTILLERS", "DKD", "Distiller", "EnsembleKD", "FCKA", "FeatureHooks", "FitNet", "KD",
+    "LCKA", "LSKD", "MIN_PATCHES", "MMD", "PATCH_RESIZE", "PatchCKA", "RCKA", "STUDENT_VIEW", "WKDFeature",
+    "WKDLogit", "WKDLogitFeature", "at_loss", "build_distiller", "cosine_decay_weight", "dist_loss", "dkd_loss",
+    "fit_patch_size", "gather_batch", "kd_loss", "module_names", "patch_grid", "rcka_logit_options",
+    "resolve_module", "standardize_logits",
 ]  # fmt: skip
 FEATURE_NAMES = {"fitnet", "at", "fcka", "rcka", "patch_cka", "mmd", "wkd_f", "wkd_lf"}
 

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ckakd._checks import takes_keyword
 
 Transform = Callable[..., Tensor]
 
@@ -357,11 +358,7 @@ def accepts_generator(t: Transform) -> bool:
     """Whether ``t`` takes a ``generator=`` keyword (the seeded transforms here, or any callable naming it)."""
     if isinstance(t, RandomCropFlip | Cutout | RandAugmentLite | Compose | RandomResizedCrop | MultiView):
         return True
-    try:
-        params = inspect.signature(t).parameters
-    except (TypeError, ValueError):
-        return False
-    return "generator" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return takes_keyword(t, "generator")
 
 
 def call_transform(t: Transform, x: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -22,20 +22,7 @@ registers every method, in the order of :data:`DISTILLERS` (the imports below).
 
 from __future__ import annotations
 
-# The single-module ``ckakd.train.distillers`` had these in its namespace; still importable from here.
-import inspect  # noqa: F401
-import itertools  # noqa: F401
-import math  # noqa: F401
-import os  # noqa: F401
-from collections.abc import Iterator, Mapping, Sequence  # noqa: F401
-from typing import Any  # noqa: F401
-
-import torch  # noqa: F401
-import torch.nn as nn  # noqa: F401
-import torch.nn.functional as F  # noqa: F401
-from torch import Tensor  # noqa: F401
-
-import ckakd  # noqa: F401
+# Names the single-module ``ckakd.train.distillers`` exported, still importable from here.
 from ckakd._checks import module_names, resolve_module  # noqa: F401
 from ckakd.functional import MIN_PATCHES, PATCH_RESIZE, fit_patch_size, patch_grid, rcka_logit_options  # noqa: F401
 
