@@ -1,6 +1,5 @@
 """What a run writes besides checkpoints: ``metrics.jsonl`` / ``metrics.csv`` (:func:`write_metrics_files`; read
-back by :func:`read_metrics`), the plots ``curves.png`` / ``cka.png`` (:func:`plot_curves`; matplotlib is imported
-there only), progress messages
+back by :func:`read_metrics`; the plots ``curves.png`` / ``cka.png`` are :mod:`.curves`), progress messages
 (:func:`log_message`) and the check that the run's output files (:data:`OUTPUT_FILES`) can be written
 (:func:`check_output_paths`)."""
 
@@ -15,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..fileio import OutputError, append_text, atomic_write_bytes
+from ..fileio import append_text, atomic_write_bytes
 
 __all__ = [
     "OUTPUT_FILES",
@@ -23,9 +22,7 @@ __all__ = [
     "fit_summary",
     "log_message",
     "logger",
-    "plot_curves",
     "read_metrics",
-    "savefig",
     "write_metrics_files",
 ]
 
@@ -87,56 +84,6 @@ def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, str]]:
         return []
     with path.open() as f:
         return list(csv.DictReader(f))
-
-
-def plot_curves(
-    out_dir: Path, history: Sequence[dict], metric: str, metric_label: str, cka_keys: Sequence[str] = ()
-) -> None:
-    """``curves.png`` (train loss; validation and train ``metric``) and, with ``cka_keys``, ``cka.png``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    epochs = [r["epoch"] for r in history]
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(epochs, [r["train/loss"] for r in history], marker=".", label="train loss")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss")
-    ax1.set_title("train loss")
-    val = [(r["epoch"], r[f"val/{metric}"]) for r in history if r.get(f"val/{metric}") is not None]
-    if val:
-        ax2.plot(*zip(*val, strict=True), marker=".", label=f"val {metric}")
-    train_acc = [(r["epoch"], r[f"train/{metric}"]) for r in history if r.get(f"train/{metric}") is not None]
-    if train_acc:
-        ax2.plot(*zip(*train_acc, strict=True), marker=".", alpha=0.6, label=f"train {metric}")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel(metric_label)
-    if val or train_acc:
-        ax2.legend()
-    fig.tight_layout()
-    savefig(fig, out_dir / "curves.png")
-    if cka_keys:
-        fig = Figure(figsize=(6, 4))
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        for k in cka_keys:
-            pts = [(r["epoch"], r[k]) for r in history if r.get(k) is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker=".", label=k[4:])
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("linear CKA (teacher vs student)")
-        ax.set_title("teacher-student CKA")
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        savefig(fig, out_dir / "cka.png")
-
-
-def savefig(fig: Any, path: Path) -> None:
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as exc:
-        raise OutputError(path, exc) from exc
 
 
 def fit_summary(

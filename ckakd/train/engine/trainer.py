@@ -40,9 +40,10 @@ from ..schema import plain
 from .callbacks import TrainerCallback, check_callbacks, run_epoch_callbacks
 from .checkpoint import check_resume, clone_cpu, extra_of, model_identity, restore_training, save_checkpoint, student_of
 from .cka_probe import CKA_MAX_IMAGES, check_cka_paths, collect_images, measure_cka
+from .curves import plot_curves
 from .device import autocast, collective_device, resolve_device
 from .loaders import distributed_loader, reseed_loader, wrap_ddp
-from .metrics_log import check_output_paths, fit_summary, log_message, logger, plot_curves, write_metrics_files
+from .metrics_log import check_output_paths, fit_summary, log_message, logger, write_metrics_files
 from .schedule import apply_step_warmup, build_optimizer, lr_factor
 from .seeding import rng_state, seed_everything
 from .settings import AMP_DTYPES, TrainSettings
@@ -263,7 +264,8 @@ class Trainer:
         metric = self.task.metric
         pairs = self.settings.train.cka_pairs if self.teacher_for_cka is not None else []
         cka_keys = [f"cka/{s}~{t}" for s, t in pairs]
-        plot_curves(self.out_dir, self.history, metric, getattr(self.task, "metric_label", metric), cka_keys)
+        title = f"{self.out_dir.name}: {type(self.model).__name__}, seed {self.settings.run.seed}"
+        plot_curves(self.out_dir, self.history, metric, getattr(self.task, "metric_label", metric), cka_keys, title)
 
     # ------------------------------------------------------------------ training
 
