@@ -5,7 +5,8 @@ once: the CUDA wheel on a CPU-only torch fails at import, and that failure only 
 otherwise its one pure-PyTorch fallback here, written to torchvision's CPU semantics:
 
 * :func:`nms_fallback` — greedy NMS by decreasing score (stable: ties keep the lower index first), a box is
-  dropped when its IoU with a kept one is ``> iou_threshold``; :func:`batched_nms_fallback` offsets each class's
+  dropped when its IoU with a kept one is ``> iou_threshold``; the pairwise mask is built once on the device
+  and read back once (no host synchronization per kept box); :func:`batched_nms_fallback` offsets each class's
   boxes so that classes never overlap, then one NMS.
 * :func:`roi_align_fallback` / :func:`roi_align_backward_fallback` — RoIAlign with the arguments of the
   ``torchvision::roi_align`` operator (``sampling_ratio`` <= 0: adaptive; ``aligned``: the half-pixel shift;
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +34,7 @@ __all__ = [
     "roi_align",
     "nms_fallback",
     "batched_nms_fallback",
+    "suppression_mask",
     "roi_align_fallback",
     "roi_align_backward_fallback",
 ]
@@ -62,25 +65,45 @@ def _check_scores(boxes: Tensor, scores: Tensor, labels: Tensor | None = None) -
         )
 
 
+# IoU rows computed at once: bounds the float temporary of the suppression mask to about 16 MiB per chunk.
+_NMS_CHUNK_ELEMENTS = 1 << 22
+
+
+def suppression_mask(sorted_boxes: Tensor, iou_threshold: float) -> Tensor:
+    """``(N, N)`` bool, entry ``[i, j]``: box ``j`` would be dropped by a kept box ``i`` (``IoU > iou_threshold``,
+    NaN included: not ``<=``) for boxes (N, 4) already sorted by decreasing score; only ``j > i`` is read. Built in
+    row chunks on the boxes' device, without reading anything back to the host."""
+    n = sorted_boxes.shape[0]
+    mask = torch.empty(n, n, dtype=torch.bool, device=sorted_boxes.device)
+    rows = max(1, _NMS_CHUNK_ELEMENTS // max(n, 1))
+    for start in range(0, n, rows):
+        iou = box_iou(sorted_boxes[start : start + rows], sorted_boxes)
+        torch.le(iou, iou_threshold, out=mask[start : start + rows])
+    return mask.logical_not_()
+
+
 def nms_fallback(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy NMS in PyTorch: ``boxes`` (N, 4) xyxy, ``scores`` (N,) -> kept indices (K,) int64 by decreasing
-    score (ties: lower index first); a box is dropped when its IoU with a kept box is ``> iou_threshold``."""
-    if boxes.shape[0] == 0:
+    score (ties: lower index first); a box is dropped when its IoU with a kept box is ``> iou_threshold``.
+
+    As torchvision's CUDA kernel does: the pairwise suppression mask (:func:`suppression_mask`) is formed once on
+    the boxes' device and read back in one transfer; the greedy scan runs on the host over that mask. One
+    device-to-host synchronization per call, whatever the number of kept boxes."""
+    n = boxes.shape[0]
+    if n == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    sorted_boxes = boxes[order]
-    alive = torch.ones(order.shape[0], dtype=torch.bool, device=boxes.device)
-    keep: list[int] = []
-    idx = 0
-    while True:
-        keep.append(idx)
-        alive[idx] = False
-        alive &= box_iou(sorted_boxes[idx : idx + 1], sorted_boxes)[0] <= iou_threshold
-        nxt = torch.nonzero(alive)
-        if nxt.numel() == 0:
-            break
-        idx = int(nxt[0, 0])
-    return order[torch.tensor(keep, dtype=torch.long, device=boxes.device)]
+    over = suppression_mask(boxes[order], iou_threshold).cpu().numpy()  # the one read-back
+    removed = np.zeros(n, dtype=bool)
+    kept = np.empty(n, dtype=np.int64)
+    k = 0
+    for i in range(n):
+        if removed[i]:
+            continue
+        kept[k] = i
+        k += 1
+        removed[i + 1 :] |= over[i, i + 1 :]
+    return order[torch.from_numpy(kept[:k]).to(boxes.device, non_blocking=True)]
 
 
 def batched_nms_fallback(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:

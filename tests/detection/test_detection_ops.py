@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ckakd.detection import ops
 from ckakd.detection.ops import (
@@ -89,6 +90,72 @@ def test_batched_nms_matches_per_class_bruteforce(impl, seed: int) -> None:
     assert impl(two, s, torch.tensor([0, 1]), 0.5).tolist() == [0, 1]
     assert impl(two, s, torch.tensor([1, 1]), 0.5).tolist() == [0]
     assert impl(boxes[:0], scores[:0], labels[:0], 0.5).numel() == 0
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of tensor data by the host: the ops that synchronize a device (``item`` / ``bool`` /
+    ``int`` reach ``aten._local_scalar_dense``; ``nonzero`` sizes its output from the data) and, through
+    :meth:`patch`, the Tensor methods that hand data to Python (``tolist``, ``numpy``, ``item``, ``__bool__``,
+    ``__int__``, ``__float__``, ``__index__``), which on a CPU tensor dispatch no op."""
+
+    SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.item")
+    METHODS = ("tolist", "numpy", "item", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in self.SYNC_OPS:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def patch(self, monkeypatch) -> HostReads:
+        for method in self.METHODS:
+            original = getattr(torch.Tensor, method)
+
+            def counted(t, *a, _m=method, _f=original, **k):
+                self.reads.append(_m)
+                return _f(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, method, counted)
+        return self
+
+
+@pytest.mark.parametrize("n", [1, 40, 400])
+def test_nms_fallback_reads_the_device_once_whatever_it_keeps(n: int, monkeypatch) -> None:
+    boxes = random_boxes(n, 11, size=400.0)  # sparse: most boxes are kept
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(12))
+    labels = torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(13))
+    expected, expected_batched = nms_fallback(boxes, scores, 0.5), batched_nms_fallback(boxes, scores, labels, 0.5)
+    assert expected.numel() > n // 2
+    with HostReads().patch(monkeypatch) as counter:
+        keep = nms_fallback(boxes, scores, 0.5)
+    assert len(counter.reads) <= 1, counter.reads
+    with HostReads().patch(monkeypatch) as counter:
+        keep_batched = batched_nms_fallback(boxes, scores, labels, 0.5)
+    assert len(counter.reads) <= 1, counter.reads
+    monkeypatch.undo()
+    assert torch.equal(keep, expected) and torch.equal(keep_batched, expected_batched)
+    assert keep.tolist() == brute_nms(boxes, scores, 0.5)
+
+
+def test_the_host_read_counter_sees_a_per_box_loop(monkeypatch) -> None:
+    """The counter above is not blind: a scan that reads one score per box is seen once per box."""
+    boxes, scores = random_boxes(30, 3), torch.rand(30, generator=torch.Generator().manual_seed(4))
+    with HostReads().patch(monkeypatch) as counter:
+        brute_nms(boxes, scores, 0.5)
+    assert len(counter.reads) >= 30
+
+
+def test_nms_fallback_on_a_large_set_matches_bruteforce_with_ties_and_duplicates(monkeypatch) -> None:
+    """More boxes than one mask chunk's rows at a small chunk size; repeated boxes and tied scores."""
+    boxes = torch.cat([random_boxes(150, 21, size=80.0)] * 2)
+    scores = torch.cat([torch.rand(150, generator=torch.Generator().manual_seed(22))] * 2).round(decimals=1)
+    whole = nms_fallback(boxes, scores, 0.4)
+    monkeypatch.setattr(ops, "_NMS_CHUNK_ELEMENTS", 7 * 300)  # 7 rows per chunk
+    assert nms_fallback(boxes, scores, 0.4).tolist() == brute_nms(boxes, scores, 0.4) == whole.tolist()
 
 
 def test_nms_checks_its_inputs() -> None:
