@@ -189,7 +189,7 @@ def build_teacher_detector(cfg: DetectionConfig, num_classes: int) -> nn.Module:
     if not t.checkpoint:
         raise ConfigError("teacher.checkpoint is required (a latest.pt / best.pt written by `ckakd detect-train`)")
     teacher = build_detector(t.name, t.kwargs, num_classes, section="teacher")
-    load_weights(teacher, t.checkpoint, "teacher")
+    load_weights(teacher, t.checkpoint, "teacher", key_map=t.key_map, strict=t.strict, progress=cfg.run.progress)
     return teacher
 
 
@@ -239,7 +239,8 @@ def train_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: Se
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     model = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
     if cfg.model.checkpoint:
-        load_weights(model, cfg.model.checkpoint, "model")
+        m = cfg.model
+        load_weights(model, m.checkpoint, "model", key_map=m.key_map, strict=m.strict, progress=cfg.run.progress)
     train, val = detection_loaders(cfg, data)
     settings = run_settings(cfg, resume=resume)
     check_run_resume(cfg, settings, model)
@@ -264,7 +265,8 @@ def distill_detection(cfg: DetectionConfig, *, resume: bool = False, callbacks: 
     teacher = build_teacher_detector(cfg, data.num_classes)
     student = build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")
     if cfg.model.checkpoint:
-        load_weights(student, cfg.model.checkpoint, "model")
+        m = cfg.model
+        load_weights(student, m.checkpoint, "model", key_map=m.key_map, strict=m.strict, progress=cfg.run.progress)
     distiller = build_detection_distiller(cfg, student, teacher, data.num_classes)
     pairs = _cka_pairs(cfg, student, teacher)
     train, val = detection_loaders(cfg, data)

@@ -36,6 +36,7 @@ from .config_files import (
 from .engine.settings import OptimConfig, RunConfig, ScheduleConfig, TrainConfig, check_milestones
 from .fileio import atomic_write_bytes
 from .schema import check, non_empty, non_negative, open_unit, plain, positive
+from .state_dicts import parse_key_map
 
 __all__ = [
     "Augment",
@@ -91,22 +92,40 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The student (in ``train-teacher``: the model being trained); ``kwargs`` go to its factory."""
+    """The student (in ``train-teacher``: the model being trained); ``kwargs`` go to its factory.
+
+    ``name``: a registered model (``ckakd.train.list_models()``, or one of yours: ``@register_model``),
+    ``timm.<name>`` or ``torchvision.<name>`` (those libraries' classifiers, built with the dataset's class count
+    and without pretrained weights unless ``kwargs`` ask for them). ``checkpoint``: initial weights, a ckakd
+    checkpoint or another codebase's state dict (see :class:`TeacherConfig` for ``key_map`` / ``strict``).
+    """
 
     name: str = field(default="resnet8", metadata=check(non_empty))
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = field(default=None, metadata=check(non_empty))
+    key_map: list[tuple[str, str]] = field(default_factory=list, metadata={"convert": parse_key_map})
+    strict: bool = True
 
 
 @dataclass
 class TeacherConfig:
-    """The (first) teacher; ``name=None``: no teacher. ``augment``: its ``ensemble_kd`` view (see
-    :class:`ModelSpec`)."""
+    """The (first) teacher; ``name=None``: no teacher. ``name`` as for :class:`ModelConfig` (``timm.<name>``,
+    ``torchvision.<name>`` too). ``augment``: its ``ensemble_kd`` view (see :class:`ModelSpec`).
+
+    ``checkpoint``: a ckakd checkpoint (``ckakd train-teacher``), or a plain ``state_dict`` as torchvision, timm
+    and most repositories ship it, also inside ``{"model": ...}`` / ``{"state_dict": ...}``. ``module.`` /
+    ``_orig_mod.`` prefixes (DDP, ``torch.compile``) are stripped, then ``key_map`` rewrites key prefixes in
+    order (a mapping ``{"fc.": "classifier."}`` or a list of ``[old, new]`` pairs). ``strict`` (default): every key
+    must fit, else the error names the missing / unexpected keys and shape mismatches; ``strict: false`` loads
+    the tensors that fit and reports the rest.
+    """
 
     name: str | None = field(default=None, metadata=check(non_empty))
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = field(default=None, metadata=check(non_empty))
     augment: Augment | None = None
+    key_map: list[tuple[str, str]] = field(default_factory=list, metadata={"convert": parse_key_map})
+    strict: bool = True
 
 
 @dataclass
@@ -116,13 +135,16 @@ class ModelSpec:
     ``augment`` (``none|weak|strong``; ``None``: the student's view) is the augmentation of the images this
     teacher sees during ``ensemble_kd`` training, drawn independently of the student's (per-model
     augmentation strength, the T1{w,s} T2{w,s} S{w,s} grid of Guo et al.); ``None`` feeds the teacher the
-    student's exact view. Other distillers refuse it.
+    student's exact view. Other distillers refuse it. ``checkpoint`` / ``key_map`` / ``strict``: as for
+    :class:`TeacherConfig`.
     """
 
     name: str = field(metadata=check(non_empty))
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = field(default=None, metadata=check(non_empty))
     augment: Augment | None = None
+    key_map: list[tuple[str, str]] = field(default_factory=list, metadata={"convert": parse_key_map})
+    strict: bool = True
 
 
 @dataclass
@@ -173,12 +195,11 @@ def check_config(cfg: Any) -> None:
     """The checks across keys of a config (classification or detection): increasing milestones, and no teacher
     settings without a teacher."""
     check_milestones(cfg.schedule.milestones)
-    if cfg.teacher.name is None and (
-        cfg.teacher.checkpoint is not None or cfg.teacher.kwargs or cfg.teacher.augment is not None
-    ):
+    t = cfg.teacher
+    if t.name is None and (t.checkpoint is not None or t.kwargs or t.augment is not None or t.key_map or not t.strict):
         raise ValueError(
-            "teacher.name is null but teacher.checkpoint/teacher.kwargs/teacher.augment are set: name the teacher "
-            "model (e.g. teacher.name=resnet32x4) or drop them"
+            "teacher.name is null but teacher.checkpoint/teacher.kwargs/teacher.augment/teacher.key_map/"
+            "teacher.strict are set: name the teacher model (e.g. teacher.name=resnet32x4) or drop them"
         )
 
 

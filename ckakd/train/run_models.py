@@ -1,12 +1,16 @@
-"""The models of a classification run: the student and the teachers from the model zoo with their checkpoints
-(:func:`build_model`, :func:`build_teachers`, :func:`load_weights`), the distiller with its WKD cost
-(:func:`build_run_distiller`, :func:`load_cost`) and the CKA pairs a run logs (:func:`check_cka_pairs`).
+"""The models of a classification run: the student and the teachers from the model zoo (or timm / torchvision)
+with their checkpoints (:func:`build_model`, :func:`build_teachers`, :func:`load_weights`), the distiller with its
+WKD cost (:func:`build_run_distiller`, :func:`load_cost`) and the CKA pairs a run logs (:func:`check_cka_pairs`).
 
-Checkpoints are checked against their models and hook paths against the networks before anything trains.
+Checkpoints are checked against their models and hook paths against the networks before anything trains. A
+checkpoint is a ckakd one (loaded as it was written) or another codebase's state dict (:mod:`ckakd.train.state_dicts`:
+wrappers, ``module.`` prefixes, ``key_map`` renames, a report of what loaded).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,10 +22,14 @@ from ckakd.interrelation import cost_from_interrelation, load_interrelation
 
 from .config import Config, ConfigError
 from .distillers import build_distiller
-from .engine import load_checkpoint
+from .engine import CHECKPOINT_FORMAT
+from .engine.checkpoint import apply_weights
+from .engine.metrics_log import log_message
 from .hooks import FeatureHooks
 from .models import create_model, list_models
+from .models.external import is_external
 from .run_data import DataBundle
+from .state_dicts import LoadReport, load_external_state_dict
 
 __all__ = [
     "build_model",
@@ -30,15 +38,26 @@ __all__ = [
     "check_cka_pairs",
     "load_cost",
     "load_weights",
+    "read_weights",
 ]
 
 
 def _model_error(section: str, name: str | None) -> ConfigError:
-    return ConfigError(f"{section}.name: unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return ConfigError(
+        f"{section}.name: unknown model {name!r}; registered models: {', '.join(list_models())} (or "
+        "timm.<name> / torchvision.<name>, or one of yours registered with @ckakd.train.register_model)"
+    )
 
 
 def build_model(name: str | None, kwargs: dict, num_classes: int, in_channels: int, *, section: str) -> nn.Module:
-    """A registry model with the dataset's class count and channels (kwargs may override both)."""
+    """A registry model, or ``timm.<name>`` / ``torchvision.<name>``, with the dataset's class count and channels
+    (kwargs may override both)."""
+    if is_external(name):
+        kw = {"num_classes": num_classes, "in_channels": in_channels, **dict(kwargs)}
+        try:
+            return create_model(name, **kw)  # type: ignore[arg-type]
+        except (ImportError, ValueError) as exc:
+            raise ConfigError(f"{section}.name={name!r}: {exc}") from exc
     if not name or name not in list_models():
         raise _model_error(section, name)
     kw = {"num_classes": num_classes, "in_channels": in_channels, **dict(kwargs)}
@@ -48,38 +67,76 @@ def build_model(name: str | None, kwargs: dict, num_classes: int, in_channels: i
         raise ConfigError(f"{section}.kwargs: {name} does not accept {sorted(kwargs)}: {exc}") from exc
 
 
-def load_weights(model: nn.Module, path: str, section: str) -> nn.Module:
-    """Load the checkpoint ``path`` into ``model``; :class:`ConfigError` naming ``section.checkpoint`` when it is
-    missing or does not fit ``section.name``."""
+def read_weights(
+    model: nn.Module, path: str | os.PathLike, section: str, *, key_map: Any = None, strict: bool = True
+) -> LoadReport | None:
+    """Load the weights in the file ``path`` into ``model``: a ckakd checkpoint (``key_map`` empty and ``strict``:
+    exactly as written, ``None`` returned), or another codebase's state dict (plain, or in ``{"model": ...}`` /
+    ``{"state_dict": ...}``; a ckakd checkpoint's student weights too when ``key_map`` / ``strict=False`` are
+    given), renamed by ``key_map`` and checked key by key (:func:`~ckakd.train.state_dicts.load_external_state_dict`;
+    its :class:`~ckakd.train.state_dicts.LoadReport` returned). :class:`ConfigError` naming ``section.checkpoint``
+    (or ``section.key_map``) when the file is missing, unreadable or does not fit ``section.name``."""
     p = Path(path).expanduser()
     key = "--checkpoint" if section == "checkpoint" else f"{section}.checkpoint"
+    fit = "model.name" if section == "checkpoint" else f"{section}.name"
     if p.is_dir():
         raise ConfigError(f"{key}: {p} is a folder, not a checkpoint file")
     if not p.is_file():
         raise ConfigError(f"{key}: file not found: {p}")
     try:
-        load_checkpoint(p, model)
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(
+            f"{key}={str(p)!r} cannot be read as weights ({type(exc).__name__}: {exc}). Files that pickle other "
+            "objects (an argparse.Namespace, numpy values) do not load with torch.load(weights_only=True); if you "
+            "trust the file, save its state dict alone: python -c \"import torch; c = torch.load('in.pth', "
+            "weights_only=False); torch.save(c['model'], 'out.pth')\""
+        ) from exc
+    ours = isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+    try:
+        if ours and not key_map and strict:
+            apply_weights(obj, model, p)
+            return None
+        source = obj.get("student") if ours else obj
+        return load_external_state_dict(model, source, key_map=key_map, strict=strict)
     except ValueError as exc:
-        fit = "model.name" if section == "checkpoint" else f"{section}.name"
         raise ConfigError(f"{key}={str(p)!r} does not fit {fit}: {exc}") from exc
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    section: str,
+    *,
+    key_map: Any = None,
+    strict: bool = True,
+    progress: bool = False,
+) -> nn.Module:
+    """:func:`read_weights`, its report logged (rank 0; ``progress``: through the progress bar); returns
+    ``model``."""
+    report = read_weights(model, path, section, key_map=key_map, strict=strict)
+    if report is not None and int(os.environ.get("RANK", "0")) == 0:
+        level = logging.INFO if report.fit.ok else logging.WARNING
+        log_message(f"{section}.checkpoint: {report.text()}", level, progress=progress)
     return model
 
 
 def build_teachers(cfg: Config, bundle: DataBundle, *, require: bool = True) -> list[nn.Module]:
     """The trained teacher (``teacher``) plus any extra ``teachers``, weights loaded, in eval mode."""
-    specs = []
-    if cfg.teacher.name:
-        specs.append(("teacher", cfg.teacher.name, cfg.teacher.kwargs, cfg.teacher.checkpoint))
-    for i, t in enumerate(cfg.teachers):
-        specs.append((f"teachers[{i}]", t.name, t.kwargs, t.checkpoint))
+    specs: list[tuple[str, Any]] = [("teacher", cfg.teacher)] if cfg.teacher.name else []
+    specs += [(f"teachers[{i}]", t) for i, t in enumerate(cfg.teachers)]
     if require and not specs:
         raise ConfigError(f"distiller {cfg.distiller.name!r} needs a teacher: set teacher.name and teacher.checkpoint")
     out = []
-    for section, name, kwargs, ckpt in specs:
-        if not ckpt:
-            raise ConfigError(f"{section}.checkpoint is required (a checkpoint written by `ckakd train-teacher`)")
-        model = build_model(name, kwargs, bundle.num_classes, bundle.input_shape[0], section=section)
-        out.append(load_weights(model, ckpt, section).eval())
+    for section, t in specs:
+        if not t.checkpoint:
+            raise ConfigError(
+                f"{section}.checkpoint is required (a checkpoint written by `ckakd train-teacher`, or a state dict "
+                f"of another codebase with {section}.key_map)"
+            )
+        model = build_model(t.name, t.kwargs, bundle.num_classes, bundle.input_shape[0], section=section)
+        weights = {"key_map": t.key_map, "strict": t.strict, "progress": cfg.run.progress}
+        out.append(load_weights(model, t.checkpoint, section, **weights).eval())
     return out
 
 

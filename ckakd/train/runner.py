@@ -183,7 +183,8 @@ def train_teacher(cfg: Config, *, resume: bool = False, callbacks: Sequence[Any]
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     model = build_model(cfg.model.name, cfg.model.kwargs, bundle.num_classes, bundle.input_shape[0], section="model")
     if cfg.model.checkpoint:
-        load_weights(model, cfg.model.checkpoint, "model")
+        m = cfg.model
+        load_weights(model, m.checkpoint, "model", key_map=m.key_map, strict=m.strict, progress=cfg.run.progress)
     train, val = build_loaders(cfg, bundle)
     settings = run_settings(cfg, resume=resume)
     check_run_resume(cfg, settings, model)
@@ -234,7 +235,8 @@ def distill(cfg: Config, *, resume: bool = False, callbacks: Sequence[Any] = (),
     teachers = build_teachers(cfg, bundle, require=needs_teacher)
     student = build_model(cfg.model.name, cfg.model.kwargs, bundle.num_classes, bundle.input_shape[0], section="model")
     if cfg.model.checkpoint:
-        load_weights(student, cfg.model.checkpoint, "model")
+        m = cfg.model
+        load_weights(student, m.checkpoint, "model", key_map=m.key_map, strict=m.strict, progress=cfg.run.progress)
     distiller = build_run_distiller(cfg, student, teachers, bundle, teacher_views=teacher_views)
     pairs = check_cka_pairs(cfg, student, teachers[0] if teachers else None)
     train, val = build_loaders(cfg, bundle, views)

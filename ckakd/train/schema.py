@@ -251,7 +251,11 @@ def coerce(value: Any, tp: Any, key: str, expect: str | None = None) -> Any:
 
 def check_field(f: dataclasses.Field, tp: Any, value: Any, key: str) -> Any:
     """``value`` for field ``f`` (annotation ``tp``) coerced (:func:`coerce`) and checked (``f.metadata``'s
-    ``check``); ``key`` names it in errors."""
+    ``check``); ``key`` names it in errors. A ``"convert"`` in ``f.metadata`` (``fn(value, key)``) first brings
+    an accepted alternative spelling to the annotated form (e.g. a mapping to a list of pairs)."""
+    convert = f.metadata.get("convert")
+    if convert is not None:
+        value = convert(value, key)
     value = coerce(value, tp, key)
     fn = f.metadata.get("check")
     if fn is not None:

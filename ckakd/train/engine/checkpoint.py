@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..fileio import atomic_write_bytes
 from ..schema import plain
+from ..state_dicts import compare_state_dict
 from .seeding import set_rng_state
 from .settings import TrainSettings
 
@@ -74,22 +75,10 @@ def extra_of(model: nn.Module) -> nn.Module | None:
 
 
 def _state_dict_mismatch(model: nn.Module, state: dict, what: str) -> str | None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and isinstance(state[k], Tensor) and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if not (missing or unexpected or shapes):
+    fit = compare_state_dict(model, state)
+    if fit.ok:
         return None
-    parts = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-        if items:
-            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-            parts.append(f"{len(items)} {label}: {items[:5]}{more}")
-    return f"{what} state_dict does not fit {type(model).__name__}: " + "; ".join(parts)
+    return f"{what} state_dict does not fit {type(model).__name__}: " + fit.problems()
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, map_location: Any = "cpu") -> dict:

@@ -1,10 +1,21 @@
-"""Name -> factory registry for the model zoo."""
+"""Name -> factory registry for the model zoo, open to user code::
+
+    @register_model("my_net")
+    def my_net(num_classes: int = 100, in_channels: int = 3, **kw) -> nn.Module: ...
+
+    # then model.name: my_net (or teacher.name) in a config, or create_model("my_net", num_classes=10)
+
+``timm.<name>`` / ``torchvision.<name>`` are not registered but built by those libraries
+(:mod:`~ckakd.train.models.external`); :func:`create_model` accepts them too.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch.nn as nn
+
+from .external import EXTERNAL_PREFIXES, create_external_model, is_external
 
 __all__ = ["register_model", "create_model", "list_models", "unregister_model"]
 
@@ -14,9 +25,18 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 def register_model(
     name: str, *, overwrite: bool = False
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering ``factory`` under ``name``; ``create_model(name, **kw)`` then calls ``factory(**kw)``."""
+    """Decorator registering ``factory`` under ``name``; ``create_model(name, **kw)`` then calls ``factory(**kw)``.
+
+    The trainer calls ``factory(num_classes=<the dataset's>, in_channels=<its channels>, **model.kwargs)``; a model
+    exposing ``stage_names`` (dotted paths of its feature stages) gets default hook points for the feature
+    distillers. Names starting with ``timm.`` / ``torchvision.`` are reserved for those libraries.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if is_external(name):
+        raise ValueError(
+            f"model name {name!r}: the prefixes {', '.join(EXTERNAL_PREFIXES)} name timm / torchvision models"
+        )
 
     def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if not callable(factory):
@@ -42,7 +62,11 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Build the model registered as ``name`` (e.g. ``create_model("resnet8x4", num_classes=10)``)."""
+    """Build the model registered as ``name`` (e.g. ``create_model("resnet8x4", num_classes=10)``), or a timm /
+    torchvision classifier (``create_model("timm.resnet18", num_classes=10, in_channels=3)``, see
+    :func:`~ckakd.train.models.external.create_external_model`)."""
+    if is_external(name):
+        return create_external_model(name, **kwargs)
     try:
         factory = _REGISTRY[name]
     except (KeyError, TypeError):
