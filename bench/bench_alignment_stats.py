@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import sys
 
-import common
 import torch
-from common import Dims, OpBench, Provider, Target
+from harness import cli
+from harness.providers import latent_features, mode_cost, reference_providers
+from harness.spec import Dims, OpBench, Provider, Target
 from torch import Tensor
 
 import ckakd
@@ -51,7 +52,7 @@ TARGETS = (
 
 def make_inputs(dims: Dims, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     n, dx, dy = dims
-    x, y = common.latent_features(n, (dx, dy), device, dtype)
+    x, y = latent_features(n, (dx, dy), device, dtype)
     return x.requires_grad_(), y
 
 
@@ -59,19 +60,11 @@ def cost(dims: Dims, mode: str, esize: int) -> tuple[float, float]:
     n, dx, dy = dims
     fwd = (min(2 * n * n * (dx + dy), 2 * n * (dx * dx + dx * dy + dy * dy)), n * (dx + dy) * esize)
     bwd = (min(2 * n * n * dx, 2 * n * dx * (dx + dy)), 2 * n * dx * esize)
-    if mode == "forward":
-        return fwd
-    if mode == "backward":
-        return bwd
-    return fwd[0] + bwd[0], fwd[1] + bwd[1]
+    return mode_cost(mode, fwd, bwd)
 
 
-def ckakd_loss(x: Tensor, y: Tensor) -> Tensor:
-    return 1.0 - ckakd.cka(x, y)
-
-
-def ckakd_torch_loss(x: Tensor, y: Tensor) -> Tensor:
-    return 1.0 - ckakd.cka(x, y, backend="torch")
+def ckakd_loss(x: Tensor, y: Tensor, backend: str = "auto") -> Tensor:
+    return 1.0 - ckakd.cka(x, y, backend=backend)
 
 
 def reference_loss(x: Tensor, y: Tensor) -> Tensor:
@@ -79,7 +72,7 @@ def reference_loss(x: Tensor, y: Tensor) -> Tensor:
 
 
 def providers(device: torch.device) -> list[Provider]:
-    return common.reference_providers(device, ckakd_loss, ckakd_torch_loss, reference_loss)
+    return reference_providers(device, ckakd_loss, reference_loss)
 
 
 BENCH = OpBench(
@@ -94,4 +87,4 @@ BENCH = OpBench(
 )
 
 if __name__ == "__main__":
-    sys.exit(common.main([BENCH], description=__doc__.splitlines()[0]))
+    sys.exit(cli.main([BENCH], description=__doc__.splitlines()[0]))

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import sys
 
-import common
 import torch
-from common import Dims, OpBench, Provider
+from harness import cli
+from harness.providers import latent_features, mode_cost, reference_providers
+from harness.spec import Dims, OpBench, Provider
 from torch import Tensor
 
 import ckakd
@@ -37,7 +38,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
 
 def make_inputs(dims: Dims, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     n, d = dims
-    (x,) = common.latent_features(n, (d,), device, dtype)
+    (x,) = latent_features(n, (d,), device, dtype)
     w = torch.randn(n, n, generator=torch.Generator(device=device).manual_seed(1), device=device)
     return x.requires_grad_(), w
 
@@ -47,19 +48,11 @@ def cost(dims: Dims, mode: str, esize: int) -> tuple[float, float]:
     gram = 4 * n * n  # the fp32 (n, n) output, or its gradient
     fwd = (2 * n * n * d, n * d * esize + gram)
     bwd = (2 * n * n * d, 2 * n * d * esize + gram)
-    if mode == "forward":
-        return fwd
-    if mode == "backward":
-        return bwd
-    return fwd[0] + bwd[0], fwd[1] + bwd[1]
+    return mode_cost(mode, fwd, bwd)
 
 
-def ckakd_loss(x: Tensor, w: Tensor) -> Tensor:
-    return (ckakd.centered_gram(x) * w).sum()
-
-
-def ckakd_torch_loss(x: Tensor, w: Tensor) -> Tensor:
-    return (ckakd.centered_gram(x, backend="torch") * w).sum()
+def ckakd_loss(x: Tensor, w: Tensor, backend: str = "auto") -> Tensor:
+    return (ckakd.centered_gram(x, backend=backend) * w).sum()
 
 
 def reference_loss(x: Tensor, w: Tensor) -> Tensor:
@@ -67,7 +60,7 @@ def reference_loss(x: Tensor, w: Tensor) -> Tensor:
 
 
 def providers(device: torch.device) -> list[Provider]:
-    return common.reference_providers(device, ckakd_loss, ckakd_torch_loss, reference_loss)
+    return reference_providers(device, ckakd_loss, reference_loss)
 
 
 BENCH = OpBench(
@@ -81,4 +74,4 @@ BENCH = OpBench(
 )
 
 if __name__ == "__main__":
-    sys.exit(common.main([BENCH], description=__doc__.splitlines()[0]))
+    sys.exit(cli.main([BENCH], description=__doc__.splitlines()[0]))

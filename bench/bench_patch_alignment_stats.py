@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import sys
 
-import common
 import torch
 import torch.nn.functional as F
-from common import Dims, OpBench, Provider, Target
+from harness import cli
+from harness.providers import ckakd_providers, compiled, mode_cost
+from harness.spec import Dims, OpBench, Provider, Target
 from torch import Tensor
 
 import ckakd
@@ -106,11 +107,7 @@ def cost(dims: Dims, mode: str, esize: int) -> tuple[float, float]:
     size = b * c * h * w * esize
     fwd = (4 * p * n, 2 * size)
     bwd = (2 * p * n, 2 * size)
-    if mode == "forward":
-        return fwd
-    if mode == "backward":
-        return bwd
-    return fwd[0] + bwd[0], fwd[1] + bwd[1]
+    return mode_cost(mode, fwd, bwd)
 
 
 def _resized(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,21 +175,14 @@ def torch_batched_loss(f_s: Tensor, f_t: Tensor, reduce: str) -> Tensor:
     return (1.0 - cka).mean()
 
 
-def ckakd_loss(f_s: Tensor, f_t: Tensor, reduce: str) -> Tensor:
-    return ckakd.patch_cka_loss(f_s, f_t, patch_size=PATCH, reduce=reduce)
-
-
-def ckakd_torch_loss(f_s: Tensor, f_t: Tensor, reduce: str) -> Tensor:
-    return ckakd.patch_cka_loss(f_s, f_t, patch_size=PATCH, reduce=reduce, backend="torch")
+def ckakd_loss(f_s: Tensor, f_t: Tensor, reduce: str, backend: str = "auto") -> Tensor:
+    return ckakd.patch_cka_loss(f_s, f_t, patch_size=PATCH, reduce=reduce, backend=backend)
 
 
 def providers(device: torch.device) -> list[Provider]:
-    out = [Provider("ckakd", ckakd_loss)]
-    if device.type == "cuda":
-        out.append(Provider("ckakd-torch", ckakd_torch_loss))
-    return out + [
+    return ckakd_providers(device, ckakd_loss) + [
         Provider("torch-batched", torch_batched_loss),
-        Provider("torch-batched-compile", common.compiled(torch_batched_loss)),
+        Provider("torch-batched-compile", compiled(torch_batched_loss)),
         Provider("loop", loop_loss),
     ]
 
@@ -222,4 +212,4 @@ BENCH = OpBench(
 )
 
 if __name__ == "__main__":
-    sys.exit(common.main([BENCH], description=__doc__.splitlines()[0]))
+    sys.exit(cli.main([BENCH], description=__doc__.splitlines()[0]))

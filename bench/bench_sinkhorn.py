@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import sys
 
-import common
 import torch
 import torch.nn.functional as F
-from common import Dims, OpBench, Provider, Target
+from harness import cli
+from harness.providers import ckakd_providers, mode_cost
+from harness.spec import Dims, OpBench, Provider, Target
 from torch import Tensor
 
 import ckakd
@@ -68,23 +69,15 @@ def cost_model(dims: Dims, mode: str, esize: int) -> tuple[float, float]:
     b, c = dims
     fwd = (ITERS * 4 * b * c * c, (3 * b * c + 2 * c * c + ITERS * 4 * b * c) * esize)
     bwd = (ITERS * 4 * b * c * c, (2 * b * c + ITERS * 4 * b * c) * esize)
-    if mode == "forward":
-        return fwd
-    if mode == "backward":
-        return bwd
-    return fwd[0] + bwd[0], fwd[1] + bwd[1]
+    return mode_cost(mode, fwd, bwd)
 
 
 def _probs(zs: Tensor, zt: Tensor) -> tuple[Tensor, Tensor]:
     return F.softmax(zs.float() / TEMPERATURE, 1), F.softmax(zt.float() / TEMPERATURE, 1)
 
 
-def ckakd_loss(zs: Tensor, zt: Tensor, cost: Tensor) -> Tensor:
-    return ckakd.wkd_logit_loss(zs, zt, cost, temperature=TEMPERATURE, eps=EPS, iters=ITERS)
-
-
-def ckakd_torch_loss(zs: Tensor, zt: Tensor, cost: Tensor) -> Tensor:
-    return ckakd.wkd_logit_loss(zs, zt, cost, temperature=TEMPERATURE, eps=EPS, iters=ITERS, backend="torch")
+def ckakd_loss(zs: Tensor, zt: Tensor, cost: Tensor, backend: str = "auto") -> Tensor:
+    return ckakd.wkd_logit_loss(zs, zt, cost, temperature=TEMPERATURE, eps=EPS, iters=ITERS, backend=backend)
 
 
 def torch_batched_loss(zs: Tensor, zt: Tensor, cost: Tensor) -> Tensor:
@@ -137,9 +130,7 @@ def pot_loss(zs: Tensor, zt: Tensor, cost: Tensor) -> Tensor:
 
 
 def providers(device: torch.device) -> list[Provider]:
-    out = [
-        Provider("ckakd", ckakd_loss),
-        Provider("ckakd-torch", ckakd_torch_loss),
+    out = ckakd_providers(device, ckakd_loss, torch_on_cpu=True) + [
         Provider("torch-batched", torch_batched_loss),
         Provider("authors", authors_loss),
     ]
@@ -165,4 +156,4 @@ BENCH = OpBench(
 )
 
 if __name__ == "__main__":
-    sys.exit(common.main([BENCH], description=__doc__.splitlines()[0]))
+    sys.exit(cli.main([BENCH], description=__doc__.splitlines()[0]))

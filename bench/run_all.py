@@ -17,7 +17,7 @@ import bench_alignment_stats
 import bench_centered_gram
 import bench_patch_alignment_stats
 import bench_sinkhorn
-import common
+from harness import cli
 
 BENCHES = {
     b.op: b
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [o for o in ops if o not in BENCHES]
         if unknown:
             raise SystemExit(f"unknown op(s) {unknown}; choose from {', '.join(BENCHES)}")
-    return common.main([BENCHES[o] for o in ops], args, description=__doc__.splitlines()[0])
+    return cli.main([BENCHES[o] for o in ops], args, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
