@@ -33,6 +33,7 @@ from .config_files import (
     parse_override,
     register_task,
 )
+from .data.registry import dataset_name_check
 from .engine.settings import OptimConfig, RunConfig, ScheduleConfig, TrainConfig, check_milestones
 from .fileio import atomic_write_bytes
 from .schema import check, non_empty, non_negative, open_unit, plain, positive
@@ -75,11 +76,14 @@ Augment = Literal["none", "weak", "strong"]
 
 @dataclass
 class DataConfig:
-    """Dataset and loader. ``image_size=None``: the dataset's native size; ``val_fraction``: digits only.
-    ``augment``: the student's training augmentation (teachers of ``ensemble_kd`` may have their own:
-    ``teacher.augment`` / ``teachers[i].augment``)."""
+    """Dataset and loader. ``name``: ``digits``, ``cifar100``, ``imagefolder`` or a dataset registered with
+    :func:`~ckakd.train.data.register_dataset` (``kwargs`` go to its builder; the built-ins take none).
+    ``image_size=None``: the dataset's native size; ``val_fraction``: digits only. ``augment``: the student's
+    training augmentation (teachers of ``ensemble_kd`` may have their own: ``teacher.augment`` /
+    ``teachers[i].augment``)."""
 
-    name: Literal["digits", "cifar100", "imagefolder"] = "digits"
+    name: str = field(default="digits", metadata=check(dataset_name_check))
+    kwargs: dict[str, Any] = field(default_factory=dict)
     root: str | None = field(default=None, metadata=check(non_empty))
     batch_size: int = field(default=64, metadata=check(positive))
     num_workers: int = field(default=0, metadata=check(non_negative))

@@ -1,14 +1,14 @@
 """The data of a classification run: ``cfg.data`` as datasets and transforms (:func:`build_data`), the training
 views of per-teacher augmentation (:func:`build_train_views`) and the seeded loaders (:func:`build_loaders`).
 
-Folders and their format are checked here, so a bad ``data.root`` fails in seconds with one message naming it.
+The dataset comes from the registry of ``data.name`` (:mod:`ckakd.train.data.registry`: the built-ins and any
+registered with ``@register_dataset``). Folders and their format are checked there, so a bad ``data.root`` fails
+in seconds with one message naming it.
 """
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
@@ -43,72 +43,38 @@ class DataBundle:
     val_transform: Any
     dataset: str = ""  # data.name
     native_size: int = 0  # the dataset's native image side (before data.image_size resizing)
-
-
-def _check_root(cfg: Config) -> Path:
-    root = cfg.data.root
-    if not root:
-        raise ConfigError(f"data.root is required for data.name={cfg.data.name!r} (the dataset folder)")
-    path = Path(root).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"data.root: {path} is a file, not the dataset folder (data.name={cfg.data.name!r})")
-    if not path.is_dir():
-        raise ConfigError(f"data.root: folder not found: {path} (data.name={cfg.data.name!r})")
-    return path
+    recipe: str = ""  # the augmentation family (DatasetSplits.recipe)
 
 
 def build_data(cfg: Config) -> DataBundle:
-    """Datasets and transforms for ``cfg.data``; raises :class:`ConfigError` on a missing or malformed folder."""
+    """Datasets and transforms for ``cfg.data`` (the builder registered as ``data.name``); raises
+    :class:`ConfigError` on an unknown name, a missing or malformed folder or a builder that fails."""
     d = cfg.data
-    if d.name == "digits":
-        # the split is fixed (seed 0) so that runs with different seeds see the same images
-        train, val = D.load_digits_dataset("train", d.val_fraction, 0), D.load_digits_dataset("val", d.val_fraction, 0)
-        native, channels, classes = 8, 1, 10
-    elif d.name == "cifar100":
-        root = _check_root(cfg)
-        try:
-            train, val = D.Cifar100Dataset(root, train=True), D.Cifar100Dataset(root, train=False)
-        except (FileNotFoundError, ValueError, pickle.UnpicklingError) as exc:
-            raise ConfigError(
-                f"data.root={str(root)!r} is not a CIFAR-100 python-pickle folder (expected files 'train', 'test' "
-                f"and 'meta' as in cifar-100-python/): {exc}"
-            ) from exc
-        native, channels, classes = 32, 3, 100
-    elif d.name == "imagefolder":
-        root = _check_root(cfg)
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise ConfigError(
-                    f"data.root={str(root)!r}: expected subfolders 'train' and 'val', each with one folder per "
-                    f"class; '{split}' is missing"
-                )
-        try:
-            train, val = D.ImageFolderDataset(root / "train"), D.ImageFolderDataset(root / "val")
-        except (FileNotFoundError, ValueError) as exc:
-            raise ConfigError(f"data.root={str(root)!r}: {exc}") from exc
-        if train.classes != val.classes:
-            raise ConfigError(
-                f"data.root={str(root)!r}: train has {len(train.classes)} classes and val {len(val.classes)}; "
-                "their class folders must match"
-            )
-        native, channels, classes = 224, 3, len(train.classes)
-    else:  # the config schema restricts the names; keep a clear message for hand-built configs
-        raise ConfigError(f"data.name must be 'digits', 'cifar100' or 'imagefolder', got {d.name!r}")
-    size = d.image_size or native
-    train_t, val_t = _transforms(d.name, d.augment, size, native)
-    return DataBundle(train, val, classes, (channels, size, size), train_t, val_t, d.name, native)
+    try:
+        splits = D.build_dataset(d)
+    except D.DatasetError as exc:
+        raise ConfigError(str(exc)) from exc
+    except (ValueError, TypeError, OSError, KeyError) as exc:  # a user's builder: name it
+        raise ConfigError(f"data.name={d.name!r}: the dataset builder failed: {type(exc).__name__}: {exc}") from exc
+    size = d.image_size or splits.native_size
+    train_t, val_t = _transforms(splits.recipe, d.augment, size, splits.native_size)
+    shape = (splits.channels, size, size)
+    return DataBundle(
+        splits.train, splits.val, splits.num_classes, shape, train_t, val_t, d.name, splits.native_size, splits.recipe
+    )
 
 
-def _transforms(name: str, augment: str, size: int, native: int):
-    """(train transform, val transform) as loader collate transforms (``None`` = identity).
+def _transforms(recipe: str, augment: str, size: int, native: int):
+    """(train transform, val transform) as loader collate transforms (``None`` = identity) of the augmentation
+    ``recipe`` (:data:`~ckakd.train.data.RECIPES`).
 
     ``augment``: ``none``; ``weak`` = random crop (zero padding size/8) + horizontal flip; ``strong`` = that
-    + RandAugmentLite + Cutout (ImageNet: random-resized crop instead of the padded crop). Digits are never
-    flipped (a mirrored 2, 3, 5 or 7 is not that digit): their ``weak`` is a translation by at most one
-    pixel (8x8: ``RandomCropFlip(8, padding=1, flip_p=0)``), their ``strong`` adds one RandAugment op at
-    magnitude 5 and a 2x2 cutout.
+    + RandAugmentLite + Cutout (``resized_crop``, the ImageNet recipe: random-resized crop instead of the padded
+    crop). ``shift`` (digits) never flips (a mirrored 2, 3, 5 or 7 is not that digit): its ``weak`` is a
+    translation by at most one pixel (8x8: ``RandomCropFlip(8, padding=1, flip_p=0)``), its ``strong`` adds one
+    RandAugment op at magnitude 5 and a 2x2 cutout.
     """
-    if name == "imagefolder":  # the ImageNet recipe: random-resized crop + flip / resize + centre crop
+    if recipe == "resized_crop":  # the ImageNet recipe: random-resized crop + flip / resize + centre crop
         norm = D.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         train = [D.RandomResizedCrop(size)]
         if augment == "strong":
@@ -118,10 +84,10 @@ def _transforms(name: str, augment: str, size: int, native: int):
         return D.Compose([*train, norm]), D.Compose([D.Resize(round(size * 256 / 224)), D.CenterCrop(size), norm])
     resize = [D.Resize((size, size))] if size != native else []
     pad = max(size // 8, 1)
-    flip_p = 0.0 if name == "digits" else 0.5
+    flip_p = 0.0 if recipe == "shift" else 0.5
     if augment == "weak":
         train = D.Compose([*resize, D.RandomCropFlip(size, padding=pad, flip_p=flip_p)])
-    elif augment == "strong" and name == "digits":
+    elif augment == "strong" and recipe == "shift":
         # 8x8 digits: the CIFAR strength (2 ops at magnitude 9, a 4x4 cutout) erases the digit; one op at
         # magnitude 5 and a 2x2 cutout keep it readable
         strong = D.strong_augment(size, padding=pad, num_ops=1, magnitude=5.0, cutout=max(size // 4, 1), flip_p=0.0)
@@ -148,9 +114,11 @@ def train_transform(bundle: DataBundle, augment: str) -> Any:
     image size: the one ``data.augment`` selects for the student (``None`` = identity)."""
     if augment not in ("none", "weak", "strong"):
         raise ConfigError(f"augment must be 'none', 'weak' or 'strong', got {augment!r}")
-    if not bundle.dataset or not bundle.native_size:
-        raise ConfigError("the DataBundle does not record its dataset and native size: build it with build_data()")
-    return _transforms(bundle.dataset, augment, bundle.input_shape[1], bundle.native_size)[0]
+    if not bundle.dataset or not bundle.native_size or not bundle.recipe:
+        raise ConfigError(
+            "the DataBundle does not record its dataset, native size and recipe: build it with build_data()"
+        )
+    return _transforms(bundle.recipe, augment, bundle.input_shape[1], bundle.native_size)[0]
 
 
 def build_train_views(cfg: Config, bundle: DataBundle) -> tuple[D.MultiView | None, list[str] | None]:
