@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -15,6 +16,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))  # the report's modules: bench/kernel_report/
+
+from kernel_report.harvest import harvest_tests  # noqa: E402
+from kernel_report.launches import (  # noqa: E402
+    arg_spec,
+    bind_launch,
+    config_string,
+    dedupe,
+    dtype_name,
+    is_pointer,
+    recording_launches,
+    specialization_key,
+)
+from kernel_report.output import CSV_COLUMNS, SHARED_LIMITS, Row, markdown, offenders, summary, write_csv  # noqa: E402
+from kernel_report.ptxas import demangle, parse_cuobjdump, parse_ptxas, split_demangled  # noqa: E402
+from kernel_report.sweep import Sweep, keyword_sets, record  # noqa: E402
 
 
 def _load_report():
@@ -80,15 +97,15 @@ Resource usage:
 
 
 def test_parse_ptxas_spills_and_clean():
-    (name, u), *rest = cr.parse_ptxas(PTXAS_SPILLS).items()
+    (name, u), *rest = parse_ptxas(PTXAS_SPILLS).items()
     assert not rest and name == "_patch_cka_fwd_kernel"
     assert (u.registers, u.stack_bytes, u.spill_stores, u.spill_loads) == (255, 720, 724, 720)
-    u = cr.parse_ptxas(PTXAS_CLEAN)["_gram_kernel"]
+    u = parse_ptxas(PTXAS_CLEAN)["_gram_kernel"]
     assert (u.registers, u.stack_bytes, u.spill_stores, u.spill_loads, u.shared_bytes) == (128, 0, 0, 0, 0)
 
 
 def test_parse_ptxas_nvcc_output():
-    usage = cr.parse_ptxas(NVCC_SAMPLE)
+    usage = parse_ptxas(NVCC_SAMPLE)
     assert list(usage) == [NVCC_A, NVCC_B]  # the device function has no "Used N registers": not a kernel
     a, b = usage.values()
     assert (a.registers, a.shared_bytes, a.stack_bytes, a.spill_stores) == (32, 0, 0, 0)
@@ -96,7 +113,7 @@ def test_parse_ptxas_nvcc_output():
 
 
 def test_parse_cuobjdump():
-    res = cr.parse_cuobjdump(CUOBJDUMP_SAMPLE)
+    res = parse_cuobjdump(CUOBJDUMP_SAMPLE)
     assert res == {
         "_patch_cka_fwd_kernel": {
             "REG": 255,
@@ -123,31 +140,31 @@ def test_parse_cuobjdump():
     ],
 )  # fmt: skip
 def test_split_demangled(demangled, expected):
-    assert cr.split_demangled(demangled) == expected
+    assert split_demangled(demangled) == expected
 
 
 def test_demangle_with_cxxfilt():
-    if cr.shutil.which("c++filt") is None:
+    if shutil.which("c++filt") is None:
         pytest.skip("no c++filt")
-    names = cr.demangle([NVCC_B, "_gram_kernel"])
+    names = demangle([NVCC_B, "_gram_kernel"])
     assert names[0].startswith("void ckakd::(anonymous namespace)::row_dot_kernel<float>(")
-    assert cr.split_demangled(names[0]) == ("row_dot_kernel", "float")
+    assert split_demangled(names[0]) == ("row_dot_kernel", "float")
     assert names[1] == "_gram_kernel"
 
 
 def test_offenders_and_outputs(tmp_path):
     rows = [
-        cr.Row("a", "X=1 ptrs=fp32", 4, 100, 0, 0, 0, 1024),
-        cr.Row("a", "X=2 ptrs=fp32", 8, 255, 724, 720, 720, 0),
-        cr.Row("b", "float", "", 30, 0, 0, 0, 232_449),
+        Row("a", "X=1 ptrs=fp32", 4, 100, 0, 0, 0, 1024),
+        Row("a", "X=2 ptrs=fp32", 8, 255, 724, 720, 720, 0),
+        Row("b", "float", "", 30, 0, 0, 0, 232_449),
     ]
-    spills, shared = cr.offenders(rows, cr.SHARED_LIMITS[90])
+    spills, shared = offenders(rows, SHARED_LIMITS[90])
     assert [r.config for r in spills] == ["X=2 ptrs=fp32"] and [r.kernel for r in shared] == ["b"]
-    cr.write_csv(rows, tmp_path / "out" / "r.csv")
+    write_csv(rows, tmp_path / "out" / "r.csv")
     lines = (tmp_path / "out" / "r.csv").read_text().splitlines()
-    assert lines[0] == ",".join(cr.CSV_COLUMNS) and lines[2] == "a,X=2 ptrs=fp32,8,255,724,720,720,0"
-    assert "| a | 2 | 1 | 255 | 724 | 720 | 720 | 1024 |" in cr.summary(rows)
-    assert cr.markdown(rows).count("\n") == len(rows) + 1
+    assert lines[0] == ",".join(CSV_COLUMNS) and lines[2] == "a,X=2 ptrs=fp32,8,255,724,720,720,0"
+    assert "| a | 2 | 1 | 255 | 724 | 720 | 720 | 1024 |" in summary(rows)
+    assert markdown(rows).count("\n") == len(rows) + 1
 
 
 def test_bad_arguments_name_the_option(capsys, tmp_path):
@@ -189,9 +206,9 @@ def test_arg_spec_matches_triton():
     values = [1, 0, 2, 15, 16, 17, 48, -16, 2**31 - 1, 2**31, 2**40, 2**63, True, False, 0.5, None]
     values += [_FakeTensor(torch.float32, 1024), _FakeTensor(torch.bfloat16, 1028), _FakeTensor(torch.float16, 8)]
     for v in values:
-        assert cr.arg_spec(v) == tuple(native_specialize_impl(BaseBackend, v, False, True, True)), v
-    assert cr.arg_spec(16, specialize=False) == ("i32", "")
-    assert cr.arg_spec(_FakeTensor(torch.float32, 1024), align=False) == ("*fp32", "")
+        assert arg_spec(v) == tuple(native_specialize_impl(BaseBackend, v, False, True, True)), v
+    assert arg_spec(16, specialize=False) == ("i32", "")
+    assert arg_spec(_FakeTensor(torch.float32, 1024), align=False) == ("*fp32", "")
 
 
 def _kernel():
@@ -213,7 +230,7 @@ def test_specialization_key():
     out = torch.empty(64, device="meta")
 
     def key(*args, **meta):
-        return cr.specialization_key(cr.bind_launch(k, (1,), args, dict(meta)))
+        return specialization_key(bind_launch(k, (1,), args, dict(meta)))
 
     base = key(x, out, 17, 3, BLOCK=64, num_warps=4)
     assert key(x, out, 19, 5, BLOCK=64, num_warps=4) == base  # ints neither 1 nor multiples of 16
@@ -226,8 +243,8 @@ def test_specialization_key():
     assert key(x, out, 17, 3, BLOCK=32, num_warps=4) != base  # constexpr
     assert key(x, out, 17, 3, BLOCK=64, num_warps=8) != base  # launch option
     assert key(x, out, n=17, stride=3, BLOCK=64, num_warps=4) == base  # keywords bind like positionals
-    launch = cr.bind_launch(k, (1,), (x.half()[1:], out, 16, 1), {"BLOCK": 64, "num_warps": 4})
-    config = cr.config_string(launch)
+    launch = bind_launch(k, (1,), (x.half()[1:], out, 16, 1), {"BLOCK": 64, "num_warps": 4})
+    config = config_string(launch)
     assert config == "BLOCK=64 ptrs=fp16!/fp32 ints=D1" and "," not in config
 
 
@@ -238,10 +255,10 @@ def test_recording_a_direct_launch():
     k = _kernel()
     seen = []
     x = torch.empty(40, device="meta")
-    with cr.recording_launches(lambda kernel, grid, args, meta: seen.append((kernel, grid, args, meta))):
+    with recording_launches(lambda kernel, grid, args, meta: seen.append((kernel, grid, args, meta))):
         k[(3,)](x, x, 40, 1, BLOCK=64, num_warps=2)
         k[lambda meta: (meta["n"] // 8,)](x, x, 40, 1, BLOCK=64)
-    launches = [cr.bind_launch(*s) for s in seen]
+    launches = [bind_launch(*s) for s in seen]
     assert [(la.grid, la.options) for la in launches] == [((3,), {"num_warps": 2}), ((5,), {})]
     assert launches[0].constexprs() == {"BLOCK": 64} and launches[0].args["n"] == 40
 
@@ -278,7 +295,7 @@ def helper():
 def test_harvest_tests(tmp_path):
     path = tmp_path / "test_x.py"
     path.write_text(textwrap.dedent(TEST_SOURCE))
-    groups = {g.name: g for g in cr.harvest_tests(path)}
+    groups = {g.name: g for g in harvest_tests(path)}
     assert set(groups) == {"test_gram", "test_patch", "test_bwd"}  # helper calls no launcher
     gram = groups["test_gram"]
     assert set(gram.shapes[3]) == {(2, 33, 130), (1, 7, 37)}  # through the module-level constant
@@ -297,8 +314,8 @@ def test_keyword_sets():
         pass
 
     launcher.__module__ = __name__
-    assert cr.keyword_sets(launcher) == [{"need_s": True}, {"need_s": False}]
-    got = cr.keyword_sets(launcher, {"split_k": {2}}, strings=True)
+    assert keyword_sets(launcher) == [{"need_s": True}, {"need_s": False}]
+    got = keyword_sets(launcher, {"split_k": {2}}, strings=True)
     assert len(got) == 2 * 2 * 3 and {"split_k": 2, "need_s": False, "precision": "c"} in got
 
 
@@ -314,9 +331,9 @@ CHOICES = ("a", "b", "c")  # string_choices finds the keyword's values here (tes
 def swept():
     pytest.importorskip("triton")
     kernels = pytest.importorskip("ckakd.kernels")
-    sweep = cr.Sweep(kernels, REPO)
+    sweep = Sweep(kernels, REPO)
     calls = sweep.calls()
-    launches, refused = cr.record(sweep, calls)
+    launches, refused = record(sweep, calls)
     return kernels, sweep, calls, launches, refused
 
 
@@ -401,7 +418,7 @@ def test_sweep_reaches_every_input_dtype(swept):
     _, _, _, launches, _ = swept
     dtypes: dict[str, set[str]] = {}
     for la in launches:
-        ptrs = {cr.dtype_name(v.dtype) for v in la.args.values() if cr.is_pointer(v)}
+        ptrs = {dtype_name(v.dtype) for v in la.args.values() if is_pointer(v)}
         dtypes.setdefault(la.name, set()).update(ptrs)
     readers = [n for n, d in dtypes.items() if {"fp16", "bf16"} & d]
     assert {"_gram_kernel", "_gram_backward_kernel"} <= set(readers)
@@ -412,7 +429,7 @@ def test_sweep_reaches_every_input_dtype(swept):
 
 def test_dedupe_merges_sources(swept):
     _, _, _, launches, _ = swept
-    unique = cr.dedupe(launches)
+    unique = dedupe(launches)
     assert 0 < len(unique) < len(launches)
-    assert len({cr.specialization_key(la) for la in unique.values()}) == len(unique)
+    assert len({specialization_key(la) for la in unique.values()}) == len(unique)
     assert {s for la in unique.values() for s in la.source.split("+")} >= {"tables", "tests:test_gram_kernels"}
