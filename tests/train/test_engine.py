@@ -142,8 +142,8 @@ def scripted_kd(**kw) -> ScriptedKD:
 
 
 def test_settings_validation_names_the_field(tmp_path):
-    with pytest.raises(ValueError, match="optimizer"):
-        TrainSettings.create(epochs=1, out_dir=tmp_path, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="optimizer"):  # rmsprop is a torch.optim class: a misspelling
+        TrainSettings.create(epochs=1, out_dir=tmp_path, optimizer="rmsprob")
     with pytest.raises(ValueError, match="schedule"):
         TrainSettings.create(epochs=1, out_dir=tmp_path, schedule="poly")
     with pytest.raises(ValueError, match="epochs"):

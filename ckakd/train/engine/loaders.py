@@ -1,6 +1,6 @@
 """DDP glue and loaders: the training forward wrapped in DDP (:func:`wrap_ddp`), the loaders under DDP
-(:func:`distributed_loader`) and their per-epoch reseeding (:func:`reseed_loader`): an epoch's order and
-augmentations depend only on ``(seed, epoch[, rank])``."""
+(:func:`distributed_loader`), their per-epoch reseeding (:func:`reseed_loader`): an epoch's order and
+augmentations depend only on ``(seed, epoch[, rank])``, and pinned memory on a GPU (:func:`pin_for`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ from torch.utils.data.distributed import DistributedSampler
 from .. import distributed as dist
 from .seeding import epoch_seed
 
-__all__ = ["distributed_loader", "reseed_loader", "wrap_ddp"]
+__all__ = ["distributed_loader", "pin_for", "reseed_loader", "wrap_ddp"]
+
+
+def pin_for(loader: Any, device: torch.device) -> Any:
+    """``loader`` with ``pin_memory`` on when ``device`` is CUDA (page-locked batches copy asynchronously); other
+    devices and loaders that are not torch DataLoaders are left as they are. Returns ``loader``."""
+    if device.type == "cuda" and isinstance(loader, DataLoader) and not loader.pin_memory:
+        loader.pin_memory = True
+    return loader
 
 
 def distributed_loader(loader: Any, *, train: bool, world_size: int, rank: int, seed: int) -> Any:

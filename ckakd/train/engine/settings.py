@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..schema import (
+    build_dataclass,
     check,
     check_field,
     device_name,
@@ -31,14 +32,24 @@ from ..schema import (
     positive,
     suggest,
 )
+from .optim import (
+    BUILTIN_OPTIMIZERS,
+    OPTIMIZER_FIELDS,
+    check_class_kwargs,
+    class_parameters,
+    optimizer_class,
+    scheduler_class,
+)
 
 __all__ = [
     "AMP_DTYPES",
     "OptimConfig",
+    "ParamGroupConfig",
     "RunConfig",
     "ScheduleConfig",
     "TrainConfig",
     "TrainSettings",
+    "WandbConfig",
     "check_milestones",
 ]
 
@@ -59,9 +70,29 @@ def run_name(v: Any) -> str | None:
 # --------------------------------------------------------------------------------------------- sections
 
 
+def string_list(v: Any) -> str | None:
+    """Every entry a non-empty string."""
+    return None if all(isinstance(t, str) and t.strip() for t in v) else "must be a list of non-empty strings"
+
+
+@dataclass
+class WandbConfig:
+    """A Weights & Biases run (``pip install "ckakd[wandb]"``): ``mode`` ``disabled`` (the default: no W&B),
+    ``offline`` (files under ``dir``, upload later with ``wandb sync``) or ``online``; ``project`` / ``entity``;
+    ``name`` (default: the run folder's name); ``dir`` (default: the run folder); ``tags``."""
+
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str | None = field(default=None, metadata=check(non_empty))
+    name: str | None = field(default=None, metadata=check(non_empty))
+    dir: str | None = field(default=None, metadata=check(non_empty))
+    tags: list[str] = field(default_factory=list, metadata=check(string_list))
+    entity: str | None = field(default=None, metadata=check(non_empty))
+
+
 @dataclass
 class RunConfig:
-    """Run identity and execution: output folder ``out_dir/name``, seed, device, AMP, logging frontends."""
+    """Run identity and execution: output folder ``out_dir/name``, seed, device, AMP, logging frontends
+    (``tensorboard``: ``pip install "ckakd[tensorboard]"``; ``wandb``: :class:`WandbConfig`)."""
 
     name: str = field(default="run", metadata=check(run_name))
     out_dir: str = field(default="runs", metadata=check(non_empty))
@@ -72,37 +103,129 @@ class RunConfig:
     amp_dtype: Literal["float16", "bfloat16"] = "bfloat16"
     progress: bool = True
     tensorboard: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def optimizer_name(v: Any) -> str | None:
+    """``sgd``, ``adamw``, a :mod:`torch.optim` class name (any case) or a dotted path to an optimizer class."""
+    try:
+        optimizer_class(v, "")
+    except ValueError as exc:
+        return str(exc).removeprefix(": ")
+    return None
+
+
+def schedule_name(v: Any) -> str | None:
+    """``None``, ``step``, ``cosine``, ``constant``, a :mod:`torch.optim.lr_scheduler` class name (any case) or a
+    dotted path to a scheduler class."""
+    if v is None:
+        return None
+    try:
+        scheduler_class(v, "")
+    except ValueError as exc:
+        return str(exc).removeprefix(": ")
+    return None
+
+
+@dataclass
+class ParamGroupConfig:
+    """One optimizer parameter group (as torchdistill's ``params`` groups): the trainable parameters whose names
+    match ``params`` (comma-separated globs over ``named_parameters()`` names, ``*`` spanning dots: ``extra.*``,
+    ``student.fc.*``) get their own ``lr`` / ``weight_decay`` (``None``: optim's) and further optimizer keywords
+    ``kwargs``; the schedule scales every group's lr alike."""
+
+    params: str = field(metadata=check(non_empty))
+    lr: float | None = field(default=None, metadata=check(positive))
+    weight_decay: float | None = field(default=None, metadata=check(non_negative))
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class OptimConfig:
-    """Optimizer (SGD or AdamW) and its hyperparameters."""
+    """Optimizer and its hyperparameters. ``name``: ``sgd`` / ``adamw`` (the built-in recipes), any
+    :mod:`torch.optim` class by name (``Adam``, ``RMSprop``; any case) or a dotted path (``my_pkg.MyOpt``);
+    ``lr`` / ``momentum`` / ``weight_decay`` / ``nesterov`` go to a class that takes them, ``kwargs`` (checked
+    against its signature) too; ``param_groups``: groups with their own lr / weight decay (:class:`ParamGroupConfig`;
+    the rest of the parameters form the default group)."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: str = field(default="sgd", metadata=check(optimizer_name))
     lr: float = field(default=0.05, metadata=check(positive))
     momentum: float = field(default=0.9, metadata=check(half_open_unit))
     weight_decay: float = field(default=5e-4, metadata=check(non_negative))
     nesterov: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cls = optimizer_class(self.name)
+        reserved = {k: f"optim.{k}" for k in OPTIMIZER_FIELDS}
+        check_class_kwargs(cls, self.kwargs, "optim.kwargs", reserved=reserved, given=("lr",))
+        takes = class_parameters(cls)[0]
+        for i, g in enumerate(self.param_groups):
+            if isinstance(g, Mapping):  # a plain mapping given in Python
+                g = self.param_groups[i] = build_dataclass(ParamGroupConfig, g, f"optim.param_groups[{i}]")
+            key = f"optim.param_groups[{i}]"
+            if g.weight_decay is not None and "weight_decay" not in takes and self.name not in BUILTIN_OPTIMIZERS:
+                raise ValueError(f"{key}.weight_decay: {cls.__name__} takes no weight_decay")
+            check_class_kwargs(cls, g.kwargs, f"{key}.kwargs", reserved={"params": f"{key}.params", **{
+                k: f"{key}.{k}" for k in ("lr", "weight_decay")}}, given=tuple(takes))  # fmt: skip
 
 
 @dataclass
 class ScheduleConfig:
-    """Epoch-wise learning-rate schedule: ``step`` (×gamma at each milestone, 0-based epochs), ``cosine`` or
-    ``constant``, after ``warmup_epochs`` of linear warmup; ``warmup_steps``: a further linear warmup (lr/10 -> lr)
-    over the first optimizer steps, as detectors use."""
+    """Learning-rate schedule. ``kind``: the built-in epoch-wise ``step`` (×gamma at each milestone, 0-based
+    epochs), ``cosine`` or ``constant``, after ``warmup_epochs`` of linear warmup; or any
+    :mod:`torch.optim.lr_scheduler` class by name (``OneCycleLR``, any case) or dotted path, built with ``kwargs``
+    (checked against its signature) and stepped per ``interval`` (``epoch`` or optimizer ``step``;
+    ``ReduceLROnPlateau`` steps per epoch on the validation metric, ``mode: max`` unless given). ``name``: another
+    spelling of ``kind`` (it replaces ``kind`` when given). ``warmup_steps``: a further linear warmup
+    (lr/10 -> lr) over the first optimizer steps, as detectors use, on top of either."""
 
     epochs: int = field(default=240, metadata=check(positive))
-    kind: Literal["step", "cosine", "constant"] = "step"
+    kind: str = field(default="step", metadata=check(schedule_name))
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
     gamma: float = field(default=0.1, metadata=check(positive))
     warmup_epochs: int = field(default=0, metadata=check(non_negative))
     warmup_steps: int = field(default=0, metadata=check(non_negative))
+    name: str | None = field(default=None, metadata=check(schedule_name))
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    interval: Literal["epoch", "step"] = "epoch"
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            self.kind, self.name = self.name, None
+        cls = scheduler_class(self.kind)
+        if cls is None:
+            if self.kwargs:
+                raise ValueError(
+                    f"schedule.kwargs: the built-in {self.kind!r} schedule takes none (its settings are "
+                    f"schedule.milestones / gamma / warmup_epochs); got {sorted(self.kwargs)}"
+                )
+            if self.interval != "epoch":
+                raise ValueError(
+                    f"schedule.interval={self.interval!r}: the built-in {self.kind!r} schedule is per epoch (use "
+                    "schedule.warmup_steps for a per-step warmup, or a torch.optim.lr_scheduler class)"
+                )
+            return
+        if self.warmup_epochs:
+            raise ValueError(
+                f"schedule.warmup_epochs={self.warmup_epochs}: the epoch warmup belongs to the built-in schedules; "
+                f"with {cls.__name__} use schedule.warmup_steps (or a warmup in the scheduler itself)"
+            )
+        plateau = issubclass(cls, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if plateau and self.interval != "epoch":
+            raise ValueError("schedule.interval='step': ReduceLROnPlateau steps on the validation metric, per epoch")
+        check_class_kwargs(cls, self.kwargs, "schedule.kwargs")
 
 
 @dataclass
 class TrainConfig:
     """Loop options. ``cka_pairs``: ``[student_path, teacher_path]`` layers whose CKA is logged per epoch
-    (in a config file, empty: the models' last stages); ``global_gram``: under DDP, CKA over the global batch."""
+    (in a config file, empty: the models' last stages); ``global_gram``: under DDP, CKA over the global batch.
+    ``accumulate``: gradient accumulation, one optimizer step every N batches (gradients averaged over them; the
+    epoch's last, partial window is stepped too); ``channels_last``: the model and 4-D training inputs in
+    channels-last memory format; ``compile``: ``torch.compile`` the student (an error, not a fallback, when it fails).
+    """
 
     grad_clip: float | None = field(default=None, metadata=check(positive))
     log_every: int = field(default=50, metadata=check(positive))
@@ -110,6 +233,9 @@ class TrainConfig:
     cka_pairs: list[tuple[str, str]] = field(default_factory=list)
     global_gram: bool = False
     save_every: int = field(default=1, metadata=check(positive))
+    accumulate: int = field(default=1, metadata=check(positive))
+    channels_last: bool = False
+    compile: bool = False
 
 
 def check_milestones(milestones: list[int], key: str = "schedule.milestones") -> None:
@@ -152,7 +278,16 @@ KEYWORDS: dict[str, tuple[str | None, str]] = {
     "resume": (None, "resume"),
     "config": (None, "config"),
     "find_unused_parameters": (None, "find_unused_parameters"),
+    # added later: in the record only when not at their default (a record without one reads as the default)
+    "optimizer_kwargs": ("optim", "kwargs"),
+    "param_groups": ("optim", "param_groups"),
+    "schedule_kwargs": ("schedule", "kwargs"),
+    "schedule_interval": ("schedule", "interval"),
+    "accumulate": ("train", "accumulate"),
+    "channels_last": ("train", "channels_last"),
+    "compile": ("train", "compile"),
 }
+RECORD_V1 = tuple(KEYWORDS)[: list(KEYWORDS).index("find_unused_parameters") + 1]  # always in the record
 SECTIONS = ("run", "optim", "schedule", "train")
 
 
@@ -206,13 +341,23 @@ class TrainSettings:
 
     def to_dict(self) -> dict:
         """The flat record a checkpoint stores (the keywords of :meth:`create`; paths as strings, tuples as
-        lists), safe for JSON and ``weights_only`` loading."""
-        return plain(
-            {
-                key: getattr(getattr(self, section), name) if section else getattr(self, name)
-                for key, (section, name) in KEYWORDS.items()
-            }
-        )
+        lists), safe for JSON and ``weights_only`` loading. Keywords added after the first record format
+        (``accumulate``, ``optimizer_kwargs``, ...) are in it only when they differ from their default."""
+        out = {}
+        for key, (section, name) in KEYWORDS.items():
+            value = plain(getattr(getattr(self, section), name) if section else getattr(self, name))
+            if key in RECORD_V1 or value != self.default(key):
+                out[key] = value
+        return out
+
+    def default(self, key: str) -> Any:
+        """The default of the :meth:`create` keyword ``key`` for these settings' section types (plain form)."""
+        section, name = KEYWORDS[key]
+        owner = type(self) if section is None else type(getattr(self, section))
+        f = {f.name: f for f in dataclasses.fields(owner)}[name]
+        if f.default_factory is not dataclasses.MISSING:
+            return plain(f.default_factory())
+        return plain(f.default)
 
 
 def _normalize(key: str, value: Any) -> Any:
@@ -220,8 +365,10 @@ def _normalize(key: str, value: Any) -> Any:
     ``"fp16"``, a :class:`torch.device`, numpy scalars, any iterable of milestones or pairs."""
     if isinstance(value, np.generic):
         return value.item()
-    if key in ("optimizer", "schedule") and isinstance(value, str):
+    if key in ("optimizer", "schedule") and isinstance(value, str) and "." not in value:
         return value.lower()
+    if key == "param_groups" and hasattr(value, "__iter__") and not isinstance(value, str | Mapping):
+        return [dataclasses.asdict(g) if dataclasses.is_dataclass(g) else g for g in value]
     if key == "amp_dtype" and isinstance(value, str):
         return _AMP_ALIASES.get(value, value)
     if key == "device" and isinstance(value, torch.device):
