@@ -6,6 +6,7 @@
     ckakd eval CONFIG --checkpoint PATH          top-1 / top-5 of a checkpoint
     ckakd interrelation CONFIG                   the WKD class interrelation of a trained teacher
     ckakd study                                  the ensemble-KD diagnostics study (digits by default)
+    ckakd report RUN_DIR...                      compare runs: mean ± std over seeds, Welch test, curves
     ckakd configs                                list the shipped configs
     ckakd info                                   versions and active backends
     ckakd selftest                               every op on every active backend against ckakd.reference
@@ -35,6 +36,7 @@ import ckakd
 from ckakd.apps.demo import add_demo_arguments, run_demo_from_args
 from ckakd.apps.detect_demo import add_detect_demo_arguments, run_detect_demo_from_args
 from ckakd.apps.errors import run_guarded, run_reporting_missing_extras
+from ckakd.apps.report import add_report_arguments, run_report_from_args
 from ckakd.apps.selftest import add_selftest_arguments, run_selftest_from_args
 from ckakd.apps.study import add_study_arguments, run_study_from_args
 
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = sub.add_parser("study", help="the ensemble-KD study of 'Why does KD work?' (T1/T2/S x weak/strong)")
     add_study_arguments(study)
+
+    rep = sub.add_parser("report", help="compare runs: best/last metric over seeds, Welch test, CKA, curves")
+    add_report_arguments(rep)
 
     for name, helptext in (
         ("train-teacher", "train a model with cross-entropy (config section `model`)"),
@@ -215,6 +220,8 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return run_detection_command(args, argv)
     if args.command == "study":
         return run_study_from_args(args)
+    if args.command == "report":
+        return run_report_from_args(args)
 
     # Imported here: the config loader needs pyyaml (an optional dependency: a missing one is reported by
     # run_reporting_missing_extras, not raised at import), and `ckakd --help` should not load the detection stack.

@@ -3,10 +3,12 @@
 Trains (or reuses a cached) teacher with the shipped ``digits/teacher`` config, computes its WKD class
 interrelation, then trains the ``digits/*`` students — CE, KD, DKD, RCKA, WKD-L and WKD-L+F by default —
 over several seeds with the reference trainer, and reports student top-1 (mean ± std over seeds), the
-teacher–student CKA of the last stage and the training time, honestly, whatever they are. Writes
-``results.json``, ``results.md`` and ``curves.png`` under ``--out``.
+teacher–student CKA of the last stage and the training time, honestly, whatever they are: the table is
+``ckakd report``'s (:mod:`ckakd.apps.report`: last and best top-1 as mean ± std, the difference to CE with
+Welch's t-test, CKA, time per epoch). Writes ``results.json``, ``results.md`` and ``curves.png`` (mean ± std
+curves over seeds, the teacher's top-1 as a reference line) under ``--out``.
 
-    ckakd demo [--methods ce,kd,dkd,rcka,wkd_l,wkd_lf] [--seeds 3] [--epochs N] [--out runs/demo]
+    ckakd demo [--methods ce,kd,dkd,rcka,wkd_l,wkd_lf] [--seeds 3] [--epochs N] [--out runs/demo] [--plot-format svg]
     ckakd-demo ...
 """
 
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ckakd.apps.errors import run_guarded, run_reporting_missing_extras
-from ckakd.apps.plots import plot_demo_curves
+from ckakd.apps.report import Report, build_report, format_markdown, plot_report
+from ckakd.train.engine.curves import VECTOR_FORMATS
 from ckakd.train.engine.metrics_log import read_metrics
 from ckakd.train.fileio import atomic_write_bytes, probe_writable
 
@@ -38,12 +41,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--retrain-teacher", action="store_true", help="ignore a cached teacher in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    var = sum((v - m) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return m, math.sqrt(var)
+    p.add_argument("--plot-format", action="append", default=[], choices=("png", *VECTOR_FORMATS),
+                   help="also write curves.svg / curves.pdf (repeatable; curves.png is always written)")  # fmt: skip
 
 
 def _teacher(out: Path, teacher_epochs: int | None, retrain: bool, progress: bool) -> tuple[Path, dict]:
@@ -82,8 +81,10 @@ def run_demo(
     teacher_epochs: int | None = None,
     retrain_teacher: bool = False,
     progress: bool = True,
+    plot_formats: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run the demo; returns ``{"teacher": ..., "runs": [...], "summary": [...]}`` (also written as JSON)."""
+    """Run the demo; returns ``{"teacher": ..., "runs": [...], "summary": [...]}`` (also written as JSON).
+    ``plot_formats``: ``"svg"`` / ``"pdf"`` copies of ``curves.png``."""
     # the config loader needs pyyaml (optional): imported when the demo runs, so that a missing one is reported
     from ckakd.train import config as C
     from ckakd.train import runner
@@ -161,49 +162,70 @@ def run_demo(
     if bar is not None:
         bar.close()
 
-    summary = []
-    for method in methods:
-        rs = [r for r in runs if r["method"] == method]
-        m, s = _mean_std([r["final_top1"] for r in rs])
-        cka_vals = [r["cka"] for r in rs if not math.isnan(r["cka"])]
-        summary.append(
-            {
-                "method": method,
-                "top1_mean": m,
-                "top1_std": s,
-                "cka_mean": _mean_std(cka_vals)[0] if cka_vals else float("nan"),
-                "time_s_mean": _mean_std([r["train_time_s"] for r in rs])[0],
-                "seeds": len(rs),
-            }
-        )
+    report = build_report([ckpt.parent, *(r["out_dir"] for r in runs)], baseline="ce" if "ce" in methods else None)
     results = {
         "teacher": {"checkpoint": str(ckpt), **{k: v for k, v in teacher.items() if k != "out_dir"}},
         "student": runs[0]["student"] if runs else None,
         "runs": runs,
-        "summary": summary,
+        "summary": _summary(report, runs),
         "total_time_s": time.perf_counter() - t0,
     }
-    plot = plot_demo_curves(runs, methods, out / "curves.png")
-    write_report(out, "results", results, _table(results), [*(["curves.png"] if plot else []), "teacher/", "students/"])
+    files = _plot(report, out / "curves.png", [f for f in plot_formats if f != "png"])
+    write_report(out, "results", results, _table(results, report), [*files, "teacher/", "students/"])
     return results
 
 
-def _table(results: dict[str, Any]) -> str:
-    t = results["teacher"]
-    lines = [
-        f"teacher val top-1: {t.get('best_top1', float('nan')):.2f} %"
-        f" ({'cached' if t.get('reused') else 'trained now'}); student: {results['student']}; "
-        f"total time {results['total_time_s']:.0f} s",
-        "",
-        "| method | student val top-1 % (mean ± std) | seeds | CKA to teacher (last stage) | train time / run |",
-        "|---|---|---|---|---|",
-    ]
-    for s in results["summary"]:
-        lines.append(
-            f"| {s['method']} | {s['top1_mean']:.2f} ± {s['top1_std']:.2f} | {s['seeds']} | {s['cka_mean']:.3f} | "
-            f"{s['time_s_mean']:.1f} s |"
+def _summary(report: Report, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``results.json``'s per-method summary from the report's groups (wall-clock time per run from ``runs``)."""
+    out = []
+    for g in report.groups:
+        wall = [r["train_time_s"] for r in runs if r["method"] == g.label]
+        out.append(
+            {
+                "method": g.label,
+                "top1_mean": g.last[0],
+                "top1_std": g.last[1],
+                "best_top1_mean": g.best[0],
+                "best_top1_std": g.best[1],
+                "cka_mean": float("nan") if g.cka is None else g.cka,
+                "time_s_mean": sum(wall) / len(wall) if wall else float("nan"),
+                "time_per_epoch_s": g.time_per_epoch_s,
+                "delta_vs_ce": g.delta,
+                "p_welch_vs_ce": None if g.welch is None else g.welch.p,
+                "seeds": g.n,
+            }
         )
-    return "\n".join(lines)
+    return out
+
+
+def _plot(report: Report, path: Path, formats: Sequence[str]) -> list[str]:
+    """``curves.png`` (+ ``formats``) of the report; ``[]`` and a line saying so without matplotlib."""
+    try:
+        return [p.name for p in plot_report(report, path, formats, title=_plot_title(report))]
+    except ImportError:
+        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
+        return []
+
+
+def _plot_title(report: Report) -> str:
+    seeds = sorted({s for g in report.groups for s in g.seeds if s is not None})
+    return f"ckakd demo (digits): {', '.join(g.label for g in report.groups)}; mean ± std over seeds {seeds}"
+
+
+def _table(results: dict[str, Any], report: Report) -> str:
+    """The teacher line, then ``ckakd report``'s table of the students."""
+    t = results["teacher"]
+    wall = ", ".join(f"{s['method']} {s['time_s_mean']:.1f} s" for s in results["summary"])
+    return "\n".join(
+        [
+            f"teacher val top-1: {t.get('best_top1', float('nan')):.2f} %"
+            f" ({'cached' if t.get('reused') else 'trained now'}); student: {results['student']}; "
+            f"total time {results['total_time_s']:.0f} s",
+            "",
+            format_markdown(report),
+            f"wall-clock time per student run: {wall}",
+        ]
+    )
 
 
 def run_demo_from_args(args: argparse.Namespace) -> int:
@@ -219,6 +241,7 @@ def run_demo_from_args(args: argparse.Namespace) -> int:
             teacher_epochs=args.teacher_epochs,
             retrain_teacher=args.retrain_teacher,
             progress=not args.no_progress,
+            plot_formats=args.plot_format,
         )
 
     return run_guarded("demo", body, after_interrupt="run it again to continue (a trained teacher is reused)")

@@ -1,6 +1,7 @@
-"""The figures of ``ckakd demo`` and ``ckakd study`` (matplotlib, Agg backend; imported inside each function).
+"""The figures of ``ckakd study`` (matplotlib, Agg backend; imported inside each function).
 
-The trainer's own plots (``curves.png`` / ``cka.png`` of a run) are :func:`ckakd.train.engine.metrics_log.plot_curves`.
+Training curves — a run's ``curves.png`` / ``cka.png``, and several runs over seeds for ``ckakd report`` and
+``ckakd demo`` — are drawn by :mod:`ckakd.train.engine.curves`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["plot_attention_overlays", "plot_demo_curves", "plot_fidelity_vs_accuracy", "plot_study_history"]
+__all__ = ["plot_attention_overlays", "plot_fidelity_vs_accuracy", "plot_study_history"]
 
 
 def _pyplot() -> Any:
@@ -21,36 +22,6 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def plot_demo_curves(runs: Sequence[dict[str, Any]], methods: Sequence[str], path: Path) -> bool:
-    """``curves.png`` of the demo: each method's validation top-1 per epoch, mean over its seeds' ``curve``.
-    False (and a line saying so) when matplotlib is not installed."""
-    try:
-        plt = _pyplot()
-    except ImportError:
-        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
-        return False
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in methods:
-        curves = [r["curve"] for r in runs if r["method"] == method and r["curve"]]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-        ax.plot(range(1, n + 1), mean, label=f"{method} ({len(curves)} seeds)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("student val top-1 % (mean over seeds)")
-    ax.set_title("ckakd demo: digits")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def plot_study_history(rows: Sequence[dict[str, Any]], path: Path, settings: Sequence[str]) -> None:

@@ -22,6 +22,8 @@ __all__ = [
     "mean_std_curve",
     "plot_curves",
     "plot_run_groups",
+    "run_curves_figure",
+    "run_groups_figure",
     "savefig",
     "y_limits",
 ]
@@ -93,11 +95,11 @@ def y_limits(
     curves: Sequence[Sequence[tuple[int, float, float, int]]], reference: float | None = None
 ) -> tuple[float, float] | None:
     """The y-range that shows what matters: from the lowest ``mean - std`` to the highest ``mean + std`` over
-    epochs after the first (all epochs when a curve has one), ``reference`` included, 6 % margin; ``None`` when
-    there is nothing to show."""
+    the epochs after the first (the first epoch's outlier would squash the rest; all epochs when a curve has
+    fewer than 3), ``reference`` included, 6 % margin; ``None`` when there is nothing to show."""
     lo, hi = math.inf, -math.inf
     for c in curves:
-        pts = [p for p in c if p[0] > c[0][0]] if len(c) > 1 else list(c)
+        pts = list(c[1:]) if len(c) >= 3 else list(c)
         for _, m, s, _ in pts:
             lo, hi = min(lo, m - s), max(hi, m + s)
     if reference is not None and math.isfinite(reference) and math.isfinite(lo):
@@ -172,23 +174,15 @@ def _suptitle(fig: Any, text: str) -> None:
     fig.suptitle("\n".join(textwrap.wrap(text, 150)), fontsize=10)
 
 
-def plot_curves(
-    out_dir: Path,
-    history: Sequence[Row],
-    metric: str,
-    metric_label: str,
-    cka_keys: Sequence[str] = (),
-    title: str | None = None,
-) -> None:
-    """One run's ``curves.png`` (a panel per :func:`curve_columns` entry; the train metric beside the validation
-    one) and, with ``cka_keys``, ``cka.png`` (the teacher–student CKA per pair). ``title``: the figure title
-    (e.g. the run's method and seed)."""
+def run_curves_figure(history: Sequence[Row], metric: str, metric_label: str, title: str | None = None) -> Any:
+    """The figure of one run's ``curves.png``: a titled panel per :func:`curve_columns` entry (the train metric
+    drawn beside the validation one), ``title`` above (e.g. the run's method and seed)."""
     columns = curve_columns(history, metric)
     fig, axes = _figure(len(columns))
     for ax, (key, panel_title) in zip(axes, columns, strict=True):
         series = [("val" if key.startswith("val/") else "train", mean_std_curve([history], key))]
         if key == f"val/{metric}":
-            panel_title = metric_label
+            panel_title = f"{metric_label}: validation and train"
             train = mean_std_curve([history], f"train/{metric}")
             if train:
                 series.append(("train", train))
@@ -197,7 +191,20 @@ def plot_curves(
             ax.legend(fontsize=8)
     if title:
         _suptitle(fig, title)
-    savefig(fig, out_dir / "curves.png")
+    return fig
+
+
+def plot_curves(
+    out_dir: Path,
+    history: Sequence[Row],
+    metric: str,
+    metric_label: str,
+    cka_keys: Sequence[str] = (),
+    title: str | None = None,
+) -> None:
+    """One run's ``curves.png`` (:func:`run_curves_figure`) and, with ``cka_keys``, ``cka.png`` (the
+    teacher–student CKA per pair), 150 dpi."""
+    savefig(run_curves_figure(history, metric, metric_label, title), out_dir / "curves.png")
     if cka_keys:
         fig, (ax,) = _figure(1)
         series = [(k[4:], mean_std_curve([history], k)) for k in cka_keys]
@@ -208,21 +215,19 @@ def plot_curves(
         savefig(fig, out_dir / "cka.png")
 
 
-def plot_run_groups(
+def run_groups_figure(
     groups: Sequence[tuple[str, Sequence[Sequence[Row]]]],
-    path: Path,
     *,
     metric: str,
     metric_label: str | None = None,
     reference: tuple[str, float] | None = None,
     title: str = "",
-    formats: Sequence[str] = (),
-) -> list[Path]:
+) -> Any:
     """Several runs in one figure: for each ``(label, [metrics rows of each run])`` group the mean curve with a
     ±std band over its runs, one titled panel per column any run logged (:func:`curve_columns`: validation metric,
     validation loss, training loss and each loss term, then each ``cka/*`` column), ``reference`` (e.g.
-    ``("teacher", 96.9)``) as a dashed line on the metric panel. Labels should name the method and seeds. Written
-    as a 150 dpi PNG at ``path`` plus ``formats`` copies; returns the paths written."""
+    ``("teacher 96.9", 96.9)``) as a dashed line on the metric panel. Labels should name the method and seeds.
+    ``ValueError`` when no run logged anything to draw."""
     all_rows = [r for _, runs in groups for rows in runs for r in rows]
     columns = curve_columns(all_rows, metric)
     seen: list[str] = []
@@ -240,4 +245,20 @@ def plot_run_groups(
     axes[0].legend(fontsize=8)
     if title:
         _suptitle(fig, title)
-    return savefig(fig, path, formats)
+    return fig
+
+
+def plot_run_groups(
+    groups: Sequence[tuple[str, Sequence[Sequence[Row]]]],
+    path: Path,
+    *,
+    metric: str,
+    metric_label: str | None = None,
+    reference: tuple[str, float] | None = None,
+    title: str = "",
+    formats: Sequence[str] = (),
+) -> list[Path]:
+    """:func:`run_groups_figure` as a 150 dpi PNG at ``path`` plus one copy per ``formats`` entry (svg / pdf);
+    returns the paths written."""
+    fig = run_groups_figure(groups, metric=metric, metric_label=metric_label, reference=reference, title=title)
+    return savefig(fig, Path(path), formats)
