@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+import re
 import struct
 from pathlib import Path
 
@@ -283,3 +284,17 @@ def test_cli_report_errors(tmp_path, capsys):
     assert "--plot" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path), "--plot-format", "eps"])
+
+
+def test_readme_report_example_runs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "ckakd.apps.report" in b]
+    assert len(blocks) == 1, "the README's report example"
+    make_study(tmp_path / "runs" / "demo")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "| kd | 3 | 0,1,2 |" in out and namespace["kd"].welch.p < 0.01
+    assert (tmp_path / "groups.csv").is_file() and (tmp_path / "curves.svg").is_file()
