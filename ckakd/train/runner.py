@@ -36,6 +36,7 @@ from .engine import (
     resolve_device,
     seed_everything,
 )
+from .engine.loggers import check_logger_packages
 from .engine.metrics_log import read_metrics
 from .fileio import OutputError, probe_writable
 from .hooks import FeatureHooks
@@ -106,21 +107,18 @@ def _rank() -> int:
 
 def preflight(cfg: Any) -> Path:
     """The checks of a training run that need no data or model, before anything is built: ``run.device`` is
-    usable here, ``run.tensorboard`` has its package, ``run.out_dir/run.name`` can be written (rank 0 probes it;
-    nothing stays) and holds no folder where an output file goes. Returns the run folder; raises
+    usable here, ``run.tensorboard`` / ``run.wandb`` have their packages,
+    ``run.out_dir/run.name`` can be written (rank 0 probes it; nothing stays) and holds no folder where an output
+    file goes. Returns the run folder; raises
     :class:`ConfigError` naming the key."""
     try:
         check_device(cfg.run.device, "run.device")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.run.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError as exc:
-            raise ConfigError(
-                f"run.tensorboard=true needs the `tensorboard` package ({exc}): pip install tensorboard, or set "
-                "run.tensorboard=false"
-            ) from None
+    try:
+        check_logger_packages(cfg.run)
+    except ImportError as exc:
+        raise ConfigError(str(exc)) from None
     out = run_dir(cfg)
     if _rank() == 0:
         problem = probe_writable(out)
@@ -249,10 +247,11 @@ def distill(cfg: Config, *, resume: bool = False, callbacks: Sequence[Any] = (),
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | os.PathLike) -> dict:
-    """Top-1/top-5/loss of ``cfg.model`` with the weights in ``checkpoint`` on the validation split."""
+    """Top-1/top-5/loss of ``cfg.model`` with the weights in ``checkpoint`` (a ckakd checkpoint or another
+    codebase's state dict, renamed by ``model.key_map``) on the validation split."""
     bundle = build_data(cfg)
     model = build_model(cfg.model.name, cfg.model.kwargs, bundle.num_classes, bundle.input_shape[0], section="model")
-    load_weights(model, os.fspath(checkpoint), "checkpoint")
+    load_weights(model, os.fspath(checkpoint), "checkpoint", key_map=cfg.model.key_map, strict=cfg.model.strict)
     _, val = build_loaders(cfg, bundle)
     device = run_device(cfg.run.device)
     return evaluate(model.to(device), val, device)

@@ -10,6 +10,7 @@ else those tests skip.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import types
@@ -231,6 +232,15 @@ def test_distill_cli_with_a_plain_state_dict_teacher(tmp_path, capsys, caplog):
     assert saved.teacher.key_map == [("fc.", "classifier.")]
     (loaded,) = runner.build_teachers(saved, runner.build_data(saved))
     assert same_weights(loaded, teacher)
+
+    # `ckakd eval` reads it too (model.key_map), with the metrics of the same weights as a ckakd checkpoint
+    ours = save_checkpoint(tmp_path / "ours.pt", {"student": teacher.state_dict()})
+    capsys.readouterr()
+    results = []
+    for ckpt, extra in ((path, ["model.key_map={fc.: classifier.}"]), (ours, [])):
+        assert cli.main(["eval", "digits/teacher", "--checkpoint", str(ckpt), *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0] == results[1] and results[0]["n"] == 450
 
 
 # ------------------------------------------------------------------------------------------ timm (faked)
