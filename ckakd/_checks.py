@@ -107,7 +107,8 @@ def check_labels(name: str, t: object, n: int, num_classes: int, device: torch.d
         raise ValueError(f"{name} must have shape ({n},) to match {ref}, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"inputs must be on one device, got {ref} on {device}, {name} on {t.device}")
-    if n and bool(((t < 0) | (t >= num_classes)).any()):
+    # the range check is a host sync: done in eager mode, skipped while torch.compile traces
+    if n and not torch.compiler.is_compiling() and bool(((t < 0) | (t >= num_classes)).any()):
         raise ValueError(f"{name} labels must be in [0, {num_classes}), got values outside ({name} of shape {(n,)})")
     return t
 
@@ -166,10 +167,13 @@ def to_float_tensor(name: str, value: object) -> Tensor:
 def autocast_off(*tensors: Tensor) -> Iterator[None]:
     """Disable autocast for the devices of ``tensors`` (numerically sensitive parts run in the dtype their
     inputs were cast to, not in fp16/bf16)."""
+    kinds = [k for k in dict.fromkeys(t.device.type for t in tensors) if k in ("cpu", "cuda", "xpu", "mps")]
+    if not any(torch.is_autocast_enabled(k) for k in kinds):  # nothing to turn off (and no ExitStack to trace)
+        yield
+        return
     with contextlib.ExitStack() as stack:
-        for kind in dict.fromkeys(t.device.type for t in tensors):
-            if kind in ("cpu", "cuda", "xpu", "mps"):
-                stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+        for kind in kinds:
+            stack.enter_context(torch.autocast(device_type=kind, enabled=False))
         yield
 
 

@@ -134,6 +134,18 @@ def load() -> types.ModuleType | None:
     return module
 
 
+@torch.compiler.assume_constant_result
+def kernels() -> str:
+    """What the extension runs: ``"none"`` (not loaded), ``"cpu"`` or ``"cuda"`` (built with CUDA kernels).
+
+    Calls ``load()`` (cached). A constant for ``torch.compile``: it is evaluated once while tracing, outside the
+    graph (the extension's ``has_cuda`` is a pybind function Dynamo cannot trace)."""
+    module = load()
+    if module is None:
+        return "none"
+    return "cuda" if bool(getattr(module, "has_cuda", lambda: False)()) else "cpu"
+
+
 def status(*, load_now: bool = True) -> tuple[bool, str]:
     """(loaded, description): prebuilt / JIT / none and why.
 

@@ -1,7 +1,9 @@
 """Feature distillation losses on one pair of feature maps: attention transfer (AT) and the FitNets hint.
 
 f_s: (B, Cs, Hs, Ws), f_t: (B, Ct, Ht, Wt) on one device; when the spatial sizes differ the larger map is
-adaptive-average-pooled to the smaller (:func:`match_spatial`). Float64 formulas are in ``ckakd.reference``.
+adaptive-average-pooled to the smaller (:func:`match_spatial`). ``reduction``: "mean" (default), "sum" over
+the batch, or "none" (the (B,) per-sample losses, whose mean is the "mean" value). Float64 formulas are in
+``ckakd.reference``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ckakd import _checks
+from ckakd._checks import Reduction
 
 __all__ = ["at_loss", "fitnet_loss", "match_spatial"]
 
@@ -32,30 +35,42 @@ def match_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
     return f_s, f_t
 
 
-
 def _attention(f: Tensor, p: float) -> Tensor:
     return F.normalize(f.pow(p).mean(1).reshape(f.shape[0], -1))
 
 
-def at_loss(f_s: Tensor, f_t: Tensor, p: float = 2.0) -> Tensor:
+def _reduce_positions(sq: Tensor, reduction: str) -> Tensor:
+    """Squared differences (B, ...) -> their mean over everything (exactly ``.mean()``), the sum over the
+    batch of the per-sample means, or the per-sample means (B,)."""
+    if reduction == "mean":
+        return sq.mean()
+    return _checks.reduce_samples(sq.flatten(1).mean(1), reduction)
+
+
+def at_loss(f_s: Tensor, f_t: Tensor, p: float = 2.0, *, reduction: Reduction = "mean") -> Tensor:
     """Attention transfer (Zagoruyko & Komodakis 2017), mdistiller's form, for one feature pair.
 
-    f_s: (B, Cs, Hs, Ws), f_t: (B, Ct, Ht, Wt) -> scalar; the larger map is adaptive-average-pooled to the
-    smaller size. ``at(f) = normalize(f.pow(p).mean(1).view(B, -1))``; loss = ``(at(f_s) - at(f_t)).pow(2).mean()``.
+    f_s: (B, Cs, Hs, Ws), f_t: (B, Ct, Ht, Wt) -> scalar, or (B,) with ``reduction="none"``; the larger map is
+    adaptive-average-pooled to the smaller size. ``at(f) = normalize(f.pow(p).mean(1).view(B, -1))``;
+    loss = ``(at(f_s) - at(f_t)).pow(2).mean()`` (per sample: the mean over the H·W positions).
     """
     _check_maps(f_s, f_t)
     _checks.check_positive("p", p)
+    _checks.check_reduction(reduction)
     f_s, f_t = match_spatial(f_s, f_t)
-    return (_attention(f_s, p) - _attention(f_t, p)).pow(2).mean()
+    return _reduce_positions((_attention(f_s, p) - _attention(f_t, p)).pow(2), reduction)
 
 
-def fitnet_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
+def fitnet_loss(f_s: Tensor, f_t: Tensor, *, reduction: Reduction = "mean") -> Tensor:
     """FitNets hint loss: ``MSE(f_s, f_t)`` (mean over all elements) after :func:`match_spatial`.
 
     f_s: (B, C, Hs, Ws) (the student's map already projected to the teacher's C channels), f_t: (B, C, Ht, Wt)
-    -> scalar.
+    -> scalar, or (B,) with ``reduction="none"`` (per sample: the mean over C·H·W).
     """
     _check_maps(f_s, f_t)
     _checks.check_same_size("f_s", f_s, "f_t", f_t, (1,), "channels (project the student first)")
+    _checks.check_reduction(reduction)
     f_s, f_t = match_spatial(f_s, f_t)
-    return F.mse_loss(f_s, f_t)
+    if reduction == "mean":
+        return F.mse_loss(f_s, f_t)
+    return _reduce_positions((f_s - f_t).square(), reduction)

@@ -15,6 +15,7 @@ The logit and feature KD losses (``kd_loss``, ``lskd_loss``, ``dkd_loss``, ``dis
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,14 @@ __all__ = [
 ]
 
 FeaturePairs = Tensor | Sequence[Tensor]
+# The choices of the public signatures (the tuples they are checked against: ops.alignment_stats.MODES,
+# ops._backend.BACKENDS, ops.patch_alignment_stats.REDUCTIONS + "mix", PATCH_RESIZE below).
+CKAMode = Literal["centered", "debiased", "uncentered"]
+HSICMode = Literal["biased", "unbiased"]
+Backend = Literal["auto", "torch", "triton"]
+PatchProblems = Literal["channel", "batch", "spatial"]
+PatchReduce = Literal["channel", "batch", "spatial", "mix"]
+PatchResize = Literal["nearest", "ceil"]
 _BATCHED_SHAPE = "(n, d) or batched (b, n, d)"
 _FLATTEN_HINT = "the losses (cka_loss, rcka_loss) flatten feature maps (B, C, H, W) to (B, C·H·W)"
 # Largest patch count the fused Triton patch kernel handles; larger problems use the torch path.
@@ -112,7 +121,7 @@ def _out_dtype(*tensors: Tensor) -> torch.dtype:
     return _checks.accumulation_dtype(*tensors)
 
 
-def centered_gram(x: Tensor, *, backend: str = "auto") -> Tensor:
+def centered_gram(x: Tensor, *, backend: Backend = "auto") -> Tensor:
     """Centered linear Gram H X Xᵀ H, computed as Xc Xcᵀ with the features centered first.
 
     x: (n, d) -> (n, n) or (b, n, d) -> (b, n, n); fp32 result for fp16/bf16/fp32 input (fp64 for fp64).
@@ -125,7 +134,7 @@ def centered_gram(x: Tensor, *, backend: str = "auto") -> Tensor:
     return k if batched else k[0]
 
 
-def hsic(x: Tensor, y: Tensor, *, mode: str = "biased", backend: str = "auto") -> Tensor:
+def hsic(x: Tensor, y: Tensor, *, mode: HSICMode = "biased", backend: Backend = "auto") -> Tensor:
     """HSIC with linear kernels between x (n, dx) and y (n, dy); batched inputs (b, n, d) give (b,).
 
     biased:   tr(K H L H) / (n-1)²                         (n >= 2)
@@ -144,7 +153,7 @@ def hsic(x: Tensor, y: Tensor, *, mode: str = "biased", backend: str = "auto") -
     return value if batched else value[0]
 
 
-def cka(x: Tensor, y: Tensor, *, mode: str = "centered", backend: str = "auto") -> Tensor:
+def cka(x: Tensor, y: Tensor, *, mode: CKAMode = "centered", backend: Backend = "auto") -> Tensor:
     """Linear CKA similarity in [0, 1] between x (n, dx) and y (n, dy); (b, n, d) inputs give (b,).
 
     mode: "centered" (the paper's CKA, default), "debiased" (U-centered, Kornblith's unbiased form, may be
@@ -189,7 +198,7 @@ def _pairs(feats_s: FeaturePairs, feats_t: FeaturePairs, names: tuple[str, str])
     return [_flatten_pair(-1 if single else i, s, t, names) for i, (s, t) in enumerate(pairs)]
 
 
-def cka_loss(x: FeaturePairs, y: FeaturePairs, *, mode: str = "centered", backend: str = "auto") -> Tensor:
+def cka_loss(x: FeaturePairs, y: FeaturePairs, *, mode: CKAMode = "centered", backend: Backend = "auto") -> Tensor:
     """1 - CKA between features flattened to (n, -1); a list of (x_i, y_i) pairs gives Σ_i (1 - CKA_i).
 
     x: student features, y: teacher features (any rank, same batch size n).
@@ -218,7 +227,7 @@ def _check_resize(resize: str) -> None:
         raise ValueError(f"resize must be one of {', '.join(map(repr, PATCH_RESIZE))}; got {resize!r}")
 
 
-def patch_grid(hw: Sequence[int], patch_size: int | Sequence[int], resize: str = "nearest") -> tuple[int, int]:
+def patch_grid(hw: Sequence[int], patch_size: int | Sequence[int], resize: PatchResize = "nearest") -> tuple[int, int]:
     """(H', W'): the size an (H, W) map is bilinearly resized to before it is cut into patches.
 
     ``"nearest"``: each side to the nearest multiple of the patch (at least one patch); ``"ceil"``: up to the
@@ -232,7 +241,7 @@ def patch_grid(hw: Sequence[int], patch_size: int | Sequence[int], resize: str =
 
 
 def fit_patch_size(
-    hw: Sequence[int], patch_size: int | Sequence[int], *, mode: str = "centered", resize: str = "nearest"
+    hw: Sequence[int], patch_size: int | Sequence[int], *, mode: CKAMode = "centered", resize: PatchResize = "nearest"
 ) -> tuple[int, int]:
     """The patch used on an (H, W) map: ``patch_size`` itself when the map, resized by ``resize``, holds at
     least ``MIN_PATCHES[mode]`` patches (the authors never change the patch); otherwise the larger side of
@@ -279,10 +288,10 @@ def patch_cka(
     f_t: Tensor,
     *,
     patch_size: int | tuple[int, int] = (16, 16),
-    reduce: str = "channel",
-    mode: str = "centered",
-    backend: str = "auto",
-    resize: str = "nearest",
+    reduce: PatchProblems = "channel",
+    mode: CKAMode = "centered",
+    backend: Backend = "auto",
+    resize: PatchResize = "nearest",
 ) -> Tensor:
     """Per-problem CKA values (G,) of one level (B, C, H, W) cut into patches (PCKA, Zhou et al., IJCAI 2024).
 
@@ -311,10 +320,10 @@ def patch_cka_loss(
     f_t: FeaturePairs,
     *,
     patch_size: int | tuple[int, int] = (16, 16),
-    reduce: str = "channel",
-    mode: str = "centered",
-    backend: str = "auto",
-    resize: str = "nearest",
+    reduce: PatchReduce = "channel",
+    mode: CKAMode = "centered",
+    backend: Backend = "auto",
+    resize: PatchResize = "nearest",
 ) -> Tensor:
     """PCKA loss: mean over problems of (1 - CKA), summed over feature levels (lists of (B, C, H, W)).
 
@@ -413,11 +422,11 @@ def rcka_loss(
     *,
     alpha: float = 5.0,
     beta: float = 5.0,
-    mode: str = "centered",
+    mode: CKAMode = "centered",
     with_l2_norm: bool = False,
     soften: bool = False,
     temperature: float | None = None,
-    backend: str = "auto",
+    backend: Backend = "auto",
     return_parts: bool = False,
 ) -> Tensor | dict[str, Tensor]:
     """RCKA distillation loss (Zhou et al., IJCAI 2024, Eq. 4-8, without the CE term).
@@ -467,11 +476,11 @@ def lcka_loss(
     logits_t: Tensor,
     *,
     beta: float = 1.0,
-    mode: str = "centered",
+    mode: CKAMode = "centered",
     with_l2_norm: bool = False,
     soften: bool = False,
     temperature: float | None = None,
-    backend: str = "auto",
+    backend: Backend = "auto",
     return_parts: bool = False,
 ) -> Tensor | dict[str, Tensor]:
     """Logit CKA, the logit part of :func:`rcka_loss`: ``beta · [(1 - CKA(z_s, z_t)) + (1 - CKA(z_sᵀ, z_tᵀ))]``.
@@ -495,7 +504,7 @@ def lcka_loss(
     return loss
 
 
-def mmd_loss(x: FeaturePairs, y: FeaturePairs, *, backend: str = "auto") -> Tensor:
+def mmd_loss(x: FeaturePairs, y: FeaturePairs, *, backend: Backend = "auto") -> Tensor:
     """The MMD (Jensen-bound) term of RCKA's Theorem 2 (Zhou et al., IJCAI 2024), its "MMD" baseline.
 
     N²·(E_ij⟨x̂_i, x̂_j⟩ - E_ij⟨ŷ_i, ŷ_j⟩)² with rows scaled as in its Appendix C.2,

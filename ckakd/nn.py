@@ -12,21 +12,180 @@ from torch import Tensor, nn
 
 from ckakd import _checks
 from ckakd import functional as F_
+from ckakd._checks import Reduction, renamed_arguments
+from ckakd.functional import Backend, CKAMode, PatchReduce, PatchResize
 from ckakd.ops import _backend
 from ckakd.ops.alignment_stats import MODES
 from ckakd.ops.patch_alignment_stats import REDUCTIONS
-from ckakd.wasserstein import COVARIANCES, wkd_feature_loss
-from ckakd.wkd import check_cost, check_solver_args, wkd_logit_loss
+from ckakd.wasserstein import COVARIANCES, Covariance, wkd_feature_loss
+from ckakd.wkd import SinkhornBackend, check_cost, check_solver_args, wkd_logit_loss
 
 ArrayLike = Any  # numpy arrays, nested sequences of numbers
 
-__all__ = ["CKALoss", "PatchCKALoss", "RCKALoss", "MMDLoss", "WKDLogitLoss", "WKDFeatureLoss"]
+__all__ = [
+    "KDLoss",
+    "LSKDLoss",
+    "DKDLoss",
+    "DISTLoss",
+    "ATLoss",
+    "FitNetLoss",
+    "CKALoss",
+    "PatchCKALoss",
+    "RCKALoss",
+    "MMDLoss",
+    "WKDLogitLoss",
+    "WKDFeatureLoss",
+]
+
+
+class KDLoss(nn.Module):
+    """Hinton KD: weight · ``KL(p_t ‖ p_s) · T²``, ``p = softmax(z / temperature)``. See ``ckakd.kd_loss``.
+
+    ``forward(z_s, z_t)`` with (B, K) logits -> scalar, or (B,) with ``reduction="none"``. mdistiller's CIFAR
+    setting: temperature 4, weight 0.9 (CE 0.1). ``standardize=True``: logit-standardized KD (:class:`LSKDLoss`).
+    """
+
+    @renamed_arguments(T="temperature")
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        temperature: float = 4.0,
+        standardize: bool = False,
+        reduction: Reduction = "mean",
+    ) -> None:
+        super().__init__()
+        self.weight = _checks.check_weight("weight", weight)
+        self.temperature = _checks.check_positive("temperature", temperature)
+        self.standardize = _checks.check_bool("standardize", standardize)
+        self.reduction = _checks.check_reduction(reduction)
+
+    def forward(self, z_s: Tensor, z_t: Tensor) -> Tensor:
+        loss = F_.kd_loss(z_s, z_t, self.temperature, standardize=self.standardize, reduction=self.reduction)
+        return self.weight * loss
+
+    def extra_repr(self) -> str:
+        extra = ", standardize=True" if self.standardize else ""
+        return f"weight={self.weight}, temperature={self.temperature}{extra}, reduction={self.reduction!r}"
+
+
+class LSKDLoss(KDLoss):
+    """Logit-standardized KD (Sun et al. 2024): :class:`KDLoss` with ``standardize=True``; the paper's setting is
+    temperature 2 and weight 9. See ``ckakd.lskd_loss``."""
+
+    @renamed_arguments(T="temperature")
+    def __init__(self, weight: float = 1.0, *, temperature: float = 2.0, reduction: Reduction = "mean") -> None:
+        super().__init__(weight, temperature=temperature, standardize=True, reduction=reduction)
+
+
+class DKDLoss(nn.Module):
+    """Decoupled KD (Zhao et al. 2022): ``alpha · TCKD + beta · NCKD`` (· T²). See ``ckakd.dkd_loss``.
+
+    ``forward(z_s, z_t, target)``: (B, K) logits and (B,) integer labels -> scalar, or (B,) with
+    ``reduction="none"``. mdistiller's CIFAR setting: alpha 1, beta 8, temperature 4 (and a linear warmup of
+    the loss over the first 20 epochs, which is the trainer's ``dkd`` distiller's job).
+    """
+
+    @renamed_arguments(T="temperature")
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        *,
+        temperature: float = 4.0,
+        reduction: Reduction = "mean",
+    ) -> None:
+        super().__init__()
+        self.alpha = _checks.check_real("alpha", alpha)
+        self.beta = _checks.check_real("beta", beta)
+        self.temperature = _checks.check_positive("temperature", temperature)
+        self.reduction = _checks.check_reduction(reduction)
+
+    def forward(self, z_s: Tensor, z_t: Tensor, target: Tensor) -> Tensor:
+        return F_.dkd_loss(z_s, z_t, target, self.alpha, self.beta, self.temperature, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+class DISTLoss(nn.Module):
+    """DIST (Huang et al. 2022): ``T² · [beta · inter + gamma · intra]`` Pearson relations. See ``ckakd.dist_loss``
+    (what ``reduction="none"`` means for its batch-level intra-class term).
+
+    ``forward(z_s, z_t)`` with (B, K) logits. The paper's setting: beta = gamma = 1, temperature 4 on CIFAR-100,
+    1 on ImageNet.
+    """
+
+    @renamed_arguments(T="temperature")
+    def __init__(
+        self,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        *,
+        temperature: float = 1.0,
+        reduction: Reduction = "mean",
+    ) -> None:
+        super().__init__()
+        self.beta = _checks.check_real("beta", beta)
+        self.gamma = _checks.check_real("gamma", gamma)
+        self.temperature = _checks.check_positive("temperature", temperature)
+        self.reduction = _checks.check_reduction(reduction)
+
+    def forward(self, z_s: Tensor, z_t: Tensor) -> Tensor:
+        return F_.dist_loss(z_s, z_t, self.beta, self.gamma, self.temperature, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+class ATLoss(nn.Module):
+    """Attention transfer (Zagoruyko & Komodakis 2017): weight · Σ_pairs ``at_loss(f_s, f_t, p)``.
+
+    ``forward(f_s, f_t)``: one (B, C, H, W) pair or equal-length lists of them (summed; maps of different sizes
+    are pooled to the smaller). mdistiller's setting: weight 1000, p 2. See ``ckakd.at_loss``.
+    """
+
+    def __init__(self, weight: float = 1.0, *, p: float = 2.0, reduction: Reduction = "mean") -> None:
+        super().__init__()
+        self.weight = _checks.check_weight("weight", weight)
+        self.p = _checks.check_positive("p", p)
+        self.reduction = _checks.check_reduction(reduction)
+
+    def forward(self, f_s, f_t) -> Tensor:
+        total = None
+        for s, t in _checks.as_pairs("f_s", f_s, "f_t", f_t):
+            term = F_.at_loss(s, t, self.p, reduction=self.reduction)
+            total = term if total is None else total + term
+        return self.weight * total
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, p={self.p}, reduction={self.reduction!r}"
+
+
+class FitNetLoss(nn.Module):
+    """FitNets hint: weight · Σ_pairs MSE(f_s, f_t) of maps with the teacher's channels (project the student
+    first; a projector is the user's trainable module). See ``ckakd.fitnet_loss``."""
+
+    def __init__(self, weight: float = 1.0, *, reduction: Reduction = "mean") -> None:
+        super().__init__()
+        self.weight = _checks.check_weight("weight", weight)
+        self.reduction = _checks.check_reduction(reduction)
+
+    def forward(self, f_s, f_t) -> Tensor:
+        total = None
+        for s, t in _checks.as_pairs("f_s", f_s, "f_t", f_t):
+            term = F_.fitnet_loss(s, t, reduction=self.reduction)
+            total = term if total is None else total + term
+        return self.weight * total
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, reduction={self.reduction!r}"
 
 
 class CKALoss(nn.Module):
     """weight · Σ_pairs (1 - CKA(x, y)) on features flattened to (B, -1). See ``ckakd.cka_loss``."""
 
-    def __init__(self, weight: float = 1.0, *, mode: str = "centered", backend: str = "auto") -> None:
+    def __init__(self, weight: float = 1.0, *, mode: CKAMode = "centered", backend: Backend = "auto") -> None:
         super().__init__()
         self.weight = _checks.check_weight("weight", weight)
         self.mode = _checks.check_choice("mode", mode, MODES)
@@ -51,10 +210,10 @@ class PatchCKALoss(nn.Module):
         weight: float = 10.0,
         *,
         patch_size: int | tuple[int, int] = (16, 16),
-        reduce: str = "channel",
-        mode: str = "centered",
-        resize: str | None = None,
-        backend: str = "auto",
+        reduce: PatchReduce = "channel",
+        mode: CKAMode = "centered",
+        resize: PatchResize | None = None,
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         self.weight = _checks.check_weight("weight", weight)
@@ -96,11 +255,11 @@ class RCKALoss(nn.Module):
         alpha: float = 5.0,
         beta: float = 5.0,
         *,
-        mode: str = "centered",
+        mode: CKAMode = "centered",
         with_l2_norm: bool = False,
         soften: bool = False,
         temperature: float | None = None,
-        backend: str = "auto",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         self.alpha = _checks.check_weight("alpha", alpha)
@@ -134,7 +293,7 @@ class RCKALoss(nn.Module):
 class MMDLoss(nn.Module):
     """weight · the MMD term of Theorem 2 of Zhou et al. (IJCAI 2024), their MMD baseline. See ``ckakd.mmd_loss``."""
 
-    def __init__(self, weight: float = 1.0, *, backend: str = "auto") -> None:
+    def __init__(self, weight: float = 1.0, *, backend: Backend = "auto") -> None:
         super().__init__()
         self.weight = _checks.check_weight("weight", weight)
         self.backend = _checks.check_choice("backend", backend, _backend.BACKENDS)
@@ -145,6 +304,9 @@ class MMDLoss(nn.Module):
 
 class WKDLogitLoss(nn.Module):
     """WKD-L: loss_t + gamma · WD over the class cost (a buffer, so it follows ``.to(device)``).
+
+    The cost's values are checked here, once: ``forward`` has no host sync and compiles with
+    ``torch.compile(fullgraph=True)``.
 
     ``forward(logits_s, logits_t, target=None)``; with ``target`` the target class is separated (WKD's
     default). See ``ckakd.wkd_logit_loss``. Public-code settings: CIFAR-100 T=8, gamma=600; ImageNet T=2,
@@ -163,7 +325,8 @@ class WKDLogitLoss(nn.Module):
         eps: float = 0.05,
         iters: int = 10,
         tol: float | None = None,
-        backend: str = "auto",
+        backend: SinkhornBackend = "auto",
+        reduction: Reduction = "mean",
     ) -> None:
         super().__init__()
         cost = _checks.to_float_tensor("cost", cost)
@@ -174,6 +337,7 @@ class WKDLogitLoss(nn.Module):
         check_solver_args(eps, iters, tol, 1000)
         self.eps, self.iters, self.tol = float(eps), int(iters), None if tol is None else float(tol)
         self.backend = _checks.check_choice("backend", backend, _backend.SINKHORN_BACKENDS)
+        self.reduction = _checks.check_reduction(reduction)
 
     def forward(self, logits_s: Tensor, logits_t: Tensor, target: Tensor | None = None) -> Tensor:
         return wkd_logit_loss(
@@ -187,6 +351,7 @@ class WKDLogitLoss(nn.Module):
             gamma=self.gamma,
             tol=self.tol,
             backend=self.backend,
+            reduction=self.reduction,
         )
 
     def extra_repr(self) -> str:
@@ -209,8 +374,9 @@ class WKDFeatureLoss(nn.Module):
         *,
         grid: int | tuple[int, int] = 1,
         mean_weight: float = 2.0,
-        cov: str = "diag",
+        cov: Covariance = "diag",
         eps: float = 1e-5,
+        reduction: Reduction = "mean",
     ) -> None:
         super().__init__()
         self.weight = _checks.check_weight("weight", weight)
@@ -218,10 +384,11 @@ class WKDFeatureLoss(nn.Module):
         self.mean_weight = _checks.check_weight("mean_weight", mean_weight)
         self.cov = _checks.check_choice("cov", cov, COVARIANCES)
         self.eps = _checks.check_real("eps", eps, minimum=0.0)
+        self.reduction = _checks.check_reduction(reduction)
 
     def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
         return self.weight * wkd_feature_loss(
-            f_s, f_t, grid=self.grid, mean_weight=self.mean_weight, cov=self.cov, eps=self.eps
+            f_s, f_t, grid=self.grid, mean_weight=self.mean_weight, cov=self.cov, eps=self.eps, reduction=self.reduction
         )
 
     def extra_repr(self) -> str:

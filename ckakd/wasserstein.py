@@ -9,16 +9,20 @@ Gaussians with diagonal or full covariances.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from ckakd import _checks
+from ckakd._checks import Reduction
 from ckakd.ops._gram_primitives import pow2_scale
 from ckakd.ops.sqrtm_psd import SqrtmPSD, sqrtm_psd
 
 __all__ = ["sqrtm_psd", "gaussian_wasserstein", "wkd_feature_loss"]
 
 COVARIANCES = ("diag", "full")
+Covariance = Literal["diag", "full"]
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
@@ -162,8 +166,9 @@ def wkd_feature_loss(
     *,
     grid: int | tuple[int, int] = 1,
     mean_weight: float = 2.0,
-    cov: str = "diag",
+    cov: Covariance = "diag",
     eps: float = 1e-5,
+    reduction: Reduction = "mean",
 ) -> Tensor:
     """WKD-F: Wasserstein distance between per-cell Gaussians of student and teacher feature maps.
 
@@ -182,11 +187,14 @@ def wkd_feature_loss(
     or tiny features work (inf only where the loss exceeds the output dtype; finite gradients for
     |f| < 2^64 in fp32). The caller applies the loss weight γ_F; the WKD public code uses
     γ_F=0.08, mean_weight=4, grid=1 on CIFAR-100 and γ_F=0.02, mean_weight=2, grid=4 on ImageNet.
+    ``reduction``: "mean" (default), "sum" over the batch, or "none": the (B,) per-sample losses (the mean over
+    the sample's cells), whose mean is the "mean" value.
     """
     _checks.check_feature_map_pair(f_s, f_t)
     _checks.check_choice("cov", cov, COVARIANCES)
     mean_weight = _checks.check_weight("mean_weight", mean_weight)
     eps = _checks.check_real("eps", eps, minimum=0.0)
+    _checks.check_reduction(reduction)
     gh, gw = _grid_pair(grid)
     if f_s.shape[0] == 0 or f_s.shape[1] == 0:
         raise ValueError(f"f_s and f_t must have B >= 1 and C >= 1, got an empty batch {tuple(f_s.shape)}")
@@ -223,4 +231,7 @@ def wkd_feature_loss(
         else:
             cov_term = (_safe_sqrt(cov_s) - _safe_sqrt(cov_t)).square().sum(-1)
         # scaled back in float64: exact, inf only where the loss itself overflows the output dtype
-        return ((mean_weight * mean_term + cov_term).to(torch.float64) * c2).mean().to(acc)
+        terms = (mean_weight * mean_term + cov_term).to(torch.float64) * c2  # (B, G)
+        if reduction == "mean":
+            return terms.mean().to(acc)
+        return _checks.reduce_samples(terms.mean(1), reduction).to(acc)

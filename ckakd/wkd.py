@@ -6,22 +6,32 @@ student and teacher predictions, optionally with target separation (the target c
 cross-entropy-like term, the remaining C−1 classes by WD), exactly as the WKD public code computes it but
 without its per-sample (C−1)×(C−1) cost copies: the target class gets zero mass in the shared C×C problem,
 which is the same problem (its row and column of the plan are zero, and the other classes keep their costs).
+
+Under ``torch.compile`` both trace into one graph (``fullgraph=True``): the cost's values are checked once per
+cost tensor (and in-place version) in eager mode, by ``check_cost`` or at the construction of
+``ckakd.nn.WKDLogitLoss``, never inside a traced region (that check is a host sync); shapes, dtypes and devices
+are still checked there, and the extension's backends are resolved outside the graph.
 """
 
 from __future__ import annotations
 
 import weakref
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ckakd import _checks
+from ckakd._checks import Reduction
 from ckakd.ops import _backend
 from ckakd.ops.sinkhorn import VALUES, sinkhorn_fixed, solve_converged
 from ckakd.ops.sinkhorn_fixed import fixed_kernels
 
 __all__ = ["sinkhorn", "wkd_logit_loss"]
+
+SinkhornBackend = Literal["auto", "torch", "cpp", "cuda"]
+SinkhornValue = Literal["transport", "entropic"]
 
 
 def _row_sum_tolerance(dtype: torch.dtype) -> float:
@@ -62,7 +72,9 @@ def _check_histograms(p: Tensor, q: Tensor, validate: bool) -> tuple[Tensor, Ten
 
 def check_cost(cost: Tensor, num_classes: int, device: torch.device) -> None:
     """Refuse a cost that is not a finite, nonnegative (C, C) float matrix on ``device`` with C = ``num_classes``
-    (the value check, a host sync, once per cost tensor and in-place version)."""
+    (the value check, a host sync, once per cost tensor and in-place version in eager mode; skipped while
+    ``torch.compile`` traces: check a cost built in compiled code with a call outside it, as
+    ``ckakd.nn.WKDLogitLoss`` does at construction)."""
     _checks.check_float_tensor("cost", cost)
     if cost.device != device:
         raise ValueError(f"inputs must be on one device, got p on {device}, cost on {cost.device}")
@@ -72,7 +84,7 @@ def check_cost(cost: Tensor, num_classes: int, device: torch.device) -> None:
         raise ValueError(
             f"cost must be ({num_classes}, {num_classes}) to match C={num_classes}, got {tuple(cost.shape)}"
         )
-    if _COST_CACHE.validated(cost):
+    if torch.compiler.is_compiling() or _COST_CACHE.validated(cost):
         return
     if bool((cost < 0).any()) or not bool(torch.isfinite(cost).all()):
         raise ValueError(f"cost must be finite and nonnegative (cost of shape {tuple(cost.shape)})")
@@ -181,9 +193,9 @@ def sinkhorn(
     iters: int = 10,
     tol: float | None = None,
     max_iter: int = 1000,
-    backend: str = "auto",
+    backend: SinkhornBackend = "auto",
     validate: bool = True,
-    value: str = "transport",
+    value: SinkhornValue = "transport",
 ) -> Tensor:
     """Entropic OT transport cost ⟨P, C⟩ between histograms p and q: (C,) -> scalar, (B, C) -> (B,).
 
@@ -229,7 +241,8 @@ def wkd_logit_loss(
     target: Tensor | None = None,
     gamma: float = 1.0,
     tol: float | None = None,
-    backend: str = "auto",
+    backend: SinkhornBackend = "auto",
+    reduction: Reduction = "mean",
 ) -> Tensor:
     """WKD-L: gamma · mean_b WD(softmax(z_s/T), softmax(z_t/T)) over the class cost (C, C).
 
@@ -240,6 +253,8 @@ def wkd_logit_loss(
     epoch 150); ImageNet R34→R18 T=2, gamma=30; eps=0.05, 10 iterations.
     logits: (B, C) with B >= 1; returns a scalar in fp32 (fp64 for fp64 logits), also under autocast, with
     gradients in the logits' dtype. temperature > 0 and gamma >= 0 finite; target: integer labels (B,).
+    ``reduction``: "mean" (default), "sum" over the batch, or "none": the (B,) per-sample losses
+    (loss_t of the sample + gamma · its WD), whose mean is the "mean" value.
     """
     _checks.check_logit_pair("logits_s", logits_s, "logits_t", logits_t, k="C")
     temperature = _checks.check_positive("temperature", temperature)
@@ -247,21 +262,26 @@ def wkd_logit_loss(
     B, C = logits_s.shape
     check_cost(cost, C, logits_s.device)
     check_solver_args(eps, iters, tol, 1000)
+    _checks.check_reduction(reduction)
     work = torch.float64 if torch.float64 in (logits_s.dtype, logits_t.dtype) else torch.float32
     zs, zt = logits_s.to(work), logits_t.to(work)
     if target is None:
         p, q = F.softmax(zs / temperature, dim=1), F.softmax(zt / temperature, dim=1)
-        return gamma * _solve(p, q, cost, eps, iters, tol, 1000, backend).mean()
+        wd = _solve(p, q, cost, eps, iters, tol, 1000, backend)
+        return gamma * wd.mean() if reduction == "mean" else _checks.reduce_samples(gamma * wd, reduction)
 
     _checks.check_labels("target", target, B, C, logits_s.device, f"logits_s {tuple(logits_s.shape)}")
     if C < 3:
         raise ValueError(f"target separation needs at least 3 classes (C - 1 >= 2 for the OT part), got C={C}")
     y = target.long()[:, None]
-    loss_t = -(F.softmax(zt, dim=1).gather(1, y).detach() * F.log_softmax(zs, dim=1).gather(1, y)).mean()
+    loss_t = -(F.softmax(zt, dim=1).gather(1, y).detach() * F.log_softmax(zs, dim=1).gather(1, y))[:, 0]
     keep = torch.ones_like(zs, dtype=torch.bool).scatter_(1, y, False)
     # softmax over the C−1 non-target logits == the target class with zero mass in the C-class problem
     neg_inf = torch.full_like(zs, float("-inf"))
     p = F.softmax(torch.where(keep, zs / temperature, neg_inf), dim=1)
     q = F.softmax(torch.where(keep, zt / temperature, neg_inf), dim=1)
     u0 = keep.to(zs.dtype) / (C - 1)
-    return loss_t + gamma * _solve(p, q, cost, eps, iters, tol, 1000, backend, u0=u0).mean()
+    wd = _solve(p, q, cost, eps, iters, tol, 1000, backend, u0=u0)
+    if reduction == "mean":
+        return loss_t.mean() + gamma * wd.mean()
+    return _checks.reduce_samples(loss_t + gamma * wd, reduction)

@@ -156,21 +156,21 @@ def resolve_sinkhorn(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {', '.join(map(repr, SINKHORN_BACKENDS))}; got {backend!r}")
     if backend == "torch":
         return backend
-    ext = _ext.load()
+    kernels = _ext.kernels()  # "none" | "cpu" | "cuda"; a constant under torch.compile
     on_cuda = device.type == "cuda"
     if backend == "auto":
-        if ext is None:
+        if kernels == "none":
             return "torch"
         if on_cuda:
-            return "cuda" if ext.has_cuda() else "torch"
+            return "cuda" if kernels == "cuda" else "torch"
         return "cpp"
-    if ext is None:
+    if kernels == "none":
         raise RuntimeError(f"backend={backend!r} requested but {_ext.status()[1]}")
     if backend == "cpp" and on_cuda:
         raise ValueError("backend='cpp' runs on CPU tensors; got CUDA tensors (use 'cuda' or 'auto')")
-    if backend == "cuda" and (not on_cuda or not ext.has_cuda()):
+    if backend == "cuda" and (not on_cuda or kernels != "cuda"):
         raise ValueError(
             "backend='cuda' needs CUDA tensors and an extension built with CUDA; "
-            f"tensors on {device}, extension CUDA={ext.has_cuda()}"
+            f"tensors on {device}, extension CUDA={kernels == 'cuda'}"
         )
     return backend

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from ckakd.reference._common import as_dtype
+from ckakd.reference._common import as_dtype, reduce
 
 
 def sqrtm_psd(a: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
@@ -47,18 +47,20 @@ def wkd_feature_loss(
     cov: str = "diag",
     eps: float = 1e-5,
     dtype: torch.dtype | None = None,
+    reduction: str = "mean",
 ) -> Tensor:
     """WKD-F with explicit loops over samples, cells and channels (f: (B, C, H, W)).
 
     Per (sample, cell): μ_c = mean, var_c = unbiased variance (+ eps), loss term
     mean_weight·‖μs - μt‖² + Σ_c (sqrt(var_s) - sqrt(var_t))²  (diag) or
     mean_weight·‖μs - μt‖² + tr(Σs + Σt - 2 (Σs^½ Σt Σs^½)^½)   (full, Σ = XcXcᵀ/(n-1) + eps·I);
-    averaged over samples and cells.
+    averaged over the cells of each sample, then ``reduction`` over the samples.
     """
     f_s, f_t = as_dtype(f_s, dtype), as_dtype(f_t, dtype)
     b, c, h, w = f_s.shape
-    terms = []
+    per_sample = []
     for bi in range(b):
+        terms = []
         for r0, r1 in adaptive_bounds(h, grid):
             for c0, c1 in adaptive_bounds(w, grid):
                 xs = f_s[bi, :, r0:r1, c0:c1].reshape(c, -1)
@@ -79,4 +81,5 @@ def wkd_feature_loss(
                     root = sqrtm_psd(sig_s, dtype=xs.dtype)
                     cov_term = torch.trace(sig_s + sig_t - 2 * sqrtm_psd(root @ sig_t @ root, dtype=xs.dtype))
                 terms.append(mean_weight * mean_term + cov_term)
-    return torch.stack(terms).mean()
+        per_sample.append(torch.stack(terms).sum() / len(terms))
+    return reduce(torch.stack(per_sample), reduction)

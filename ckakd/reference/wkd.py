@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ckakd.reference._common import reduce
+
 
 def sinkhorn_fixed(
     p: Tensor, q: Tensor, cost: Tensor, *, eps: float = 0.05, iters: int = 10, u0: Tensor | None = None
@@ -35,15 +37,17 @@ def wkd_logit_loss_reduced(
     gamma: float,
     eps: float = 0.05,
     iters: int = 10,
+    reduction: str = "mean",
 ) -> Tensor:
     """WKD-L with target separation as the public code formulates it: per-sample (C−1)×(C−1) costs.
 
     loss_t = −mean softmax(z_t)[y]·log_softmax(z_s)[y]; the non-target logits of each sample are
     softened at temperature T over C−1 classes and compared by Sinkhorn with that sample's reduced cost.
+    Per sample loss_t + gamma · WD, then ``reduction`` over the samples.
     """
     n, c = logits_s.shape
     y = target.long()[:, None]
-    loss_t = -(torch.softmax(logits_t, 1).gather(1, y).detach() * torch.log_softmax(logits_s, 1).gather(1, y)).mean()
+    loss_t = -(torch.softmax(logits_t, 1).gather(1, y).detach() * torch.log_softmax(logits_s, 1).gather(1, y))[:, 0]
     mask = torch.ones_like(logits_s, dtype=torch.bool).scatter_(1, y, False)
     zs, zt = logits_s[mask].reshape(n, c - 1), logits_t[mask].reshape(n, c - 1)
     pair = mask[:, :, None] & mask[:, None, :]
@@ -57,7 +61,7 @@ def wkd_logit_loss_reduced(
         v = q / (torch.bmm(k.transpose(1, 2), u) + 1e-8)
         u = p / (torch.bmm(k, v) + 1e-8)
     plan = u * k * v.transpose(1, 2)
-    return loss_t + gamma * (plan * costs).sum(dim=(1, 2)).mean()
+    return reduce(loss_t + gamma * (plan * costs).sum(dim=(1, 2)), reduction)
 
 
 def entropic_ot(p: Tensor, q: Tensor, cost: Tensor, eps: float, *, max_iter: int = 100000) -> Tensor:
