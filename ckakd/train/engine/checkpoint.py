@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import os
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from ..fileio import atomic_write_bytes
 from ..schema import plain
 from ..state_dicts import compare_state_dict
 from .seeding import set_rng_state
-from .settings import TrainSettings
+from .settings import KEYWORDS, RECORD_V1, SECTIONS, TrainSettings
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -43,12 +44,13 @@ CHECKPOINT_FORMAT = "ckakd.train.checkpoint/v1"
 # Every other field (optimizer, schedule, seed, AMP, ...) shaped the epochs already run: a change is refused.
 RESUME_MAY_CHANGE = (
     "epochs", "out_dir", "device", "progress", "log_every", "eval_every", "save_every", "tensorboard", "resume",
-    "config", "find_unused_parameters",
+    "config", "find_unused_parameters", "channels_last", "compile",
 )  # fmt: skip
 # the same for the dotted keys of a ckakd config (``settings.config``); the rest must be as in the checkpoint
 CONFIG_MAY_CHANGE = (
-    "run.name", "run.out_dir", "run.device", "run.progress", "run.tensorboard", "train.log_every",
-    "train.eval_every", "train.save_every", "schedule.epochs",
+    "run.name", "run.out_dir", "run.device", "run.progress", "run.tensorboard", "run.wandb.mode", "run.wandb.project",
+    "run.wandb.name", "run.wandb.dir", "run.wandb.tags", "run.wandb.entity", "train.log_every",
+    "train.eval_every", "train.save_every", "schedule.epochs", "train.channels_last", "train.compile",
 )  # fmt: skip
 
 
@@ -148,6 +150,17 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 _UNSET = "<unset>"
 
 
+def _with_new_defaults(old_flat: dict[str, Any], settings: TrainSettings) -> dict[str, Any]:
+    """A checkpoint's flattened config with the run / optim / schedule / train keys added since it was written
+    (absent from it, nothing under them either) at their defaults: such a checkpoint ran with those."""
+    defaults = _flatten({name: plain(dataclasses.asdict(type(getattr(settings, name))())) for name in SECTIONS})
+    out = dict(old_flat)
+    for key, value in defaults.items():
+        if key not in out and not any(k.startswith(key + ".") for k in old_flat):
+            out[key] = value
+    return out
+
+
 def check_resume(
     path: str | os.PathLike,
     settings: TrainSettings,
@@ -179,7 +192,7 @@ def check_resume(
     by_config = isinstance(old_cfg, Mapping) and isinstance(new_cfg, Mapping)
     conflicts: list[str] = []
     if by_config:
-        old_flat, new_flat = _flatten(old_cfg), _flatten(plain(new_cfg))
+        old_flat, new_flat = _with_new_defaults(_flatten(old_cfg), settings), _flatten(plain(new_cfg))
         for key in sorted(set(old_flat) | set(new_flat)):
             if key in CONFIG_MAY_CHANGE:
                 continue
@@ -187,11 +200,12 @@ def check_resume(
             if a != b:
                 conflicts.append(f"{key}: checkpoint {a!r}, this run {b!r}")
     else:
-        for key in new_settings:
-            if key in RESUME_MAY_CHANGE or key not in old_settings:
+        for key in dict.fromkeys([*new_settings, *old_settings]):
+            if key in RESUME_MAY_CHANGE or key not in KEYWORDS or (key in RECORD_V1 and key not in old_settings):
                 continue
-            if old_settings[key] != new_settings[key]:
-                conflicts.append(f"{key}: checkpoint {old_settings[key]!r}, this run {new_settings[key]!r}")
+            a, b = old_settings.get(key, settings.default(key)), new_settings.get(key, settings.default(key))
+            if a != b:  # a newer keyword is in a record only away from its default
+                conflicts.append(f"{key}: checkpoint {a!r}, this run {b!r}")
         ident = ckpt.get("model_identity")
         if model is not None and isinstance(ident, Mapping) and dict(ident) != model_identity(model):
             conflicts.append(

@@ -4,25 +4,25 @@
 -> (logits, {name: loss})``; the total loss is the sum of the dict, the optimizer gets its
 ``learnable_parameters()``) or a plain classifier (cross-entropy, loss key ``"ce"``: teacher training).
 
-Per epoch it reseeds the loaders from ``(seed, epoch)``, trains with optional AMP and gradient clipping,
-evaluates, logs the teacher–student CKA of ``cka_pairs`` on a fixed validation subset, appends a row to
-``metrics.csv`` / ``metrics.jsonl`` (with what the ``callbacks`` return) and writes ``latest.pt`` / ``best.pt``
-atomically. Training batches may be multi-view (``({view: Tensor}, y)``, see
-:class:`~ckakd.train.data.MultiView`) for distillers that take them. ``resume=True``
-continues from ``out_dir/latest.pt`` (in deterministic mode bitwise-identically to an uninterrupted run).
-Under ``torchrun`` (``WORLD_SIZE > 1``) it runs DDP; only rank 0 writes files.
+Per epoch it reseeds the loaders from ``(seed, epoch)``, trains (AMP, gradient clipping and accumulation,
+channels-last, ``torch.compile``, as set), evaluates, logs the teacher–student CKA of ``cka_pairs`` on a fixed
+validation subset, appends a row to ``metrics.csv`` / ``metrics.jsonl`` (with what the ``callbacks`` return) and
+writes ``latest.pt`` / ``best.pt`` atomically. Training batches may be multi-view (``({view: Tensor}, y)``, see
+:class:`~ckakd.train.data.MultiView`). ``resume=True`` continues from ``out_dir/latest.pt`` (in deterministic mode
+bitwise-identically to an uninterrupted run). Under ``torchrun`` (``WORLD_SIZE > 1``) it runs DDP; rank 0 writes.
 
 What a batch is, how the training forward is called and how validation is scored is a *task*
 (:class:`ClassificationTask` by default: ``(x, y)`` batches, top-1; the detection trainer passes
 ``ckakd.detection.task.DetectionTask``: ``(images, targets, sizes)`` batches, COCO AP). Everything else
-(optimizer, schedule and step warmup, AMP, clipping, DDP, checkpoints, resume, logs, plots, callbacks, CKA) is
-shared.
+(optimizer, schedule, warmup, AMP, clipping, DDP, checkpoints, resume, logs, plots, callbacks, CKA) is shared.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,16 +37,19 @@ from torch.utils.data import DataLoader
 from .. import distributed as dist
 from ..fileio import OutputError
 from ..schema import plain
-from .callbacks import TrainerCallback, check_callbacks, run_epoch_callbacks
+from .callbacks import StepMeter, TrainerCallback, call_hook, check_callbacks, run_epoch_callbacks
 from .checkpoint import check_resume, clone_cpu, extra_of, model_identity, restore_training, save_checkpoint, student_of
 from .cka_probe import CKA_MAX_IMAGES, check_cka_paths, collect_images, measure_cka
 from .curves import plot_curves
 from .device import autocast, collective_device, resolve_device
-from .loaders import distributed_loader, reseed_loader, wrap_ddp
+from .loaders import distributed_loader, pin_for, reseed_loader, wrap_ddp
+from .loggers import loggers_for
 from .metrics_log import check_output_paths, fit_summary, log_message, logger, write_metrics_files
-from .schedule import apply_step_warmup, build_optimizer, lr_factor
+from .optim import accumulated_step, trainable_names, trainable_parameters
+from .schedule import apply_step_warmup, build_optimizer, build_scheduler, step_scheduler
 from .seeding import rng_state, seed_everything
 from .settings import AMP_DTYPES, TrainSettings
+from .speed import channels_last, compile_student, compiled_call
 from .task import ClassificationTask, Task, TrainStep, missing_task_members
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerCallback"]
@@ -107,23 +110,21 @@ class Trainer:
 
         # --- model, optimizer, schedule, AMP
         self.model = model.to(self.device)
+        if s.train.channels_last:
+            self.model = model.to(memory_format=torch.channels_last)
         self.student = student_of(model)
+        if s.train.compile:
+            compile_student(self.student)
         self.is_distiller = callable(getattr(model, "forward_train", None))
-        learnable = model.learnable_parameters() if hasattr(model, "learnable_parameters") else model.parameters()
-        seen: set[int] = set()
-        self.params: list[nn.Parameter] = []
-        for p in learnable:
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                self.params.append(p)
-        if not self.params:
-            raise ValueError(f"{type(model).__name__} has no trainable parameters")
-        self.optimizer: torch.optim.Optimizer = build_optimizer(self.params, s)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(s, e))
+        self.params: list[nn.Parameter] = trainable_parameters(model)
+        names = trainable_names(model, self.params) if s.optim.param_groups else None
+        self.optimizer: torch.optim.Optimizer = build_optimizer(self.params, s, names)
+        self.scheduler = build_scheduler(self.optimizer, s)
         use_scaler = bool(s.run.amp) and AMP_DTYPES[s.run.amp_dtype] == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
 
-        # --- loaders
+        # --- loaders (pinned memory on a GPU)
+        train_loader, val_loader = pin_for(train_loader, self.device), pin_for(val_loader, self.device)
         self.train_loader = self._distributed_loader(train_loader, train=True) if self.distributed else train_loader
         self.val_loader = (
             self._distributed_loader(val_loader, train=False)
@@ -152,17 +153,8 @@ class Trainer:
                 if self.is_main:
                     self._cka_images = collect_images(val_loader, CKA_MAX_IMAGES, self.task)
 
-        # --- logging outputs
-        self._tb = None
-        if s.run.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise ImportError(
-                    f"tensorboard=True needs the `tensorboard` package ({exc}); install it or set tensorboard=False"
-                ) from exc
-            if self.is_main:
-                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+        # --- loggers of run.tensorboard / run.wandb (their libraries import now: a missing one stops here)
+        self.callbacks += loggers_for(s.run)
 
         self.history: list[dict] = []
         self.best_value: float | None = None  # best validation ``task.metric`` so far
@@ -170,6 +162,7 @@ class Trainer:
         self.start_epoch = 0
         self._pending: dict | None = None  # last good epoch's state when it was not written to latest.pt
         self._global_step = 0  # optimizer steps taken over the whole run (resumed ones included)
+        self.images_per_s: float | None = None  # the last epoch's training throughput (all ranks)
 
     # ------------------------------------------------------------------ loaders
 
@@ -180,6 +173,11 @@ class Trainer:
     def _reseed_loader(self, loader: Any, epoch: int) -> None:
         """Make epoch ``epoch``'s order and augmentations depend only on (seed, epoch[, rank])."""
         reseed_loader(loader, epoch, seed=self.settings.run.seed, rank=self.rank)
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken over the whole run (resumed ones included)."""
+        return self._global_step
 
     @property
     def best_top1(self) -> float | None:
@@ -289,36 +287,41 @@ class Trainer:
             desc=f"epoch {epoch + 1}/{s.schedule.epochs}",
             leave=False,
             dynamic_ncols=True,
-            disable=not (s.run.progress and self.is_main),
+            disable=not (s.run.progress and self.is_main and sys.stderr.isatty()),  # else one line per epoch
         )
         term_sums: dict[str, list[float]] = {}  # name -> [sum of loss * batch size, samples where present]
         totals = [0.0, 0.0, 0.0]  # sum of total loss * batch size, correct top-1, samples
         hard_labels = True
         norms: list[float] = []
+        meter = StepMeter(self)
+        window = 0  # micro-batches whose gradients wait for the next optimizer step (train.accumulate)
         try:
             for step, batch in enumerate(self.train_loader):
                 if s.max_train_batches is not None and step >= s.max_train_batches:
                     break
                 batch = self.task.move(batch, self.device)
-                with autocast(self.device, s.run.amp, s.run.amp_dtype):
-                    losses, counts = self._step_module(batch)
-                if not losses:
-                    raise ValueError(f"{type(self.model).__name__}.forward_train returned no losses")
-                names = list(losses)
-                total = sum(v.float() for v in losses.values())
-                vals = torch.stack([total.detach()] + [v.detach().float().reshape(()) for v in losses.values()])
-                vals_cpu = vals.cpu().double()
-                self._check_finite(vals_cpu, ["total", *names], epoch, step)
-                self.optimizer.zero_grad(set_to_none=True)
-                self._apply_step_warmup()
-                self.scaler.scale(total).backward()
-                if s.train.grad_clip is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(self.params, s.train.grad_clip)
-                    norms.append(float(norm))
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self._global_step += 1
+                if s.train.channels_last:
+                    batch = channels_last(batch)
+                boundary = window + 1 == s.train.accumulate or (n_batches is not None and step + 1 == n_batches)
+                no_sync = self.distributed and not boundary  # DDP reduces the gradients at the window's end only
+                with self._step_module.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+                    with autocast(self.device, s.run.amp, s.run.amp_dtype):
+                        losses, counts = compiled_call(self._step_module, batch, s.train.compile)
+                    if not losses:
+                        raise ValueError(f"{type(self.model).__name__}.forward_train returned no losses")
+                    names = list(losses)
+                    total = sum(v.float() for v in losses.values())
+                    vals = torch.stack([total.detach()] + [v.detach().float().reshape(()) for v in losses.values()])
+                    vals_cpu = vals.cpu().double()
+                    self._check_finite(vals_cpu, ["total", *names], epoch, step)
+                    if window == 0:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self._apply_step_warmup()
+                    self.scaler.scale(total).backward()
+                window += 1
+                if boundary:
+                    self._optimizer_step(window, norms)
+                    window = 0
                 bs = int(counts["n"])
                 hard_labels = hard_labels and "correct" in counts
                 correct = float(counts["correct"]) if "correct" in counts else 0.0
@@ -331,6 +334,7 @@ class Trainer:
                     acc[0] += val * bs
                     acc[1] += bs
                 bar.update(1)
+                meter.update(step, bs, names, v)
                 running = {"loss": f"{totals[0] / totals[2]:.4f}"}
                 if hard_labels:
                     running["acc"] = f"{100.0 * totals[1] / totals[2]:.1f}"
@@ -339,6 +343,8 @@ class Trainer:
                 elif not s.run.progress and every > 0 and (step + 1) % every == 0 and self.is_main:
                     text = " ".join(f"{k} {v}" for k, v in running.items())
                     logger.info("epoch %d step %d: %s", epoch + 1, step + 1, text)
+            if window:  # a loader shorter than its len(): the last window is stepped too
+                self._optimizer_step(window, norms)
         finally:
             bar.close()
         names = list(term_sums)
@@ -352,6 +358,7 @@ class Trainer:
         n = float(vec[2])
         if n == 0:
             raise ValueError(f"epoch {epoch + 1}: the training loader yielded no batches")
+        self.images_per_s = meter.epoch_rate(n)
         out = {"train/loss": float(vec[0]) / n}
         for i, name in enumerate(names):
             term, count = float(vec[3 + 2 * i]), float(vec[4 + 2 * i])
@@ -361,6 +368,15 @@ class Trainer:
         if norms:
             out["train/grad_norm"] = float(np.mean(norms))
         return out
+
+    def _optimizer_step(self, window: int, norms: list[float]) -> None:
+        """One optimizer step on ``window`` micro-batches' gradients (see :func:`~.optim.accumulated_step`)."""
+        s = self.settings
+        norm = accumulated_step(self.optimizer, self.scaler, self.params, window, s.train.grad_clip)
+        norms += [] if norm is None else [norm]
+        self._global_step += 1
+        if s.schedule.interval == "step":
+            step_scheduler(self.scheduler, self.optimizer)
 
     def _apply_step_warmup(self) -> None:
         """``warmup_steps``: scale the scheduled lr by 0.1 -> 1 linearly over the first optimizer steps (see
@@ -404,27 +420,22 @@ class Trainer:
         self._write_metrics_files(rewrite=True)
         epochs_run = 0
         try:
+            call_hook(self.callbacks, "on_fit_start", self)
             for epoch in range(self.start_epoch, s.schedule.epochs):
                 self._run_epoch(epoch)
                 epochs_run += 1
-        except BaseException:
+        except BaseException as exc:
             if self._pending is not None:  # the last good epoch was not in latest.pt yet
                 self._write("latest.pt", self._pending)
                 self._pending = None
+            call_hook(self.callbacks, "on_fit_exit", self, exc)
             raise
-        finally:
-            if self._tb is not None:
-                self._tb.flush()
         if self._pending is not None:
             self._write("latest.pt", self._pending)
             self._pending = None
         self._plot()
-        if self._tb is not None:
-            self._tb.close()
-        for cb in self.callbacks:
-            hook = getattr(cb, "on_fit_end", None)
-            if callable(hook):
-                hook(self)
+        call_hook(self.callbacks, "on_fit_end", self)
+        call_hook(self.callbacks, "on_fit_exit", self, None)
         result = fit_summary(self.history, self.task.metric, self.best_value, self.best_epoch, epochs_run, self.out_dir)
         if self._owns_group:
             dist.barrier()
@@ -444,7 +455,8 @@ class Trainer:
         if self.val_loader is not None and ((epoch + 1) % s.train.eval_every == 0 or last_epoch):
             val = self.task.evaluate(self.model, self.val_loader, self.device, amp=s.run.amp, amp_dtype=s.run.amp_dtype)
         cka = self.measure_cka()
-        self.scheduler.step()
+        if s.schedule.interval == "epoch":
+            step_scheduler(self.scheduler, self.optimizer, None if val is None else val.get(self.task.metric))
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **train}
         if val is not None:
             row.update({f"val/{k}": v for k, v in val.items()})
@@ -468,10 +480,8 @@ class Trainer:
             elif self.is_main:
                 self._pending = clone_cpu(payload)
         self._write_metrics_files(rewrite=False)
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "epoch" and isinstance(v, int | float):
-                    self._tb.add_scalar(k, v, epoch + 1)
+        if self.is_main:
+            call_hook(self.callbacks, "on_epoch_logged", self, epoch, {**row, "train/images_per_s": self.images_per_s})
         msg = f"epoch {epoch + 1}/{s.schedule.epochs}  lr {lr:.4g}  loss {train['train/loss']:.4f}"
         if score is not None:
             msg += f"  val {self.task.metric} {score:.2f}"
