@@ -178,3 +178,24 @@ def test_the_cli_finds_a_dataset_a_module_registers(tmp_path, monkeypatch, capsy
         assert (tmp_path / "digits_teacher" / "best.pt").is_file()
     finally:
         unregister_dataset("noise10")
+
+
+def test_the_readme_registration_example_runs():
+    """The README's "Your teachers, models and datasets" example, as written."""
+    import re
+    from pathlib import Path
+
+    from ckakd.train import unregister_model
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Your teachers, models and datasets", 1)[1]
+    (block,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
+    namespace: dict = {}
+    try:
+        exec(compile(block, "README.md", "exec"), namespace)
+        bundle = namespace["bundle"]
+        assert (bundle.num_classes, bundle.input_shape, len(bundle.train)) == (5, (3, 16, 16), 32)
+        assert namespace["cfg"].model.name == "my_net" and "my_noise" in list_datasets()
+    finally:
+        unregister_dataset("my_noise")
+        unregister_model("my_net")
