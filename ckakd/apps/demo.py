@@ -23,8 +23,8 @@ from typing import Any
 
 from ckakd.apps.errors import run_guarded, run_reporting_missing_extras
 from ckakd.apps.report import Report, build_report, format_markdown, plot_report
+from ckakd.apps.runs import load_run
 from ckakd.train.engine.curves import VECTOR_FORMATS
-from ckakd.train.engine.metrics_log import read_metrics
 from ckakd.train.fileio import atomic_write_bytes, probe_writable
 
 DEFAULT_METHODS = ("ce", "kd", "dkd", "rcka", "wkd_l", "wkd_lf")
@@ -141,8 +141,7 @@ def run_demo(
         cfg = C.load_config(f"digits/{method}", overrides)
         start = time.perf_counter()
         result = runner.distill(cfg, baseline=True)  # the `ce` row is the student trained alone
-        rows = read_metrics(Path(result["out_dir"]))
-        cka_cols = [k for k in (rows[-1] if rows else {}) if k.startswith("cka/")]
+        record = load_run(result["out_dir"])
         runs.append(
             {
                 "method": method,
@@ -150,9 +149,9 @@ def run_demo(
                 "student": cfg.model.name,
                 "final_top1": float(result["final_top1"]),
                 "best_top1": float(result["best_top1"]),
-                "cka": float(rows[-1][cka_cols[0]]) if cka_cols and rows[-1][cka_cols[0]] else float("nan"),
+                "cka": float("nan") if record.cka_last_stage is None else record.cka_last_stage,
                 "train_time_s": time.perf_counter() - start,
-                "curve": [float(r["val/top1"]) for r in rows if r.get("val/top1")],
+                "curve": [float(r["val/top1"]) for r in record.rows if r.get("val/top1")],
                 "out_dir": result["out_dir"],
             }
         )
