@@ -27,3 +27,28 @@ def test_readme_python_example_runs():
     assert namespace["student"][0].weight.grad is not None
     assert namespace["teacher"][0].weight.grad is None
     assert 0.0 <= namespace["pcka"].item() <= 10.0
+
+
+def _block(marker: str) -> str:
+    (block,) = [b for b in _blocks() if b.startswith(marker)]
+    return block
+
+
+def test_readme_python_training_api_example_runs(tmp_path, capsys):
+    """The "Python training API" block as written (its run folder moved to tmp_path): a user's nn.Module pair on
+    a user's DataLoaders with a distiller registered by decorator."""
+    from ckakd.train.distillers.registry import DISTILLERS
+
+    code = _block("# Python training API").replace('"runs/my_kd"', repr(str(tmp_path / "my_kd")))
+    namespace: dict = {}
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        DISTILLERS.pop("my_kd", None)
+    result = namespace["result"]
+    assert result["epochs_completed"] == 3 and result["best_top1"] is not None
+    header = (tmp_path / "my_kd" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/ce", "train/kd", "train/lcka", "val/top1"} <= set(header)
+    assert (tmp_path / "my_kd" / "best.pt").is_file()
+    assert namespace["teacher"][1].weight.grad is None  # the teacher stays frozen
+    assert "best top-1" in capsys.readouterr().out
