@@ -52,3 +52,11 @@ def test_readme_python_training_api_example_runs(tmp_path, capsys):
     assert (tmp_path / "my_kd" / "best.pt").is_file()
     assert namespace["teacher"][1].weight.grad is None  # the teacher stays frozen
     assert "best top-1" in capsys.readouterr().out
+
+
+def test_readme_loss_modules_example_runs():
+    """The "Losses as modules" block: per-sample KD values, DKD, and WKD-L compiled with fullgraph=True."""
+    namespace: dict = {}
+    exec(compile(_block("import torch, ckakd\n\nlogits_s, logits_t = torch.randn(16"), "README.md", "exec"), namespace)
+    assert namespace["per_sample"].shape == (16,)
+    assert namespace["logits_s"].grad is not None and torch.isfinite(namespace["logits_s"].grad).all()
