@@ -6,7 +6,6 @@ The GPU stages themselves need the lent GPU machine; here every stage that can r
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -25,15 +24,11 @@ SCRIPT = REPO / "bench" / "gpu_validate.sh"
 CHECKS = REPO / "bench" / "gpu_checks.py"
 STAGES = ("env", "build", "tests", "selftest", "sanitizer", "checks", "bench")
 
+sys.path.insert(0, str(REPO / "bench"))  # the checks' modules: bench/gpu_suite/
+
+from gpu_suite.support import Failed, Runner, close, expect_dispatch  # noqa: E402
+
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash")
-
-
-def _gpu_checks():
-    spec = importlib.util.spec_from_file_location("gpu_checks", CHECKS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gpu_checks", module)  # its dataclasses look their module up there
-    spec.loader.exec_module(sys.modules["gpu_checks"])
-    return sys.modules["gpu_checks"]
 
 
 def _validate(tmp_path: Path, *args: str, timeout: int = 900, **env: str) -> subprocess.CompletedProcess:
@@ -127,18 +122,16 @@ def test_gpu_checks_refuse_to_run_without_cuda_unless_dry():
 
 
 def test_expect_dispatch_fails_on_a_fallback():
-    gc = _gpu_checks()
     x, y = torch.randn(8, 5), torch.randn(8, 4)
-    with gc.expect_dispatch("torch", "gram"):
+    with expect_dispatch("torch", "gram"):
         ckakd.cka(x, y, mode="debiased", backend="torch")
-    with pytest.raises(gc.Failed, match=r"missing: \['gram'\]"), gc.expect_dispatch("triton", "gram"):
+    with pytest.raises(Failed, match=r"missing: \['gram'\]"), expect_dispatch("triton", "gram"):
         ckakd.cka(x, y, mode="debiased", backend="torch")
 
 
 def test_runner_reports_failures():
-    gc = _gpu_checks()
-    runner = gc.Runner()
+    runner = Runner()
     runner.run("ok", lambda: "fine")
-    runner.run("bad", lambda: gc._close("x", torch.ones(3), torch.zeros(3) + 2))
+    runner.run("bad", lambda: close("x", torch.ones(3), torch.zeros(3) + 2))
     assert runner.failed == 1
     assert [ok for _, ok, _, _ in runner.results] == [True, False]
