@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from harness.spec import DTYPES
 
 SHAPES: dict[str, tuple[int, int]] = {
     "n256-d16k": (256, 16384),
@@ -40,8 +41,6 @@ SHAPES: dict[str, tuple[int, int]] = {
     "n4096-d512": (4096, 512),
 }
 QUICK_CPU_SHAPES: dict[str, tuple[int, int]] = {"n40-d96": (40, 96), "n70-d64": (70, 64)}
-PRECISIONS = ("ieee", "tf32x3", "tf32")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COLUMNS = (
     "op",
     "shape",
@@ -219,15 +218,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
     ap.add_argument("--quick", action="store_true", help="GPU: the first shape only; CPU: two tiny shapes")
     ap.add_argument("--shapes", default=None, help=f"comma-separated names from {', '.join(SHAPES)}")
-    ap.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated subset of ieee,tf32x3,tf32")
+    ap.add_argument(
+        "--precisions", default=None, help="comma-separated subset of ckakd.kernels.gram.PRECISIONS (default: all)"
+    )
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     ap.add_argument("--offset", type=float, default=0.0, help="add this to every feature (e.g. 1000)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out", help="output directory")
     args = ap.parse_args(argv)
-    args.precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
-    bad = [p for p in args.precisions if p not in PRECISIONS]
-    if bad:
-        ap.error(f"unknown precision(s) {bad}; choose from {', '.join(PRECISIONS)}")
+    if args.precisions is not None:
+        args.precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
     if args.device == "cuda" and not cuda:
         ap.error("--device cuda requested but torch.cuda.is_available() is False")
     return args
@@ -258,6 +257,12 @@ def main(argv=None) -> int:
 
     from ckakd import kernels
     from ckakd.kernels import _launch
+    from ckakd.kernels.gram import PRECISIONS  # after TRITON_INTERPRET: importing the kernels imports triton
+
+    bad = [p for p in args.precisions or () if p not in PRECISIONS]
+    if bad:
+        raise SystemExit(f"--precisions: unknown precision(s) {bad}; choose from {', '.join(PRECISIONS)}")
+    args.precisions = args.precisions or PRECISIONS
 
     device = torch.device(args.device)
     now = datetime.now(timezone.utc)
