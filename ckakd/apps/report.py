@@ -235,11 +235,11 @@ def _seeds_text(seeds: Sequence[int | None]) -> str:
     return text + ("," if known and len(known) < len(seeds) else "") + ("?" if len(known) < len(seeds) else "")
 
 
-def _p_text(g: GroupSummary) -> str:
+def _p_text(g: GroupSummary, baseline_n: int) -> str:
     if g.welch is None:
         return "—"
     if math.isnan(g.welch.p):
-        return "n/a (n < 2)" if g.n < 2 or math.isnan(g.welch.df) and g.delta != 0 else "n/a (no spread)"
+        return "n/a (n < 2)" if min(g.n, baseline_n) < 2 else "n/a (no spread)"
     return f"{g.welch.p:.3g}" + (f" {significance(g.welch.p)}" if significance(g.welch.p) else "")
 
 
@@ -258,13 +258,14 @@ def format_markdown(report: Report, *, per_run: bool = False) -> str:
         head += [f"Δ {cmp} vs {report.baseline}", "p (Welch)"]
     head += ["CKA to teacher (last stage)", "time / epoch", "images/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base_n = next((g.n for g in report.groups if g.label == report.baseline), 0)
     for g in report.groups:
         cells = [g.label, str(g.n), _seeds_text(g.seeds), _pm(g.last), _pm(g.best)]
         if report.baseline is not None:
             if g.label == report.baseline:
                 cells += ["baseline", "—"]
             else:
-                cells += [f"{g.delta:+.2f}", _p_text(g)]
+                cells += [f"{g.delta:+.2f}", _p_text(g, base_n)]
         cells += [_opt(g.cka, ".3f"), _opt(g.time_per_epoch_s, ".2f") + (" s" if g.time_per_epoch_s else ""),
                   _opt(g.images_per_s, ".0f")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")

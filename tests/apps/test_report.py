@@ -298,3 +298,18 @@ def test_readme_report_example_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| kd | 3 | 0,1,2 |" in out and namespace["kd"].welch.p < 0.01
     assert (tmp_path / "groups.csv").is_file() and (tmp_path / "curves.svg").is_file()
+
+
+def test_markdown_says_why_p_is_missing(tmp_path):
+    make_run(tmp_path / "ce0", "ce", 0, [90.0, 91.0])
+    make_run(tmp_path / "ce1", "ce", 1, [90.0, 92.0])
+    make_run(tmp_path / "kd0", "kd", 0, [90.0, 93.0])  # one seed: no test
+    assert "| kd | 1 | 0 | 93.00 ± 0.00 | 93.00 ± 0.00 | +1.50 | n/a (n < 2) |" in R.format_markdown(
+        R.build_report([tmp_path])
+    )
+    for seed in (1, 2):
+        make_run(tmp_path / f"ce{seed}", "ce", seed, [90.0, 91.0])
+        make_run(tmp_path / f"kd{seed}", "kd", seed, [90.0, 91.0])
+    make_run(tmp_path / "ce0", "ce", 0, [90.0, 91.0])
+    make_run(tmp_path / "kd0", "kd", 0, [90.0, 91.0])
+    assert "| +0.00 | n/a (no spread) |" in R.format_markdown(R.build_report([tmp_path]))
