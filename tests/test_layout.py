@@ -158,6 +158,26 @@ def test_no_module_mixes_jobs_past_the_size_limit():
     assert not stale, f"ONE_KIND entries that are no longer over the limit (drop them): {stale}"
 
 
+def test_bench_scripts_and_their_modules_stay_under_the_size_limit():
+    """bench/ follows the same rule: scripts split by job into bench/harness/, kernel_report/, gpu_suite/, and no
+    private name imported from another of its modules."""
+    paths = sorted((REPO / "bench").rglob("*.py"))
+    assert len(paths) > 10, "bench/ scripts not found"
+    over = [f"{p.relative_to(REPO)} ({n} lines)" for p in paths if (n := len(p.read_text().splitlines())) > MAX_LINES]
+    assert not over, f"bench modules over {MAX_LINES} lines: {over}"
+    private = [
+        f"{p.relative_to(REPO)}: from {node.module} import {alias.name}"
+        for p in paths
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        and node.module
+        and node.module.split(".")[0] in {"harness", "kernel_report", "gpu_suite"}
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
+    assert not private, f"private names imported across bench modules: {private}"
+
+
 TEST_FOLDERS = {"ops", "losses", "train", "detection", "diagnostics", "apps"}
 PROJECT_TESTS = {
     "test_imports.py",
