@@ -15,6 +15,9 @@
     ckakd detect-eval CONFIG --checkpoint PATH   COCO metrics of a detector checkpoint
     ckakd detect-interrelation CONFIG            the WKD-L category interrelation of a trained detector
 
+``ckakd --plugin MODULE [--plugin ...] <command>`` imports user modules first (their ``@register_distiller`` /
+``@register_model`` / ``@register_dataset`` names can then be used in configs).
+
 CONFIG is a YAML file or a shipped config name (``ckakd configs``); ``key=value`` pairs override it
 (``optim.lr=0.1 distiller.kwargs.alpha=3``). Every run writes its resolved config next to its outputs.
 """
@@ -22,12 +25,16 @@ CONFIG is a YAML file or a shipped config name (``ckakd configs``); ``key=value`
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import platform
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -40,7 +47,7 @@ from ckakd.apps.report import add_report_arguments, run_report_from_args
 from ckakd.apps.selftest import add_selftest_arguments, run_selftest_from_args
 from ckakd.apps.study import add_study_arguments, run_study_from_args
 
-__all__ = ["add_config_args", "build_parser", "info", "main", "report", "resume_command"]
+__all__ = ["PluginError", "add_config_args", "load_plugins", "build_parser", "info", "main", "report", "resume_command"]
 
 _DETECTION_CONFIG_HELP = "a detection YAML config or a shipped name, e.g. detection/retinanet_teacher"
 
@@ -69,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``ckakd`` parser with every command (building it loads neither pyyaml nor the detection stack)."""
     parser = argparse.ArgumentParser(
         prog="ckakd", description="Knowledge distillation with CKA and Wasserstein losses: reference trainer."
+    )
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (a module name, the current folder on the path, or a .py file) before the command, so "
+        "that the distillers / models / datasets it registers can be named in configs; repeatable",
     )
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
 
@@ -202,7 +217,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    try:
+        load_plugins(args.plugin)
+    except PluginError as exc:
+        print(f"ckakd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return run_reporting_missing_extras(args.command, lambda: dispatch(args, argv))
+
+
+class PluginError(Exception):
+    """A ``--plugin`` module that could not be found or raised while it was imported."""
+
+
+def load_plugins(plugins: Sequence[str]) -> list[ModuleType]:
+    """Import each ``--plugin``: a module name (found on ``sys.path``, the current folder included) or a ``.py``
+    file. :class:`PluginError` naming the plugin when it is missing or its import raises."""
+    loaded: list[ModuleType] = []
+    if plugins and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # `ckakd --plugin my_module` finds ./my_module.py, as `python -m` would
+    for plugin in plugins:
+        try:
+            if plugin.endswith(".py"):
+                path = Path(plugin).expanduser()
+                if not path.is_file():
+                    raise PluginError(f"--plugin {plugin}: no such file")
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module
+                spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(plugin)
+        except PluginError:
+            raise
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and plugin.split(".")[0] == exc.name.split(".")[0]:
+                raise PluginError(
+                    f"--plugin {plugin}: no module named {exc.name!r} (not on sys.path nor in the current folder)"
+                ) from exc
+            raise PluginError(f"--plugin {plugin} failed to import: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            raise PluginError(f"--plugin {plugin} failed to import: {type(exc).__name__}: {exc}") from exc
+        loaded.append(module)
+    return loaded
 
 
 def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
