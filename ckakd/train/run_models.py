@@ -20,7 +20,7 @@ from torch import nn
 
 from ckakd.interrelation import cost_from_interrelation, load_interrelation
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, list_configs, load_config
 from .distillers import build_distiller
 from .engine import CHECKPOINT_FORMAT
 from .engine.checkpoint import apply_weights
@@ -67,13 +67,36 @@ def build_model(name: str | None, kwargs: dict, num_classes: int, in_channels: i
         raise ConfigError(f"{section}.kwargs: {name} does not accept {sorted(kwargs)}: {exc}") from exc
 
 
+def missing_teacher_hint(path: Path) -> str:
+    """For a teacher checkpoint that does not exist: the command that writes it (the shipped teacher config whose
+    ``run.out_dir/run.name/best.pt`` it is) and, when ``ckakd demo`` left its teacher next to it
+    (``<runs>/demo/teacher/best.pt``), that one. ``""`` when neither is known."""
+    hints: list[str] = []
+    target = os.path.abspath(path)
+    for name in list_configs():
+        if "teacher" not in name.rsplit("/", 1)[-1]:
+            continue
+        try:
+            run = load_config(name).run
+        except Exception:  # a config of another task whose package is absent: no hint from it
+            continue
+        if os.path.abspath(Path(run.out_dir).expanduser() / run.name / "best.pt") == target:
+            hints.append(f"train it with `ckakd train-teacher {name}`")
+            break
+    demo = path.parent.parent / "demo" / "teacher" / "best.pt"
+    if demo.is_file():
+        hints.append(f"or reuse the teacher `ckakd demo` trained: teacher.checkpoint={demo}")
+    return "; " + " ".join(hints) if hints else ""
+
+
 def read_weights(
     model: nn.Module, path: str | os.PathLike, section: str, *, key_map: Any = None, strict: bool = True
 ) -> LoadReport | None:
     """Load the weights in the file ``path`` into ``model``: a ckakd checkpoint (``key_map`` empty and ``strict``:
     exactly as written, ``None`` returned), or another codebase's state dict (plain, or in ``{"model": ...}`` /
     ``{"state_dict": ...}``; a ckakd checkpoint's student weights too when ``key_map`` / ``strict=False`` are
-    given), renamed by ``key_map`` and checked key by key (:func:`~ckakd.train.state_dicts.load_external_state_dict`;
+    given; a ``.safetensors`` file, with the safetensors package), renamed by ``key_map`` and checked key by key
+    (:func:`~ckakd.train.state_dicts.load_external_state_dict`;
     its :class:`~ckakd.train.state_dicts.LoadReport` returned). :class:`ConfigError` naming ``section.checkpoint``
     (or ``section.key_map``) when the file is missing, unreadable or does not fit ``section.name``."""
     p = Path(path).expanduser()
@@ -82,7 +105,10 @@ def read_weights(
     if p.is_dir():
         raise ConfigError(f"{key}: {p} is a folder, not a checkpoint file")
     if not p.is_file():
-        raise ConfigError(f"{key}: file not found: {p}")
+        hint = missing_teacher_hint(p) if section == "teacher" else ""
+        raise ConfigError(f"{key}: file not found: {p}{hint}")
+    if p.suffix == ".safetensors":  # what timm / Hugging Face hub models ship
+        return _read_safetensors(model, p, key, fit, key_map=key_map, strict=strict)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -99,6 +125,23 @@ def read_weights(
             return None
         source = obj.get("student") if ours else obj
         return load_external_state_dict(model, source, key_map=key_map, strict=strict)
+    except ValueError as exc:
+        raise ConfigError(f"{key}={str(p)!r} does not fit {fit}: {exc}") from exc
+
+
+def _read_safetensors(model: nn.Module, p: Path, key: str, fit: str, *, key_map: Any, strict: bool) -> LoadReport:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise ConfigError(
+            f"{key}={str(p)!r} is a .safetensors file, which needs safetensors: pip install safetensors"
+        ) from exc
+    try:
+        state = load_file(str(p), device="cpu")
+    except Exception as exc:
+        raise ConfigError(f"{key}={str(p)!r} cannot be read as safetensors ({type(exc).__name__}: {exc})") from exc
+    try:
+        return load_external_state_dict(model, state, key_map=key_map, strict=strict)
     except ValueError as exc:
         raise ConfigError(f"{key}={str(p)!r} does not fit {fit}: {exc}") from exc
 
