@@ -31,10 +31,10 @@ CONFIGS = REPO / "ckakd" / "configs"
 # The distillers' keyword arguments (ckakd.train.distillers.build_distiller); feature paths may be omitted.
 DISTILLER_KWARGS: dict[str, set[str]] = {
     "ce": {"ce_weight"},
-    "kd": {"T", "ce_weight", "kd_weight"},
-    "lskd": {"T", "ce_weight", "kd_weight"},
-    "dkd": {"alpha", "beta", "T", "ce_weight", "warmup"},
-    "dist": {"beta", "gamma", "T", "ce_weight"},
+    "kd": {"temperature", "ce_weight", "kd_weight"},
+    "lskd": {"temperature", "ce_weight", "kd_weight"},
+    "dkd": {"alpha", "beta", "temperature", "ce_weight", "warmup"},
+    "dist": {"beta", "gamma", "temperature", "ce_weight"},
     "fitnet": {"feature_path_s", "feature_path_t", "hint_weight", "ce_weight"},
     "at": {"feature_paths_s", "feature_paths_t", "at_weight", "p", "ce_weight"},
     "fcka": {"feature_paths_s", "feature_paths_t", "alpha", "mode", "global_batch", "ce_weight"},
@@ -55,13 +55,15 @@ DISTILLER_KWARGS: dict[str, set[str]] = {
         "feature_paths_s", "feature_paths_t", "weight", "patch_size", "reduce", "mode", "resize", "ce_weight"
     },
     "mmd": {"feature_paths_s", "feature_paths_t", "weight", "global_batch", "ce_weight"},
-    "wkd_l": {"T", "gamma", "use_target", "eps", "iters", "gamma_schedule", "decay_start", "sharpen", "ce_weight"},
+    "wkd_l": {
+        "temperature", "gamma", "use_target", "eps", "iters", "gamma_schedule", "decay_start", "sharpen", "ce_weight",
+    },
     "wkd_f": {"feature_path_s", "feature_path_t", "weight", "mean_weight", "grid", "cov", "ce_weight"},
     "wkd_lf": {
-        "T", "gamma", "use_target", "eps", "iters", "gamma_schedule", "decay_start", "sharpen", "feature_path_s",
-        "feature_path_t", "feature_weight", "mean_weight", "grid", "cov", "ce_weight",
+        "temperature", "gamma", "use_target", "eps", "iters", "gamma_schedule", "decay_start", "sharpen",
+        "feature_path_s", "feature_path_t", "feature_weight", "mean_weight", "grid", "cov", "ce_weight",
     },
-    "ensemble_kd": {"T", "reduce", "standardize", "ce_weight", "kd_weight", "teacher_views"},
+    "ensemble_kd": {"temperature", "reduce", "standardize", "ce_weight", "kd_weight", "teacher_views"},
 }  # fmt: skip
 
 METHODS = ["ce", "kd", "lskd", "dkd", "dist", "fitnet", "at", "fcka", "lcka", "rcka", "patch_cka", "mmd", "wkd_l",
@@ -131,15 +133,20 @@ def test_cifar_recipe_and_published_weights():
     assert (base.schedule.epochs, base.schedule.kind, base.schedule.milestones) == (240, "step", [150, 180, 210])
     assert load_config("cifar100/teacher_resnet32x4").model.name == "resnet32x4"
     kw = {m: load_config(f"cifar100/{m}").distiller.kwargs for m in METHODS}
-    assert kw["kd"] == {"T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
-    assert {k: kw["dkd"][k] for k in ("alpha", "beta", "T", "warmup")} == {"alpha": 1.0, "beta": 8.0, "T": 4.0,
-                                                                           "warmup": 20}  # fmt: skip
-    assert (kw["lskd"]["T"], kw["lskd"]["kd_weight"]) == (2.0, 9.0)
-    assert (kw["dist"]["beta"], kw["dist"]["gamma"], kw["dist"]["T"]) == (2.0, 2.0, 4.0)
+    assert kw["kd"] == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    assert {k: kw["dkd"][k] for k in ("alpha", "beta", "temperature", "warmup")} == {
+        "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup": 20}  # fmt: skip
+    assert (kw["lskd"]["temperature"], kw["lskd"]["kd_weight"]) == (2.0, 9.0)
+    assert (kw["dist"]["beta"], kw["dist"]["gamma"], kw["dist"]["temperature"]) == (2.0, 2.0, 4.0)
     assert kw["fitnet"]["hint_weight"] == 100.0 and kw["at"]["at_weight"] == 1000.0
     assert (kw["rcka"]["alpha"], kw["rcka"]["beta"]) == (5.0, 5.0)
     wkd_l = kw["wkd_l"]
-    assert (wkd_l["T"], wkd_l["gamma"], wkd_l["gamma_schedule"], wkd_l["decay_start"]) == (8.0, 600.0, "cosine", 150)
+    assert (wkd_l["temperature"], wkd_l["gamma"], wkd_l["gamma_schedule"], wkd_l["decay_start"]) == (
+        8.0,
+        600.0,
+        "cosine",
+        150,
+    )
     assert (kw["wkd_f"]["weight"], kw["wkd_f"]["mean_weight"], kw["wkd_f"]["grid"]) == (0.08, 4.0, 1)
     shv2 = load_config("cifar100/wkd_l_shufflenetv2")
     assert shv2.model.name == "shufflenetv2" and shv2.optim.lr == 0.01 and shv2.teacher.name == "resnet32x4"
@@ -154,7 +161,7 @@ def test_imagenet_recipe_and_published_weights():
     assert load_config("imagenet/teacher_resnet34").model.name == "resnet34"
     student = load_config("imagenet/wkd_l")
     assert (student.model.name, student.teacher.name) == ("resnet18", "resnet34")
-    assert (student.distiller.kwargs["T"], student.distiller.kwargs["gamma"]) == (2.0, 30.0)
+    assert (student.distiller.kwargs["temperature"], student.distiller.kwargs["gamma"]) == (2.0, 30.0)
     f = load_config("imagenet/wkd_f").distiller.kwargs
     assert (f["weight"], f["mean_weight"], f["grid"]) == (0.02, 2.0, 4)
     mv1 = load_config("imagenet/wkd_l_r50_mobilenetv1")
@@ -326,7 +333,7 @@ def test_digits_ensemble_configs():
     assert "ckakd train-teacher digits/teacher run.seed=1 run.name=digits_teacher_s1" in text
     ls = load_config(CONFIGS / "digits" / "ensemble_lskd.yaml")
     assert ls.distiller.kwargs == {
-        "T": 2.0,
+        "temperature": 2.0,
         "reduce": "mean_loss",
         "standardize": True,
         "ce_weight": 0.1,
@@ -364,9 +371,13 @@ def test_base_chain_relative_paths_and_merge(tmp_path):
     assert cfg.schedule.milestones == [7]  # lists replaced
     assert cfg.optim.lr == 0.2
     # a shipped name as base from a user file
-    _write(tmp_path / "mine.yaml", "base: digits/kd\ndistiller: {kwargs: {T: 2}}\n")
+    _write(tmp_path / "mine.yaml", "base: digits/kd\ndistiller: {kwargs: {temperature: 2}}\n")
     mine = load_config(tmp_path / "mine.yaml")
-    assert mine.distiller.name == "kd" and mine.distiller.kwargs["T"] == 2 and mine.distiller.kwargs["kd_weight"] == 0.9
+    assert (
+        mine.distiller.name == "kd"
+        and mine.distiller.kwargs["temperature"] == 2
+        and mine.distiller.kwargs["kd_weight"] == 0.9
+    )
     assert mine.model.name == "resnet8"
 
 

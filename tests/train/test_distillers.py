@@ -77,7 +77,7 @@ def _make(name: str) -> Distiller:
     if name == "kd":
         return KD(s, t)
     if name == "kd_std":
-        return KD(s, t, T=2.0, kd_weight=9.0, ce_weight=1.0, standardize=True)
+        return KD(s, t, temperature=2.0, kd_weight=9.0, ce_weight=1.0, standardize=True)
     if name == "dkd":
         return DKD(s, t)
     if name == "dist":
@@ -85,7 +85,7 @@ def _make(name: str) -> Distiller:
     if name == "rcka":
         return RCKA(s, t, ["2", "4"], ["2", "4"], alpha=1.0, beta=1.0)
     if name == "wkd":
-        return WKDLogit(s, t, _cost(), T=2.0, gamma=1.0)
+        return WKDLogit(s, t, _cost(), temperature=2.0, gamma=1.0)
     if name == "ens_loss":
         return EnsembleKD(s, [t, _net(6, 3)], reduce="mean_loss")
     if name == "ens_target":
@@ -205,8 +205,8 @@ def test_standardized_kd_affine_invariant():
 def test_single_teacher_ensemble_equals_kd(reduce, standardize):
     s, t = _net(4, 1), _net(8, 2)
     x, y = _batch()
-    kd = KD(s, t, T=3.0, standardize=standardize)
-    ens = EnsembleKD(s, [t], T=3.0, reduce=reduce, standardize=standardize)
+    kd = KD(s, t, temperature=3.0, standardize=standardize)
+    ens = EnsembleKD(s, [t], temperature=3.0, reduce=reduce, standardize=standardize)
     _, a = kd.forward_train(x, y)
     _, b = ens.forward_train(x, y)
     torch.testing.assert_close(a["kd"], b["kd"], atol=1e-6, rtol=1e-5)
@@ -216,7 +216,7 @@ def test_single_teacher_ensemble_equals_kd(reduce, standardize):
 def test_ensemble_mean_loss_is_mean_of_kd():
     s, t1, t2 = _net(4, 1), _net(8, 2), _net(6, 3)
     x, y = _batch()
-    _, e = EnsembleKD(s, [t1, t2], T=4.0, kd_weight=1.0).forward_train(x, y)
+    _, e = EnsembleKD(s, [t1, t2], temperature=4.0, kd_weight=1.0).forward_train(x, y)
     with torch.no_grad():
         zs = s(x)
         ref = (kd_loss(zs, t1(x), 4.0) + kd_loss(zs, t2(x), 4.0)) / 2
@@ -253,11 +253,11 @@ def test_dkd_hand_computed():
         torch.tensor(y),
         alpha=1.5,
         beta=8.0,
-        T=2.0,
+        temperature=2.0,
     )
     assert got.item() == pytest.approx(_dkd_by_hand(zs, zt, y, 1.5, 8.0, 2.0), rel=1e-10)
     # fp32 agrees, identical logits give 0
-    got32 = dkd_loss(torch.tensor(zs), torch.tensor(zt), torch.tensor(y), alpha=1.5, beta=8.0, T=2.0)
+    got32 = dkd_loss(torch.tensor(zs), torch.tensor(zt), torch.tensor(y), alpha=1.5, beta=8.0, temperature=2.0)
     assert got32.item() == pytest.approx(got.item(), rel=1e-5)
     assert dkd_loss(torch.tensor(zs), torch.tensor(zs), torch.tensor(y)).abs().item() < 1e-6
 
@@ -371,7 +371,10 @@ NEW = {
     ),
     "mmd": ({"ce", "mmd"}, lambda s, t: MMD(s, t)),
     "wkd_f": ({"ce", "wkd_f"}, lambda s, t: WKDFeature(s, t, input_shape=IN8)),
-    "wkd_lf": ({"ce", "wkd_l", "wkd_f"}, lambda s, t: WKDLogitFeature(s, t, _cost_k(), T=4.0, input_shape=IN8)),
+    "wkd_lf": (
+        {"ce", "wkd_l", "wkd_f"},
+        lambda s, t: WKDLogitFeature(s, t, _cost_k(), temperature=4.0, input_shape=IN8),
+    ),
 }
 WITH_PROJECTOR = {"fitnet", "patch_cka", "wkd_f", "wkd_lf"}
 
@@ -475,7 +478,7 @@ def test_fitnet_and_wkd_f_match_functional():
         ref = ckakd.wkd_feature_loss(wf.extra["proj"](f_s[2]), f_t[2], grid=2, mean_weight=3.0)
         torch.testing.assert_close(got, 0.5 * ref, atol=1e-6, rtol=1e-5)
         cost = _cost_k()
-        lf = WKDLogitFeature(s, t, cost, T=4.0, gamma=2.0, feature_weight=0.25, input_shape=in16)
+        lf = WKDLogitFeature(s, t, cost, temperature=4.0, gamma=2.0, feature_weight=0.25, input_shape=in16)
         got = _eval_run(lf, x, y)
         ref_f = ckakd.wkd_feature_loss(lf.extra["proj"](f_s[2]), f_t[2], mean_weight=4.0)
         ref_l = ckakd.wkd_logit_loss(s(x), z_t, cost, temperature=4.0, target=y, gamma=2.0)
@@ -649,7 +652,9 @@ def test_wkd_logit_cosine_schedule():
         assert cosine_decay_weight(600.0, epoch, 240, 150) == pytest.approx(ref, abs=1e-9)
     assert d.epoch == 239 and d.total_epochs == 240
     # the loss follows gamma (no target separation: the loss is gamma · WD)
-    d = WKDLogit(s, t, _cost_k(), T=4.0, gamma=600.0, use_target=False, gamma_schedule="cosine", decay_start=150)
+    d = WKDLogit(
+        s, t, _cost_k(), temperature=4.0, gamma=600.0, use_target=False, gamma_schedule="cosine", decay_start=150
+    )
     x, y = _xy()
     d.set_epoch(0, 240)
     full = _eval_run(d, x, y)["wkd_l"]
@@ -726,9 +731,9 @@ def test_dkd_warmup_via_set_epoch():
 def test_lskd_preset():
     s, t = _pair()
     d = LSKD(s, t)
-    assert (d.T, d.kd_weight, d.ce_weight, d.standardize) == (2.0, 9.0, 0.1, True)
+    assert (d.temperature, d.kd_weight, d.ce_weight, d.standardize) == (2.0, 9.0, 0.1, True)
     x, y = _xy()
-    ref = _eval_run(KD(s, t, T=2.0, kd_weight=9.0, ce_weight=0.1, standardize=True), x, y)
+    ref = _eval_run(KD(s, t, temperature=2.0, kd_weight=9.0, ce_weight=0.1, standardize=True), x, y)
     got = _eval_run(d, x, y)
     assert all(torch.equal(got[k], ref[k]) for k in ("ce", "kd"))
 
@@ -758,9 +763,9 @@ def test_registry_errors():
     with pytest.raises(ValueError, match="unknown distiller 'crd'") as err:
         build_distiller("crd", s, t)
     assert "fcka" in str(err.value) and "ensemble_kd" in str(err.value)
-    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['temperature'\]") as err:
-        build_distiller("kd", s, t, temperature=4.0)
-    assert "'T'" in str(err.value) and "'kd_weight'" in str(err.value)
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['tau'\]") as err:
+        build_distiller("kd", s, t, tau=4.0)
+    assert "'temperature'" in str(err.value) and "'kd_weight'" in str(err.value)
     with pytest.raises(ValueError, match="needs a teacher"):
         build_distiller("fcka", s, None)
     with pytest.raises(ValueError, match="needs a teacher"):

@@ -137,8 +137,10 @@ def test_single_teacher_ensemble_equals_kd_value_and_gradient(reduce, standardiz
     x, y = _views(names=("student",))["student"], _labels()
     results = []
     for make in (
-        lambda s, t: KD(s, t, T=3.0, standardize=standardize, ce_weight=0.3, kd_weight=2.0),
-        lambda s, t: EnsembleKD(s, [t], T=3.0, reduce=reduce, standardize=standardize, ce_weight=0.3, kd_weight=2.0),
+        lambda s, t: KD(s, t, temperature=3.0, standardize=standardize, ce_weight=0.3, kd_weight=2.0),
+        lambda s, t: EnsembleKD(
+            s, [t], temperature=3.0, reduce=reduce, standardize=standardize, ce_weight=0.3, kd_weight=2.0
+        ),
     ):
         s, t = _net(4, 1), _net(8, 2)
         d = make(s, t).train()
@@ -156,7 +158,7 @@ def test_single_teacher_ensemble_equals_kd_value_and_gradient(reduce, standardiz
 
 def test_multiview_input_feeds_each_teacher_its_view_and_the_student_its_own():
     s, t0, t1 = Recorder(_net(4, 1)), Recorder(_net(8, 2)), Recorder(_net(6, 3))
-    d = EnsembleKD(s, [t0, t1], T=4.0, kd_weight=1.0, ce_weight=0.5).train()
+    d = EnsembleKD(s, [t0, t1], temperature=4.0, kd_weight=1.0, ce_weight=0.5).train()
     x, y = _views(), _labels()
     logits, losses = d.forward_train(x, y)
     assert len(s.inputs) == len(t0.inputs) == len(t1.inputs) == 1
@@ -267,7 +269,7 @@ def test_standardized_ensemble_kd_is_invariant_to_affine_maps_of_every_net(reduc
         s, t0, t1 = _net(4, 1), _net(8, 2), _net(6, 3)
         if transformed:
             s, t0, t1 = (Affine(m, a[i], b[i]) for i, m in enumerate((s, t0, t1)))
-        d = EnsembleKD(s, [t0, t1], T=2.0, reduce=reduce, standardize=standardize, kd_weight=9.0)
+        d = EnsembleKD(s, [t0, t1], temperature=2.0, reduce=reduce, standardize=standardize, kd_weight=9.0)
         return d.forward_train(x, y)[1]["kd"].detach()
 
     torch.testing.assert_close(kd(True, True), kd(False, True), atol=1e-5, rtol=1e-5)
@@ -349,7 +351,7 @@ def _cfg(teacher_ckpts: list[Path], tmp_path: Path, *overrides: str):
         "model": {"name": "resnet8"},
         "teacher": {"name": "resnet8", "checkpoint": str(teacher_ckpts[0]), "augment": "weak"},
         "teachers": [{"name": "resnet8", "checkpoint": str(teacher_ckpts[1]), "augment": "strong"}],
-        "distiller": {"name": "ensemble_kd", "kwargs": {"T": 4.0, "reduce": "mean_loss"}},
+        "distiller": {"name": "ensemble_kd", "kwargs": {"temperature": 4.0, "reduce": "mean_loss"}},
         "schedule": {"epochs": 1, "kind": "constant", "milestones": []},
     }
     return config_from_dict(apply_overrides(data, list(overrides)))

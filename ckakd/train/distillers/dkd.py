@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch.nn as nn
 from torch import Tensor
 
+from ckakd._checks import renamed_arguments
 from ckakd.logit_kd import dkd_loss
 
 from .base import Distiller
@@ -26,6 +27,7 @@ class DKD(Distiller):
 
     one_teacher = True
 
+    @renamed_arguments(T="temperature")
     def __init__(
         self,
         student: nn.Module,
@@ -33,7 +35,7 @@ class DKD(Distiller):
         *,
         alpha: float = 1.0,
         beta: float = 8.0,
-        T: float = 4.0,
+        temperature: float = 4.0,
         ce_weight: float = 1.0,
         warmup: int = 0,
         input_shape: Sequence[int] | None = None,
@@ -41,7 +43,7 @@ class DKD(Distiller):
         super().__init__(student, teacher, ce_weight=ce_weight, input_shape=input_shape)
         if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0 (epochs), got {warmup!r}")
-        self.alpha, self.beta, self.T, self.warmup = float(alpha), float(beta), float(T), warmup
+        self.alpha, self.beta, self.temperature, self.warmup = float(alpha), float(beta), float(temperature), warmup
         self._call_epoch: int | None = None
 
     @property
@@ -63,4 +65,4 @@ class DKD(Distiller):
 
     def losses(self, x: Tensor, y: Tensor, logits_s: Tensor) -> dict[str, Tensor]:
         (z_t,) = self.teacher_logits(x)
-        return {"dkd": self.warmup_scale * dkd_loss(logits_s, z_t, y, self.alpha, self.beta, self.T)}
+        return {"dkd": self.warmup_scale * dkd_loss(logits_s, z_t, y, self.alpha, self.beta, self.temperature)}

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ckakd._checks import renamed_arguments
 from ckakd.logit_kd import kd_loss, kd_to_probs, standardize_logits
 
 from .base import Distiller, teacher_list
@@ -40,12 +41,13 @@ class EnsembleKD(Distiller):
 
     accepts_views = True
 
+    @renamed_arguments(T="temperature")
     def __init__(
         self,
         student: nn.Module,
         teachers: nn.Module | Sequence[nn.Module],
         *,
-        T: float = 4.0,
+        temperature: float = 4.0,
         reduce: str = "mean_loss",
         standardize: bool = False,
         ce_weight: float = 0.1,
@@ -58,8 +60,8 @@ class EnsembleKD(Distiller):
             raise ValueError("EnsembleKD needs at least one teacher")
         if reduce not in ("mean_loss", "mean_target"):
             raise ValueError(f"reduce must be 'mean_loss' or 'mean_target', got {reduce!r}")
-        if not T > 0:
-            raise ValueError(f"temperature T must be > 0, got {T}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         if teacher_views is None:
             views = [f"teacher{i}" for i in range(len(teachers))]
         else:
@@ -72,7 +74,8 @@ class EnsembleKD(Distiller):
                     f"got {teacher_views!r}"
                 )
         super().__init__(student, teachers, ce_weight=ce_weight, input_shape=input_shape)
-        self.T, self.reduce, self.standardize, self.kd_weight = float(T), reduce, bool(standardize), float(kd_weight)
+        self.temperature, self.reduce = float(temperature), reduce
+        self.standardize, self.kd_weight = bool(standardize), float(kd_weight)
         self.teacher_views: tuple[str, ...] = tuple(views)
 
     @property
@@ -125,11 +128,13 @@ class EnsembleKD(Distiller):
                     "(multi-view batches: every view must hold the same samples, and the nets as many classes)"
                 )
         if self.reduce == "mean_loss":
-            loss = torch.stack([kd_loss(logits_s, z_t, self.T, standardize=self.standardize) for z_t in zts]).mean()
+            loss = torch.stack(
+                [kd_loss(logits_s, z_t, self.temperature, standardize=self.standardize) for z_t in zts]
+            ).mean()
         else:
             z_s = standardize_logits(logits_s) if self.standardize else logits_s
             p_t = torch.stack(
-                [F.softmax((standardize_logits(z) if self.standardize else z) / self.T, dim=1) for z in zts]
+                [F.softmax((standardize_logits(z) if self.standardize else z) / self.temperature, dim=1) for z in zts]
             ).mean(0)
-            loss = kd_to_probs(z_s, p_t, self.T)
+            loss = kd_to_probs(z_s, p_t, self.temperature)
         return {"kd": self.kd_weight * loss}

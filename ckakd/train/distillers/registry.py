@@ -126,7 +126,8 @@ def build_distiller(
     """
     cls = get_distiller(name, task)
     accepted = distiller_arguments(cls)
-    unknown = sorted(set(kwargs) - set(accepted))
+    renamed = getattr(cls.__init__, "renamed_arguments", {})  # old spellings: accepted with a DeprecationWarning
+    unknown = sorted(set(kwargs) - set(accepted) - set(renamed))
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown} for distiller {name!r} ({cls.__name__}); accepted: {accepted}")
     missing = [n for n in distiller_arguments(cls, required=True) if n not in kwargs]

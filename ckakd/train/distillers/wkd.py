@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ckakd._checks import renamed_arguments
 from ckakd.feature_kd import match_spatial
 from ckakd.interrelation import cost_from_interrelation, load_interrelation
 from ckakd.wasserstein import wkd_feature_loss
@@ -69,13 +70,14 @@ class WKDLogit(Distiller):
 
     one_teacher = True
 
+    @renamed_arguments(T="temperature")
     def __init__(
         self,
         student: nn.Module,
         teacher: nn.Module,
         cost: Tensor | str | os.PathLike,
         *,
-        T: float = 2.0,
+        temperature: float = 2.0,
         gamma: float = 30.0,
         use_target: bool = True,
         eps: float = 0.05,
@@ -87,12 +89,12 @@ class WKDLogit(Distiller):
         input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(student, teacher, ce_weight=ce_weight, input_shape=input_shape)
-        self._init_wkd_logit(cost, T, gamma, use_target, eps, iters, sharpen, gamma_schedule, decay_start)
+        self._init_wkd_logit(cost, temperature, gamma, use_target, eps, iters, sharpen, gamma_schedule, decay_start)
 
     def _init_wkd_logit(
         self,
         cost: Tensor | str | os.PathLike,
-        T: float,
+        temperature: float,
         gamma: float,
         use_target: bool,
         eps: float,
@@ -112,7 +114,7 @@ class WKDLogit(Distiller):
         self.register_buffer("cost", _load_cost(cost, sharpen))
         if self.num_classes is not None:
             self._check_cost_width(self.num_classes)
-        self.T, self.gamma, self.use_target = float(T), float(gamma), bool(use_target)
+        self.temperature, self.gamma, self.use_target = float(temperature), float(gamma), bool(use_target)
         self.eps, self.iters, self.sharpen = float(eps), int(iters), float(sharpen)
         self.gamma_schedule, self.decay_start = gamma_schedule, decay_start
 
@@ -144,7 +146,7 @@ class WKDLogit(Distiller):
             logits_s,
             z_t,
             self.cost.to(device=logits_s.device),
-            temperature=self.T,
+            temperature=self.temperature,
             eps=self.eps,
             iters=self.iters,
             target=y if self.use_target else None,
@@ -225,6 +227,7 @@ class WKDLogitFeature(WKDLogit, _WKDFeaturePart):
     ``feature_weight``). ``gamma_schedule`` / ``decay_start`` scale both weights, as the public code does.
     """
 
+    @renamed_arguments(T="temperature")
     def __init__(
         self,
         student: nn.Module,
@@ -233,7 +236,7 @@ class WKDLogitFeature(WKDLogit, _WKDFeaturePart):
         feature_path_s: str | None = None,
         feature_path_t: str | None = None,
         *,
-        T: float = 2.0,
+        temperature: float = 2.0,
         gamma: float = 30.0,
         use_target: bool = True,
         eps: float = 0.05,
@@ -250,7 +253,7 @@ class WKDLogitFeature(WKDLogit, _WKDFeaturePart):
     ) -> None:
         # WKD-L's setup and then the feature part, each once: the bases' own constructors are not chained here
         Distiller.__init__(self, student, teacher, ce_weight=ce_weight, input_shape=input_shape)
-        self._init_wkd_logit(cost, T, gamma, use_target, eps, iters, sharpen, gamma_schedule, decay_start)
+        self._init_wkd_logit(cost, temperature, gamma, use_target, eps, iters, sharpen, gamma_schedule, decay_start)
         self.mean_weight, self.grid, self.cov = _check_feature_options(mean_weight, grid, cov)
         self._init_features(feature_path_s, feature_path_t)
         self.feature_weight = float(feature_weight)
