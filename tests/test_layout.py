@@ -29,6 +29,7 @@ OPTIONAL = (
     "sklearn",
     "torchvision",
     "timm",
+    "safetensors",
     "tensorboard",
     "torch.utils.tensorboard",
     "triton",

@@ -401,3 +401,32 @@ def test_torchvision_names_build_through_get_model(tv, tmp_path):
 def test_create_external_model_rejects_other_prefixes():
     with pytest.raises(ValueError, match="is not 'timm.<model>' or 'torchvision.<model>'"):
         create_external_model("timm.", num_classes=10)
+
+
+def test_safetensors_files_load_through_the_safetensors_package(tmp_path, monkeypatch):
+    """``.safetensors`` (what the Hugging Face hub ships timm weights as) is read with ``safetensors.torch.load_file``;
+    the package is faked here (its ``load_file`` returns the tensors it was given)."""
+    src = perturbed(create_model("resnet8", num_classes=10, in_channels=1))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"stands for a safetensors file")
+    shipped = other_repo_keys(src)
+    calls = []
+
+    def load_file(filename: str, device: str = "cpu") -> dict:
+        calls.append((filename, device))
+        return dict(shipped)
+
+    package, module = types.ModuleType("safetensors"), types.ModuleType("safetensors.torch")
+    module.load_file = load_file
+    package.torch = module
+    monkeypatch.setitem(sys.modules, "safetensors", package)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", module)
+    dst = create_model("resnet8", num_classes=10, in_channels=1)
+    report = read_weights(dst, path, "teacher", key_map={"fc.": "classifier."})
+    assert calls == [(str(path), "cpu")] and report.fit.ok and same_weights(dst, src)
+    with pytest.raises(ConfigError, match=r"teacher\.checkpoint=.*does not fit teacher\.name: .*'fc\.weight'"):
+        read_weights(dst, path, "teacher")
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ConfigError, match=r"is a \.safetensors file, which needs safetensors: pip install safetensors"):
+        read_weights(dst, path, "teacher")
