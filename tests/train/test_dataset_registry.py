@@ -189,7 +189,8 @@ def test_the_readme_registration_example_runs():
 
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = text.split("### Your teachers, models and datasets", 1)[1]
-    (block,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
+    section = re.split(r"\n##+ ", section, maxsplit=1)[0]  # up to the next heading
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     namespace: dict = {}
     try:
         exec(compile(block, "README.md", "exec"), namespace)
