@@ -1,6 +1,6 @@
 """Execution options that change speed, not the method: channels-last memory format for the model and the 4-D
-training inputs (:func:`channels_last`), ``torch.compile`` of the student (:func:`compile_student`, failures
-raised as :class:`CompileError` by :func:`compiled_call`)."""
+training inputs (:func:`channels_last`), ``torch.compile`` of the student (:class:`StudentCompiler`; a failure
+is a :class:`CompileError`, never a silent fallback to eager)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["CompileError", "channels_last", "compile_student", "compiled_call"]
+__all__ = ["COMPILE_BACKEND", "CompileError", "StudentCompiler", "channels_last"]
 
 
 class CompileError(RuntimeError):
@@ -32,24 +32,42 @@ def channels_last(batch: Any) -> Any:
     return batch
 
 
-def compile_student(student: nn.Module) -> None:
-    """``torch.compile`` ``student`` in place (:meth:`torch.nn.Module.compile`: its state_dict keys, hooks and
-    identity are kept); the compilation itself happens at the first forward."""
-    if not hasattr(torch, "compile"):
-        raise CompileError(f"train.compile=true needs torch.compile (torch {torch.__version__} has none)")
-    student.compile()
+COMPILE_BACKEND: Any = "inductor"  # torch.compile's default backend
 
 
-def compiled_call(fn: Callable[..., Any], batch: Any, compiled: bool) -> Any:
-    """``fn(batch)``; when ``compiled`` (``train.compile``), a ``torch.compile`` failure is raised as
-    :class:`CompileError` naming the setting."""
-    if not compiled:
-        return fn(batch)
-    try:
-        return fn(batch)
-    except torch._dynamo.exc.TorchDynamoException as exc:
-        raise CompileError(
-            f"train.compile=true: torch.compile failed on the student's forward ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}); set train.compile=false to train "
-            "eagerly"
-        ) from exc
+class StudentCompiler:
+    """``torch.compile`` of ``student.forward`` (in place: the module, its state_dict keys and hooks stay; the
+    compilation happens at the first forward). Calling it runs a training forward and raises :class:`CompileError`
+    naming the setting when compilation fails, or when it compiled no graph at all (everything fell back to eager).
+    ``graphs``: the number of graphs compiled so far."""
+
+    def __init__(self, student: nn.Module) -> None:
+        if not hasattr(torch, "compile"):
+            raise CompileError(f"train.compile=true needs torch.compile (torch {torch.__version__} has none)")
+        self.graphs = 0
+        backend = torch._dynamo.lookup_backend(COMPILE_BACKEND)
+
+        def counting(gm: Any, example_inputs: Any) -> Any:
+            self.graphs += 1
+            return backend(gm, example_inputs)
+
+        # the instance's forward, not Module.compile(): that compiles _call_impl, which dynamo may skip silently
+        student.forward = torch.compile(student.forward, backend=counting)
+        self._name = type(student).__name__
+
+    def __call__(self, fn: Callable[[Any], Any], batch: Any) -> Any:
+        """``fn(batch)`` (the training forward that calls the student)."""
+        try:
+            out = fn(batch)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            first = " ".join([ln.strip() for ln in str(exc).splitlines() if ln.strip()][:2]) or repr(exc)
+            raise CompileError(
+                f"train.compile=true: torch.compile failed on the student's forward ({self._name}; "
+                f"{type(exc).__name__}: {first}); set train.compile=false to train eagerly"
+            ) from exc
+        if self.graphs == 0:
+            raise CompileError(
+                f"train.compile=true: torch.compile compiled no graph of the student's forward ({self._name}): it "
+                "would run eagerly; set train.compile=false"
+            )
+        return out

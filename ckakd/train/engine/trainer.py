@@ -49,10 +49,14 @@ from .optim import accumulated_step, trainable_names, trainable_parameters
 from .schedule import apply_step_warmup, build_optimizer, build_scheduler, step_scheduler
 from .seeding import rng_state, seed_everything
 from .settings import AMP_DTYPES, TrainSettings
-from .speed import channels_last, compile_student, compiled_call
+from .speed import StudentCompiler, channels_last
 from .task import ClassificationTask, Task, TrainStep, missing_task_members
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerCallback"]
+
+
+def _call(fn: Any, batch: Any) -> Any:
+    return fn(batch)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -113,8 +117,7 @@ class Trainer:
         if s.train.channels_last:
             self.model = model.to(memory_format=torch.channels_last)
         self.student = student_of(model)
-        if s.train.compile:
-            compile_student(self.student)
+        self.compiler = StudentCompiler(self.student) if s.train.compile else None  # train.compile
         self.is_distiller = callable(getattr(model, "forward_train", None))
         self.params: list[nn.Parameter] = trainable_parameters(model)
         names = trainable_names(model, self.params) if s.optim.param_groups else None
@@ -306,7 +309,7 @@ class Trainer:
                 no_sync = self.distributed and not boundary  # DDP reduces the gradients at the window's end only
                 with self._step_module.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
                     with autocast(self.device, s.run.amp, s.run.amp_dtype):
-                        losses, counts = compiled_call(self._step_module, batch, s.train.compile)
+                        losses, counts = (self.compiler or _call)(self._step_module, batch)
                     if not losses:
                         raise ValueError(f"{type(self.model).__name__}.forward_train returned no losses")
                     names = list(losses)
