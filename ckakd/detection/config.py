@@ -91,7 +91,7 @@ class DetectionTeacherConfig(TeacherConfig):
 class DetectionDistillerConfig(DistillerConfig):
     """FPN distillation method (``none``, ``pcka``, ``pcka_mimic``, ``kd_patch``, ``at_patch``, ``dist_patch``,
     ``mmd_patch``, ``wkd_f``, ``wkd_l``, ...); ``kwargs`` go to ``DetectionDistiller`` (weight, patch_size,
-    reduce, levels, student_paths, teacher_paths, ...). ``cost`` / ``sharpen``: the WKD-L category cost."""
+    reduce, levels, feature_paths_s, feature_paths_t, ...). ``cost`` / ``sharpen``: the WKD-L category cost."""
 
     name: str = field(default="none", metadata=check(non_empty))
 

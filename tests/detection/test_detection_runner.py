@@ -82,7 +82,7 @@ def test_shipped_detection_config_builds(name, tmp_path, one_thread):
         if cfg.teacher.name is not None:
             teacher = runner.build_detector(cfg.teacher.name, cfg.teacher.kwargs, 80, section="teacher")
             distiller = runner.build_detection_distiller(cfg, student, teacher, 80)
-            assert distiller.method == cfg.distiller.name and len(distiller.student_paths) >= 1
+            assert distiller.method == cfg.distiller.name and len(distiller.feature_paths_s) >= 1
         return
     data = runner.build_detection_data(cfg)
     student = runner.build_detector(cfg.model.name, cfg.model.kwargs, data.num_classes, section="model")

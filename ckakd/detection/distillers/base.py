@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ckakd._checks import renamed_arguments
 from ckakd.detection.distill import PatchMimic
 from ckakd.train.distillers.base import Distiller
 from ckakd.train.distillers.registry import (
@@ -108,7 +109,7 @@ class DetectionDistiller(Distiller, metaclass=_ByMethod):
             they must have the same number of FPN levels (``ValueError`` otherwise).
         weight: the loss weight (default: the method's ``default_weight``).
         levels: indices of the FPN levels (of the hooked maps) to distil (default: all).
-        student_paths, teacher_paths: dotted module paths whose forward-hook outputs are the distilled feature
+        feature_paths_s, feature_paths_t: dotted module paths whose forward-hook outputs are the distilled feature
             maps (default: each detector's ``feature_names``, its FPN levels: ``backbone.fpn_levels.{i}`` for
             ours, ``model.backbone`` for torchvision's, whose hook output is an ``OrderedDict`` of the levels).
             Any module that runs in the detector's features or head forward may be named (e.g.
@@ -133,6 +134,7 @@ class DetectionDistiller(Distiller, metaclass=_ByMethod):
     reads_logits: bool = False
     one_teacher = True
 
+    @renamed_arguments(student_paths="feature_paths_s", teacher_paths="feature_paths_t")
     def __init__(
         self,
         student: nn.Module,
@@ -140,34 +142,34 @@ class DetectionDistiller(Distiller, metaclass=_ByMethod):
         *,
         weight: float | None = None,
         levels: Sequence[int] | None = None,
-        student_paths: Sequence[str] | str | None = None,
-        teacher_paths: Sequence[str] | str | None = None,
+        feature_paths_s: Sequence[str] | str | None = None,
+        feature_paths_t: Sequence[str] | str | None = None,
     ) -> None:
         if self.projector not in PROJECTORS:
             raise ValueError(f"{type(self).__name__}.projector must be one of {PROJECTORS}, got {self.projector!r}")
         n_s, s_ch, s_default = detector_protocol(student, "student")
         n_t, t_ch, t_default = detector_protocol(teacher, "teacher")
         super().__init__(student, teacher, ce_weight=0.0)  # freezes the teacher; the detector computes its losses
-        s_paths, t_paths = _paths(student_paths, s_default), _paths(teacher_paths, t_default)
+        s_paths, t_paths = _paths(feature_paths_s, s_default), _paths(feature_paths_t, t_default)
         if not s_paths or not t_paths:
-            raise ValueError("student_paths / teacher_paths: no feature paths (the detector has no feature_names)")
-        self.student_paths, self.teacher_paths = s_paths, t_paths
+            raise ValueError("feature_paths_s / feature_paths_t: no feature paths (the detector has no feature_names)")
+        self.feature_paths_s, self.feature_paths_t = s_paths, t_paths
         self._hooks_s = FeatureHooks(student, s_paths)  # resolves the paths: errors name a bad one now
         self._hooks_t = FeatureHooks(teacher, t_paths, detach=True)
-        if student_paths is None and teacher_paths is None:
+        if feature_paths_s is None and feature_paths_t is None:
             s_shapes = [(s_ch,)] * n_s
             t_shapes = [(t_ch,)] * n_t
             if n_s != n_t:
                 raise ValueError(
                     f"student and teacher must have the same number of FPN levels, got {n_s} and {n_t} (distil a "
-                    "subset with student_paths / teacher_paths, or build both with the same levels)"
+                    "subset with feature_paths_s / feature_paths_t, or build both with the same levels)"
                 )
         else:  # custom paths: learn the maps' count and channels from one dry forward
             s_shapes = self._probe_maps(student, self._hooks_s, "student")
             t_shapes = self._probe_maps(teacher, self._hooks_t, "teacher")
             if len(s_shapes) != len(t_shapes):
                 raise ValueError(
-                    f"student_paths {s_paths} give {len(s_shapes)} feature maps, teacher_paths {t_paths} give "
+                    f"feature_paths_s {s_paths} give {len(s_shapes)} feature maps, feature_paths_t {t_paths} give "
                     f"{len(t_shapes)}: they must pair up one to one"
                 )
         n_s = len(s_shapes)
@@ -246,7 +248,7 @@ class DetectionDistiller(Distiller, metaclass=_ByMethod):
             t_cls = None
             with torch.no_grad():
                 t_feats = self.teacher.features(images)
-                if self.reads_logits or any(p not in self._hooks_t.features for p in self.teacher_paths):
+                if self.reads_logits or any(p not in self._hooks_t.features for p in self.feature_paths_t):
                     t_outs = self.teacher.head_outputs(t_feats)
                     t_cls = t_outs.get("cls_logits") if self.reads_logits else None
             f_t = hooked_maps(self._hooks_t, "teacher")
@@ -288,7 +290,8 @@ def detection_distiller(
     if method not in methods:
         raise ValueError(f"method must be one of {tuple(methods)}, got {method!r}")
     cls = methods[method]
-    unknown = sorted(set(kwargs) - set(distiller_arguments(cls)))
+    renamed = getattr(cls.__init__, "renamed_arguments", {})  # old spellings: build_distiller warns
+    unknown = sorted(set(kwargs) - set(distiller_arguments(cls)) - set(renamed))
     if unknown:
         owners = {name: c for name, c in methods.items() if set(unknown) & set(distiller_arguments(c))}
         if not owners:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from ckakd._checks import renamed_arguments
 from ckakd.detection.distill import at_patch_loss, dist_patch_loss, kd_patch_loss, mmd_patch_loss
 from ckakd.train.distillers.registry import register_distiller
 
@@ -21,6 +22,7 @@ class PatchBaseline(DetectionDistiller):
 
     family = "patch baseline"
 
+    @renamed_arguments(student_paths="feature_paths_s", teacher_paths="feature_paths_t")
     def __init__(
         self,
         student: nn.Module,
@@ -29,11 +31,16 @@ class PatchBaseline(DetectionDistiller):
         weight: float | None = None,
         patch_size: int | Sequence[int] = (4, 4),
         levels: Sequence[int] | None = None,
-        student_paths: Sequence[str] | str | None = None,
-        teacher_paths: Sequence[str] | str | None = None,
+        feature_paths_s: Sequence[str] | str | None = None,
+        feature_paths_t: Sequence[str] | str | None = None,
     ) -> None:
         super().__init__(
-            student, teacher, weight=weight, levels=levels, student_paths=student_paths, teacher_paths=teacher_paths
+            student,
+            teacher,
+            weight=weight,
+            levels=levels,
+            feature_paths_s=feature_paths_s,
+            feature_paths_t=feature_paths_t,
         )
         self.patch_size = patch_size
 

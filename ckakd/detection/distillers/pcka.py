@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ckakd._checks import renamed_arguments
 from ckakd.detection.distill import pcka_loss
 from ckakd.functional import PATCH_RESIZE
 from ckakd.train.distillers.registry import register_distiller
@@ -35,6 +36,7 @@ class PCKA(DetectionDistiller):
     family = "PCKA"
     default_weight = 10.0
 
+    @renamed_arguments(student_paths="feature_paths_s", teacher_paths="feature_paths_t")
     def __init__(
         self,
         student: nn.Module,
@@ -47,8 +49,8 @@ class PCKA(DetectionDistiller):
         resize: str | None = None,
         inter_weight: float = 0.0,
         levels: Sequence[int] | None = None,
-        student_paths: Sequence[str] | str | None = None,
-        teacher_paths: Sequence[str] | str | None = None,
+        feature_paths_s: Sequence[str] | str | None = None,
+        feature_paths_t: Sequence[str] | str | None = None,
     ) -> None:
         if reduce not in PCKA_REDUCES:
             raise ValueError(f"reduce must be one of {PCKA_REDUCES}, got {reduce!r}")
@@ -62,7 +64,12 @@ class PCKA(DetectionDistiller):
         if inter_weight > 0 and mode == "debiased":
             raise ValueError("inter_weight > 0 needs mode 'centered' or 'uncentered' (the inter term is not debiased)")
         super().__init__(
-            student, teacher, weight=weight, levels=levels, student_paths=student_paths, teacher_paths=teacher_paths
+            student,
+            teacher,
+            weight=weight,
+            levels=levels,
+            feature_paths_s=feature_paths_s,
+            feature_paths_t=feature_paths_t,
         )
         self.patch_size = patch_size
         self.reduce = reduce
@@ -101,6 +108,7 @@ class PCKAMimic(PCKA):
 
     projector = "always"
 
+    @renamed_arguments(student_paths="feature_paths_s", teacher_paths="feature_paths_t")
     def __init__(
         self,
         student: nn.Module,
@@ -114,8 +122,8 @@ class PCKAMimic(PCKA):
         inter_weight: float = 0.0,
         mimic_weight: float = 1.0,
         levels: Sequence[int] | None = None,
-        student_paths: Sequence[str] | str | None = None,
-        teacher_paths: Sequence[str] | str | None = None,
+        feature_paths_s: Sequence[str] | str | None = None,
+        feature_paths_t: Sequence[str] | str | None = None,
     ) -> None:
         super().__init__(
             student,
@@ -127,8 +135,8 @@ class PCKAMimic(PCKA):
             resize=resize,
             inter_weight=inter_weight,
             levels=levels,
-            student_paths=student_paths,
-            teacher_paths=teacher_paths,
+            feature_paths_s=feature_paths_s,
+            feature_paths_t=feature_paths_t,
         )
         self.mimic_weight = float(mimic_weight)
 

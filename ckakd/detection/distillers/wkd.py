@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ckakd._checks import renamed_arguments
 from ckakd.detection.distill import with_background_cost, wkd_feature_fpn_loss, wkd_logit_dense_loss
 from ckakd.train.distillers.registry import register_distiller
 
@@ -78,6 +79,7 @@ class WKDLogitDense(DetectionDistiller):
     projector = "never"
     reads_logits = True
 
+    @renamed_arguments(student_paths="feature_paths_s", teacher_paths="feature_paths_t")
     def __init__(
         self,
         student: nn.Module,
@@ -90,11 +92,16 @@ class WKDLogitDense(DetectionDistiller):
         topk: int | None = 100,
         background_cost: float = 1.0,
         levels: Sequence[int] | None = None,
-        student_paths: Sequence[str] | str | None = None,
-        teacher_paths: Sequence[str] | str | None = None,
+        feature_paths_s: Sequence[str] | str | None = None,
+        feature_paths_t: Sequence[str] | str | None = None,
     ) -> None:
         super().__init__(
-            student, teacher, weight=weight, levels=levels, student_paths=student_paths, teacher_paths=teacher_paths
+            student,
+            teacher,
+            weight=weight,
+            levels=levels,
+            feature_paths_s=feature_paths_s,
+            feature_paths_t=feature_paths_t,
         )
         self.temperature, self.score_thresh, self.topk = float(temperature), float(score_thresh), topk
         self.cost: Tensor
@@ -131,6 +138,7 @@ class WKDLogitFeatureDense(WKDLogitDense):
 
     projector = "mismatched"
 
+    @renamed_arguments(student_paths="feature_paths_s", teacher_paths="feature_paths_t")
     def __init__(
         self,
         student: nn.Module,
@@ -144,8 +152,8 @@ class WKDLogitFeatureDense(WKDLogitDense):
         background_cost: float = 1.0,
         feature_weight: float = 1.0,
         levels: Sequence[int] | None = None,
-        student_paths: Sequence[str] | str | None = None,
-        teacher_paths: Sequence[str] | str | None = None,
+        feature_paths_s: Sequence[str] | str | None = None,
+        feature_paths_t: Sequence[str] | str | None = None,
     ) -> None:
         super().__init__(
             student,
@@ -157,8 +165,8 @@ class WKDLogitFeatureDense(WKDLogitDense):
             topk=topk,
             background_cost=background_cost,
             levels=levels,
-            student_paths=student_paths,
-            teacher_paths=teacher_paths,
+            feature_paths_s=feature_paths_s,
+            feature_paths_t=feature_paths_t,
         )
         self.feature_weight = float(feature_weight)
 
