@@ -4,6 +4,8 @@ accumulation, channels-last, pinned memory and torch.compile in the trainer."""
 from __future__ import annotations
 
 import copy
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -384,3 +386,32 @@ def test_optim_config_defaults_unchanged():
     assert (o.name, o.lr, o.momentum, o.weight_decay, o.nesterov, o.kwargs, o.param_groups) == (
         "sgd", 0.05, 0.9, 5e-4, False, {}, []
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ README
+
+
+def readme_block(start: str) -> str:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```(?:python|bash)\n(.*?)```", text, flags=re.S)
+    (block,) = [b for b in blocks if b.startswith(start)]
+    return block
+
+
+def test_readme_optimizers_example_runs(tmp_path):
+    code = readme_block("# optimizers and schedules from Python").replace("runs/optim_example", str(tmp_path))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert type(trainer.optimizer) is torch.optim.NAdam and len(trainer.optimizer.param_groups) == 2
+    assert trainer.scheduler.last_epoch == 8 and load_checkpoint(tmp_path / "latest.pt")["global_step"] == 8
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([0.0, 0.0], abs=1e-12)
+
+
+def test_readme_optimizers_command_is_a_valid_config():
+    line = " ".join(readme_block("# FitNet's projector").replace("\\\n", " ").splitlines()[1:])
+    overrides = [a.strip("'") for a in shlex.split(line)[3:]]
+    cfg = load_config("digits/fitnet", overrides)
+    assert (cfg.optim.name, cfg.schedule.kind, cfg.train.accumulate) == ("AdamW", "OneCycleLR", 2)
+    assert cfg.optim.param_groups[0].params == "extra.*" and cfg.optim.param_groups[0].lr == 1e-2
+    assert -(-(1347 // cfg.data.batch_size) // 2) * cfg.schedule.epochs == cfg.schedule.kwargs["total_steps"]
