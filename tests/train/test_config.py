@@ -257,7 +257,8 @@ def test_enumerations_and_ranges():
                                              r"did you mean 'strong'"),
         ({"data": {"name": "cifar10"}}, r"data\.name: expected one of 'digits', 'cifar100', 'imagefolder'"),
         ({"run": {"amp_dtype": "fp16"}}, r"run\.amp_dtype: expected one of 'float16', 'bfloat16'"),
-        ({"optim": {"name": "adam"}}, r"optim\.name: expected one of 'sgd', 'adamw'.*did you mean 'adamw'"),
+        ({"optim": {"name": "adamx"}}, r"optim\.name: unknown optimizer 'adamx' \(did you mean 'Adamax'\?\); "
+                                       r"expected sgd, adamw, a torch\.optim class"),  # adam: torch.optim.Adam
         ({"schedule": {"kind": "linear"}}, r"schedule\.kind: expected one of 'step', 'cosine', 'constant'"),
         ({"run": {"device": "gpu"}}, r"run\.device: must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ({"optim": {"lr": 0}}, r"optim\.lr: must be > 0, got 0\.0"),

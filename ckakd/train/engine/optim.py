@@ -52,6 +52,14 @@ def _classes(module: Any, base: type) -> dict[str, type]:
     }
 
 
+def _suggest(word: str, options: Sequence[str]) -> str:
+    """:func:`~ckakd.train.schema.suggest` ignoring case (``rmsprob`` -> ``'RMSprop'``)."""
+    lower = {o.lower(): o for o in options}
+    hint = suggest(word.lower(), list(lower))
+    match = hint[len(" (did you mean '") : -len("'?)")] if hint else ""
+    return f" (did you mean {lower[match]!r}?)" if match in lower else ""
+
+
 def _import_dotted(path: str, key: str, what: str) -> Any:
     module_name, _, attr = path.rpartition(".")
     try:
@@ -74,7 +82,7 @@ def optimizer_class(name: str, key: str = "optim.name") -> type[torch.optim.Opti
         if name.lower() not in known:
             names = sorted(c.__name__ for c in known.values())
             raise ValueError(
-                f"{key}: unknown optimizer {name!r}{suggest(name, [*BUILTIN_OPTIMIZERS, *names])}; expected sgd, "
+                f"{key}: unknown optimizer {name!r}{_suggest(name, [*BUILTIN_OPTIMIZERS, *names])}; expected sgd, "
                 f"adamw, a torch.optim class ({', '.join(names)}) or a dotted path (my_pkg.MyOptimizer)"
             )
         cls = known[name.lower()]
@@ -98,7 +106,7 @@ def scheduler_class(name: str, key: str = "schedule.kind") -> type | None:
             builtins = ", ".join(repr(b) for b in BUILTIN_SCHEDULES)
             raise ValueError(
                 f"{key}: expected one of {builtins}, a torch.optim.lr_scheduler class ({', '.join(names)}) or a "
-                f"dotted path (my_pkg.MySchedule){suggest(name, [*BUILTIN_SCHEDULES, *names])}"
+                f"dotted path (my_pkg.MySchedule){_suggest(name, [*BUILTIN_SCHEDULES, *names])}"
             )
         cls = known[name.lower()]
     if not (isinstance(cls, type) and issubclass(cls, sched.LRScheduler | sched.ReduceLROnPlateau)):

@@ -154,7 +154,9 @@ class OptimConfig:
     weight_decay: float = field(default=5e-4, metadata=check(non_negative))
     nesterov: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)
-    param_groups: list[ParamGroupConfig] = field(default_factory=list)
+    # mappings, each built into a ParamGroupConfig (not a list[ParamGroupConfig] annotation: the key suggestions
+    # for an unknown key would list optim.param_groups.0.lr beside optim.lr)
+    param_groups: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         cls = optimizer_class(self.name)
@@ -162,8 +164,10 @@ class OptimConfig:
         check_class_kwargs(cls, self.kwargs, "optim.kwargs", reserved=reserved, given=("lr",))
         takes = class_parameters(cls)[0]
         for i, g in enumerate(self.param_groups):
-            if isinstance(g, Mapping):  # a plain mapping given in Python
+            if isinstance(g, Mapping):
                 g = self.param_groups[i] = build_dataclass(ParamGroupConfig, g, f"optim.param_groups[{i}]")
+            elif not isinstance(g, ParamGroupConfig):
+                raise ValueError(f"optim.param_groups[{i}]: expected a mapping (ParamGroupConfig fields), got {g!r}")
             key = f"optim.param_groups[{i}]"
             if g.weight_decay is not None and "weight_decay" not in takes and self.name not in BUILTIN_OPTIMIZERS:
                 raise ValueError(f"{key}.weight_decay: {cls.__name__} takes no weight_decay")
