@@ -4,8 +4,11 @@ accumulation, channels-last, pinned memory and torch.compile in the trainer."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,8 @@ from ckakd.train.engine.optim import assign_param_groups, optimizer_class, sched
 from ckakd.train.engine.schedule import build_optimizer
 from ckakd.train.engine.settings import OptimConfig, ScheduleConfig
 from ckakd.train.engine.speed import CompileError, channels_last
+from tests.train._ddp_accumulate_worker import dataset as ddp_dataset
+from tests.train._ddp_accumulate_worker import mlp as ddp_mlp
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -415,3 +420,23 @@ def test_readme_optimizers_command_is_a_valid_config():
     assert (cfg.optim.name, cfg.schedule.kind, cfg.train.accumulate) == ("AdamW", "OneCycleLR", 2)
     assert cfg.optim.param_groups[0].params == "extra.*" and cfg.optim.param_groups[0].lr == 1e-2
     assert -(-(1347 // cfg.data.batch_size) // 2) * cfg.schedule.epochs == cfg.schedule.kwargs["total_steps"]
+
+
+def test_ddp_accumulate_equals_the_global_batch(tmp_path):
+    """2 gloo ranks × accumulate 2 × batch 4 = one batch of 16 in one process (the ranks' gradients all-reduced
+    once per window)."""
+    worker = Path(__file__).with_name("_ddp_accumulate_worker.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(PYTHONPATH=str(worker.parents[2]), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(worker)]
+    proc = subprocess.run([*cmd, str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in range(2))
+    ref = ddp_mlp()
+    train = DataLoader(ddp_dataset(), batch_size=16)
+    Trainer(ref, train, DataLoader(ddp_dataset(), batch_size=8), settings(tmp_path / "ref", epochs=2, weight_decay=0.0,
+            device="cpu")).fit()  # fmt: skip
+    for k, v in ref.state_dict().items():
+        assert torch.equal(w0[k], w1[k]), k
+        torch.testing.assert_close(w0[k], v, atol=1e-6, rtol=1e-5, msg=k)
+    assert not torch.allclose(w0["3.weight"], ddp_mlp().state_dict()["3.weight"])  # it trained
