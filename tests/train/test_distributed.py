@@ -16,6 +16,7 @@ import torch.nn as nn
 import ckakd
 from ckakd.train import distributed as dist
 from ckakd.train.engine import load_checkpoint
+from ckakd.train.engine.metrics_log import TIMING_COLUMNS
 from tests.train._engine_worker import wait_for_progress
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,7 +182,7 @@ def _torchrun(out: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
 
 def _rows(path: Path) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
 
 
 def _dead_within(pid: int, timeout: float) -> bool:

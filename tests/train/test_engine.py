@@ -35,6 +35,7 @@ from ckakd.train.engine import (
     save_checkpoint,
     seed_everything,
 )
+from ckakd.train.engine.metrics_log import TIMING_COLUMNS
 from ckakd.train.runner import run_dir, run_settings
 from tests.train._engine_worker import wait_for_progress
 
@@ -91,7 +92,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def strip_times(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -712,9 +713,10 @@ def test_metrics_files_cka_and_plots(tmp_path):
     keys = ["cka/4~1", "cka/5~4"]
     assert list(rows[0]) == [
         "epoch", "lr", "train/loss", "train/ce", "train/kd", "train/top1",
-        "val/top1", "val/top5", "val/loss", "val/n", *keys, "epoch_time_s",
+        "val/top1", "val/top5", "val/loss", "val/n", *keys, "images_per_s", "epoch_time_s",
     ]  # fmt: skip
     assert [r["epoch"] for r in js] == [1, 2, 3] and len(rows) == 3
+    assert all(float(r["images_per_s"]) > 0 for r in rows)  # what `ckakd report` shows as images/s
     for r, j in zip(rows, js, strict=True):
         assert {k: float(v) for k, v in r.items()} == pytest.approx({k: float(v) for k, v in j.items()}, rel=1e-15)
         assert j["train/loss"] == pytest.approx(j["train/ce"] + j["train/kd"])
@@ -810,7 +812,12 @@ def test_callbacks_values_land_in_metrics_files_and_checkpoints(tmp_path):
     with open(tmp_path / "metrics.csv", newline="") as f:
         lines = f.read().splitlines()
     header = lines[0].split(",")
-    assert header[-3:] == ["diag/every", "diag/tensor", "epoch_time_s"]  # keys first seen in epoch 2: one header
+    assert header[-4:] == [
+        "diag/every",
+        "diag/tensor",
+        "images_per_s",
+        "epoch_time_s",
+    ]  # keys first seen in epoch 2: one header
     assert len(lines) == 4 and all(len(line.split(",")) == len(header) for line in lines)
     rows = read_csv(tmp_path / "metrics.csv")
     assert [r["diag/every"] for r in rows] == ["", "1.0", ""]

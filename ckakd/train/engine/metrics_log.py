@@ -17,6 +17,7 @@ from typing import Any
 from ..fileio import append_text, atomic_write_bytes
 
 __all__ = [
+    "TIMING_COLUMNS",
     "OUTPUT_FILES",
     "check_output_paths",
     "fit_summary",
@@ -54,9 +55,13 @@ def log_message(msg: str, level: int = logging.INFO, *, progress: bool = False) 
         logger.log(level, msg)
 
 
+# Per-epoch timings: they differ between two runs of the same seed (compare runs without them).
+TIMING_COLUMNS = ("images_per_s", "epoch_time_s")
+
+
 def write_metrics_files(out_dir: Path, history: Sequence[dict], *, rewrite: bool) -> None:
     """``metrics.jsonl`` (``rewrite``: all of ``history``, atomically; else its last row appended) and ``metrics.csv``
-    (always rewritten atomically; columns in order of first appearance, ``epoch_time_s`` last)."""
+    (always rewritten atomically; columns in order of first appearance, the :data:`TIMING_COLUMNS` last)."""
     jsonl = out_dir / "metrics.jsonl"
     if rewrite:
         text = "".join(json.dumps(r) + "\n" for r in history)
@@ -66,8 +71,8 @@ def write_metrics_files(out_dir: Path, history: Sequence[dict], *, rewrite: bool
     columns: list[str] = []
     for row in history:
         columns += [k for k in row if k not in columns]
-    if "epoch_time_s" in columns:  # keys first seen in a later epoch (callbacks) go before the time column
-        columns = [c for c in columns if c != "epoch_time_s"] + ["epoch_time_s"]
+    # keys first seen in a later epoch (callbacks) go before the timing columns, which stay last
+    columns = [c for c in columns if c not in TIMING_COLUMNS] + [c for c in TIMING_COLUMNS if c in columns]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
     if columns:

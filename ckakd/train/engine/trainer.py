@@ -466,6 +466,7 @@ class Trainer:
         row.update(cka)
         extra = self._run_epoch_callbacks(epoch, row)
         row.update(extra)
+        row["images_per_s"] = self.images_per_s  # training throughput (all ranks); a timing, like epoch_time_s
         row["epoch_time_s"] = time.perf_counter() - t0
         self.history.append(row)
         score = None if val is None else val.get(self.task.metric)
