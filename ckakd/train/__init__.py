@@ -12,8 +12,8 @@ home on first access (PEP 562):
   :class:`RCKA`, ... (``ckakd.train.distillers``);
 * models: :func:`register_model`, :func:`create_model`, :func:`list_models`; :class:`FeatureHooks`;
 * data: :func:`make_loader`, :func:`seeded_loader`, :func:`register_dataset`, :func:`build_dataset`,
-  :func:`list_datasets`, :func:`load_digits_dataset`, :class:`MultiView`, :func:`weak_augment`,
-  :func:`strong_augment` (``ckakd.train.data``);
+  :func:`list_datasets` (a builder returns :class:`DatasetSplits`), :func:`load_digits_dataset`,
+  :class:`MultiView`, :func:`weak_augment`, :func:`strong_augment` (``ckakd.train.data``);
 * config-driven runs: :func:`load_config`, :func:`train_teacher`, :func:`distill` (need pyyaml, the ``[train]``
   extra).
 """
@@ -63,6 +63,7 @@ _LAZY: dict[str, str] = {
             "seeded_loader",
             "register_dataset",
             "unregister_dataset",
+            "DatasetSplits",
             "build_dataset",
             "list_datasets",
             "load_digits_dataset",
