@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
 from harness.measure import ceilings, ieee_fp32_matmul
 from harness.report import report, write_csv
 from harness.run import log, run_bench

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from harness.spec import QUANTILES
 from torch import Tensor
+
+from harness.spec import QUANTILES
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> tuple[float, float, float]:

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
 from harness.measure import Ceilings
 from harness.spec import BASE_PROVIDER, CSV_COLUMNS, MODES, Config, OpBench, Row, shape_label
 

@@ -9,9 +9,10 @@ import traceback
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor
+
 from harness.measure import Ceilings, floor_ms, kernel_launches, peak_mem_mb, time_ms
 from harness.spec import CHECK_RTOL, Config, Dims, Inputs, LossFn, OpBench, Provider, Row, select_shapes, shape_label
-from torch import Tensor
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
